@@ -360,11 +360,16 @@ class GlobalConfig(_Section):
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        data = json.loads(text) if text.strip().startswith("{") else None
-        if isinstance(data, dict) and "config" in data and isinstance(data["config"], dict):
-            return cls.from_dict(data["config"])
         try:
-            return cls.from_json(text)
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            data = data["config"]
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: config JSON must be an object")
+        try:
+            return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
