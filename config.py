@@ -307,6 +307,9 @@ class LiveSettings(_Section):
     drift_z: float = _f(3.0, _positive, "drift alert z-score")
     log_dir: str = _f("logs", help="folder for logs and journals")
     state_dir: str = _f("state", help="folder for bot state")
+    demo: bool = _f(False, help="use Bybit demo trading (api-demo / stream-demo) instead of mainnet/testnet")
+    request_timeout: str = _f("10s", _duration, "HTTP timeout per exchange request (then it counts as lost)")
+    max_retries: int = _f(4, _positive, "attempts per exchange request on transient errors")
 
 
 @dataclass
