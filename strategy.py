@@ -1,0 +1,317 @@
+"""The hybrid strategy (DESIGN.md §1): the only place that decides what to trade.
+
+The rules are written once, as numba-compiled functions over scalars and arrays, so the compiled
+backtest core can call them in its hot loop; `decide()` wraps the same functions for the paper
+and live engines, taking and returning plain dataclass records.
+
+Timing contract: `decide` runs at a bar's close. Market intents fill at the next bar's open
+(plus slippage and latency); limit intents are placed then (PostOnly, rejected if they would
+cross); cancels and exits also act then. Resting entries placed at the close of bar p may fill in
+bars p+1 .. p+time_limit_bars and are cancelled at the close of bar p+time_limit_bars.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+
+from config import InstrumentConfig, StrategyConfig
+
+LONG, SHORT = 1, -1
+
+# intent kinds (column K_KIND of an intent row)
+CANCEL, EXIT, MARKET, LIMIT = 0, 1, 2, 3
+KIND_NAMES = ("cancel", "exit", "market", "limit")
+
+# reasons (column K_REASON)
+R_EXPIRED, R_KILL, R_SUPERSEDED, R_TIME, R_BREAKOUT, R_CHOP = 0, 1, 2, 3, 4, 5
+REASON_NAMES = ("expired", "kill_switch", "superseded", "time", "breakout", "chop")
+
+# intent row layout (float64 array of N_INTENT_COLS)
+K_KIND, K_SIDE, K_REF, K_PRICE, K_QTY, K_TP, K_SL, K_REASON, K_ATR = range(9)
+N_INTENT_COLS = 9
+
+# parameter vector layout (float64), built by `strategy_params`
+(P_OFFSET, P_TP, P_SL, P_TIME_LIMIT, P_MAX_HOLD, P_EXEC_THR, P_DIR_THR, P_AGGR_THR, P_AGGR_MULT, P_RISK,
+ P_MAX_POS, P_MAX_LEV, P_DAILY_LOSS, P_TICK, P_QTY_STEP, P_MIN_QTY, P_MIN_NOTIONAL) = range(17)
+N_PARAMS = 17
+
+# day-state vector layout: current UTC day, equity at its start, halted flag, equity at the last decision
+D_DAY, D_START_EQUITY, D_HALTED, D_LAST_EQUITY = range(4)
+
+
+def strategy_params(strategy: StrategyConfig, instrument: InstrumentConfig) -> np.ndarray:
+    """Pack the settings the rules read into one float64 vector (numba cannot read dataclasses)."""
+    p = np.empty(N_PARAMS, dtype=np.float64)
+    p[P_OFFSET] = strategy.limit_offset_atr
+    p[P_TP] = strategy.take_profit_atr
+    p[P_SL] = strategy.stop_loss_atr
+    p[P_TIME_LIMIT] = strategy.time_limit_bars
+    p[P_MAX_HOLD] = strategy.max_holding_bars
+    p[P_EXEC_THR] = strategy.exec_threshold
+    p[P_DIR_THR] = strategy.direction_threshold
+    p[P_AGGR_THR] = strategy.aggressive_threshold
+    p[P_AGGR_MULT] = strategy.aggressive_tp_mult
+    p[P_RISK] = strategy.risk_per_trade
+    p[P_MAX_POS] = strategy.max_positions
+    p[P_MAX_LEV] = strategy.max_leverage
+    p[P_DAILY_LOSS] = strategy.daily_loss_limit
+    p[P_TICK] = instrument.tick_size
+    p[P_QTY_STEP] = instrument.qty_step
+    p[P_MIN_QTY] = instrument.min_qty
+    p[P_MIN_NOTIONAL] = instrument.min_notional
+    return p
+
+
+@njit(cache=True)
+def new_day_state() -> np.ndarray:
+    """Day-state vector before the first decision (no day seen yet)."""
+    state = np.empty(4)
+    state[D_DAY] = -1.0
+    state[D_START_EQUITY] = np.nan
+    state[D_HALTED] = 0.0
+    state[D_LAST_EQUITY] = np.nan
+    return state
+
+
+@njit(cache=True)
+def round_down(value: float, step: float) -> float:
+    """Largest multiple of step not above value, robust to float noise (1e-9 of a step)."""
+    return math.floor(value / step + 1e-9) * step
+
+
+@njit(cache=True)
+def limit_price(close: float, atr: float, side: int, params: np.ndarray) -> float:
+    """PostOnly entry price close ∓ offset·ATR, rounded to the tick away from the market."""
+    tick = params[P_TICK]
+    raw = close - side * params[P_OFFSET] * atr
+    if side == 1:
+        return math.floor(raw / tick + 1e-9) * tick
+    return math.ceil(raw / tick - 1e-9) * tick
+
+
+@njit(cache=True)
+def position_size(equity: float, price: float, sl_dist: float, notional_used: float, params: np.ndarray) -> float:
+    """Quantity risking risk_per_trade·equity at the stop, within the leverage cap; 0 when too small."""
+    if equity <= 0.0 or price <= 0.0 or sl_dist <= 0.0:
+        return 0.0
+    qty = params[P_RISK] * equity / sl_dist
+    room = params[P_MAX_LEV] * equity - notional_used
+    if room <= 0.0:
+        return 0.0
+    qty = min(qty, room / price)
+    qty = round_down(qty, params[P_QTY_STEP])
+    if qty < params[P_MIN_QTY] - 1e-12 or qty * price < params[P_MIN_NOTIONAL]:
+        return 0.0
+    return qty
+
+
+@njit(cache=True)
+def _emit(out: np.ndarray, n: int, kind: int, side: int, ref: int, price: float, qty: float,
+          tp: float, sl: float, reason: int, atr: float) -> int:
+    """Write one intent row; returns the new count."""
+    out[n, K_KIND] = kind
+    out[n, K_SIDE] = side
+    out[n, K_REF] = ref
+    out[n, K_PRICE] = price
+    out[n, K_QTY] = qty
+    out[n, K_TP] = tp
+    out[n, K_SL] = sl
+    out[n, K_REASON] = reason
+    out[n, K_ATR] = atr
+    return n + 1
+
+
+@njit(cache=True)
+def decide_core(bar: int, day: int, close: float, atr: float,
+                p_exec_long: float, p_exec_short: float, p_dir_long: float, p_dir_short: float,
+                equity: float, day_state: np.ndarray,
+                pos_side: np.ndarray, pos_qty: np.ndarray, pos_fill_bar: np.ndarray,
+                rest_qty: np.ndarray, rest_price: np.ndarray, rest_placed_bar: np.ndarray,
+                params: np.ndarray, out: np.ndarray) -> int:
+    """All rules of DESIGN §1 at one bar close; writes intents into `out`, returns how many.
+
+    Positions are slots with pos_qty > 0; resting entries are indexed 0 = long, 1 = short with
+    rest_qty > 0. `day` is the UTC day number of the bar's open; day_state is updated in place.
+    """
+    n = 0
+    if day != day_state[D_DAY]:
+        day_state[D_START_EQUITY] = equity if day_state[D_DAY] < 0 else day_state[D_LAST_EQUITY]
+        day_state[D_DAY] = day
+        day_state[D_HALTED] = 0.0
+    day_state[D_LAST_EQUITY] = equity
+
+    # kill-switch: flatten, cancel, halt until the next UTC day
+    if day_state[D_HALTED] == 0.0 and equity <= (1.0 - params[P_DAILY_LOSS]) * day_state[D_START_EQUITY]:
+        day_state[D_HALTED] = 1.0
+        for k in range(pos_qty.shape[0]):
+            if pos_qty[k] > 0.0:
+                n = _emit(out, n, EXIT, int(pos_side[k]), k, close, pos_qty[k], 0.0, 0.0, R_KILL, atr)
+        for s in range(2):
+            if rest_qty[s] > 0.0:
+                n = _emit(out, n, CANCEL, 1 - 2 * s, s, rest_price[s], rest_qty[s], 0.0, 0.0, R_KILL, atr)
+        return n
+
+    # time exits and expiries; what stays counts towards max_positions and the leverage cap
+    count = 0
+    notional = 0.0
+    for k in range(pos_qty.shape[0]):
+        if pos_qty[k] > 0.0:
+            if bar - pos_fill_bar[k] >= params[P_MAX_HOLD]:
+                n = _emit(out, n, EXIT, int(pos_side[k]), k, close, pos_qty[k], 0.0, 0.0, R_TIME, atr)
+            else:
+                count += 1
+                notional += pos_qty[k] * close
+    resting_long = False
+    resting_short = False
+    for s in range(2):
+        if rest_qty[s] > 0.0:
+            if bar - rest_placed_bar[s] >= params[P_TIME_LIMIT]:
+                n = _emit(out, n, CANCEL, 1 - 2 * s, s, rest_price[s], rest_qty[s], 0.0, 0.0, R_EXPIRED, atr)
+            else:
+                if s == 0:
+                    resting_long = True
+                else:
+                    resting_short = True
+                count += 1
+                notional += rest_qty[s] * rest_price[s]
+
+    if day_state[D_HALTED] != 0.0 or not (atr > 0.0) or not (close > 0.0):
+        return n
+    sl_dist = params[P_SL] * atr
+    for s in range(2):
+        side = 1 - 2 * s
+        p_exec = p_exec_long if s == 0 else p_exec_short
+        p_dir = p_dir_long if s == 0 else p_dir_short
+        has_resting = resting_long if s == 0 else resting_short
+        if p_dir >= params[P_AGGR_THR]:
+            own = 1 if has_resting else 0
+            own_notional = rest_qty[s] * rest_price[s] if has_resting else 0.0
+            if count - own >= params[P_MAX_POS]:
+                continue
+            qty = position_size(equity, close, sl_dist, notional - own_notional, params)
+            if qty <= 0.0:
+                continue
+            if has_resting:
+                n = _emit(out, n, CANCEL, side, s, rest_price[s], rest_qty[s], 0.0, 0.0, R_SUPERSEDED, atr)
+                count -= 1
+                notional -= own_notional
+            n = _emit(out, n, MARKET, side, -1, close, qty, params[P_TP] * params[P_AGGR_MULT] * atr,
+                      sl_dist, R_BREAKOUT, atr)
+            count += 1
+            notional += qty * close
+        elif p_exec >= params[P_EXEC_THR] and p_dir >= params[P_DIR_THR]:
+            if has_resting or count >= params[P_MAX_POS]:
+                continue
+            price = limit_price(close, atr, side, params)
+            if price <= 0.0:
+                continue
+            qty = position_size(equity, price, sl_dist, notional, params)
+            if qty <= 0.0:
+                continue
+            n = _emit(out, n, LIMIT, side, s, price, qty, params[P_TP] * atr, sl_dist, R_CHOP, atr)
+            count += 1
+            notional += qty * price
+    return n
+
+
+# ---------------------------------------------------------------- record API for the engines
+@dataclass
+class Position:
+    """An open position; `fill_bar` is the index of the bar it filled in."""
+    side: int
+    qty: float
+    entry_price: float
+    tp: float
+    sl: float
+    fill_bar: int
+    regime: str = "maker"
+
+
+@dataclass
+class RestingOrder:
+    """A resting PostOnly entry placed at the close of `placed_bar`, with its exit distances."""
+    side: int
+    price: float
+    qty: float
+    placed_bar: int
+    tp_dist: float
+    sl_dist: float
+
+
+@dataclass
+class Intent:
+    """An order intent: kind cancel|exit|market|limit; ref = position index (exit) or -1."""
+    kind: str
+    side: int
+    reason: str
+    qty: float
+    price: float = math.nan
+    tp_dist: float = math.nan
+    sl_dist: float = math.nan
+    ref: int = -1
+
+
+@dataclass
+class DayState:
+    """Kill-switch bookkeeping carried between decisions."""
+    day: int = -1
+    start_equity: float = math.nan
+    halted: bool = False
+    last_equity: float = math.nan
+
+    def to_array(self) -> np.ndarray:
+        return np.array([float(self.day), self.start_equity, 1.0 if self.halted else 0.0, self.last_equity])
+
+    def update(self, arr: np.ndarray) -> None:
+        self.day, self.start_equity = int(arr[D_DAY]), float(arr[D_START_EQUITY])
+        self.halted, self.last_equity = bool(arr[D_HALTED]), float(arr[D_LAST_EQUITY])
+
+
+@dataclass
+class Bar:
+    """The closed bar a decision is made on (time = bar open, epoch seconds)."""
+    index: int
+    time: float
+    close: float
+    atr: float
+    probs: dict = field(default_factory=dict)
+
+
+def decide(bar: Bar, positions: list[Position], resting: list[RestingOrder], equity: float,
+           day: DayState, strategy: StrategyConfig, instrument: InstrumentConfig) -> list[Intent]:
+    """Order intents for one bar close; updates `day` in place. Exit intents' ref indexes `positions`."""
+    slots = max(len(positions), 1)
+    pos_side = np.zeros(slots)
+    pos_qty = np.zeros(slots)
+    pos_fill = np.zeros(slots, dtype=np.int64)
+    for k, p in enumerate(positions):
+        pos_side[k], pos_qty[k], pos_fill[k] = p.side, p.qty, p.fill_bar
+    rest_qty, rest_price, rest_bar = np.zeros(2), np.zeros(2), np.zeros(2, dtype=np.int64)
+    for order in resting:
+        s = 0 if order.side == LONG else 1
+        if rest_qty[s] > 0:
+            raise ValueError(f"two resting entries on side {order.side}: the strategy allows one per side")
+        rest_qty[s], rest_price[s], rest_bar[s] = order.qty, order.price, order.placed_bar
+    state = day.to_array()
+    out = np.zeros((2 * slots + 8, N_INTENT_COLS))
+    pr = bar.probs
+    n = decide_core(bar.index, int(bar.time // 86400), bar.close, bar.atr,
+                    float(pr.get("p_exec_long", math.nan)), float(pr.get("p_exec_short", math.nan)),
+                    float(pr.get("p_dir_long", math.nan)), float(pr.get("p_dir_short", math.nan)),
+                    equity, state, pos_side, pos_qty, pos_fill, rest_qty, rest_price, rest_bar,
+                    strategy_params(strategy, instrument), out)
+    day.update(state)
+    return [intent_from_row(out[j]) for j in range(n)]
+
+
+def intent_from_row(row: np.ndarray) -> Intent:
+    """Convert one compiled intent row into an Intent record."""
+    kind = int(row[K_KIND])
+    return Intent(kind=KIND_NAMES[kind], side=int(row[K_SIDE]), reason=REASON_NAMES[int(row[K_REASON])],
+                  qty=float(row[K_QTY]), price=float(row[K_PRICE]),
+                  tp_dist=float(row[K_TP]) if kind == MARKET or kind == LIMIT else math.nan,
+                  sl_dist=float(row[K_SL]) if kind == MARKET or kind == LIMIT else math.nan,
+                  ref=int(row[K_REF]) if kind == EXIT else -1)
