@@ -190,7 +190,20 @@ class FeatureConfig(_Section):
     day_window: str = _f("24h", _duration, "daily regime window")
     macro_window: str = _f("7d", _duration, "macro regime window")
     htf_timeframes: list = _f(["15m", "1h"], _timeframes, "higher timeframes joined without look-ahead")
+    htf_span: int = _f(14, _positive, "EMA/RSI span of the higher-timeframe context, in higher-timeframe bars")
+    book_ffill: str = _f("15m", _duration, "carry book stats over bars without book samples for at most this long")
+    ewm_tolerance: float = _f(1e-4, _probability, "weight an EWM's start may still carry when it counts as warm")
     microstructure_only: bool = _f(False, help="drop EMA/RSI/ATR-derived inputs")
+
+    def _cross_checks(self, name: str) -> None:
+        labels = [round(parse_duration(s) / 300) for s in self.ema_spans]
+        if len(set(labels)) != len(labels) or 0 in labels:
+            raise ConfigError(f"{name}.ema_spans = {self.ema_spans!r}: spans must differ by at least 5m and "
+                              "be >= 5m (they are named ema_<span in 5m bars>)")
+        for key in ("vwap_windows", "htf_timeframes"):
+            values = [parse_duration(v) for v in getattr(self, key)]
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name}.{key} = {getattr(self, key)!r}: entries must differ")
 
 
 @dataclass
