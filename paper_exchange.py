@@ -967,16 +967,19 @@ class MatchingEngine:
         self.events.append(("wallet", self.wallet_record()))
 
     def _apply_position(self, order: Order, lots: int, opened: int, closed: int, price: float, fee: float) -> None:
-        """Update the position slot and realise PnL on the closing part (fees included, as Bybit does)."""
+        """Update the slot; closed PnL carries its share of the entry fee, while realised PnL books each fee
+        when paid (as Bybit's closedPnl and cumRealisedPnl do)."""
         pos = self.positions[order.position_idx]
         direction = 1 if pos.size > 0 else -1
         realised = 0.0
+        booked = -(fee * opened / lots)
         if closed:
             cq = self.inst.qty(closed)
             gross = (price - pos.entry) * cq * direction
             entry_fee_part = pos.entry_fees * closed / abs(pos.size)
             close_fee = fee * closed / lots
             realised = gross - entry_fee_part - close_fee
+            booked += gross - close_fee
             self.wallet += gross
             pos.entry_fees -= entry_fee_part
             pos.size -= closed * direction
@@ -993,7 +996,6 @@ class MatchingEngine:
                 pos.created = self.now_ms
                 pos.cur_realised = 0.0
             pos.size += new
-        booked = realised - (fee * opened / lots if opened else 0.0)
         pos.cur_realised += booked
         pos.cum_realised += booked
         self.cum_realised += booked
@@ -1343,7 +1345,8 @@ class MarketReplay:
 # ---------------------------------------------------------------- server
 @dataclass
 class Faults:
-    """Injected faults; counters are consumed one request or push at a time."""
+    """Injected faults; counters are consumed one request or push at a time (pushes: only those of
+    `push_topic` when it is set)."""
     http_5xx: int = 0
     http_status: int = 500
     rate_limit_burst: int = 0
@@ -1352,6 +1355,7 @@ class Faults:
     time_skew_ms: int = 0
     duplicate_pushes: int = 0
     reorder_pushes: int = 0
+    push_topic: str = ""
     book_reset: bool = False
 
 
@@ -1985,6 +1989,8 @@ class PaperExchange:
     def _apply_push_faults(self, topic: str, msg: str) -> list[str]:
         """Duplicate a push, or hold one back and deliver it after the next (out of order)."""
         held = self.held.pop(topic, None)
+        if self.faults.push_topic and topic != self.faults.push_topic:
+            return [msg] + ([held] if held is not None else [])
         if self.faults.reorder_pushes > 0 and held is None:
             self.faults.reorder_pushes -= 1
             self.held[topic] = msg
