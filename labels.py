@@ -1,13 +1,14 @@
 """Training labels and their end times `t1` (the bar whose close decides each label, used for purging).
 
-Execution label (the "sniper"), per side, for a signal at the close of bar t:
-  * a PostOnly limit rests at close_t ∓ offset·ATR_t on bars t+1 … t+time_limit_bars;
-  * it fills on the first bar that trades through it (`trade_through`: low < limit for a long) or reaches it
-    (`touch`: low <= limit); the fill price is the limit, or the open when the bar opens beyond the limit;
+Execution label (the "sniper"), per side, for a signal at the close of bar t, with the backtester's fills:
+  * a PostOnly limit at close_t ∓ offset·ATR_t (rounded to the tick away from the market) is placed at the
+    open of bar t+1; if it would cross there (a buy at or above that open) it is rejected: label 0;
+  * it rests on bars t+1 … t+time_limit_bars and fills at its own price (never better, even on a gap) on the
+    first bar that trades through it (`trade_through`: low < limit for a long) or reaches it (`touch`);
   * after the fill, TP = fill ± tp·ATR_t (a maker limit, same fill rule) and SL = fill ∓ sl·ATR_t (a stop,
     triggered when the price reaches it);
   * on the fill bar only the stop can trigger (the bar cannot tell whether its extreme came before the fill);
-    on later bars a bar that reaches both levels counts as the stop (pessimistic);
+    on later bars an open beyond a level decides first, and a bar reaching both levels counts as the stop;
   * no exit within max_holding_bars after the fill bar is a time exit.
   Label 1 only when the take-profit is reached first and the trade is profitable after maker fees on entry
   and exit; 0 otherwise; -1 when the data ends before the outcome is known (callers drop those rows).
@@ -56,22 +57,28 @@ def _first_exit(low: np.ndarray, high: np.ndarray, start: int, last: int, stop_b
 @numba.njit(cache=True)
 def _long_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.ndarray, atr: np.ndarray,
                price_sign: float, offset_atr: float, tp_atr: float, sl_atr: float, time_limit_bars: int,
-               max_holding_bars: int, maker_fee: float, touch: bool) -> tuple[np.ndarray, np.ndarray]:
+               max_holding_bars: int, maker_fee: float, touch: bool, tick: float) -> tuple[np.ndarray, np.ndarray]:
     """Compiled labels for a long; a short runs here on mirrored prices (p -> -p, high <-> low).
 
     Non-strict tests are made strict exactly (x <= level  <=>  x < nextafter(level, +inf)), so the
     scans carry no rule or side branches. `price_sign` (-1 for mirrored prices) restores real prices
-    for the fee check.
+    for the fee check; tick > 0 rounds the limit down to the tick grid (up, for a mirrored short).
     """
     n = close.shape[0]
     label = np.full(n, -1, np.int8)
     t1 = np.full(n, -1, np.int64)
-    for t in range(n):
+    for t in range(n - 1):
         a = atr[t]
         c = close[t]
         if not (math.isfinite(a) and a > 0.0 and math.isfinite(c)):
             continue
         limit = c - offset_atr * a
+        if tick > 0.0:
+            limit = math.floor(limit / tick + 1e-9) * tick
+        if limit >= open_[t + 1]:
+            label[t] = 0
+            t1[t] = t + 1
+            continue
         expiry = t + time_limit_bars
         last = min(expiry, n - 1)
         fill = _first_below(low, t + 1, last, np.nextafter(limit, np.inf) if touch else limit)
@@ -80,23 +87,22 @@ def _long_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.n
                 label[t] = 0
                 t1[t] = expiry
             continue
-        entry = min(open_[fill], limit)
-        take = entry + tp_atr * a
-        stop = entry - sl_atr * a
+        take = limit + tp_atr * a
+        stop = limit - sl_atr * a
         if low[fill] <= stop:
             label[t] = 0
             t1[t] = fill
             continue
         end = fill + max_holding_bars
         last = min(end, n - 1)
-        stop_below = np.nextafter(stop, np.inf)
-        j = _first_exit(low, high, fill + 1, last, stop_below, np.nextafter(take, -np.inf) if touch else take)
+        take_above = np.nextafter(take, -np.inf) if touch else take
+        j = _first_exit(low, high, fill + 1, last, np.nextafter(stop, np.inf), take_above)
         if j <= last:
-            if low[j] < stop_below:
-                label[t] = 0
-            else:
-                pnl = (take - entry) - maker_fee * price_sign * (take + entry)
+            if open_[j] > take_above or low[j] > stop:
+                pnl = (take - limit) - maker_fee * price_sign * (take + limit)
                 label[t] = 1 if pnl > 0.0 else 0
+            else:
+                label[t] = 0
             t1[t] = j
         elif end <= n - 1:
             label[t] = 0
@@ -117,8 +123,11 @@ def _as_float_array(name: str, values: object, n: int | None = None) -> np.ndarr
 def execution_labels(open: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.ndarray,
                      atr: np.ndarray, side: int, offset_atr: float, tp_atr: float, sl_atr: float,
                      time_limit_bars: int, max_holding_bars: int, maker_fee: float,
-                     fill_rule: str = "trade_through") -> tuple[np.ndarray, np.ndarray]:
-    """Execution labels (int8: 1, 0, or -1 = unknown) and t1 (int64 bar index deciding each label, -1 if unknown)."""
+                     fill_rule: str = "trade_through", tick_size: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Execution labels (int8: 1, 0, or -1 = unknown) and t1 (int64 bar index deciding each label, -1 if unknown).
+
+    tick_size > 0 rounds the limit price to the instrument's tick away from the market, as orders are.
+    """
     if side not in (1, -1):
         raise ValueError(f"side must be 1 (long) or -1 (short), got {side!r}")
     if fill_rule not in FILL_RULES:
@@ -135,7 +144,7 @@ def execution_labels(open: np.ndarray, high: np.ndarray, low: np.ndarray, close:
         o, h, lo, c = -o, -lo, -h, -c
     return _long_core(o, h, lo, c, _as_float_array("atr", atr, n), float(side), float(offset_atr),
                       float(tp_atr), float(sl_atr), int(time_limit_bars), int(max_holding_bars),
-                      float(maker_fee), fill_rule == "touch")
+                      float(maker_fee), fill_rule == "touch", float(tick_size))
 
 
 def direction_labels(close: np.ndarray, atr: np.ndarray, horizon: int,
@@ -178,7 +187,7 @@ def make_labels(frame: pd.DataFrame, cfg: GlobalConfig) -> pd.DataFrame:
     for name, side in (("exec_long", 1), ("exec_short", -1)):
         y, t1 = execution_labels(bars["open"], bars["high"], bars["low"], bars["close"], bars["atr"], side,
                                  s.limit_offset_atr, s.take_profit_atr, s.stop_loss_atr, s.time_limit_bars,
-                                 s.max_holding_bars, s.maker_fee, s.fill_rule)
+                                 s.max_holding_bars, s.maker_fee, s.fill_rule, cfg.instrument.tick_size)
         out[name] = y
         t1_exec.append(t1)
     d_long, d_short, t1_dir = direction_labels(bars["close"], bars["atr"], lab.direction_horizon_bars,

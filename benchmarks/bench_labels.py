@@ -19,7 +19,7 @@ from label_reference import reference_labels  # noqa: E402
 from labels import execution_labels  # noqa: E402
 
 PARAMS = dict(offset_atr=0.5, tp_atr=1.2, sl_atr=2.0, time_limit_bars=12, max_holding_bars=144,
-              maker_fee=0.0002, fill_rule="trade_through")
+              maker_fee=0.0002, fill_rule="trade_through", tick_size=0.01)
 
 
 def synthetic_bars(n: int, seed: int = 1) -> dict[str, np.ndarray]:

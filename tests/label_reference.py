@@ -1,36 +1,54 @@
 """Plain-Python reference for the execution labels, written from the spec independently of labels.py.
 
-Shorts are handled by mirroring prices (p -> -p turns a short into a long); fees use the real prices.
-Used by tests/test_labels.py (exact agreement) and benchmarks/bench_labels.py (speed baseline).
+The limit price is computed in real prices (rounded to the tick away from the market, like
+strategy.limit_price); the order's life is then followed as a long on mirrored prices (p -> -p) for
+shorts, and the fee check uses real prices again. Used by tests/test_labels.py (exact agreement) and
+benchmarks/bench_labels.py (the speed baseline).
 """
 from __future__ import annotations
 
 import math
 
 
+def _real_limit(close, atr, side, offset_atr, tick):
+    raw = close - side * offset_atr * atr
+    if tick <= 0:
+        return raw
+    if side == 1:
+        return math.floor(raw / tick + 1e-9) * tick
+    return math.ceil(raw / tick - 1e-9) * tick
+
+
 def reference_labels(open_, high, low, close, atr, side, offset_atr, tp_atr, sl_atr,
-                     time_limit_bars, max_holding_bars, maker_fee, fill_rule):
+                     time_limit_bars, max_holding_bars, maker_fee, fill_rule, tick_size=0.0):
     """Lists (labels, t1) computed bar by bar in plain Python."""
     touch = fill_rule == "touch"
-    sign = 1.0 if side == 1 else -1.0
+    o_r, h_r, l_r, c_r, a_list = (list(map(float, x)) for x in (open_, high, low, close, atr))
     if side == 1:
-        o, hi, lo, c = (list(map(float, x)) for x in (open_, high, low, close))
+        o, hi, lo = o_r, h_r, l_r
     else:
-        o = [-x for x in open_]
-        hi = [-x for x in low]
-        lo = [-x for x in high]
-        c = [-x for x in close]
-    a_list = list(map(float, atr))
-    n = len(c)
+        o, hi, lo = [-x for x in o_r], [-x for x in l_r], [-x for x in h_r]
+    n = len(c_r)
+
+    def beyond_take(x, take):
+        return x > take or (touch and x == take)
+
     labels, ends = [], []
     for t in range(n):
         a = a_list[t]
-        if math.isnan(a) or math.isinf(a) or a <= 0 or math.isnan(c[t]) or math.isinf(c[t]):
+        if t == n - 1 or not (math.isfinite(a) and a > 0 and math.isfinite(c_r[t])):
             labels.append(-1)
             ends.append(-1)
             continue
-        limit = c[t] - offset_atr * a
-        state, entry, fill_bar = "resting", 0.0, -1
+        limit = _real_limit(c_r[t], a, side, offset_atr, tick_size)
+        if side == -1:
+            limit = -limit
+        if limit >= o[t + 1]:  # PostOnly would cross at placement: rejected
+            labels.append(0)
+            ends.append(t + 1)
+            continue
+        stop, take = limit - sl_atr * a, limit + tp_atr * a
+        state, fill_bar = "resting", -1
         result, decided = -1, -1
         j = t
         while True:
@@ -43,9 +61,6 @@ def reference_labels(open_, high, low, close, atr, side, offset_atr, tp_atr, sl_
                     break
                 if lo[j] < limit or (touch and lo[j] == limit):
                     state, fill_bar = "open", j
-                    entry = o[j] if o[j] < limit else limit
-                    stop = entry - sl_atr * a
-                    take = entry + tp_atr * a
                     if lo[j] <= stop:
                         result, decided = 0, j
                         break
@@ -55,13 +70,16 @@ def reference_labels(open_, high, low, close, atr, side, offset_atr, tp_atr, sl_
                 break
             if j >= n:
                 break
-            if lo[j] <= stop:
+            if o[j] <= stop:
                 result, decided = 0, j
                 break
-            if hi[j] > take or (touch and hi[j] == take):
-                real_entry, real_take = sign * entry, sign * take
+            if beyond_take(o[j], take) or (lo[j] > stop and beyond_take(hi[j], take)):
+                real_entry, real_take = side * limit, side * take
                 pnl = side * (real_take - real_entry) - maker_fee * (real_take + real_entry)
                 result, decided = (1 if pnl > 0 else 0), j
+                break
+            if lo[j] <= stop:
+                result, decided = 0, j
                 break
         labels.append(result)
         ends.append(decided)

@@ -54,10 +54,37 @@ def test_take_profit_limit_follows_the_fill_rule():
     assert label0(rows, fill_rule="trade_through")[0] == 0
 
 
-def test_gap_through_limit_fills_at_the_open():
-    # opens at 97 (< limit 99): entry 97, TP 99, SL 95; the next bar's high 99.5 reaches 99 but not 101
-    rows = [FLAT, (97, 97.5, 96.5, 97), (97, 99.5, 97, 99)] + [FLAT] * 6
+def test_gap_through_limit_fills_at_the_limit_never_better():
+    # bar 2 opens at 97, below the resting 99: the maker fills at 99 (TP 101, SL 96), not at 97 (TP 99)
+    rows = [FLAT, FLAT, (97, 97.5, 96.5, 97), (97, 99.5, 97, 99)] + [FLAT] * 6
+    assert label0(rows, sl_atr=1.5) == (0, 2 + P["max_holding_bars"])
+    rows[4] = (99, 101.5, 99, 101)
+    assert label0(rows, sl_atr=1.5) == (1, 4)
+
+
+def test_postonly_limit_that_would_cross_at_placement_is_rejected():
+    assert label0([FLAT, (98.5, 100.5, 98, 100)] + [FLAT] * 6) == (0, 1)  # next open 98.5 is below the 99 bid
+    assert label0([FLAT, (99, 100.5, 98, 100)] + [FLAT] * 6) == (0, 1)    # at the bid also crosses
+    assert label0([FLAT, (100, 102, 98, 100)] + [FLAT] * 6, offset_atr=0.0) == (0, 1)  # bid at close = open
+    assert label0([FLAT, (100, 101.5, 99.5, 101)] + [FLAT] * 6, side=-1, offset_atr=0.0) == (0, 1)
+
+
+def test_limit_is_rounded_to_the_tick_away_from_the_market():
+    rows = [(100, 100.5, 99.5, 100.3), (100.3, 100.5, 99.2, 100), (100, 102, 99.5, 101.8)] + [FLAT] * 6
+    assert label0(rows) == (1, 2)                    # limit 99.3: filled at 99.2, TP 101.3
+    assert label0(rows, tick_size=1.0) == (0, 3)     # limit 99: 99.2 never trades through it
+    short = [(100, 100.5, 99.5, 99.7), (99.7, 100.8, 99.5, 100), (100, 100.5, 98.0, 98.5)] + [FLAT] * 6
+    assert label0(short, side=-1) == (1, 2)          # limit 100.7: filled at 100.8, TP 98.7
+    assert label0(short, side=-1, tick_size=1.0) == (0, 3)  # limit 101
+
+
+def test_open_beyond_take_profit_wins_over_a_later_stop_in_the_bar():
+    rows = [FLAT, (100, 100, 98.5, 99), (101.5, 101.5, 96, 97)] + [FLAT] * 6  # opens above TP 101
     assert label0(rows) == (1, 2)
+    assert label0(rows, fill_rule="touch") == (1, 2)
+    at_tp = [FLAT, (100, 100, 98.5, 99), (101, 101, 96, 97)] + [FLAT] * 6     # opens exactly at TP
+    assert label0(at_tp, fill_rule="touch") == (1, 2)
+    assert label0(at_tp, fill_rule="trade_through") == (0, 2)
 
 
 def test_stop_on_the_fill_bar_counts():
@@ -159,7 +186,8 @@ def test_compiled_labels_equal_the_plain_python_reference(seed):
     b = random_bars(seed, 300, on_grid=seed % 2 == 0)
     params = dict(offset_atr=float(rng.choice([0.0, 0.25, 0.5, 1.0])), tp_atr=float(rng.choice([0.25, 0.5, 1.5])),
                   sl_atr=float(rng.choice([0.25, 0.75, 2.0])), time_limit_bars=int(rng.integers(1, 8)),
-                  max_holding_bars=int(rng.integers(1, 30)), maker_fee=float(rng.choice([0.0, 0.0002, -0.0001])))
+                  max_holding_bars=int(rng.integers(1, 30)), maker_fee=float(rng.choice([0.0, 0.0002, -0.0001])),
+                  tick_size=float(rng.choice([0.0, 0.01, 0.5, 1.0] if seed % 2 == 0 else [0.0, 0.01, 0.03])))
     for side in (1, -1):
         for rule in ("trade_through", "touch"):
             y, t1 = execution_labels(b["open"], b["high"], b["low"], b["close"], b["atr"], side,
@@ -206,10 +234,10 @@ def test_make_labels_columns_times_and_consistency():
     s = cfg.strategy
     y_long, t1_long = execution_labels(b["open"], b["high"], b["low"], b["close"], b["atr"], 1,
                                        s.limit_offset_atr, s.take_profit_atr, s.stop_loss_atr, 4, 10,
-                                       s.maker_fee, s.fill_rule)
+                                       s.maker_fee, s.fill_rule, cfg.instrument.tick_size)
     y_short, t1_short = execution_labels(b["open"], b["high"], b["low"], b["close"], b["atr"], -1,
                                          s.limit_offset_atr, s.take_profit_atr, s.stop_loss_atr, 4, 10,
-                                         s.maker_fee, s.fill_rule)
+                                         s.maker_fee, s.fill_rule, cfg.instrument.tick_size)
     assert out["exec_long"].tolist() == y_long.tolist() and out["exec_short"].tolist() == y_short.tolist()
     row = int(np.flatnonzero((t1_long >= 0) & (t1_short >= 0) & (t1_long != t1_short))[0])
     assert out["t1_exec"].iloc[row] == idx[max(t1_long[row], t1_short[row])] + pd.Timedelta(minutes=5)
