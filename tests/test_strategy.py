@@ -1,0 +1,173 @@
+"""strategy.decide: each regime, thresholds at their boundaries, caps, expiry, time exits, kill-switch, sizing."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import strategy as st
+from config import InstrumentConfig, StrategyConfig
+
+DAY0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
+
+
+def cfg(**kw) -> StrategyConfig:
+    return StrategyConfig(**kw)
+
+
+def decide(probs, positions=(), resting=(), equity=10_000.0, close=100.0, atr=1.0, index=10, time=DAY0 + 3600,
+           day=None, strategy=None, instrument=None):
+    day = day if day is not None else st.DayState()
+    bar = st.Bar(index=index, time=time, close=close, atr=atr, probs=probs)
+    return st.decide(bar, list(positions), list(resting), equity, day, strategy or cfg(),
+                     instrument or InstrumentConfig())
+
+
+def kinds(intents):
+    return [(i.kind, i.side, i.reason) for i in intents]
+
+
+def probs(el=0.0, es=0.0, dl=0.0, ds=0.0):
+    return {"p_exec_long": el, "p_exec_short": es, "p_dir_long": dl, "p_dir_short": ds}
+
+
+def pos(side=1, fill_bar=9, qty=1.0):
+    return st.Position(side=side, qty=qty, entry_price=100.0, tp=101.2, sl=98.0, fill_bar=fill_bar)
+
+
+def order(side=1, placed=9, qty=1.0, price=99.5):
+    return st.RestingOrder(side=side, price=price, qty=qty, placed_bar=placed, tp_dist=1.2, sl_dist=2.0)
+
+
+# ------------------------------------------------------------ regimes and thresholds
+@pytest.mark.parametrize("p,expected", [
+    (probs(dl=0.87), [("market", 1, "breakout")]),
+    (probs(dl=0.8699999), []),
+    (probs(ds=0.87), [("market", -1, "breakout")]),
+    (probs(el=0.6, dl=0.5), [("limit", 1, "chop")]),
+    (probs(el=0.5999999, dl=0.5), []),
+    (probs(el=0.6, dl=0.4999999), []),
+    (probs(es=0.6, ds=0.5), [("limit", -1, "chop")]),
+    (probs(el=0.9, dl=0.9), [("market", 1, "breakout")]),
+    (probs(el=0.9, dl=0.6, es=0.9, ds=0.6), [("limit", 1, "chop"), ("limit", -1, "chop")]),
+    (probs(el=math.nan, dl=math.nan), []),
+])
+def test_regimes_at_their_threshold_boundaries(p, expected):
+    assert kinds(decide(p)) == expected
+
+
+def test_breakout_sets_wide_take_profit_and_normal_stop():
+    (it,) = decide(probs(dl=0.9), strategy=cfg(take_profit_atr=1.5, aggressive_tp_mult=4.0, stop_loss_atr=2.5),
+                   atr=2.0)
+    assert it.tp_dist == pytest.approx(1.5 * 4.0 * 2.0) and it.sl_dist == pytest.approx(2.5 * 2.0)
+
+
+@pytest.mark.parametrize("side,expected", [(1, 99.41), (-1, 100.59)])
+def test_limit_price_is_offset_from_close_and_rounded_away_from_market(side, expected):
+    p = probs(el=0.9, dl=0.6) if side == 1 else probs(es=0.9, ds=0.6)
+    (it,) = decide(p, close=100.003, atr=1.17, strategy=cfg(limit_offset_atr=0.5))
+    assert it.price == pytest.approx(expected) and it.tp_dist == pytest.approx(1.2 * 1.17)
+
+
+def test_no_entries_without_a_usable_atr():
+    assert decide(probs(dl=0.95), atr=math.nan) == []
+    assert decide(probs(el=0.9, dl=0.6), atr=0.0) == []
+
+
+# ------------------------------------------------------------ caps, expiry, exits
+def test_max_positions_counts_positions_and_resting_entries():
+    full = [pos(1, 9), pos(-1, 9)]
+    assert kinds(decide(probs(el=0.9, dl=0.6), positions=full, resting=[order(-1)])) == []
+    assert kinds(decide(probs(el=0.9, dl=0.6), positions=full)) == [("limit", 1, "chop")]
+    assert kinds(decide(probs(dl=0.95, ds=0.95), positions=full)) == [("market", 1, "breakout")]
+
+
+def test_one_resting_entry_per_side():
+    assert kinds(decide(probs(el=0.9, dl=0.6), resting=[order(1)])) == []
+    with pytest.raises(ValueError, match="one per side"):
+        decide(probs(), resting=[order(1), order(1)])
+
+
+def test_breakout_cancels_its_sides_resting_entry_and_may_take_its_slot():
+    out = decide(probs(dl=0.95), positions=[pos(1), pos(-1)], resting=[order(1)])
+    assert kinds(out) == [("cancel", 1, "superseded"), ("market", 1, "breakout")]
+    out = decide(probs(dl=0.95), positions=[pos(1), pos(-1), pos(1)], resting=[order(1)],
+                 strategy=cfg(max_positions=3))
+    assert kinds(out) == []
+
+
+@pytest.mark.parametrize("placed,expired", [(10 - 12, True), (10 - 11, False)])
+def test_resting_entry_expires_after_time_limit_bars(placed, expired):
+    out = decide(probs(), resting=[order(1, placed=placed)], strategy=cfg(time_limit_bars=12))
+    assert kinds(out) == ([("cancel", 1, "expired")] if expired else [])
+
+
+def test_expired_order_frees_its_slot_for_a_new_entry_on_the_same_bar():
+    out = decide(probs(el=0.9, dl=0.6), resting=[order(1, placed=-2)], positions=[pos(), pos()])
+    assert kinds(out) == [("cancel", 1, "expired"), ("limit", 1, "chop")]
+
+
+@pytest.mark.parametrize("fill_bar,exits", [(10 - 144, True), (10 - 143, False)])
+def test_time_exit_after_max_holding_bars(fill_bar, exits):
+    out = decide(probs(), positions=[pos(1, fill_bar), pos(-1, 9)])
+    assert kinds(out) == ([("exit", 1, "time")] if exits else [])
+    if exits:
+        assert out[0].ref == 0 and out[0].qty == 1.0
+
+
+# ------------------------------------------------------------ kill-switch
+def test_kill_switch_flattens_cancels_and_halts_until_next_utc_day():
+    day = st.DayState()
+    assert decide(probs(), equity=10_000.0, day=day, time=DAY0) == []
+    assert day.start_equity == 10_000.0 and not day.halted
+    assert decide(probs(), equity=9_700.01, day=day, time=DAY0 + 300) == []
+    out = decide(probs(dl=0.95), positions=[pos(1), pos(-1)], resting=[order(1)], equity=9_700.0, day=day,
+                 time=DAY0 + 600)
+    assert kinds(out) == [("exit", 1, "kill_switch"), ("exit", -1, "kill_switch"), ("cancel", 1, "kill_switch")]
+    assert day.halted
+    assert decide(probs(dl=0.95), equity=9_800.0, day=day, time=DAY0 + 86_400 - 300) == []
+    out = decide(probs(dl=0.95), equity=9_800.0, day=day, time=DAY0 + 86_400)
+    assert kinds(out) == [("market", 1, "breakout")]
+    assert day.start_equity == 9_800.0 and not day.halted
+
+
+def test_kill_switch_day_start_is_the_equity_at_the_previous_days_last_close():
+    day = st.DayState()
+    decide(probs(), equity=10_000.0, day=day, time=DAY0)
+    decide(probs(), equity=12_000.0, day=day, time=DAY0 + 86_400 - 300)
+    decide(probs(), equity=11_700.0, day=day, time=DAY0 + 86_400)
+    assert day.start_equity == 12_000.0 and not day.halted
+    assert kinds(decide(probs(), equity=11_639.0, day=day, time=DAY0 + 86_400 + 300)) == []
+    assert day.halted
+
+
+# ------------------------------------------------------------ sizing
+def test_size_risks_the_budget_at_the_stop():
+    (it,) = decide(probs(dl=0.95), atr=2.0, strategy=cfg(risk_per_trade=0.01, stop_loss_atr=2.0))
+    assert it.qty == pytest.approx(10_000 * 0.01 / 4.0)
+
+
+def test_size_is_capped_by_leverage_including_what_is_already_held():
+    held = [pos(1, 9, qty=300.0)]
+    (it,) = decide(probs(dl=0.95), positions=held, atr=0.05, strategy=cfg(max_leverage=5.0))
+    assert it.qty == pytest.approx((5 * 10_000 - 300 * 100.0) / 100.0)
+    assert decide(probs(dl=0.95), positions=[pos(1, 9, qty=500.0)], atr=0.05) == []
+
+
+def test_size_rounds_down_to_the_quantity_step():
+    (it,) = decide(probs(dl=0.95), atr=1.7, instrument=InstrumentConfig(qty_step=0.1, min_qty=0.1))
+    assert it.qty == pytest.approx(29.4)
+
+
+def test_orders_below_min_quantity_or_min_notional_are_skipped():
+    small = dict(equity=100.0, atr=1.0, close=5.0, strategy=cfg(risk_per_trade=0.01))
+    assert decide(probs(dl=0.95), **small, instrument=InstrumentConfig(min_qty=0.001, min_notional=5.0)) == []
+    out = decide(probs(dl=0.95), **small, instrument=InstrumentConfig(min_qty=0.001, min_notional=0.0))
+    assert out[0].qty == pytest.approx(0.5)
+    assert decide(probs(dl=0.95), **small, instrument=InstrumentConfig(min_qty=0.6, min_notional=0.0)) == []
+
+
+def test_no_size_with_non_positive_equity():
+    params = st.strategy_params(cfg(), InstrumentConfig())
+    assert st.position_size(0.0, 100.0, 2.0, 0.0, params) == 0.0
+    assert st.position_size(10_000.0, 100.0, 2.0, 0.0, params) == pytest.approx(50.0)
