@@ -47,6 +47,7 @@ KLINE_INTERVALS: dict[str, int] = {"1": 60, "3": 180, "5": 300, "15": 900, "30":
 BOOK_DEPTHS = (1, 50, 200, 1000)
 MAX_LEVERAGE = 100.0
 MAINT_MARGIN_RATE = 0.005
+MAX_OUTBOX = 100_000
 ORDER_LIMIT_PER_S = 10
 DEFAULT_LIMIT_PER_S = 50
 ORDER_PATHS = {"/v5/order/create", "/v5/order/amend", "/v5/order/cancel", "/v5/order/cancel-all",
@@ -397,8 +398,9 @@ class MatchingEngine:
         qty = self._qty_lots(p)
         price = self._price_ticks(p, "price", required=order_type == "Limit") if order_type == "Limit" else 0
         idx = self._position_idx(p, side)
-        reduce_only = _bool(p, "reduceOnly")
         close_on_trigger = _bool(p, "closeOnTrigger")
+        closing_side = self.hedge and (idx == 1) != (side == "Buy")
+        reduce_only = _bool(p, "reduceOnly") or closing_side
         trigger = self._price_ticks(p, "triggerPrice") or 0
         ref_price = price or self._taker_ref(side)
         if ref_price <= 0:
@@ -455,6 +457,10 @@ class MatchingEngine:
         if trigger is not None:
             order.trigger_price = trigger
         order.updated = self.now_ms
+        if order.tif == "PostOnly" and self._crosses(order):
+            order.reject_reason = "EC_PostOnlyWillTakeLiquidity"
+            self._cancel(order, "UNKNOWN")
+            return {"orderId": order.order_id, "orderLinkId": order.link_id}
         self._emit_order(order)
         if order.status in ("New", "PartiallyFilled") and order.order_type == "Limit":
             self._match_aggressive(order)
@@ -875,10 +881,7 @@ class MatchingEngine:
     def _activate(self, order: Order) -> None:
         """A live order meets the book: PostOnly check, taking liquidity, then rest or cancel the rest."""
         if order.order_type == "Limit" and order.tif == "PostOnly":
-            bid, ask = self.best()
-            crosses = (order.side == "Buy" and ask and order.price >= ask) or \
-                      (order.side == "Sell" and bid and order.price <= bid)
-            if crosses:
+            if self._crosses(order):
                 order.reject_reason = "EC_PostOnlyWillTakeLiquidity"
                 self._cancel(order, "UNKNOWN")
                 return
@@ -897,6 +900,12 @@ class MatchingEngine:
             self._cancel(order, "UNKNOWN")
         elif not taken and order.is_open:
             self._emit_order(order)
+
+    def _crosses(self, order: Order) -> bool:
+        """Would this limit order take liquidity from the book right now?"""
+        bid, ask = self.best()
+        return bool((order.side == "Buy" and ask and order.price >= ask) or
+                    (order.side == "Sell" and bid and order.price <= bid))
 
     def _takeable(self, order: Order) -> int:
         total = 0.0
@@ -922,6 +931,8 @@ class MatchingEngine:
 
     def _fill(self, order: Order, lots: int, ticks: int, is_maker: bool) -> None:
         """Execute `lots` of an order at `ticks`: position, fees, PnL, TP/SL arming, and the events."""
+        if order.status not in ("New", "PartiallyFilled"):
+            return
         lots = min(lots, order.leaves)
         if order.reduce_only:
             target = self._reduce_target(order)
@@ -1024,10 +1035,13 @@ class MatchingEngine:
                     "fillCount": str(int(rec["fillCount"]) + 1), "updatedTime": str(self.now_ms)})
 
     def _clear_tpsl(self, idx: int) -> None:
-        """A flat position deactivates its TP/SL orders and cancels reduce-only orders on it."""
+        """A flat position deactivates its TP/SL orders and cancels the reduce-only orders resting on it."""
         for o in list(self.orders.values()):
-            if o.is_open and o.position_idx == idx and o.reduce_only and o.tpsl_mode:
-                self._cancel(o, "CancelByTpSlTsClear", status="Deactivated")
+            if o.is_open and o.position_idx == idx and o.reduce_only:
+                if o.tpsl_mode:
+                    self._cancel(o, "CancelByTpSlTsClear", status="Deactivated")
+                elif o.status != "Untriggered":
+                    self._cancel(o, "CancelByReduceOnly")
 
     def _shrink_partials(self, pos: Position) -> None:
         """Partial TP/SL sizes never exceed what is left of the position."""
@@ -1369,6 +1383,7 @@ class Conn:
     authed: bool = False
     topics: set[str] = field(default_factory=set)
     pending: set[str] = field(default_factory=set)
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
 @dataclass
@@ -1742,6 +1757,7 @@ class PaperExchange:
         await ws.prepare(request)
         conn = Conn(ws=ws, request=request, private=private)
         self.conns.add(conn)
+        writer = asyncio.get_running_loop().create_task(self._writer(conn))
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
@@ -1749,38 +1765,53 @@ class PaperExchange:
                 try:
                     frame = json.loads(msg.data)
                 except json.JSONDecodeError:
-                    await self._send(conn, {"success": False, "ret_msg": "invalid JSON", "conn_id": conn.conn_id,
+                    self._send(conn, {"success": False, "ret_msg": "invalid JSON", "conn_id": conn.conn_id,
                                             "op": ""})
                     continue
-                await self._on_frame(conn, frame)
+                self._on_frame(conn, frame)
         finally:
             self.conns.discard(conn)
+            writer.cancel()
         return ws
 
-    async def _send(self, conn: Conn, obj: dict | str) -> None:
-        if conn.ws.closed:
-            return
-        try:
-            await conn.ws.send_str(obj if isinstance(obj, str) else json.dumps(obj))
-        except (ConnectionResetError, RuntimeError):
-            self.conns.discard(conn)
+    async def _writer(self, conn: Conn) -> None:
+        """The one task writing to a connection, so frames leave in exactly the order they were queued."""
+        while True:
+            text = await conn.outbox.get()
+            if conn.ws.closed:
+                return
+            try:
+                await conn.ws.send_str(text)
+            except (ConnectionResetError, RuntimeError):
+                self.conns.discard(conn)
+                return
 
-    async def _on_frame(self, conn: Conn, frame: dict) -> None:
+    def _send(self, conn: Conn, obj: dict | str) -> None:
+        """Queue a frame; a client that falls too far behind is disconnected, as Bybit does."""
+        if conn.outbox.qsize() >= MAX_OUTBOX:
+            log.warning("WS client %s is %d frames behind: disconnecting it", conn.conn_id, MAX_OUTBOX)
+            self.conns.discard(conn)
+            if conn.request.transport is not None:
+                conn.request.transport.abort()
+            return
+        conn.outbox.put_nowait(obj if isinstance(obj, str) else json.dumps(obj))
+
+    def _on_frame(self, conn: Conn, frame: dict) -> None:
         op = frame.get("op")
         req_id = str(frame.get("req_id", ""))
         if op == "ping":
             if conn.private:
-                await self._send(conn, {"req_id": req_id, "op": "pong", "args": [str(self.server_ms())],
+                self._send(conn, {"req_id": req_id, "op": "pong", "args": [str(self.server_ms())],
                                         "conn_id": conn.conn_id})
             else:
-                await self._send(conn, {"success": True, "ret_msg": "pong", "conn_id": conn.conn_id,
+                self._send(conn, {"success": True, "ret_msg": "pong", "conn_id": conn.conn_id,
                                         "req_id": req_id, "op": "ping"})
         elif op == "auth" and conn.private:
-            await self._send(conn, self._auth_ws(conn, frame.get("args") or []))
+            self._send(conn, self._auth_ws(conn, frame.get("args") or []))
         elif op in ("subscribe", "unsubscribe"):
             asyncio.get_running_loop().create_task(self._subscribe(conn, op, req_id, list(frame.get("args") or [])))
         else:
-            await self._send(conn, {"success": False, "ret_msg": f"error:handler not found,op:{op}",
+            self._send(conn, {"success": False, "ret_msg": f"error:handler not found,op:{op}",
                                     "conn_id": conn.conn_id, "req_id": req_id, "op": op or ""})
 
     def _auth_ws(self, conn: Conn, args: list) -> dict:
@@ -1827,7 +1858,7 @@ class PaperExchange:
             ack.update(success=False, ret_msg="Request not authorized")
         elif bad:
             ack["ret_msg"] = f"error:handler not found,topic:{','.join(bad)}"
-        await self._send(conn, ack)
+        self._send(conn, ack)
         if not ack["success"]:
             return
         if op == "unsubscribe":
@@ -1836,7 +1867,7 @@ class PaperExchange:
         for topic in topics:
             first = self._first_push(topic)
             if first is not None:
-                await self._send(conn, first)
+                self._send(conn, first)
             conn.pending.discard(topic)
             conn.topics.add(topic)
 
@@ -1874,7 +1905,6 @@ class PaperExchange:
         trades, self.replay.unpushed = self.replay.unpushed, []
         if not self.conns:
             return
-        loop = asyncio.get_event_loop()
         frames: list[tuple[Conn, str]] = []
         for topic, record in events:
             msg = json.dumps({"id": uuid.uuid4().hex, "topic": topic, "creationTime": self.engine.now_ms or
@@ -1887,12 +1917,8 @@ class PaperExchange:
                 for conn in self.conns:
                     if not conn.private and topic in conn.topics:
                         frames.append((conn, out))
-        if frames:
-            loop.create_task(self._send_frames(frames))
-
-    async def _send_frames(self, frames: list[tuple[Conn, str]]) -> None:
         for conn, msg in frames:
-            await self._send(conn, msg)
+            self._send(conn, msg)
 
     def _subscribed(self) -> set[str]:
         topics: set[str] = set()

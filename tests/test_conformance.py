@@ -156,7 +156,7 @@ def local(tmp_path_factory) -> dict[str, Any]:
             s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Limit", qty="1", price="99.00",
                           orderLinkId="conf-2")
             s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Limit", qty="1",
-                          price="100.01", reduceOnly=True, orderLinkId="conf-3")  # crosses the bid? no: rests
+                          price="100.01", reduceOnly=True, orderLinkId="conf-3")  # rests; fills as the mid rises
             ex.advance(20)
             priv_first = {t: priv.first(lambda f, t=t: f.get("topic") == t)
                           for t in ("order", "execution", "position", "wallet")}

@@ -227,6 +227,9 @@ def test_post_only_that_would_cross_is_accepted_then_cancelled(venue):
     s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Limit", qty="1", price="100.00",
                   timeInForce="PostOnly", orderLinkId="po2")
     assert order(s, "po2")["orderStatus"] == "New"
+    s.amend_order(category="linear", symbol=SYMBOL, orderLinkId="po2", price="100.05")  # would now cross
+    o = order(s, "po2")
+    assert (o["orderStatus"], o["rejectReason"]) == ("Cancelled", "EC_PostOnlyWillTakeLiquidity")
     assert position(s)["size"] == "0.000"
 
 
@@ -261,8 +264,14 @@ def test_reduce_only_is_truncated_to_the_position(venue):
     s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Market", qty="3", reduceOnly=True,
                   orderLinkId="ro")
     o = order(s, "ro")
-    assert (o["orderStatus"], o["cumExecQty"]) == ("Cancelled", "1.000")
+    assert (o["orderStatus"], o["cumExecQty"], o["cancelType"]) == ("Cancelled", "1.000", "CancelByReduceOnly")
     assert position(s)["size"] == "0.000"
+    s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="1")
+    s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Limit", qty="1", price="101.00",
+                  reduceOnly=True, orderLinkId="resting")
+    s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Market", qty="1")
+    o = order(s, "resting")  # the position it could reduce is gone
+    assert (o["orderStatus"], o["cancelType"]) == ("Cancelled", "CancelByReduceOnly")
 
 
 def test_amend_and_cancel_all(venue):
@@ -374,9 +383,10 @@ def test_hedge_mode_holds_both_sides_and_mode_switch_rules(venue):
     assert (position(s, 1)["side"], position(s, 1)["size"]) == ("Buy", "1.000")
     assert (position(s, 2)["side"], position(s, 2)["size"]) == ("Sell", "2.000")
     assert code_of(lambda: s.switch_position_mode(category="linear", symbol=SYMBOL, mode=0)) == 110024
-    s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Market", qty="1", positionIdx=1,
-                  reduceOnly=True)
-    assert position(s, 1)["size"] == "0.000" and position(s, 2)["size"] == "2.000"
+    s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Market", qty="3", positionIdx=1)
+    assert position(s, 1)["size"] == "0.000" and position(s, 2)["size"] == "2.000"  # closing side never flips
+    assert code_of(lambda: s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Market",
+                                         qty="1", positionIdx=1)) == 110017
 
 
 # ------------------------------------------------------------------ auth, limits and faults
