@@ -478,9 +478,11 @@ def _equity_frame(eq: np.ndarray, index: pd.DatetimeIndex) -> pd.DataFrame:
     with np.errstate(divide="ignore", invalid="ignore"):
         exposure = np.where(equity > 0, eq[:, E_NOTIONAL] / equity, np.nan)
         drawdown = np.where(peak > 0, equity / peak - 1.0, np.nan)
-    return pd.DataFrame({"equity": equity, "cash": eq[:, E_CASH], "upnl": eq[:, E_UPNL],
-                         "notional": eq[:, E_NOTIONAL], "positions": eq[:, E_NPOS].astype(np.int64),
-                         "drawdown": drawdown, "exposure": exposure}, index=index)
+    block = np.column_stack([equity, eq[:, E_CASH], eq[:, E_UPNL], eq[:, E_NOTIONAL], drawdown, exposure])
+    out = pd.DataFrame(block, index=index, columns=["equity", "cash", "upnl", "notional", "drawdown", "exposure"],
+                       copy=False)
+    out.insert(4, "positions", eq[:, E_NPOS].astype(np.int64))
+    return out
 
 
 def _intents_frame(ilog: np.ndarray, index: pd.DatetimeIndex) -> pd.DataFrame:
