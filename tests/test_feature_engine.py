@@ -372,3 +372,31 @@ def test_empty_frame_gives_empty_features_with_all_columns() -> None:
     cfg = GlobalConfig()
     out = fe.compute_features(make_bars(5).iloc[:0], cfg)
     assert out.empty and list(out.columns) == fe.feature_names(cfg) + ["atr", "is_warm"]
+
+
+# ---------------------------------------------------------------- CLI on files the loader reads
+def test_cli_writes_the_features_of_a_simulated_data_folder(tmp_path, capsys) -> None:
+    import data_loader
+    import market_sim
+
+    folder = market_sim.simulate(days=1, seed=5, out=tmp_path / "data", levels=50)
+    sets = ["features.day_window=4h", "features.macro_window=12h", "features.htf_span=2",
+            "features.vwap_windows=1h,4h"]
+    out = tmp_path / "features.parquet"
+    args = ["--data-dir", str(folder), "--timeframe", "5m"] + [a for s in sets for a in ("--set", s)]
+    assert fe.main([*args, "-o", str(out), "--all-rows"]) == 0
+    assert f"wrote 288 rows to {out}" in capsys.readouterr().out
+    written = pd.read_parquet(out)
+    cfg = small_cfg(htf_span=2)
+    set_path(cfg, "data.data_dir", str(folder))
+    expected = fe.compute_features(data_loader.load_bars(cfg), cfg)
+    pd.testing.assert_frame_equal(written, expected, check_freq=False)
+    assert len(written) == 288 and written["is_warm"].iloc[fe.warmup_bars(cfg):].all()
+    warm_only = tmp_path / "warm.csv"
+    assert fe.main([*args, "-o", str(warm_only)]) == 0
+    csv = pd.read_csv(warm_only, index_col="time", parse_dates=["time"])
+    assert len(csv) == int(expected["is_warm"].sum()) > 0 and csv["is_warm"].all()
+    np.testing.assert_allclose(csv["ofi_z"], expected.loc[expected["is_warm"], "ofi_z"], rtol=1e-9)
+    with pytest.raises(SystemExit):
+        fe.main([*args, "-o", str(tmp_path / "x.json")])
+    assert ".parquet or .csv" in capsys.readouterr().err
