@@ -133,6 +133,10 @@ class StartupCheckError(FatalError):
     """A startup check failed; the client refuses to trade."""
 
 
+class ClockSkewError(StartupCheckError):
+    """The local clock is further from the exchange's than live.max_time_offset allows."""
+
+
 class KeysError(ValueError):
     """The keys file or environment does not yield usable credentials (names file and profile only)."""
 
@@ -461,6 +465,19 @@ class _Redactor:
         return text
 
 
+class _SyncedHTTP(unified_trading.HTTP):
+    """pybit HTTP that signs with the exchange's clock (local time + measured offset), not the raw local one."""
+
+    time_offset_ms: float = 0.0
+
+    def _prepare_headers(self, payload: str, recv_window: int,
+                         content_type: str = "application/json") -> dict[str, str]:
+        timestamp = int(time.time() * 1000 + self.time_offset_ms)
+        signature = self._auth(payload=payload, recv_window=recv_window, timestamp=timestamp)
+        return {"Content-Type": content_type, "X-BAPI-API-KEY": self.api_key, "X-BAPI-SIGN": signature,
+                "X-BAPI-SIGN-TYPE": "2", "X-BAPI-TIMESTAMP": str(timestamp), "X-BAPI-RECV-WINDOW": str(recv_window)}
+
+
 class ExchangeClient:
     """Bybit V5 REST (pybit HTTP) with rounding, idempotent orders, taxonomy and retries; makes the WS streams."""
 
@@ -480,14 +497,14 @@ class ExchangeClient:
         log.info("exchange client for %s on %s (key %s)", self.symbol, self.endpoints.name,
                  credentials.masked_key if credentials else "none")
 
-    def _make_http(self) -> unified_trading.HTTP:
+    def _make_http(self) -> _SyncedHTTP:
         """pybit session with its own retries off: this client retries by taxonomy."""
         kwargs: dict[str, Any] = dict(testnet=self.endpoints.testnet, demo=self.endpoints.demo,
                                       timeout=parse_duration(self.cfg.live.request_timeout),
                                       max_retries=1, force_retry=False, retry_codes={-1}, recv_window=5000)
         if self.creds is not None:
             kwargs.update(api_key=self.creds.api_key, api_secret=self.creds.api_secret)
-        session = unified_trading.HTTP(**kwargs)
+        session = _SyncedHTTP(**kwargs)
         if self.endpoints.rest_url:
             session.endpoint = self.endpoints.rest_url
         return session
@@ -504,6 +521,8 @@ class ExchangeClient:
             self.error_counts[type(err).__name__] += 1
             if err.kind is not ErrorKind.RETRYABLE or attempt == attempts:
                 raise err
+            if isinstance(err, TimestampError):
+                self.sync_clock()
             wait = self.retry.delay(attempt, err)
             log.warning("%s failed (%s); retry %d/%d in %.2fs", method, err, attempt, attempts - 1, wait)
             self._sleep(wait)
@@ -536,8 +555,17 @@ class ExchangeClient:
         t1 = time.time()
         result = env.get("result") or {}
         server_s = (int(result["timeNano"]) / 1e9 if result.get("timeNano") else float(result["timeSecond"]))
-        self.time_offset_ms = (server_s - (t0 + t1) / 2.0) * 1000.0
-        return self.time_offset_ms
+        return (server_s - (t0 + t1) / 2.0) * 1000.0
+
+    def sync_clock(self) -> float:
+        """Measure the clock offset and sign with it; refuse (ClockSkewError) above live.max_time_offset."""
+        offset = self.server_time_offset()
+        limit_ms = parse_duration(self.cfg.live.max_time_offset) * 1000.0
+        if abs(offset) > limit_ms:
+            raise ClockSkewError(f"clock offset to {self.endpoints.name} is {offset:+.0f} ms, above "
+                                 f"live.max_time_offset {self.cfg.live.max_time_offset}: sync the system clock")
+        self.time_offset_ms = self.http.time_offset_ms = offset
+        return offset
 
     def load_instrument(self) -> InstrumentRules:
         """Fetch and keep the symbol's trading rules."""
@@ -721,26 +749,22 @@ class ExchangeClient:
     def cancel_order(self, *, order_link_id: str | None = None, order_id: str | None = None) -> None:
         """Cancel one order; raises OrderNotFoundError when it is already gone (filled or cancelled)."""
         params = self._order_ref(order_link_id, order_id)
-        try:
-            self.request("cancel_order", params, retry=False)
-            return
-        except RetryableError as err:
-            first = err
+        unanswered = False
         attempts = self.retry.max_attempts
-        for attempt in range(1, attempts):
-            self._sleep(self.retry.delay(attempt, first))
+        for attempt in range(1, attempts + 1):
             try:
                 self.request("cancel_order", params, retry=False)
                 return
             except OrderNotFoundError:
-                if first.ambiguous:
+                if unanswered:
                     log.info("cancel %s: gone after an unanswered attempt, treating as cancelled", params)
                     return
                 raise
             except RetryableError as err:
-                first = err if not first.ambiguous else first
-                if attempt == attempts - 1:
+                unanswered = unanswered or err.ambiguous
+                if attempt == attempts:
                     raise
+                self._sleep(self.retry.delay(attempt, err))
 
     def cancel_all(self) -> list[str]:
         """Cancel every open order of the symbol; returns the cancelled orderIds."""
@@ -797,11 +821,7 @@ class ExchangeClient:
     def startup_checks(self, *, trading: bool = True) -> StartupReport:
         """Refuse to trade on a skewed clock, unknown instrument, wrong mode or a key that can move funds."""
         live = self.cfg.live
-        offset = self.server_time_offset()
-        limit_ms = parse_duration(live.max_time_offset) * 1000.0
-        if abs(offset) > limit_ms:
-            raise StartupCheckError(f"clock offset to {self.endpoints.name} is {offset:+.0f} ms, above "
-                                    f"live.max_time_offset {live.max_time_offset}: sync the system clock")
+        offset = self.sync_clock()
         rules = self.load_instrument()
         if rules.status != "Trading":
             raise StartupCheckError(f"{self.symbol} status is {rules.status!r}, not Trading")
@@ -922,6 +942,7 @@ class _Stream:
     """One logical subscription set over a pybit WebSocket that the watchdog can rebuild."""
 
     channel = "linear"
+    subscriptions = 0  # subscribe frames _subscribe() sends (each is acked once)
 
     def __init__(self, endpoints: Endpoints, *, stale_after: float, ping_interval: float = 20.0,
                  ping_timeout: float = 10.0, build_timeout: float = 15.0) -> None:
@@ -934,6 +955,7 @@ class _Stream:
         self.rebuilds = 0
         self.reconnects = 0
         self.last_error = ""
+        self.acks = 0
         self._generation = 0
         self._ws: _GuardedWebSocket | None = None
         self._last_frame = time.monotonic()
@@ -963,6 +985,7 @@ class _Stream:
             self._generation += 1
             generation = self._generation
             old, self._ws = self._ws, None
+            self.acks = 0
             self._connection_reset()
         if old is not None:
             old.shutdown()
@@ -1039,6 +1062,7 @@ class _Stream:
         if self._current(generation) and self._ws is not None:
             self.reconnects += 1
             with self.lock:
+                self.acks = 0
                 self._connection_reset()
 
     def _bad(self, generation: int, why: str) -> None:
@@ -1053,11 +1077,22 @@ class _Stream:
             return
         self._on_message(msg)
 
+    @property
+    def ready(self) -> bool:
+        """Connected and every subscription acknowledged (pushes from now on reach us)."""
+        return self.connected and self.acks >= self.subscriptions
+
     def _control(self, msg: dict) -> None:
         """Acks for auth/subscribe: failures are logged and make the stream unhealthy."""
+        if msg.get("op") == "subscribe" and msg.get("success") is True:
+            self.acks += 1
         if msg.get("success") is False or msg.get("type") == "error":
             self.last_error = f"{msg.get('op', 'request')} refused: {msg.get('ret_msg', '')}"
             log.error("%s stream: %s", self.channel, self.last_error)
+
+
+class BookOutOfSync(RuntimeError):
+    """The local book does not mirror the exchange right now (no snapshot yet, gap, reset)."""
 
 
 def _guarded(fn: Callable[..., None] | None, name: str) -> Callable[..., None]:
@@ -1095,6 +1130,7 @@ class MarketStream(_Stream):
         self._on_book = _guarded(on_book, "on_book")
 
     def _subscribe(self, ws: _GuardedWebSocket) -> None:
+        self.subscriptions = 2 + (self.kline_interval is not None)
         ws.orderbook_stream(self.depth, self.symbol, _unused)
         ws.trade_stream(self.symbol, _unused)
         if self.kline_interval is not None:
@@ -1141,7 +1177,7 @@ class MarketStream(_Stream):
         """(best bid, best ask) of a valid book; raises if the book is not in sync."""
         with self.lock:
             if not self.book.valid or self.awaiting_snapshot:
-                raise RuntimeError(f"book {self.book_topic} is not in sync")
+                raise BookOutOfSync(f"book {self.book_topic} is not in sync")
             return float(self.book.best_bid()), float(self.book.best_ask())
 
     def health(self) -> str:
@@ -1158,9 +1194,11 @@ class PrivateStream(_Stream):
     """Authenticated order/execution/position/wallet pushes; keeps the latest order state per orderLinkId."""
 
     channel = "private"
+    subscriptions = 4
 
     def __init__(self, endpoints: Endpoints, creds: Credentials, *,
-                 on_message: Callable[[str, list], None] | None = None, **kwargs: Any) -> None:
+                 on_message: Callable[[str, list], None] | None = None, auth_timeout: float = 10.0,
+                 **kwargs: Any) -> None:
         super().__init__(endpoints, **kwargs)
         self._creds = creds
         self._user = _guarded(on_message, "on_message")
@@ -1170,9 +1208,12 @@ class PrivateStream(_Stream):
         self.wallet: dict = {}
         self.updated = threading.Condition(self.lock)
         self.authenticated = False
+        self.auth_timeout = auth_timeout
+        self._auth_deadline = time.monotonic() + auth_timeout
 
     def _credentials(self) -> dict:
-        return {"api_key": self._creds.api_key, "api_secret": self._creds.api_secret}
+        # auth expiry 10 s ahead: a local clock behind the exchange by up to max_time_offset still authenticates
+        return {"api_key": self._creds.api_key, "api_secret": self._creds.api_secret, "private_auth_expire": 10}
 
     def _subscribe(self, ws: _GuardedWebSocket) -> None:
         for method in (ws.order_stream, ws.execution_stream, ws.position_stream, ws.wallet_stream):
@@ -1180,6 +1221,13 @@ class PrivateStream(_Stream):
 
     def _connection_reset(self) -> None:
         self.authenticated = False
+        self._auth_deadline = time.monotonic() + self.auth_timeout
+
+    def health(self) -> str:
+        base = super().health()
+        if base == "ok" and not self.authenticated and time.monotonic() > self._auth_deadline:
+            return "unauthenticated"
+        return base
 
     def _control(self, msg: dict) -> None:
         if msg.get("op") == "auth" and msg.get("success") is True:

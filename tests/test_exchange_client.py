@@ -196,3 +196,249 @@ def test_rules_from_config_match_instrument_defaults():
     r = ec.InstrumentRules.from_config("DEMOUSDT", InstrumentConfig())
     assert (r.tick_size, r.qty_step, r.min_qty, r.min_notional) == (Decimal("0.01"), Decimal("0.001"),
                                                                     Decimal("0.001"), Decimal("5.0"))
+
+
+# ================================================================ real pybit against paper_exchange
+import logging  # noqa: E402
+import time  # noqa: E402
+
+import paper_exchange as pe  # noqa: E402
+from paper_market import SYMBOL, write_market  # noqa: E402
+
+KEY = "paperkey"
+# second i of the scripted market has mid MIDS[i] (trades print at the ask): flat, a dip (fills resting
+# buys), a step to 100.49 (a trade at 100.50 triggers a TP there), a rally (fills the TP limit), flat
+MIDS = [100.0] * 5 + [99.5] * 5 + [100.49] * 3 + [101.0] * 7 + [100.0] * 100
+
+
+def wait_until(predicate, timeout: float = 5.0, step: float = 0.02) -> bool:
+    """Poll until predicate() is true (background threads deliver WS pushes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
+@pytest.fixture
+def paper(tmp_path):
+    """A paper exchange on 127.0.0.1 with a manual market clock, stopped by the test."""
+    folder = write_market(tmp_path, MIDS)
+    exchange = pe.build_exchange(folder, balance=10000.0, speed=0.0, api_key=KEY, api_secret=SECRET)
+    with pe.ExchangeThread(exchange) as thread:
+        yield thread
+
+
+def make_client(paper, secret: str = SECRET, key: str = KEY, **live) -> ec.ExchangeClient:
+    cfg = GlobalConfig()
+    cfg.symbol = SYMBOL
+    cfg.live.mode = "paper"
+    cfg.live.rest_url = paper.url
+    cfg.live.request_timeout = "1s"
+    cfg.live.ws_stale_after = "30s"
+    for name, value in live.items():
+        setattr(cfg.live, name, value)
+    return ec.ExchangeClient(cfg, ec.Credentials(key, secret),
+                             retry=ec.RetryPolicy(max_attempts=4, base_delay=0.05, max_delay=0.2))
+
+
+def pos_size(stream: ec.PrivateStream, idx: int = 0) -> float:
+    return float(stream.positions.get(idx, {}).get("size", "nan"))
+
+
+def set_fault(paper, **faults) -> None:
+    def apply() -> None:
+        for name, value in faults.items():
+            setattr(paper.exchange.faults, name, value)
+    paper.call(apply)
+
+
+def engine_orders(paper) -> list:
+    return paper.call(lambda: [o for o in paper.exchange.engine.orders.values() if not o.stop_order_type])
+
+
+@pytest.fixture
+def client(paper):
+    c = make_client(paper)
+    c.startup_checks()
+    return c
+
+
+def test_startup_checks_load_rules_and_accept_a_trade_only_key(paper):
+    c = make_client(paper, leverage=5.0)
+    report = c.startup_checks()
+    assert report.rules.tick_size == Decimal("0.01") and report.rules.min_notional == Decimal("5")
+    assert abs(report.time_offset_ms) < 1000
+    assert report.permissions.can_trade and report.permissions.unsafe_reasons() == []
+    assert c.positions()[0]["leverage"] == "5"
+    assert c.set_leverage(5.0) is False          # 110043 is benign: already set
+    assert c.set_position_mode("oneway") is False  # 110025 is benign
+
+
+def test_startup_switches_to_hedge_mode(paper):
+    c = make_client(paper, position_mode="hedge")
+    c.startup_checks()
+    assert sorted(int(p["positionIdx"]) for p in c.positions()) == [1, 2]
+    ack = c.place_order("hedge-1", "Sell", 0.1, price=100.50, time_in_force="PostOnly")
+    assert c.find_order(ack.order_link_id)["positionIdx"] == 2
+
+
+@pytest.mark.parametrize("wallet", [["Withdraw"], ["AccountTransfer"], ["SubMemberTransfer"]])
+def test_startup_refuses_a_key_that_can_move_funds(paper, wallet):
+    paper.call(lambda: paper.exchange.permissions.update({"Wallet": wallet}))
+    with pytest.raises(ec.StartupCheckError, match=f"Wallet:{wallet[0]}") as exc:
+        make_client(paper).startup_checks()
+    assert exc.value.kind is ec.ErrorKind.FATAL
+
+
+def test_startup_refuses_a_skewed_clock(paper):
+    set_fault(paper, time_skew_ms=5000)
+    with pytest.raises(ec.StartupCheckError, match="clock offset"):
+        make_client(paper).startup_checks()
+    set_fault(paper, time_skew_ms=-2000)  # local clock 2 s ahead: Bybit would reject raw local timestamps
+    c = make_client(paper, max_time_offset="3s")
+    assert c.startup_checks().time_offset_ms == pytest.approx(-2000, abs=300)
+    assert c.positions() and c.error_counts["TimestampError"] == 0  # signed with the exchange's clock
+
+
+def test_full_order_lifecycle_postonly_tpsl_fill_exit_and_close(paper, client):
+    private = client.private_stream().start()
+    try:
+        assert wait_until(lambda: private.authenticated and private.ready)
+        ack = client.place_order("life-entry", "Buy", "0.1049", price=99.905, time_in_force="PostOnly",
+                                 take_profit=100.50, tp_limit_price=100.50, stop_loss=99.0)
+        placed = client.find_order(ack.order_link_id)
+        assert (placed["price"], placed["qty"], placed["orderStatus"]) == ("99.90", "0.104", "New")
+        assert placed["timeInForce"] == "PostOnly" and placed["orderLinkId"] == ec.order_link_id("life-entry")
+        paper.advance(6)  # the dip: the ask crosses our bid, we fill as maker
+        assert private.wait_for(lambda s: s.orders.get(ack.order_link_id, {}).get("orderStatus") == "Filled", 5)
+        assert wait_until(lambda: pos_size(private) == 0.104)
+        paper.advance(10)  # the rally: a trade at 100.50 triggers the TP, its resting limit fills as maker
+        assert private.wait_for(lambda s: pos_size(s) == 0.0, 5)
+        tp_fills = [e for e in private.executions if e.get("createType") == "CreateByTakeProfit"]
+        assert tp_fills and tp_fills[-1]["execPrice"] == "100.50" and tp_fills[-1]["isMaker"] is True
+        assert [o for o in client.open_orders() if o["stopOrderType"] == "PartialStopLoss"] == []
+        # a market entry closed by a reduce-only market order
+        client.place_order("life-mkt", "Buy", 0.1, order_type="Market")
+        assert private.wait_for(lambda s: pos_size(s) == 0.1, 5)
+        client.place_order("life-close", "Sell", 0.1, order_type="Market", reduce_only=True)
+        assert private.wait_for(lambda s: pos_size(s) == 0.0, 5)
+        assert float(client.positions()[0]["size"]) == 0.0
+        wallet = client.wallet()
+        assert wallet["equity"] > 10000.0 - 1.0 and wallet["equity"] != 10000.0
+        # a crossing PostOnly is acked, then cancelled by the exchange with the documented reason
+        crossing = client.place_order("life-cross", "Buy", 0.1, price=105.0, time_in_force="PostOnly")
+        assert private.wait_for(lambda s: s.orders.get(crossing.order_link_id, {}).get("orderStatus")
+                                == "Cancelled", 5)
+        assert private.orders[crossing.order_link_id]["rejectReason"] == "EC_PostOnlyWillTakeLiquidity"
+    finally:
+        private.close()
+
+
+def raw_order(**kw) -> dict:
+    params = {"category": "linear", "symbol": SYMBOL, "side": "Buy", "orderType": "Limit", "qty": "0.1",
+              "price": "99.00", "timeInForce": "GTC", "positionIdx": 0}
+    params.update(kw)
+    return params
+
+
+@pytest.mark.parametrize("params,cls,code", [
+    (raw_order(qty="0.0005"), ec.InvalidParameterError, 10001),
+    (raw_order(qty="0.01"), ec.MinNotionalError, 110094),
+    (raw_order(qty="5000"), ec.InsufficientBalanceError, 110007),
+    (raw_order(orderType="Market", side="Sell", reduceOnly=True, price=None, timeInForce=None),
+     ec.ReduceOnlyError, 110017),
+])
+def test_exchange_error_codes_raise_taxonomy_classes(client, params, cls, code):
+    with pytest.raises(cls) as exc:
+        client.request("place_order", {k: v for k, v in params.items() if v is not None})
+    assert exc.value.code == code and exc.value.kind is ec.ErrorKind.REJECTED
+    assert client.error_counts[cls.__name__] == 1  # rejections are never retried
+
+
+def test_typed_calls_raise_the_same_classes(client):
+    with pytest.raises(ec.OrderNotFoundError) as exc:
+        client.cancel_order(order_link_id=ec.order_link_id("never-placed"))
+    assert exc.value.code == 110001
+    with pytest.raises(ec.ReduceOnlyError):
+        client.place_order("ro", "Sell", 0.1, order_type="Market", reduce_only=True)
+    with pytest.raises(ec.MinNotionalError):
+        client.place_order("tiny", "Buy", 0.01, price=99.0)  # refused locally, same class as 110094
+    with pytest.raises(ec.InvalidParameterError):
+        client.place_order("dust", "Buy", 0.0009, price=99.0)  # rounds down to 0: below minOrderQty
+
+
+def test_rejections_are_not_sent_twice(paper, client):
+    with pytest.raises(ec.InsufficientBalanceError):
+        client.place_order("huge", "Buy", 5000, price=99.0)
+    assert client.error_counts["InsufficientBalanceError"] == 1 and engine_orders(paper) == []
+
+
+def test_duplicate_order_link_id_is_already_placed_not_a_second_order(paper, client):
+    first = client.place_order("dup", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    with pytest.raises(ec.DuplicateOrderError) as exc:
+        client.request("place_order", raw_order(orderLinkId=first.order_link_id))
+    assert exc.value.code == 110072
+    again = client.place_order("dup", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    assert again.recovered and again.order_id == first.order_id
+    assert len(engine_orders(paper)) == 1
+
+
+def test_timestamp_outside_window_resyncs_the_clock_and_retries(paper, client):
+    set_fault(paper, time_skew_ms=-1500)  # the clocks drift apart after startup
+    assert client.positions()
+    assert client.error_counts["TimestampError"] == 1
+    assert client.time_offset_ms == pytest.approx(-1500, abs=300)
+
+
+def test_timestamp_error_with_a_clock_beyond_the_limit_is_fatal(paper, client):
+    set_fault(paper, time_skew_ms=-20000)
+    with pytest.raises(ec.ClockSkewError, match="clock offset") as exc:
+        client.positions()
+    assert exc.value.kind is ec.ErrorKind.FATAL
+    assert client.error_counts["TimestampError"] == 1
+
+
+def test_rate_limit_burst_backs_off_until_the_reset_header(paper, client):
+    set_fault(paper, rate_limit_burst=3)
+    started = time.monotonic()
+    rows = client.positions()
+    elapsed = time.monotonic() - started
+    assert rows and client.error_counts["RateLimitError"] == 3
+    assert elapsed >= 0.45  # three waits of ~0.2 s each until the X-Bapi-Limit-Reset-Timestamp
+
+
+def test_wrong_secret_is_fatal_and_not_retried(paper):
+    c = make_client(paper, secret="wrong-secret")
+    with pytest.raises(ec.AuthenticationError) as exc:
+        c.positions()
+    assert exc.value.code == 10004 and exc.value.kind is ec.ErrorKind.FATAL
+    assert c.error_counts["AuthenticationError"] == 1
+
+
+# ---------------------------------------------------------------- injected faults
+@pytest.mark.parametrize("fault", [{"lose_acks": 1}, {"ack_delay_s": 1.5}])
+def test_lost_ack_never_doubles_an_order(paper, client, fault):
+    set_fault(paper, **fault)
+    ack = client.place_order("lost-ack", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    set_fault(paper, lose_acks=0, ack_delay_s=0.0)
+    assert ack.recovered
+    orders = engine_orders(paper)
+    assert len(orders) == 1 and orders[0].order_id == ack.order_id and orders[0].link_id == ack.order_link_id
+
+
+def test_http_5xx_is_retried(paper, client):
+    set_fault(paper, http_5xx=2)
+    assert client.positions()
+    assert client.error_counts["RetryableError"] == 2
+    set_fault(paper, http_5xx=1)
+    ack = client.place_order("after-5xx", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    assert not ack.recovered and len(engine_orders(paper)) == 1
+
+
+def test_http_5xx_beyond_the_retry_budget_raises_retryable(paper, client):
+    set_fault(paper, http_5xx=10)
+    with pytest.raises(ec.RetryableError) as exc:
+        client.wallet()
+    assert exc.value.http_status == 500 and exc.value.kind is ec.ErrorKind.RETRYABLE
