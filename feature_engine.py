@@ -473,14 +473,14 @@ def compute_features(bars: pd.DataFrame, cfg: GlobalConfig) -> pd.DataFrame:
     feats.update(_context(c, v, dollar, trades, atr, feats["natr"], cfg))
     feats.update(_higher_timeframes(ts, o, h, low, c, v, vb, book["ob_imbalance_mean"], atr, cfg))
     columns = names + ["atr"]
-    matrix = np.column_stack([feats[n] for n in columns])
-    infinite = np.isinf(matrix).any(axis=0)
+    rows = np.stack([feats[n] for n in columns])  # one contiguous row per column: cheap checks, no transpose copy
+    infinite = np.isinf(rows).any(axis=1)
     if infinite.any():
         raise RuntimeError(f"feature(s) {[columns[i] for i in np.flatnonzero(infinite)]} produced +-inf: a bug")
     longest = max(warmups[n] for n in columns)
-    warm = (np.arange(len(bars)) >= longest) & np.isfinite(matrix).all(axis=1)
-    frame = pd.concat([pd.DataFrame(matrix, index=bars.index, columns=columns),
-                       pd.DataFrame({"is_warm": warm}, index=bars.index)], axis=1)
+    warm = (np.arange(len(bars)) >= longest) & np.isfinite(rows).all(axis=0)
+    frame = pd.DataFrame(rows.T, index=bars.index, columns=columns, copy=False)
+    frame["is_warm"] = warm
     return frame
 
 

@@ -1,0 +1,93 @@
+"""Feature engine speed: the live call (features for the last bar of a 3,000-bar window) against the
+50 ms budget and against a pandas reference measured in the same run (one rolling z-score per model
+feature over the same window: the cheapest thing a naive per-column pandas engine would do), plus the
+full-history throughput in bars per second at 5m and 1m.
+
+Bars come from market_sim files read by data_loader, exactly what training and backtests see.
+
+    python benchmarks/bench_features.py [--days 14] [--data DIR] [--repeat 50]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data_loader  # noqa: E402
+import feature_engine as fe  # noqa: E402
+import market_sim  # noqa: E402
+from config import GlobalConfig, bars_for, set_path  # noqa: E402
+
+BUDGET_MS = 50.0
+
+
+def timings(fn, repeat: int) -> list[float]:
+    """Wall times in ms of `repeat` calls (after one warm-up call)."""
+    fn()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def reference_frame(window: pd.DataFrame, n_columns: int) -> pd.DataFrame:
+    """A float frame of the window's inputs with one column per model feature."""
+    cols = ["close", "volume", "vol_buy", "trade_count", "dollar_val", *fe.BOOK_STATE_COLUMNS]
+    frame = window[cols].astype(float)
+    reps = int(np.ceil(n_columns / frame.shape[1]))
+    return pd.concat([frame] * reps, axis=1).iloc[:, :n_columns]
+
+
+def pandas_reference(frame: pd.DataFrame, z_bars: int) -> pd.DataFrame:
+    """One rolling z-score per column, the pandas way (the reference cost)."""
+    roll = frame.rolling(z_bars)
+    return (frame - roll.mean()) / roll.std()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--days", type=int, default=14, help="simulated days (ignored with --data)")
+    parser.add_argument("--data", default="", help="existing data folder instead of a simulated one")
+    parser.add_argument("--repeat", type=int, default=50, help="timed calls per measurement")
+    parser.add_argument("--window", type=int, default=3000, help="live window in bars")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.data) if args.data else market_sim.simulate(days=args.days, seed=7, out=tmp)
+        for tf in ("5m", "1m"):
+            cfg = GlobalConfig()
+            set_path(cfg, "data.data_dir", str(folder))
+            set_path(cfg, "data.timeframe", tf)
+            set_path(cfg, "data.cache", False)
+            bars = data_loader.load_bars(cfg)
+            n_feat = len(fe.feature_names(cfg))
+            full = timings(lambda: fe.compute_features(bars, cfg), max(3, args.repeat // 10))
+            rate = len(bars) / (statistics.median(full) / 1000)
+            print(f"[{tf}] full history: {len(bars)} bars x {n_feat} features in {statistics.median(full):.1f} ms "
+                  f"(median) = {rate:,.0f} bars/s; warm-up {fe.warmup_bars(cfg)} bars")
+            if len(bars) < args.window:
+                print(f"[{tf}] fewer than {args.window} bars: live-window measurement skipped")
+                continue
+            window = bars.iloc[-args.window:]
+            live = timings(lambda: fe.compute_features(window, cfg).iloc[-1], args.repeat)
+            frame, z_bars = reference_frame(window, n_feat), bars_for(cfg.features.z_window, tf)
+            ref = timings(lambda: pandas_reference(frame, z_bars), args.repeat)
+            med, p95, ref_med = statistics.median(live), float(np.percentile(live, 95)), statistics.median(ref)
+            print(f"[{tf}] last bar of a {args.window}-bar window: median {med:.2f} ms, p95 {p95:.2f} ms "
+                  f"= {med / BUDGET_MS:.2f}x the {BUDGET_MS:.0f} ms budget; pandas reference ({n_feat} rolling "
+                  f"z-scores) {ref_med:.2f} ms -> ratio {med / ref_med:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
