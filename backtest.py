@@ -167,7 +167,7 @@ def _open(s: int, px: float, qty_: float, tp_dist: float, sl_dist: float, regime
             pos[k, PS_ENTRY_TIME] = when
             pos[k, PS_FUNDING] = 0.0
             return fee
-    raise RuntimeError("no free position slot: max_positions accounting is broken")
+    raise AssertionError("no free position slot: max_positions accounting is broken")
 
 
 @njit(cache=True)
@@ -534,26 +534,29 @@ def _read_signals(path: Path) -> pd.DataFrame:
 
 
 def _load_market(cfg: GlobalConfig, signals: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Bars with ATR for the run (from the signals file when it carries prices, else from the data)."""
+    """Bars with ATR for the run (from the signals file when it carries prices, else from the data), plus 1m bars."""
     if signals is not None and all(col in signals.columns for col in PRICE_COLUMNS + ["atr"]):
         return signals[PRICE_COLUMNS + ["atr"]], None
     import data_loader
     import feature_engine
     bars = data_loader.load_bars(cfg)
-    feats = feature_engine.compute_features(bars, cfg)
-    frame = bars[PRICE_COLUMNS].assign(atr=feats["atr"]).loc[feats["is_warm"].astype(bool)]
+    atr = feature_engine.compute_features(bars, cfg)["atr"]
+    frame = bars[PRICE_COLUMNS].assign(atr=atr).loc[atr.notna()]
     fine = data_loader.load_bars(cfg, "1m") if cfg.data.timeframe != "1m" else None
     return frame, fine
 
 
 def _model_probs(cfg: GlobalConfig, config_path: Path, frame_index: pd.DatetimeIndex) -> pd.DataFrame:
-    """Predict the four probabilities with the model bundle saved beside params.json."""
+    """The four probabilities from the model bundle saved beside params.json (NaN before feature warm-up)."""
     import data_loader
     import feature_engine
     import models
     bundle = models.ModelBundle.load(config_path.parent)
-    feats = feature_engine.compute_features(data_loader.load_bars(cfg), cfg).loc[frame_index]
-    return bundle.predict(feats[feature_engine.feature_names(cfg)])
+    feats = feature_engine.compute_features(data_loader.load_bars(cfg), cfg)
+    warm = feats.loc[feats["is_warm"].astype(bool)]
+    if warm.empty:
+        raise ValueError("no bar is past the feature warm-up: load a longer span")
+    return bundle.predict(warm[feature_engine.feature_names(cfg)]).reindex(frame_index)
 
 
 def _slice(df: pd.DataFrame | None, start: str, end: str) -> pd.DataFrame | None:
@@ -587,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         if frame is None or len(frame) < 2:
             raise ValueError("fewer than two bars to backtest in the chosen span")
         result = run_backtest(frame, probs, cfg, fine=fine)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, OSError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     save_outputs(result, args.out)

@@ -430,3 +430,33 @@ def test_cli_bad_signals_exit_2_without_traceback(tmp_path, capsys, content, mes
 def test_cli_without_signals_or_config_is_refused(tmp_path, capsys):
     assert backtest.main(["--out", str(tmp_path / "o")]) == 2
     assert "--signals" in capsys.readouterr().err
+
+
+def test_cli_loads_bars_atr_and_1m_bars_from_a_data_folder(tmp_path):
+    import market_sim
+    folder = market_sim.simulate_run(days=1, out=tmp_path, levels=20, book_interval="10s", progress=False).folder
+    times = pd.date_range("2026-01-01", periods=288, freq="5min", tz="UTC")
+    rng = np.random.default_rng(0)
+    sig = pd.DataFrame({"p_exec_long": rng.uniform(0.6, 1.0, 288), "p_exec_short": rng.uniform(0.6, 1.0, 288),
+                        "p_dir_long": rng.uniform(0.5, 0.8, 288), "p_dir_short": rng.uniform(0.5, 0.8, 288)},
+                       index=times)
+    sig.index.name = "time"
+    sig.to_csv(tmp_path / "signals.csv")
+    out = tmp_path / "out"
+    code = backtest.main(["--signals", str(tmp_path / "signals.csv"), "--data-dir", str(folder),
+                          "--out", str(out), "--report", str(tmp_path / "r.html")])
+    assert code == 0
+    closed = pd.read_csv(out / "closed_trades.csv", parse_dates=["entry_time", "exit_time"])
+    assert len(closed) > 0
+    equity = pd.read_csv(out / "equity.csv")
+    assert len(equity) > 250
+    fills = pd.concat([closed["entry_time"], closed["exit_time"]])
+    assert (fills.dt.minute % 5 != 0).any(), "1m bars were not used inside the 5m bars"
+
+
+def test_cli_reports_a_missing_data_folder_cleanly(tmp_path, capsys):
+    sig = tmp_path / "signals.csv"
+    sig.write_text("time,p_exec_long,p_exec_short,p_dir_long,p_dir_short\n2026-01-01 00:00,0.1,0.2,0.3,0.4\n")
+    code = backtest.main(["--signals", str(sig), "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "nowhere" in err and "Traceback" not in err
