@@ -291,6 +291,7 @@ class MatchingEngine:
         self.last_price = 0
         self.seq = 0
         self.orders: dict[str, Order] = {}
+        self.active: dict[str, Order] = {}
         self.link_ids: dict[str, str] = {}
         self.positions: dict[int, Position] = {0: Position(0, leverage=leverage)}
         self.executions: deque[Execution] = deque(maxlen=50000)
@@ -372,7 +373,7 @@ class MatchingEngine:
 
     def _resting(self) -> list[Order]:
         """Open limit orders in time priority."""
-        return [o for o in self.orders.values()
+        return [o for o in self.active.values()
                 if o.status in ("New", "PartiallyFilled") and o.order_type == "Limit"]
 
     # ------------------------------------------------------------ requests: orders
@@ -481,7 +482,7 @@ class MatchingEngine:
             self._check_symbol(p)
         flt = p.get("orderFilter") or ""
         done = []
-        for order in list(self.orders.values()):
+        for order in list(self.active.values()):
             if not order.is_open:
                 continue
             conditional = order.status == "Untriggered"
@@ -506,7 +507,7 @@ class MatchingEngine:
         elif str(p.get("openOnly", "0")) == "1":
             rows = [self.orders[i] for i in reversed(self.closed_order[-500:])]
         else:
-            rows = [o for o in self.orders.values() if o.is_open]
+            rows = [o for o in self.active.values() if o.is_open]
             rows.sort(key=lambda o: o.created, reverse=True)
         if flt == "Order":
             rows = [o for o in rows if not o.stop_order_type]
@@ -563,7 +564,7 @@ class MatchingEngine:
             raise ExchangeError(110025, "Position mode is not modified")
         if any(pos.size for pos in self.positions.values()):
             raise ExchangeError(110024, "You have an existing position, so position mode cannot be switched")
-        if any(o.is_open for o in self.orders.values()):
+        if any(o.is_open for o in self.active.values()):
             raise ExchangeError(110028, "You have existing open orders, so position mode cannot be switched")
         lev = self.default_leverage
         self.hedge = mode == 3
@@ -798,7 +799,7 @@ class MatchingEngine:
                                        f"of the last price {self.inst.price_str(ref)}")
 
     def _full_tpsl(self, idx: int, kind: str) -> Order | None:
-        for o in self.orders.values():
+        for o in self.active.values():
             if o.is_open and o.position_idx == idx and o.stop_order_type == kind and o.tpsl_mode == "Full":
                 return o
         return None
@@ -844,7 +845,7 @@ class MatchingEngine:
 
     def _check_triggers(self) -> None:
         """Fire every conditional order whose trigger price was crossed."""
-        for order in [o for o in self.orders.values() if o.status == "Untriggered"]:
+        for order in [o for o in self.active.values() if o.status == "Untriggered"]:
             if order.status != "Untriggered":
                 continue
             ref = self.trigger_price(order.trigger_by)
@@ -862,7 +863,7 @@ class MatchingEngine:
                 self._cancel(order, "CancelByTpSlTsClear", status="Deactivated")
                 return
             order.qty = abs(pos.size) if order.tpsl_mode == "Full" else min(order.qty, abs(pos.size))
-            for other in self.orders.values():
+            for other in list(self.active.values()):
                 if other is not order and other.status == "Untriggered" and other.tpsl_mode == order.tpsl_mode \
                         and other.position_idx == order.position_idx and order.oco_group == other.oco_group \
                         and (order.tpsl_mode == "Partial" or other.stop_order_type in ("TakeProfit", "StopLoss")):
@@ -1036,7 +1037,7 @@ class MatchingEngine:
 
     def _clear_tpsl(self, idx: int) -> None:
         """A flat position deactivates its TP/SL orders and cancels the reduce-only orders resting on it."""
-        for o in list(self.orders.values()):
+        for o in list(self.active.values()):
             if o.is_open and o.position_idx == idx and o.reduce_only:
                 if o.tpsl_mode:
                     self._cancel(o, "CancelByTpSlTsClear", status="Deactivated")
@@ -1045,7 +1046,7 @@ class MatchingEngine:
 
     def _shrink_partials(self, pos: Position) -> None:
         """Partial TP/SL sizes never exceed what is left of the position."""
-        for o in self.orders.values():
+        for o in self.active.values():
             if o.status == "Untriggered" and o.position_idx == pos.idx and o.tpsl_mode == "Partial" \
                     and o.qty > abs(pos.size):
                 o.qty = abs(pos.size)
@@ -1069,7 +1070,7 @@ class MatchingEngine:
     def order_im(self) -> float:
         """Initial margin reserved by resting orders that would open exposure."""
         total = 0.0
-        for o in self.orders.values():
+        for o in self.active.values():
             if o.status in ("New", "PartiallyFilled") and not o.reduce_only:
                 opening = self._opening_lots(o, o.leaves)
                 if opening:
@@ -1142,7 +1143,7 @@ class MatchingEngine:
         tp = self._full_tpsl(pos.idx, "TakeProfit")
         sl = self._full_tpsl(pos.idx, "StopLoss")
         rec = {"positionIdx": pos.idx, "riskId": 1, "riskLimitValue": "2000000", "symbol": self.inst.symbol,
-               "side": side, "size": self.inst.qty_str(size), "avgPrice": money(pos.entry),
+               "side": side, "size": self.inst.qty_str(size) if size else "0", "avgPrice": money(pos.entry),
                "positionValue": money(value), "tradeMode": 0, "positionStatus": "Normal", "autoAddMargin": 0,
                "adlRankIndicator": 2 if size else 0, "leverage": money(pos.leverage),
                "positionBalance": money(value / pos.leverage), "markPrice": money(mark), "liqPrice": "",
@@ -1179,6 +1180,11 @@ class MatchingEngine:
                 "totalMaintenanceMargin": money(mm), "coin": [coin]}
 
     def _emit_order(self, order: Order) -> None:
+        """Every status change passes here: publish it and keep the open-order index in time priority."""
+        if order.is_open:
+            self.active.setdefault(order.order_id, order)
+        else:
+            self.active.pop(order.order_id, None)
         self.events.append(("order", self.order_record(order, ws=True)))
 
     def _emit_position(self, pos: Position) -> None:

@@ -160,7 +160,7 @@ def test_closing_realises_pnl_net_of_both_fees(venue):
     assert len(rows) == 1
     assert float(rows[0]["closedPnl"]) == pytest.approx(gross - fees)
     assert (rows[0]["avgEntryPrice"], rows[0]["avgExitPrice"]) == ("100.01", "100.99")
-    assert position(s)["size"] == "0.000"
+    assert position(s)["size"] == "0"
     w = wallet(s)
     assert float(w["totalWalletBalance"]) == pytest.approx(10000.0 + gross - fees)
     assert float(w["coin"][0]["cumRealisedPnl"]) == pytest.approx(gross - fees)
@@ -230,7 +230,7 @@ def test_post_only_that_would_cross_is_accepted_then_cancelled(venue):
     s.amend_order(category="linear", symbol=SYMBOL, orderLinkId="po2", price="100.05")  # would now cross
     o = order(s, "po2")
     assert (o["orderStatus"], o["rejectReason"]) == ("Cancelled", "EC_PostOnlyWillTakeLiquidity")
-    assert position(s)["size"] == "0.000"
+    assert position(s)["size"] == "0"
 
 
 def test_error_codes_match_bybit(venue):
@@ -265,7 +265,7 @@ def test_reduce_only_is_truncated_to_the_position(venue):
                   orderLinkId="ro")
     o = order(s, "ro")
     assert (o["orderStatus"], o["cumExecQty"], o["cancelType"]) == ("Cancelled", "1.000", "CancelByReduceOnly")
-    assert position(s)["size"] == "0.000"
+    assert position(s)["size"] == "0"
     s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="1")
     s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Limit", qty="1", price="101.00",
                   reduceOnly=True, orderLinkId="resting")
@@ -306,7 +306,7 @@ def test_full_take_profit_closes_the_whole_position_and_deactivates_the_stop(ven
     ex.advance(18)  # last trade 100.81 at second 18: below TP
     assert position(s)["size"] == "2.000"
     ex.advance(2)  # second 20: last 101.01 >= 101.00 -> market close at bid 100.99 (1) and 100.98 (1)
-    assert position(s)["size"] == "0.000"
+    assert position(s)["size"] == "0"
     hist = {o["stopOrderType"]: o for o in s.get_order_history(category="linear", symbol=SYMBOL)["result"]["list"]
             if o["stopOrderType"]}
     assert hist["TakeProfit"]["orderStatus"] == "Filled" and hist["TakeProfit"]["cumExecQty"] == "2.000"
@@ -332,7 +332,7 @@ def test_partial_tpsl_limit_take_profit_per_fill_and_trading_stop(venue):
                                               takeProfit="0")) == 34040
     ex.advance(10)  # last passes 100.50 at second 13 (99.0+0.2*4 = 99.8.. 100.61 at 18): TP limit rests
     ex.advance(10)
-    assert position(s)["size"] == "0.000"
+    assert position(s)["size"] == "0"
     tp = next(o for o in s.get_order_history(category="linear", symbol=SYMBOL)["result"]["list"]
               if o["stopOrderType"] == "PartialTakeProfit")
     assert (tp["orderStatus"], tp["avgPrice"], tp["orderType"]) == ("Filled", "100.6", "Limit")
@@ -349,7 +349,7 @@ def test_trading_stop_sets_and_fires_a_stop_loss(venue):
     ex.advance(14)  # second 14: last 99.59
     assert position(s)["size"] == "1.000"
     ex.advance(2)  # second 15: last 99.49 <= 99.50
-    assert position(s)["size"] == "0.000"
+    assert position(s)["size"] == "0"
     fills = s.get_executions(category="linear", symbol=SYMBOL)["result"]["list"]
     assert fills[0]["stopOrderType"] == "StopLoss" and fills[0]["createType"] == "CreateByStopLoss"
     assert fills[0]["execPrice"] == "99.49"  # bid of the second-15 book (mid 99.50)
@@ -362,7 +362,7 @@ def test_conditional_order_waits_for_its_trigger(venue):
     s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="1", triggerPrice="100.50",
                   triggerDirection=1, orderLinkId="brk")
     assert order(s, "brk")["orderStatus"] == "Untriggered"
-    assert position(s)["size"] == "0.000"
+    assert position(s)["size"] == "0"
     ex.advance(8)  # second 8: last 100.31
     assert order(s, "brk")["orderStatus"] == "Untriggered"
     ex.advance(2)  # second 10: last 100.51
@@ -384,7 +384,7 @@ def test_hedge_mode_holds_both_sides_and_mode_switch_rules(venue):
     assert (position(s, 2)["side"], position(s, 2)["size"]) == ("Sell", "2.000")
     assert code_of(lambda: s.switch_position_mode(category="linear", symbol=SYMBOL, mode=0)) == 110024
     s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Market", qty="3", positionIdx=1)
-    assert position(s, 1)["size"] == "0.000" and position(s, 2)["size"] == "2.000"  # closing side never flips
+    assert position(s, 1)["size"] == "0" and position(s, 2)["size"] == "2.000"  # closing side never flips
     assert code_of(lambda: s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Market",
                                          qty="1", positionIdx=1)) == 110017
 
@@ -659,3 +659,23 @@ def test_cli_prints_its_url_and_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_serves_a_market_sim_folder(tmp_path, venue):
+    import market_sim
+    folder = market_sim.simulate(days=1, out=tmp_path / "sim", levels=50, book_interval="1s")
+    with ExchangeThread(build_exchange(folder)) as ex:
+        ex.advance(600)
+        s = client(ex)
+        book = s.get_orderbook(category="linear", symbol="DEMOUSDT", limit=50)["result"]
+        depth = ex.call(lambda: tuple(len(x) for x in ex.exchange.replay.book.top(50)[::2]))
+        assert (len(book["b"]), len(book["a"])) == depth and min(depth) >= 10
+        assert float(book["b"][0][0]) < float(book["a"][0][0])
+        assert book["ts"] <= START_MS + 600_000 and book["u"] >= 500
+        s.place_order(category="linear", symbol="DEMOUSDT", side="Buy", orderType="Market", qty="0.5",
+                      orderLinkId="sim")
+        fills = s.get_executions(category="linear", symbol="DEMOUSDT", orderLinkId="sim")["result"]["list"]
+        asks = {p: float(q) for p, q in book["a"]}
+        assert sum(float(f["execQty"]) for f in fills) == pytest.approx(0.5)
+        for f in fills:  # every fill took a level of the book we just read, never more than it showed
+            assert f["execPrice"] in asks and float(f["execQty"]) <= asks[f["execPrice"]] + 1e-9
