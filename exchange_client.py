@@ -865,15 +865,15 @@ class ExchangeClient:
     # ------------------------------------------------------------ streams
     def market_stream(self, **kwargs: Any) -> "MarketStream":
         """Public stream (book + trades + optional kline) for the client's symbol."""
-        return MarketStream(self.endpoints, self.symbol, stale_after=parse_duration(self.cfg.live.ws_stale_after),
-                            **kwargs)
+        kwargs.setdefault("stale_after", parse_duration(self.cfg.live.ws_stale_after))
+        return MarketStream(self.endpoints, self.symbol, **kwargs)
 
     def private_stream(self, **kwargs: Any) -> "PrivateStream":
         """Authenticated stream of order/execution/position/wallet pushes."""
         if self.creds is None:
             raise FatalError("the private stream needs API keys")
-        return PrivateStream(self.endpoints, self.creds, stale_after=parse_duration(self.cfg.live.ws_stale_after),
-                             **kwargs)
+        kwargs.setdefault("stale_after", parse_duration(self.cfg.live.ws_stale_after))
+        return PrivateStream(self.endpoints, self.creds, **kwargs)
 
 
 def _reset_wait(headers: Mapping[str, str] | None) -> float | None:

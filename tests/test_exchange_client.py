@@ -442,3 +442,177 @@ def test_http_5xx_beyond_the_retry_budget_raises_retryable(paper, client):
     with pytest.raises(ec.RetryableError) as exc:
         client.wallet()
     assert exc.value.http_status == 500 and exc.value.kind is ec.ErrorKind.RETRYABLE
+
+
+# ---------------------------------------------------------------- WebSocket: own book, faults, watchdog
+def server_top(paper) -> tuple[float, float]:
+    book = paper.exchange.replay.book
+    return paper.call(lambda: (book.best_bid(), book.best_ask()))
+
+
+def in_sync(stream: ec.MarketStream, paper) -> bool:
+    try:
+        return stream.top() == server_top(paper)
+    except ec.BookOutOfSync:
+        return False
+
+
+@pytest.fixture
+def market(paper, client):
+    trades: list = []
+    stream = client.market_stream(on_trades=trades.extend, resync_after=0.2, ping_interval=5, ping_timeout=2)
+    stream.trades = trades
+    stream.start()
+    assert wait_until(lambda: stream.ready and stream.book_valid)
+    yield stream
+    stream.close()
+
+
+def test_market_stream_keeps_its_own_sequence_checked_book(paper, market):
+    assert in_sync(market, paper)
+    for _ in range(4):
+        paper.advance(2)
+        assert wait_until(lambda: in_sync(market, paper))
+    assert market.book.gaps == 0 and market.bad_messages == 0
+    assert market.trades and {"p", "v", "S", "T"} <= set(market.trades[-1])
+
+
+@pytest.mark.parametrize("how", ["abort", "close"])
+def test_ws_drop_reconnects_and_resyncs_the_book(paper, market, how):
+    paper.call(paper.exchange.drop_ws, "public", how)
+    assert wait_until(lambda: market.reconnects + market.rebuilds >= 1 and market.ready and market.book_valid)
+    paper.advance(6)  # the market moved while we reconnected: the new snapshot carries it
+    assert wait_until(lambda: in_sync(market, paper))
+    assert market.book.gaps == 0
+
+
+def test_watchdog_rebuilds_a_stream_pybit_gave_up_on(paper, market):
+    market._ws.handle_error = False  # pybit's own reconnect disabled: the same state as "gave up"
+    paper.call(paper.exchange.drop_ws, "public", "abort")
+    assert wait_until(lambda: not market.connected)
+    watchdog = ec.StreamWatchdog([market], interval=0.05)
+    assert watchdog.check_once() == [("linear", "disconnected")]
+    assert market.rebuilds == 1 and wait_until(lambda: market.ready and market.book_valid)
+    paper.advance(3)
+    assert wait_until(lambda: in_sync(market, paper))
+    assert watchdog.check_once() == []
+
+
+def test_u1_reset_resets_the_book_to_the_new_snapshot(paper, market):
+    paper.advance(2)
+    resets, snapshots = market.book.resets, market.book.counters()["snapshots"]
+    set_fault(paper, book_reset=True)
+    paper.advance(4)  # the u=1 snapshot carries the dip's prices; deltas continue from u=2
+    assert wait_until(lambda: market.book.resets == resets + 1 and in_sync(market, paper))
+    assert market.book.counters()["snapshots"] == snapshots + 1
+    assert market.book.gaps == 0 and market.rebuilds == 0
+
+
+def test_out_of_order_push_invalidates_the_book_until_a_resync(paper, market):
+    set_fault(paper, reorder_pushes=1, push_topic=market.book_topic)
+    paper.advance(14)  # three book changes: the dip is held back and arrives after the step to 100.49
+    assert wait_until(lambda: market.book.gaps == 1)
+    assert not market.book_valid
+    with pytest.raises(ec.BookOutOfSync):
+        market.top()
+    assert wait_until(lambda: market.health() == "book_invalid")
+    watchdog = ec.StreamWatchdog([market])
+    assert watchdog.check_once() == [("linear", "book_invalid")]
+    assert wait_until(lambda: in_sync(market, paper))
+
+
+def test_duplicated_push_is_ignored_without_a_resync(paper, market):
+    set_fault(paper, duplicate_pushes=1, push_topic=market.book_topic)
+    paper.advance(6)
+    assert wait_until(lambda: market.book.counters()["stale"] == 1 and in_sync(market, paper))
+    assert market.book.gaps == 0 and market.book_valid and market.top()[0] == 99.49
+
+
+def test_bad_frames_and_failing_callbacks_do_not_kill_the_stream(paper, client, caplog):
+    def explode(rows):
+        raise RuntimeError("user handler bug")
+    stream = client.market_stream(on_trades=explode, ping_interval=5, ping_timeout=2).start()
+    try:
+        assert wait_until(lambda: stream.ready and stream.book_valid)
+        stream._ws._on_message("{not json")                                   # undecodable frame
+        stream._ws._on_message('{"topic": "orderbook.50.%s", "type": "delta"}' % SYMBOL)  # no data
+        stream._ws._on_message("[1, 2]")                                      # not an object
+        assert stream.bad_messages == 3
+        paper.advance(6)  # trades reach the failing handler; the book keeps updating through the dip
+        assert wait_until(lambda: "user callback on_trades failed" in caplog.text)
+        assert wait_until(lambda: in_sync(stream, paper) and stream.top()[0] == 99.49)
+        assert stream.connected and stream.health() == "ok" and stream.bad_messages == 3
+    finally:
+        stream.close()
+
+
+def test_silent_stream_is_rebuilt_by_the_watchdog(paper):
+    stream = make_client(paper, ws_stale_after="300ms").market_stream(ping_interval=5, ping_timeout=2).start()
+    assert stream.stale_after == 0.3
+    watchdog = ec.StreamWatchdog([stream], interval=0.05).start()
+    try:
+        assert wait_until(lambda: stream.rebuilds >= 1, timeout=5)  # no pushes for 0.3 s: rebuilt
+        assert wait_until(lambda: stream.book_valid)
+    finally:
+        watchdog.stop()
+        stream.close()
+
+
+def test_private_stream_reconnects_and_reauthenticates(paper, client):
+    private = client.private_stream().start()
+    try:
+        assert wait_until(lambda: private.ready and private.authenticated)
+        paper.call(paper.exchange.drop_ws, "private", "abort")
+        assert wait_until(lambda: private.reconnects >= 1 and private.ready and private.authenticated)
+        ack = client.place_order("after-drop", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+        assert private.wait_for(lambda s: s.orders.get(ack.order_link_id, {}).get("orderStatus") == "New", 5)
+    finally:
+        private.close()
+
+
+def test_private_stream_with_a_wrong_secret_reports_unauthenticated(paper, caplog):
+    c = make_client(paper, secret="not-the-secret")
+    private = c.private_stream(auth_timeout=0.3).start()
+    try:
+        assert wait_until(lambda: private.health() == "unauthenticated", timeout=5)
+        assert "private stream: auth refused: Signature verification failed" in caplog.text
+        assert not private.authenticated and not private.ready
+    finally:
+        private.close()
+
+
+def test_secrets_never_reach_logs_or_exception_text(paper, caplog, tmp_path):
+    caplog.set_level(logging.DEBUG)
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"profiles": {"paper": {"api_key": KEY, "api_secret": SECRET, "url": paper.url}}}))
+    cfg = GlobalConfig()
+    cfg.symbol, cfg.live.mode, cfg.live.request_timeout = SYMBOL, "paper", "1s"
+    c = ec.ExchangeClient(cfg, ec.load_credentials(keys, "paper", env={}),
+                          retry=ec.RetryPolicy(base_delay=0.01, max_delay=0.05))
+    texts: list[str] = []
+    c.startup_checks()
+    private = c.private_stream().start()
+    market = c.market_stream(ping_interval=5, ping_timeout=2).start()
+    try:
+        assert wait_until(lambda: private.ready and private.authenticated and market.ready)
+        set_fault(paper, lose_acks=1, http_5xx=1, rate_limit_burst=1)
+        c.place_order("secret-test", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+        paper.advance(3)
+        for call in (lambda: c.request("place_order", raw_order(qty="0.0005")),
+                     lambda: c.cancel_order(order_link_id="nope"),
+                     lambda: make_client(paper, secret=SECRET + "x").positions(),
+                     lambda: ec.load_credentials(write_keys(tmp_path, '{"profiles": {"p": {"api_key": "k", '
+                                                                       '"api_secret": "' + SECRET + '"'), "p")):
+            with pytest.raises(Exception) as exc:
+                call()
+            texts += [str(exc.value), repr(exc.value)]
+        set_fault(paper, time_skew_ms=-60000)
+        with pytest.raises(ec.ClockSkewError) as exc:
+            c.wallet()
+        texts += [str(exc.value), repr(exc.value), repr(c.creds), repr(c.endpoints)]
+    finally:
+        private.close()
+        market.close()
+    assert len(caplog.records) > 20  # DEBUG from pybit, websocket, urllib3 and this client was captured
+    for text in texts + [caplog.text] + [str(r.args) for r in caplog.records]:
+        assert SECRET not in text
