@@ -72,6 +72,7 @@ ASSUMPTIONS = [
     "positive rate.",
     "Equity is marked to market at every bar close; positions open at the end are closed at the last close "
     "(slippage, taker fee) and counted. No partial fills, queue position or market impact are modelled.",
+    "Fill times are the open time of the bar (or finer bar) in which the fill happened.",
 ]
 
 
@@ -349,6 +350,10 @@ class BacktestResult:
     intents: pd.DataFrame | None = None
     assumptions: list = field(default_factory=lambda: list(ASSUMPTIONS))
 
+    def bar_returns(self) -> pd.Series:
+        """Bar-by-bar mark-to-market returns (for deflated-Sharpe and PBO statistics)."""
+        return metrics_mod.bar_returns(self.equity["equity"], self.initial_equity)
+
 
 def _check_frame(frame: pd.DataFrame, columns: list[str], what: str) -> None:
     """Refuse frames the simulation cannot trust, naming the problem."""
@@ -398,6 +403,9 @@ def run_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg: GlobalConfig,
     sc = cfg.strategy
     bar_s = timeframe_seconds(cfg.data.timeframe)
     t = _epoch_seconds(frame.index)
+    if t.size > 1 and int(np.min(np.diff(t))) != bar_s:
+        raise ValueError(f"bars are {int(np.min(np.diff(t)))} s apart but the timeframe is {cfg.data.timeframe} "
+                         f"({bar_s} s): set data.timeframe (--timeframe) to match the bars")
     p = probs.reindex(frame.index)[PROB_COLUMNS].to_numpy(np.float64)
     arr = {col: np.ascontiguousarray(frame[col].to_numpy(np.float64)) for col in PRICE_COLUMNS + ["atr"]}
     ft, fo, fh, fl, fstart, fend, lat_steps = _fine_arrays(fine, t, bar_s, sc.latency_ms)

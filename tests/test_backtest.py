@@ -275,6 +275,7 @@ def test_breakout_market_entry_fee_slippage_and_end_of_data_close():
     assert t.fees == pytest.approx(50 * entry * TAKER + 50 * exit_ * TAKER)
     assert t.exit_time == frame.index[-1] + pd.Timedelta("5min")
     assert r.equity["upnl"].iloc[-1] == 0.0
+    np.testing.assert_allclose(r.bar_returns(), r.equity["equity"] / r.equity["equity"].shift(1, fill_value=10000) - 1)
     assert r.metrics["final_equity"] == pytest.approx(10000 + 50 * (exit_ - entry) - t.fees)
 
 
@@ -366,6 +367,8 @@ def test_bad_inputs_are_refused_with_clear_messages():
         backtest.run_backtest(frame.drop(columns="atr"), probs_for(frame), make_cfg())
     with pytest.raises(ValueError, match="p_dir_short"):
         backtest.run_backtest(frame, probs_for(frame).drop(columns="p_dir_short"), make_cfg())
+    with pytest.raises(ValueError, match="timeframe"):
+        backtest.run_backtest(bars([FLAT, FLAT], freq="1min"), probs_for(frame), make_cfg())
     broken = frame.copy()
     broken.iloc[1, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite price"):
