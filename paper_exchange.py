@@ -47,6 +47,7 @@ KLINE_INTERVALS: dict[str, int] = {"1": 60, "3": 180, "5": 300, "15": 900, "30":
 BOOK_DEPTHS = (1, 50, 200, 1000)
 MAX_LEVERAGE = 100.0
 MAINT_MARGIN_RATE = 0.005
+PRICE_LIMIT_RATIO = 0.1
 MAX_OUTBOX = 100_000
 ORDER_LIMIT_PER_S = 10
 DEFAULT_LIMIT_PER_S = 50
@@ -379,7 +380,7 @@ class MatchingEngine:
     # ------------------------------------------------------------ requests: orders
     def place_order(self, p: dict) -> dict:
         """/v5/order/create: validate like Bybit, accept, then match (fills and cancels arrive as events)."""
-        self._check_symbol(p)
+        self._check_symbol(p, need_symbol=True)
         side = p.get("side")
         if side not in ("Buy", "Sell"):
             raise ExchangeError(10001, "params error: side invalid")
@@ -407,6 +408,8 @@ class MatchingEngine:
         if ref_price <= 0:
             raise ExchangeError(10001, "params error: no market price to value the order")
         self._check_notional(qty, ref_price, reduce_only or close_on_trigger)
+        if price and not trigger:
+            self._check_price_band(side, price)
         order = Order(order_id=str(uuid.uuid4()), link_id=link_id, side=side, order_type=order_type, price=price,
                       qty=qty, tif=tif, position_idx=idx, reduce_only=reduce_only or close_on_trigger,
                       created=self.now_ms, updated=self.now_ms, close_on_trigger=close_on_trigger,
@@ -648,9 +651,12 @@ class MatchingEngine:
         return out
 
     # ------------------------------------------------------------ validation helpers
-    def _check_symbol(self, p: dict) -> None:
-        if (p.get("category") or "linear") != "linear":
+    def _check_symbol(self, p: dict, need_symbol: bool = False) -> None:
+        """category=linear is required; the symbol, when given (or required), must be the replayed one."""
+        if p.get("category") != "linear":
             raise ExchangeError(10001, "params error: category only supports linear")
+        if need_symbol and not p.get("symbol"):
+            raise ExchangeError(10001, "params error: symbol is required")
         if p.get("symbol") and p.get("symbol") != self.inst.symbol:
             raise ExchangeError(10001, f"params error: symbol invalid (only {self.inst.symbol} is traded)")
 
@@ -689,6 +695,15 @@ class MatchingEngine:
         notional = Decimal(lots) * self.inst.qty_step * Decimal(ticks) * self.inst.tick_size
         if notional < self.inst.min_notional:
             raise ExchangeError(110094, f"Order does not meet minimum order value {self.inst.min_notional}USDT")
+
+    def _check_price_band(self, side: str, ticks: int) -> None:
+        """110003 for a limit price beyond mark × (1 ± PRICE_LIMIT_RATIO) on the aggressive side."""
+        mark = self.mark()
+        if not mark:
+            return
+        if (side == "Buy" and self.inst.px(ticks) > mark * (1 + PRICE_LIMIT_RATIO) + 1e-9) or \
+                (side == "Sell" and self.inst.px(ticks) < mark * (1 - PRICE_LIMIT_RATIO) - 1e-9):
+            raise ExchangeError(110003, "Order price is out of permissible range")
 
     def _taker_ref(self, side: str) -> int:
         bid, ask = self.best()
@@ -1625,7 +1640,8 @@ class PaperExchange:
                                   "maxMktOrderQty": str(i.max_mkt_qty), "minNotionalValue": str(i.min_notional)},
                 "unifiedMarginTrade": True, "fundingInterval": 480, "settleCoin": "USDT", "copyTrading": "none",
                 "upperFundingRate": "0.005", "lowerFundingRate": "-0.005", "isPreListing": False,
-                "preListingInfo": None, "riskParameters": {"priceLimitRatioX": "0.05", "priceLimitRatioY": "0.1"}}
+                "preListingInfo": None, "riskParameters": {"priceLimitRatioX": money(PRICE_LIMIT_RATIO),
+                                                     "priceLimitRatioY": money(PRICE_LIMIT_RATIO)}}
         return {"category": "linear", "list": [item], "nextPageCursor": ""}
 
     def h_kline(self, p: dict) -> dict:
@@ -1913,11 +1929,12 @@ class PaperExchange:
             return
         frames: list[tuple[Conn, str]] = []
         for topic, record in events:
-            msg = json.dumps({"id": uuid.uuid4().hex, "topic": topic, "creationTime": self.engine.now_ms or
-                              self.server_ms(), "data": [record]})
-            for conn in self.conns:
-                if conn.private and conn.authed and (topic in conn.topics or f"{topic}.linear" in conn.topics):
-                    frames.append((conn, msg))
+            for name in (topic, f"{topic}.linear"):  # echo the exact topic each client subscribed to
+                listeners = [c for c in self.conns if c.private and c.authed and name in c.topics]
+                if listeners:
+                    msg = json.dumps({"id": uuid.uuid4().hex, "topic": name, "creationTime": self.engine.now_ms
+                                      or self.server_ms(), "data": [record]})
+                    frames.extend((conn, msg) for conn in listeners)
         for topic, msg in self._market_frames(trades):
             for out in self._apply_push_faults(topic, msg):
                 for conn in self.conns:

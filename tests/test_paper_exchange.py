@@ -243,6 +243,12 @@ def test_error_codes_match_bybit(venue):
     assert code_of(lambda: s.place_order(side="Buy", qty="0.0005", **place)) == 10001
     assert code_of(lambda: s.place_order(side="Up", qty="1", **place)) == 10001
     assert code_of(lambda: s.place_order(side="Buy", qty="1", positionIdx=1, **place)) == 10001
+    assert code_of(lambda: s.place_order(symbol=SYMBOL, side="Buy", orderType="Limit", qty="1",
+                                         price="99.00")) == 10001  # no category
+    assert code_of(lambda: s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Limit",
+                                         qty="0.1", price="110.01")) == 110003  # > mark 100 x 1.1
+    assert code_of(lambda: s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Limit",
+                                         qty="0.1", price="89.99")) == 110003
     s.place_order(side="Buy", qty="1", orderLinkId="dup", **place)
     assert code_of(lambda: s.place_order(side="Buy", qty="1", orderLinkId="dup", **place)) == 110072
     assert code_of(lambda: s.cancel_order(category="linear", symbol=SYMBOL, orderLinkId="nope")) == 110001
@@ -593,6 +599,23 @@ def test_private_streams_follow_the_order_lifecycle_and_survive_drops(venue, ws_
     finally:
         ws.exit()
         pub.exit()
+
+
+def test_private_categorised_topics_are_echoed_exactly(venue, ws_urls):
+    ex = venue()
+    ws_urls(ex)
+    got = Collector()
+    ws = ut.WebSocket(channel_type="private", testnet=False, api_key="paper", api_secret="paper",
+                      callback_function=got)
+    try:
+        ws.subscribe("order.linear", lambda m: None, symbol="")
+        got.wait(lambda fs: any(f.get("op") == "subscribe" for f in fs))
+        client(ex).place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Limit", qty="1",
+                               price="99.00", orderLinkId="cat")
+        got.wait(lambda fs: any("topic" in f for f in fs))
+        assert {f["topic"] for f in got.frames if "topic" in f} == {"order.linear"}
+    finally:
+        ws.exit()
 
 
 def test_ws_auth_rejects_a_wrong_secret_and_answers_json_pings(venue):
