@@ -284,10 +284,12 @@ def _validate(bars: pd.DataFrame, cfg: GlobalConfig) -> np.ndarray:
         i = int(bad[0])
         raise ValueError(f"bars are not a continuous {cfg.data.timeframe} grid: {bars.index[i]} is followed by "
                          f"{bars.index[i + 1]}")
-    close = bars["close"].to_numpy(np.float64)
-    bad = np.flatnonzero(~(np.isfinite(close) & (close > 0)))
-    if bad.size:
-        raise ValueError(f"bar {bars.index[bad[0]]}: close = {close[bad[0]]!r}, expected a positive price")
+    for name in TRADE_COLUMNS[:-1]:
+        x = bars[name].to_numpy(np.float64)
+        bad = np.flatnonzero(~np.isfinite(x) | (x <= 0 if name in ("open", "high", "low", "close") else x < 0))
+        if bad.size:
+            raise ValueError(f"bar {bars.index[bad[0]]}: {name} = {float(x[bad[0]])!r}, expected a finite "
+                             f"{'positive price' if name in ('open', 'high', 'low', 'close') else 'value >= 0'}")
     return ts
 
 

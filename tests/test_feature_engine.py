@@ -359,7 +359,8 @@ def test_microstructure_only_drops_indicator_inputs() -> None:
 @pytest.mark.parametrize("breakage, message", [
     (lambda b: b.drop(columns=["ob_ofi_sum"]), "ob_ofi_sum"),
     (lambda b: b.drop(index=b.index[10]), "continuous 5m grid"),
-    (lambda b: b.assign(close=np.where(np.arange(len(b)) == 7, 0.0, b["close"])), "positive price"),
+    (lambda b: b.assign(close=np.where(np.arange(len(b)) == 7, 0.0, b["close"])), "00:35.*close = 0.0, expected"),
+    (lambda b: b.assign(volume=np.where(np.arange(len(b)) == 3, np.nan, b["volume"])), "volume = nan"),
     (lambda b: b.tz_localize(None), "tz-aware"),
     (lambda b: b.set_axis(b.index + pd.Timedelta("1min")), "not aligned"),
 ])
