@@ -463,3 +463,38 @@ def test_cli_reports_a_missing_data_folder_cleanly(tmp_path, capsys):
     code = backtest.main(["--signals", str(sig), "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "nowhere" in err and "Traceback" not in err
+
+
+def test_core_agrees_with_reference_on_real_btcusdt_trades(realdata):
+    trades = pd.read_csv(realdata / "binance_usdm" / "tardis_BTCUSDT_trades_2020-02-22.csv.gz")
+    price = pd.Series(trades["price"].to_numpy(float),
+                      index=pd.to_datetime(trades["timestamp"], unit="us", utc=True))
+    fine = price.resample("10s").ohlc().ffill()
+    fine = fine.loc[fine.index.floor("1min")[0] + pd.Timedelta("1min"):]
+    fine = fine.iloc[:len(fine) // 6 * 6]
+    coarse = fine.resample("1min").agg({"open": "first", "high": "max", "low": "min", "close": "last"})
+    coarse["atr"] = (coarse["high"] - coarse["low"]).rolling(5).mean()
+    rng = np.random.default_rng(9)
+    probs = pd.DataFrame(rng.uniform(0.3, 1.0, (len(coarse), 4)), index=coarse.index, columns=backtest.PROB_COLUMNS)
+    cfg = make_cfg(take_profit_atr=0.8, stop_loss_atr=1.0, max_holding_bars=10, limit_offset_atr=0.2,
+                   daily_loss_limit=0.5, latency_ms=15_000, slippage_bps=1.0)
+    cfg.data.timeframe = "1m"
+    cfg.instrument.tick_size = 0.01
+    for fine_bars in (None, fine):
+        result, ref_trades, ref_eq, _, rejected = run_both(coarse, probs, cfg, fine=fine_bars)
+        assert len(ref_trades) > 15
+        assert_same_trades(result, ref_trades)
+        np.testing.assert_allclose(result.equity["equity"], [r["equity"] for r in ref_eq], rtol=1e-9)
+        assert result.counters["rejected_postonly"] == rejected
+
+
+def test_report_monthly_returns_and_candle_thinning():
+    import report
+    idx = pd.to_datetime(["2026-01-10", "2026-01-31 23:55", "2026-02-15", "2026-02-28 23:55"], utc=True)
+    table = report.monthly_returns(pd.Series([1_050.0, 1_100.0, 1_000.0, 990.0], index=idx), 1_000.0)
+    assert table.loc[2026, 1] == pytest.approx(0.1) and table.loc[2026, 2] == pytest.approx(990 / 1100 - 1)
+    assert table.loc[2026].isna().sum() == 10
+    year = pd.DataFrame({"open": 1.0, "high": 2.0, "low": 0.5, "close": 1.5},
+                        index=pd.date_range("2026-01-01", periods=105_120, freq="5min", tz="UTC"))
+    shown = report._display_bars(year)
+    assert len(shown) <= report.MAX_CANDLES and shown["high"].max() == 2.0 and shown["low"].min() == 0.5
