@@ -490,7 +490,7 @@ def test_core_agrees_with_reference_on_real_btcusdt_trades(realdata):
 
 def test_report_monthly_returns_and_candle_thinning():
     import report
-    idx = pd.to_datetime(["2026-01-10", "2026-01-31 23:55", "2026-02-15", "2026-02-28 23:55"], utc=True)
+    idx = pd.to_datetime(["2026-01-10 00:00", "2026-01-31 23:55", "2026-02-15 00:00", "2026-02-28 23:55"], utc=True)
     table = report.monthly_returns(pd.Series([1_050.0, 1_100.0, 1_000.0, 990.0], index=idx), 1_000.0)
     assert table.loc[2026, 1] == pytest.approx(0.1) and table.loc[2026, 2] == pytest.approx(990 / 1100 - 1)
     assert table.loc[2026].isna().sum() == 10
