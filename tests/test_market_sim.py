@@ -1,0 +1,281 @@
+"""market_sim: deterministic, schema-exact files; a valid book; stylised facts; alpha as the only edge."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from config import ConfigError, InstrumentConfig
+from market_sim import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+PRICE = re.compile(r"\d+\.\d{2}")
+SIZE = re.compile(r"0|\d+\.\d{3}")
+TRADE_COLUMNS = ["timestamp", "symbol", "side", "size", "price", "tickDirection", "trdMatchID", "grossValue",
+                 "homeNotional", "foreignNotional", "RPI"]
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+@dataclass
+class Replay:
+    """What the reference rebuild of a run's book files saw."""
+    ts: np.ndarray          # ms of each message
+    best_bid: np.ndarray    # ticks
+    best_ask: np.ndarray
+    bid_size: np.ndarray    # touch sizes
+    ask_size: np.ndarray
+    bid_depth: np.ndarray   # top-50 non-empty levels
+    ask_depth: np.ndarray
+    deletes: int
+    max_level_ratio: float  # largest level / median level over the snapshots (walls)
+    depth_by_distance: np.ndarray  # mean size per tick of distance from the touch, over snapshots
+
+
+def _open(path: Path):
+    return gzip.open(path, "rt", encoding="ascii") if path.suffix == ".gz" else open(path, encoding="ascii")
+
+
+def _ticks(text: str) -> int:
+    assert PRICE.fullmatch(text), f"price {text!r} is not a 2-decimal string"
+    return int(text.replace(".", ""))
+
+
+def _lots(text: str) -> int:
+    assert SIZE.fullmatch(text), f"size {text!r} is not a 3-decimal string (or '0')"
+    return int(text.replace(".", ""))
+
+
+def replay_book(folder: Path, symbol: str, levels: int, interval_ms: int) -> Replay:
+    """Strictly parse every line and rebuild the book with dicts, checking the exchange's invariants."""
+    files = sorted((folder / "Orderbook").glob(f"*_{symbol}_ob{levels}.data*"))
+    assert files, "no order-book files written"
+    bids: dict[int, int] = {}
+    asks: dict[int, int] = {}
+    rows, last_u, deletes, ratios, profile = [], None, 0, [], []
+    for path in files:
+        day_ms = int(pd.Timestamp(path.name[:10], tz="UTC").timestamp() * 1000)
+        with _open(path) as fh:
+            for n, line in enumerate(fh):
+                where = f"{path.name}:{n + 1}"
+                msg = json.loads(line)
+                assert list(msg) == ["topic", "type", "ts", "data", "cts"], where
+                assert msg["topic"] == f"orderbook.{levels}.{symbol}", where
+                assert msg["type"] == ("snapshot" if n == 0 else "delta"), f"{where}: snapshot only at file start"
+                ts, data = msg["ts"], msg["data"]
+                assert isinstance(ts, int) and day_ms <= ts < day_ms + 86_400_000 and ts % interval_ms == 0, where
+                assert isinstance(msg["cts"], int) and ts - 100 < msg["cts"] <= ts, where
+                assert list(data) == ["s", "b", "a", "u", "seq"] and data["s"] == symbol, where
+                assert last_u is None or data["u"] == last_u + 1, f"{where}: u {data['u']} after {last_u}"
+                last_u = data["u"]
+                b = [(_ticks(p), _lots(q)) for p, q in data["b"]]
+                a = [(_ticks(p), _lots(q)) for p, q in data["a"]]
+                if msg["type"] == "snapshot":
+                    assert all(q > 0 for _, q in b + a), f"{where}: zero size in a snapshot"
+                    bids, asks = dict(b), dict(a)
+                else:
+                    assert b or a, f"{where}: empty delta"
+                    for side, book in ((b, bids), (a, asks)):
+                        for px, q in side:
+                            assert book.get(px, 0) != q, f"{where}: delta repeats an unchanged level {px}"
+                            if q == 0:
+                                deletes += 1
+                                del book[px]
+                            else:
+                                book[px] = q
+                bb, ba = max(bids), min(asks)
+                assert ba - bb >= 1, f"{where}: crossed or locked book {bb} / {ba}"
+                assert len(bids) <= levels and len(asks) <= levels, f"{where}: more than {levels} levels"
+                top_b = sorted(bids, reverse=True)[:50]
+                top_a = sorted(asks)[:50]
+                rows.append((ts, bb, ba, bids[bb], asks[ba], sum(bids[p] for p in top_b),
+                             sum(asks[p] for p in top_a)))
+                if msg["type"] == "snapshot":
+                    sizes = np.array(list(bids.values()) + list(asks.values()), float)
+                    ratios.append(sizes.max() / np.median(sizes))
+                    dist = np.zeros(levels)
+                    for px, q in bids.items():
+                        dist[bb - px] += q
+                    for px, q in asks.items():
+                        dist[px - ba] += q
+                    profile.append(dist / 2)
+    arr = np.array(rows, dtype=np.int64)
+    return Replay(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], arr[:, 4], arr[:, 5], arr[:, 6], deletes,
+                  float(max(ratios)), np.mean(profile, axis=0))
+
+
+def read_trades(folder: Path, symbol: str) -> pd.DataFrame:
+    """All trade files of a run, checked against the archive header."""
+    frames = []
+    for path in sorted((folder / "Trade").glob(f"{symbol}*.csv*")):
+        with _open(path) as fh:
+            assert fh.readline().rstrip("\n").split(",") == TRADE_COLUMNS, path.name
+        frames.append(pd.read_csv(path, dtype={"price": str, "size": str, "grossValue": np.int64}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def mid_series(rep: Replay) -> pd.Series:
+    """Mid price at each book message, on the exchange clock."""
+    return pd.Series((rep.best_bid + rep.best_ask) / 200.0, index=pd.to_datetime(rep.ts, unit="ms", utc=True))
+
+
+# ---------------------------------------------------------------- determinism and CLI
+def _digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_writes_identical_files_and_another_seed_does_not(tmp_path: Path) -> None:
+    kwargs = dict(days=2, book_interval="10s", levels=50, alpha=1.0)
+    one = _digest(simulate(seed=11, out=tmp_path / "a", **kwargs))
+    two = _digest(simulate(seed=11, out=tmp_path / "b", **kwargs))
+    other = _digest(simulate(seed=12, out=tmp_path / "c", **kwargs))
+    assert one == two
+    assert len(one) == 6        # 2 trade files, 2 book files, instrument.json, simulation.json
+    changed = [k for k in one if one[k] != other[k]]
+    assert any(k.startswith("Orderbook") for k in changed) and any(k.startswith("Trade") for k in changed)
+
+
+def test_cli_writes_gzip_files_and_rejects_bad_interval(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "market_sim.py"), "--symbol", "TESTUSDT", "--days", "1", "--seed", "3",
+           "--book-interval", "30s", "--levels", "20", "--out", str(tmp_path), "--gzip"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "TESTUSDT_Sim"
+    assert "TESTUSDT_Sim" in done.stdout
+    assert [p.name for p in (folder / "Trade").iterdir()] == ["TESTUSDT2026-01-01.csv.gz"]
+    assert [p.name for p in (folder / "Orderbook").iterdir()] == ["2026-01-01_TESTUSDT_ob20.data.gz"]
+    bad = subprocess.run(cmd[:-1] + ["--book-interval", "7s"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "book_interval" in bad.stderr
+
+
+def test_bad_arguments_name_the_field(tmp_path: Path) -> None:
+    for kwargs, field in [({"days": 0}, "days"), ({"levels": 2}, "levels"), ({"alpha": -1.0}, "alpha"),
+                          ({"start": "2026-13-01"}, "start"), ({"symbol": "demo"}, "symbol")]:
+        with pytest.raises(ConfigError, match=field):
+            simulate(out=tmp_path, book_interval="30s", **kwargs)
+
+
+def test_rerun_replaces_an_earlier_run_instead_of_mixing(tmp_path: Path) -> None:
+    simulate(days=2, out=tmp_path, book_interval="30s", levels=20, gzip=True)
+    folder = simulate(days=1, out=tmp_path, book_interval="30s", levels=20)
+    assert sorted(p.name for p in (folder / "Trade").iterdir()) == ["DEMOUSDT2026-01-01.csv"]
+    assert sorted(p.name for p in (folder / "Orderbook").iterdir()) == ["2026-01-01_DEMOUSDT_ob20.data"]
+
+
+# ---------------------------------------------------------------- file validity
+@pytest.fixture(scope="module")
+def one_day(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Replay, pd.DataFrame]:
+    folder = simulate(symbol="SIMUSDT", days=1, seed=5, alpha=1.0, out=tmp_path_factory.mktemp("sim"),
+                      book_interval="2s", levels=200, gzip=True, start="2026-03-01")
+    return folder, replay_book(folder, "SIMUSDT", 200, 2000), read_trades(folder, "SIMUSDT")
+
+
+def test_book_files_rebuild_a_valid_book(one_day: tuple[Path, Replay, pd.DataFrame]) -> None:
+    folder, rep, _ = one_day
+    assert [p.name for p in (folder / "Orderbook").iterdir()] == ["2026-03-01_SIMUSDT_ob200.data.gz"]
+    spread = rep.best_ask - rep.best_bid
+    assert spread.min() >= 1 and 1.2 < spread.mean() < 6          # a few ticks, never crossed
+    assert rep.deletes > 1000                                      # levels vanish...
+    assert rep.max_level_ratio > 10                                # ...and walls stand out
+    near, far = rep.depth_by_distance[:5].mean(), rep.depth_by_distance[50:150].mean()
+    assert far > 1.5 * near                                        # depth grows away from the touch
+    assert len(rep.ts) > 0.9 * 43_200                          # something changes at almost every step
+
+
+def test_instrument_json_matches_config_defaults(one_day: tuple[Path, Replay, pd.DataFrame]) -> None:
+    folder, _, _ = one_day
+    inst, cfg = json.loads((folder / "instrument.json").read_text()), InstrumentConfig()
+    assert inst == {"symbol": "SIMUSDT", "tickSize": "0.01", "qtyStep": "0.001", "minOrderQty": "0.001",
+                    "minNotionalValue": "5"}
+    assert (float(inst["tickSize"]), float(inst["qtyStep"]), float(inst["minOrderQty"]),
+            float(inst["minNotionalValue"])) == (cfg.tick_size, cfg.qty_step, cfg.min_qty, cfg.min_notional)
+
+
+def test_trades_follow_the_archive_format_and_hit_the_touch(one_day: tuple[Path, Replay, pd.DataFrame]) -> None:
+    _, rep, tr = one_day
+    assert len(tr) > 20_000 and tr["timestamp"].is_monotonic_increasing
+    assert set(tr["side"]) == {"Buy", "Sell"} and set(tr["symbol"]) == {"SIMUSDT"}
+    assert tr["trdMatchID"].map(lambda s: bool(UUID.fullmatch(s))).all() and tr["trdMatchID"].is_unique
+    ticks = tr["price"].map(_ticks).to_numpy()
+    lots = tr["size"].map(_lots).to_numpy()
+    assert lots.min() >= 1
+    np.testing.assert_array_equal(tr["grossValue"].to_numpy(), ticks * lots * 1000)
+    np.testing.assert_allclose(tr["foreignNotional"], ticks * lots / 1e5, rtol=1e-12)
+    np.testing.assert_allclose(tr["homeNotional"], lots / 1e3, rtol=1e-12)
+    # tick direction follows the price path
+    step = np.diff(ticks)
+    direction = tr["tickDirection"].to_numpy()[1:]
+    assert (direction[step > 0] == "PlusTick").all() and (direction[step < 0] == "MinusTick").all()
+    assert np.isin(direction[step == 0], ["ZeroPlusTick", "ZeroMinusTick"]).all()
+    # a taker buy lifts the best ask, a sell hits the best bid, of the book last published before it
+    ms = np.floor(tr["timestamp"].to_numpy() * 1000).astype(np.int64)
+    i = np.searchsorted(rep.ts, ms, side="right") - 1
+    assert (i >= 0).all()
+    buy = tr["side"].to_numpy() == "Buy"
+    np.testing.assert_array_equal(ticks[buy], rep.best_ask[i[buy]])
+    np.testing.assert_array_equal(ticks[~buy], rep.best_bid[i[~buy]])
+
+
+# ---------------------------------------------------------------- stylised facts
+def test_returns_are_fat_tailed_and_volatility_clusters(one_day: tuple[Path, Replay, pd.DataFrame]) -> None:
+    _, rep, _ = one_day
+    r = np.log(mid_series(rep).resample("1min").last()).diff().dropna()
+    se = 1 / math.sqrt(len(r))
+    assert r.kurt() > 1.0                                          # excess kurtosis at 1m
+    assert r.abs().autocorr(1) > 5 * se and r.abs().autocorr(10) > 3 * se
+    assert abs(r.autocorr(1)) < 0.15                               # but signs barely correlate
+
+
+# ---------------------------------------------------------------- alpha: the planted edge and the control
+def _bar_features(rep: Replay, tr: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """5m bar features from the book and trades, and the next 15 minutes' mid return."""
+    idx = pd.to_datetime(rep.ts, unit="ms", utc=True)
+    spread = (rep.best_ask - rep.best_bid).astype(float)
+    book = pd.DataFrame({
+        "imbalance": (rep.bid_depth - rep.ask_depth) / (rep.bid_depth + rep.ask_depth),
+        "micro_dev": (rep.bid_size - rep.ask_size) / (rep.bid_size + rep.ask_size) * spread / 2,
+        "spread": spread, "mid": (rep.best_bid + rep.best_ask) / 2}, index=idx).resample("5min")
+    trades = tr.set_index(pd.to_datetime(tr["timestamp"], unit="s", utc=True))
+    size = trades["size"].astype(float)
+    signed = size.where(trades["side"] == "Buy", -size)
+    feats = pd.DataFrame({"imbalance_mean": book["imbalance"].mean(), "imbalance_last": book["imbalance"].last(),
+                          "micro_dev_mean": book["micro_dev"].mean(), "spread_mean": book["spread"].mean()})
+    volume = size.resample("5min").sum()
+    feats["taker_buy_ratio"] = size[trades["side"] == "Buy"].resample("5min").sum() / volume
+    feats["signed_flow"] = signed.resample("5min").sum() / volume.rolling(48, min_periods=12).mean()
+    feats["trade_count"] = size.resample("5min").count()
+    mid = np.log(book["mid"].last())
+    feats["ret_1"] = mid.diff()
+    feats["ret_6"] = mid.diff(6)
+    return feats, mid.shift(-3) - mid
+
+
+def _robust_t(x: pd.Series, y: pd.Series) -> float:
+    """Heteroskedasticity-robust t-statistic of the slope of y on x (H0: x does not predict y)."""
+    ok = x.notna() & y.notna()
+    xv = x[ok].to_numpy() - x[ok].mean()
+    yv = y[ok].to_numpy() - y[ok].mean()
+    beta = (xv @ yv) / (xv @ xv)
+    resid = yv - beta * xv
+    return float(beta / (math.sqrt(np.sum(xv ** 2 * resid ** 2)) / (xv @ xv)))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_only_alpha_makes_features_predict_returns(alpha: float, tmp_path: Path) -> None:
+    folder = simulate(days=6, seed=21, alpha=alpha, out=tmp_path, book_interval="20s", levels=60)
+    feats, fwd = _bar_features(replay_book(folder, "DEMOUSDT", 60, 20_000), read_trades(folder, "DEMOUSDT"))
+    sample = slice(None, None, 3)     # non-overlapping 15-minute forward returns
+    t = {c: _robust_t(feats[c].iloc[sample], fwd.iloc[sample]) for c in feats}
+    if alpha == 0.0:
+        assert max(abs(v) for v in t.values()) < 3.5, t
+    else:
+        informed = ["imbalance_mean", "micro_dev_mean", "taker_buy_ratio", "signed_flow"]
+        assert min(t[c] for c in informed) > 3.0, t
