@@ -433,6 +433,7 @@ class MatchingEngine:
             self._emit_order(order)
         else:
             self._activate(order)
+        self._emit_position(self.positions[idx])
         return {"orderId": order.order_id, "orderLinkId": order.link_id}
 
     def amend_order(self, p: dict) -> dict:
@@ -468,6 +469,7 @@ class MatchingEngine:
         self._emit_order(order)
         if order.status in ("New", "PartiallyFilled") and order.order_type == "Limit":
             self._match_aggressive(order)
+        self._emit_position(self.positions[order.position_idx])
         return {"orderId": order.order_id, "orderLinkId": order.link_id}
 
     def cancel_order(self, p: dict) -> dict:
@@ -475,6 +477,7 @@ class MatchingEngine:
         self._check_symbol(p)
         order = self._find_open(p)
         self._cancel(order, "CancelByUser")
+        self._emit_position(self.positions[order.position_idx])
         return {"orderId": order.order_id, "orderLinkId": order.link_id}
 
     def cancel_all(self, p: dict) -> dict:
@@ -1203,6 +1206,7 @@ class MatchingEngine:
         self.events.append(("order", self.order_record(order, ws=True)))
 
     def _emit_position(self, pos: Position) -> None:
+        """Bybit pushes the position on fills and on every create/amend/cancel, changed or not."""
         self.events.append(("position", self.position_record(pos, ws=True)))
 
     def drain(self) -> list[tuple[str, dict]]:
