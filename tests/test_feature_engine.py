@@ -216,6 +216,26 @@ def test_vwap_distance_is_in_atr_over_a_time_window() -> None:
     assert out["vwap_15m_dist"].iloc[:2].isna().all()
 
 
+
+def test_flow_and_volatility_features_by_hand() -> None:
+    bars, cfg = tiny_bars()
+    set_path(cfg, "features.intraday_window", "15m")
+    before = bars.copy()
+    out = fe.compute_features(bars, cfg)
+    pd.testing.assert_frame_equal(bars, before)  # the input is never modified
+    top = 0.5 * (bars["ob_bid_depth_mean"] * bars["ob_bid_integrity_mean"]
+                 + bars["ob_ask_depth_mean"] * bars["ob_ask_integrity_mean"])
+    np.testing.assert_allclose(out["ofi_norm"], bars["ob_ofi_sum"] / top, rtol=1e-12)
+    r = [math.log(11 / 11), math.log(10.5 / 11), math.log(12 / 10.5)]
+    per_hour = 12  # 5m bars
+    expected = math.sqrt(sum(x * x for x in r) / 3 * per_hour) * 1e4
+    assert out["rv_intraday"].iloc[4] == pytest.approx(expected)
+    bid = bars["ob_bid_depth_mean"].to_numpy()
+    assert out["bid_depth_chg"].iloc[3] == pytest.approx((bid[3] - bid[2]) / (bid[3] + bid[2]))
+    spread = bars["ob_spread_mean"].iloc[4]
+    assert out["ob_spread_bps"].iloc[4] == pytest.approx(spread / 12.0 * 1e4)
+
+
 # ---------------------------------------------------------------- higher timeframes
 def test_higher_timeframe_bar_is_used_only_after_it_closes() -> None:
     cfg = small_cfg()
