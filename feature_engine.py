@@ -32,7 +32,6 @@ from numba import njit
 from config import ConfigError, GlobalConfig, add_config_args, bars_for, config_from_args, parse_duration, \
     timeframe_seconds
 
-log = logging.getLogger(__name__)
 
 TRADE_COLUMNS = ("open", "high", "low", "close", "volume", "vol_buy", "trade_count", "dollar_val", "is_empty")
 BOOK_STATE_COLUMNS = ("ob_spread_mean", "ob_micro_dev_mean", "ob_micro_dev_std", "ob_imbalance_mean",
