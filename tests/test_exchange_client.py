@@ -428,6 +428,32 @@ def test_lost_ack_never_doubles_an_order(paper, client, fault):
     assert len(orders) == 1 and orders[0].order_id == ack.order_id and orders[0].link_id == ack.order_link_id
 
 
+def test_cancel_whose_ack_was_lost_counts_as_cancelled(paper, client):
+    ack = client.place_order("cancel-lost", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    set_fault(paper, lose_acks=1)
+    client.cancel_order(order_link_id=ack.order_link_id)  # the retry meets 110001: our first try worked
+    assert client.find_order(ack.order_link_id)["orderStatus"] == "Cancelled"
+    with pytest.raises(ec.OrderNotFoundError):  # without an unanswered attempt, 110001 is the caller's news
+        client.cancel_order(order_link_id=ack.order_link_id)
+
+
+def test_amend_cancel_all_and_position_stops(paper, client):
+    ack = client.place_order("amend-me", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    client.amend_order(order_link_id=ack.order_link_id, price=98.504, qty=0.2)
+    row = client.find_order(ack.order_link_id)
+    assert (row["price"], row["qty"], row["orderStatus"]) == ("98.50", "0.200", "New")
+    client.place_order("second", "Sell", 0.1, price=101.0, time_in_force="PostOnly")
+    assert sorted(client.cancel_all()) == sorted(o.order_id for o in engine_orders(paper))
+    assert client.open_orders() == []
+    client.place_order("pos", "Buy", 0.1, order_type="Market")
+    assert client.set_trading_stop(side="Buy", take_profit=102.004, stop_loss=98.0) is True
+    assert client.set_trading_stop(side="Buy", take_profit=102.0, stop_loss=98.0) is False  # 34040 benign
+    stops = {o["stopOrderType"]: o["triggerPrice"] for o in client.open_orders()}
+    assert stops == {"TakeProfit": "102.00", "StopLoss": "98.00"}
+    assert client.set_trading_stop(side="Buy", take_profit=0) is True  # "0" clears the TP
+    assert {o["stopOrderType"] for o in client.open_orders()} == {"StopLoss"}
+
+
 def test_http_5xx_is_retried(paper, client):
     set_fault(paper, http_5xx=2)
     assert client.positions()
