@@ -1244,10 +1244,12 @@ class MarketReplay:
     `advance(seconds)` moves market time forward, applying every message up to it (tests run hours in
     seconds this way); it also keeps what the market-data endpoints serve: recent trades, 1-minute
     candles, 24h statistics, and the trades not yet pushed to `publicTrade` subscribers.
+    `rebase_to_ms` shifts every timestamp by whole minutes so the data starts at that time (paper trading
+    at 1x with a live engine that compares exchange times with its clock); by default times are as recorded.
     """
 
     def __init__(self, engine: MatchingEngine, book_messages: Iterable[dict], trades: Iterable[TradePrint],
-                 book: Any = None):
+                 book: Any = None, rebase_to_ms: int | None = None):
         if book is None:
             from orderbook import OrderBook
             book = OrderBook()
@@ -1269,15 +1271,18 @@ class MarketReplay:
         self._next: tuple | None = next(self._events, None)
         if self._next is None:
             raise ValueError("market replay has no book messages and no trades")
-        self.now_ms = self._next[0]
+        first = self._next[0]
+        self.offset_ms = 0 if rebase_to_ms is None else (rebase_to_ms - first) // 60000 * 60000
+        self.now_ms = first + self.offset_ms
         self.start_ms = self.now_ms
         self._apply_until(self.now_ms)
 
     @classmethod
-    def from_dir(cls, engine: MatchingEngine, data_dir: str | Path) -> "MarketReplay":
+    def from_dir(cls, engine: MatchingEngine, data_dir: str | Path, rebase_to_ms: int | None = None) -> "MarketReplay":
         """Replay a data folder (Trade/ and Orderbook/) through the shared loader."""
         import data_loader
-        return cls(engine, data_loader.iter_book_messages(data_dir), trade_prints(data_loader.iter_trades(data_dir)))
+        return cls(engine, data_loader.iter_book_messages(data_dir), trade_prints(data_loader.iter_trades(data_dir)),
+                   rebase_to_ms=rebase_to_ms)
 
     def advance(self, seconds: float) -> int:
         """Move market time forward by `seconds`, applying every message up to it; returns messages applied."""
@@ -1285,13 +1290,17 @@ class MarketReplay:
 
     def _apply_until(self, target_ms: int) -> int:
         count = 0
-        while self._next is not None and self._next[0] <= target_ms:
+        off = self.offset_ms
+        while self._next is not None and self._next[0] + off <= target_ms:
             ts, kind, _, item = self._next
+            ts += off
             self.engine.now_ms = max(self.engine.now_ms, ts)
             if kind == 0:
+                if off:
+                    item = {**item, "ts": ts, "cts": int(item.get("cts") or item["ts"]) + off}
                 self._on_book(item, ts)
             else:
-                self._on_trade(item)
+                self._on_trade(TradePrint(ts, item.price, item.size, item.side, item.trade_id) if off else item)
             count += 1
             self._next = next(self._events, None)
         if self._next is None and not self.exhausted:
@@ -1425,9 +1434,10 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "CopyTrading": [], "BlockTrade": [], "Exchange": [], "NFT": [], "Affiliate": []}
 
 
-def _envelope(result: Any, code: int = 0, msg: str = "OK") -> dict:
+def _envelope(result: Any, now_ms: int, code: int = 0, msg: str = "OK") -> dict:
+    """Bybit's REST envelope (HTTP 200 even for business errors)."""
     return {"retCode": code, "retMsg": msg, "result": result if result is not None else {}, "retExtInfo": {},
-            "time": int(time.time() * 1000)}
+            "time": now_ms}
 
 
 class PaperExchange:
@@ -1539,12 +1549,12 @@ class PaperExchange:
                 headers = self._rate_limit(path)
             params = self._params(request, body)
             result = getattr(self, handler_name)(params)
-            payload = _envelope(result)
+            payload = _envelope(result, self.server_ms())
         except RateLimited as exc:
-            payload = _envelope({}, exc.code, exc.msg)
+            payload = _envelope({}, self.server_ms(), exc.code, exc.msg)
             headers = self._limit_headers(path, 0, exc.reset_ms)
         except ExchangeError as exc:
-            payload = _envelope({}, exc.code, exc.msg)
+            payload = _envelope({}, self.server_ms(), exc.code, exc.msg)
         self.publish()
         if path in ACK_PATHS:
             if self.faults.lose_acks > 0:
@@ -2125,8 +2135,9 @@ ACK_PATHS = {"/v5/order/create", "/v5/order/amend", "/v5/order/cancel", "/v5/ord
 # ---------------------------------------------------------------- running
 def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float = 0.0, api_key: str = "paper",
                    api_secret: str = "paper", symbol: str | None = None, strategy: StrategyConfig | None = None,
-                   leverage: float = 10.0) -> PaperExchange:
-    """An exchange replaying a data folder, with the instrument rules and fees of the config."""
+                   leverage: float = 10.0, rebase_time: bool = False) -> PaperExchange:
+    """An exchange replaying a data folder, with the instrument rules and fees of the config
+    (rebase_time: shift the data so it starts now, see MarketReplay)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
@@ -2135,7 +2146,7 @@ def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float 
     inst = load_instrument(data_dir, sym)
     engine = MatchingEngine(inst, balance=balance, maker_fee=strat.maker_fee, taker_fee=strat.taker_fee,
                             fill_rule=strat.fill_rule, leverage=leverage)
-    replay = MarketReplay.from_dir(engine, data_dir)
+    replay = MarketReplay.from_dir(engine, data_dir, int(time.time() * 1000) if rebase_time else None)
     return PaperExchange(engine, replay, api_key=api_key, api_secret=api_secret, speed=speed)
 
 
@@ -2200,12 +2211,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-secret", default="paper", help="the API secret the exchange accepts")
     parser.add_argument("--symbol", default=None, help="symbol (default: from instrument.json or the folder name)")
     parser.add_argument("--leverage", type=float, default=10.0, help="initial leverage")
+    parser.add_argument("--rebase-time", action="store_true",
+                        help="shift market timestamps (whole minutes) so the data starts now; use with --speed 1")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     exchange = build_exchange(args.data_dir, balance=args.balance, speed=args.speed, api_key=args.api_key,
-                              api_secret=args.api_secret, symbol=args.symbol, leverage=args.leverage)
+                              api_secret=args.api_secret, symbol=args.symbol, leverage=args.leverage,
+                              rebase_time=args.rebase_time)
 
     async def serve() -> None:
         url = await exchange.start("127.0.0.1", args.port)

@@ -702,3 +702,21 @@ def test_serves_a_market_sim_folder(tmp_path, venue):
         assert sum(float(f["execQty"]) for f in fills) == pytest.approx(0.5)
         for f in fills:  # every fill took a level of the book we just read, never more than it showed
             assert f["execPrice"] in asks and float(f["execQty"]) <= asks[f["execPrice"]] + 1e-9
+
+
+def test_rebase_time_shifts_all_market_times_to_now_by_whole_minutes(tmp_path):
+    folder = write_market(tmp_path, FLAT)
+    before = int(time.time() * 1000)
+    with ExchangeThread(build_exchange(folder, rebase_time=True)) as ex:
+        s = client(ex)
+        book = s.get_orderbook(category="linear", symbol=SYMBOL, limit=1)["result"]
+        shift = book["ts"] - START_MS
+        assert shift % 60_000 == 0 and before - 60_000 < book["ts"] <= int(time.time() * 1000)
+        assert book["cts"] == START_MS - 1 + shift
+        ex.advance(10)
+        s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="1", orderLinkId="rb")
+        assert int(order(s, "rb")["createdTime"]) == START_MS + 10_000 + shift
+        trade = s.get_public_trade_history(category="linear", symbol=SYMBOL, limit=1)["result"]["list"][0]
+        assert int(trade["time"]) == START_MS + 9_500 + shift
+        candle = s.get_kline(category="linear", symbol=SYMBOL, interval="1", limit=1)["result"]["list"][0]
+        assert int(candle[0]) == START_MS + shift
