@@ -12,6 +12,7 @@ What it adds on top of pybit 5.17.0:
 """
 from __future__ import annotations
 
+import argparse
 import enum
 import hashlib
 import json
@@ -30,7 +31,8 @@ import requests
 from pybit import unified_trading
 from pybit.exceptions import FailedRequestError, InvalidRequestError
 
-from config import GlobalConfig, InstrumentConfig, LiveSettings, parse_duration
+from config import (ConfigError, GlobalConfig, InstrumentConfig, LiveSettings, add_config_args, config_from_args,
+                    parse_duration)
 from orderbook import OrderBook
 
 log = logging.getLogger("exchange_client")
@@ -482,13 +484,12 @@ class ExchangeClient:
     """Bybit V5 REST (pybit HTTP) with rounding, idempotent orders, taxonomy and retries; makes the WS streams."""
 
     def __init__(self, cfg: GlobalConfig, credentials: Credentials | None = None, *,
-                 retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+                 retry: RetryPolicy | None = None) -> None:
         self.cfg = cfg
         self.symbol = cfg.symbol
         self.creds = credentials
         self.endpoints = resolve_endpoints(cfg.live, credentials)
         self.retry = retry or RetryPolicy(max_attempts=cfg.live.max_retries)
-        self._sleep = sleep
         self._redact = _Redactor(credentials.api_secret if credentials else "")
         self.rules: InstrumentRules | None = None
         self.time_offset_ms = 0.0
@@ -496,6 +497,13 @@ class ExchangeClient:
         self.http = self._make_http()
         log.info("exchange client for %s on %s (key %s)", self.symbol, self.endpoints.name,
                  credentials.masked_key if credentials else "none")
+
+    @classmethod
+    def from_config(cls, cfg: GlobalConfig, env: Mapping[str, str] | None = None) -> "ExchangeClient":
+        """Client with the keys cfg.live names (keys-file profile or environment); dry-run needs none."""
+        live = cfg.live
+        creds = None if live.mode == "dry-run" else load_credentials(live.keys_file, live.keys_profile, env)
+        return cls(cfg, creds)
 
     def _make_http(self) -> _SyncedHTTP:
         """pybit session with its own retries off: this client retries by taxonomy."""
@@ -525,7 +533,7 @@ class ExchangeClient:
                 self.sync_clock()
             wait = self.retry.delay(attempt, err)
             log.warning("%s failed (%s); retry %d/%d in %.2fs", method, err, attempt, attempts - 1, wait)
-            self._sleep(wait)
+            time.sleep(wait)
         raise AssertionError("unreachable")
 
     def _translate(self, exc: Exception, endpoint: str) -> ExchangeError:
@@ -544,8 +552,9 @@ class ExchangeClient:
             return cls(self._redact(f"{endpoint}: HTTP {status}: {exc.message}"), http_status=status,
                        endpoint=endpoint, retry_after=retry_after, ambiguous=status >= 500 or status == 409)
         kind = type(exc).__name__
+        never_sent = isinstance(exc, requests.exceptions.ConnectTimeout)
         return RetryableError(self._redact(f"{endpoint}: transport error {kind}"), endpoint=endpoint,
-                              ambiguous=True)
+                              ambiguous=not never_sent)
 
     # ------------------------------------------------------------ market / account
     def server_time_offset(self) -> float:
@@ -721,7 +730,7 @@ class ExchangeClient:
                     raise
                 wait = self.retry.delay(attempt, err)
                 log.warning("create %s failed (%s); resend %d/%d in %.2fs", link, err, attempt, attempts - 1, wait)
-                self._sleep(wait)
+                time.sleep(wait)
         raise AssertionError("unreachable")
 
     def _lookup_quietly(self, link: str) -> dict | None:
@@ -764,7 +773,7 @@ class ExchangeClient:
                 unanswered = unanswered or err.ambiguous
                 if attempt == attempts:
                     raise
-                self._sleep(self.retry.delay(attempt, err))
+                time.sleep(self.retry.delay(attempt, err))
 
     def cancel_all(self) -> list[str]:
         """Cancel every open order of the symbol; returns the cancelled orderIds."""
@@ -1312,3 +1321,45 @@ class StreamWatchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+# ================================================================ CLI
+def check_command(cfg: GlobalConfig, trading: bool) -> dict:
+    """Run the startup checks and read the account: what an operator verifies before going live."""
+    client = ExchangeClient.from_config(cfg)
+    report = client.startup_checks(trading=trading)
+    out: dict[str, Any] = {
+        "exchange": client.endpoints.name, "symbol": client.symbol, "mode": cfg.live.mode,
+        "time_offset_ms": round(report.time_offset_ms, 1), "tick_size": wire(report.rules.tick_size),
+        "qty_step": wire(report.rules.qty_step), "min_qty": wire(report.rules.min_qty),
+        "min_notional": wire(report.rules.min_notional), "position_mode": report.position_mode}
+    if trading and client.creds is not None:
+        out["key"] = client.creds.masked_key
+        out["permissions"] = report.permissions.permissions if report.permissions else {}
+        out["wallet"] = client.wallet()
+        out["open_orders"] = len(client.open_orders())
+        out["positions"] = {str(p.get("positionIdx")): p.get("size") for p in client.positions()}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python exchange_client.py check`: startup checks against the configured exchange, as JSON."""
+    parser = argparse.ArgumentParser(description="Bybit V5 client: pre-flight checks of keys, clock and instrument.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="clock offset, instrument rules, key permissions, mode, leverage, wallet")
+    add_config_args(check, ["--symbol", "--mode", "--keys-file", "--keys-profile"])
+    check.add_argument("--public-only", action="store_true", help="skip the checks that need API keys")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        result = check_command(cfg, trading=not args.public_only and cfg.live.mode != "dry-run")
+    except (ConfigError, KeysError, ExchangeError) as exc:
+        print(f"check failed: {exc}")
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

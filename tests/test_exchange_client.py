@@ -609,12 +609,10 @@ def test_private_stream_with_a_wrong_secret_reports_unauthenticated(paper, caplo
 
 def test_secrets_never_reach_logs_or_exception_text(paper, caplog, tmp_path):
     caplog.set_level(logging.DEBUG)
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"profiles": {"paper": {"api_key": KEY, "api_secret": SECRET, "url": paper.url}}}))
     cfg = GlobalConfig()
     cfg.symbol, cfg.live.mode, cfg.live.request_timeout = SYMBOL, "paper", "1s"
-    c = ec.ExchangeClient(cfg, ec.load_credentials(keys, "paper", env={}),
-                          retry=ec.RetryPolicy(base_delay=0.01, max_delay=0.05))
+    cfg.live.keys_file, cfg.live.keys_profile = paper_keys(paper, tmp_path), "paper"
+    c = ec.ExchangeClient.from_config(cfg, env={})
     texts: list[str] = []
     c.startup_checks()
     private = c.private_stream().start()
@@ -642,3 +640,23 @@ def test_secrets_never_reach_logs_or_exception_text(paper, caplog, tmp_path):
     assert len(caplog.records) > 20  # DEBUG from pybit, websocket, urllib3 and this client was captured
     for text in texts + [caplog.text] + [str(r.args) for r in caplog.records]:
         assert SECRET not in text
+
+
+def paper_keys(paper, tmp_path) -> str:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"profiles": {"paper": {"api_key": KEY, "api_secret": SECRET, "url": paper.url}}}))
+    return str(path)
+
+
+def test_check_cli_reports_rules_and_masks_the_key(paper, tmp_path, capsys):
+    args = ["check", "--mode", "paper", "--symbol", SYMBOL, "--keys-file", paper_keys(paper, tmp_path),
+            "--keys-profile", "paper"]
+    assert ec.main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out)
+    assert (report["tick_size"], report["min_notional"], report["key"]) == ("0.01", "5", "pape…")
+    assert report["wallet"]["equity"] == 10000.0 and report["open_orders"] == 0
+    paper.call(lambda: paper.exchange.permissions.update({"Wallet": ["Withdraw"]}))
+    assert ec.main(args) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("check failed:") and "Wallet:Withdraw" in out and SECRET not in out
