@@ -57,7 +57,7 @@ ALL_LEVELS = 1 << 62            # top(ALL_LEVELS) = every level the book holds (
 SYMBOL_RE = re.compile(r"^[A-Z0-9]{2,30}$")
 OB_ARCHIVE_DEPTH_CHANGE = "2025-08-21"   # Bybit linear archives switched ob500 -> ob200 on this day
 COUNTERS = ("messages", "book_messages", "trade_messages", "applied", "stale", "gaps", "resyncs",
-            "snapshots", "reconnects", "dropped", "trade_gaps", "duplicate_trades")
+            "snapshots", "reconnects", "dropped", "trade_gaps", "backfilled_trades", "duplicate_trades")
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -292,17 +292,9 @@ class SymbolRecorder:
 
     # -- trades
     def write_trade(self, ts_ms: int, side: str, size: str, price: str, match_id: str, rpi: int,
-                    tick: str | None = None) -> None:
-        """Append one trade row to the day's CSV (tick direction derived when the venue gives none)."""
+                    tick: str) -> None:
+        """Append one trade row to the day's CSV."""
         day = utc_day(ts_ms)
-        if tick is None:
-            px = Decimal(price)
-            if self.last_price is not None and px != self.last_price:
-                self.last_tick = "PlusTick" if px > self.last_price else "MinusTick"
-            elif self.last_price is not None:
-                self.last_tick = "ZeroPlusTick" if self.last_tick in ("PlusTick", "ZeroPlusTick") else "ZeroMinusTick"
-            self.last_price = px
-            tick = self.last_tick
         self.trade_file.open_day(day)
         self.trade_file.write(_trade_row(ts_ms, self.symbol, side, size, price, tick, match_id, rpi))
         self.integrity.bump(day, "trade_messages")
@@ -346,6 +338,9 @@ class BinanceSymbol(SymbolRecorder):
         self.snapshot_task: asyncio.Task | None = None
         self.snapshots_applied = 0
         self.last_agg_id: int | None = None
+        self.missing: list[tuple[int, int]] = []      # aggTrade id ranges still to fetch
+        self.held: list[dict] = []                    # live trades waiting for a backfill to finish
+        self.backfill: asyncio.Task | None = None
 
     def reset(self) -> None:
         """Forget the book after a (re)connect: buffer the new stream and take a fresh snapshot."""
@@ -408,8 +403,8 @@ class BinanceSymbol(SymbolRecorder):
     def _write_snapshot(self, snap: dict, applied: list[dict]) -> None:
         """Write the REST snapshot line, then the buffered diffs the sync applied on top of it."""
         lid = int(snap["lastUpdateId"])
-        ts = int(snap.get("E") or snap.get("T") or time.time() * 1000)
-        cts = int(snap.get("T") or ts)
+        cts = int(snap.get("T") or snap.get("E") or time.time() * 1000)
+        ts = max(cts, self.last_event_ms)   # keep file time monotonic: a diff's push time E can exceed T
         day = utc_day(ts)
         self.integrity.bump(day, "snapshots")
         if self.snapshots_applied:
@@ -426,21 +421,83 @@ class BinanceSymbol(SymbolRecorder):
         log.info("%s: book synced at lastUpdateId=%d (%d buffered diffs applied)", self.symbol, lid, len(applied))
 
     def on_agg_trade(self, ev: dict) -> None:
-        """Write one aggTrade; aggregate ids are consecutive per symbol, so gaps and repeats are visible."""
+        """Write one aggTrade; ids are consecutive per symbol, so repeats are dropped and holes backfilled.
+
+        While a backfill runs, live trades are held and then written merged in id order, so the CSV stays
+        in exchange order and tick directions stay exact."""
         agg_id = int(ev["a"])
-        day = utc_day(ev["T"])
         if self.last_agg_id is not None:
             if agg_id <= self.last_agg_id:
-                self.integrity.bump(day, "duplicate_trades")
+                self.integrity.bump(utc_day(ev["T"]), "duplicate_trades")
                 return
             if agg_id > self.last_agg_id + 1:
-                self.integrity.bump(day, "trade_gaps", agg_id - self.last_agg_id - 1)
-                log.warning("%s: %d aggTrades missing before id %d", self.symbol,
-                            agg_id - self.last_agg_id - 1, agg_id)
+                missing = agg_id - self.last_agg_id - 1
+                self.integrity.bump(utc_day(ev["T"]), "trade_gaps", missing)
+                log.warning("%s: %d aggTrades missing before id %d; fetching them over REST",
+                            self.symbol, missing, agg_id)
+                self.missing.append((self.last_agg_id + 1, agg_id - 1))
+                if self.backfill is None:
+                    self.backfill = asyncio.get_running_loop().create_task(self._backfill())
         self.last_agg_id = agg_id
+        if self.backfill is not None:
+            self.held.append(ev)
+        else:
+            self._emit(ev)
+
+    def _emit(self, ev: dict) -> None:
+        """Write one aggTrade row (trades must arrive here in id order)."""
+        px = Decimal(ev["p"])
+        self.last_tick = tick_direction(self.last_price, self.last_tick, px)
+        self.last_price = px
         nq = ev.get("nq")
         rpi = int(nq is not None and Decimal(nq) != Decimal(ev["q"]))
-        self.write_trade(int(ev["T"]), "Sell" if ev["m"] else "Buy", ev["q"], ev["p"], str(agg_id), rpi)
+        self.write_trade(int(ev["T"]), "Sell" if ev["m"] else "Buy", ev["q"], ev["p"], str(ev["a"]), rpi,
+                         self.last_tick)
+
+    async def _backfill(self) -> None:
+        """Fetch every missing id range, then write fetched and held trades merged in id order."""
+        fetched: list[dict] = []
+        try:
+            while self.missing:
+                first, last = self.missing.pop(0)
+                fetched += await self._fetch_trades(first, last)
+        finally:
+            for ev in sorted(fetched + self.held, key=lambda e: int(e["a"])):
+                self._emit(ev)
+            for ev in fetched:
+                self.integrity.bump(utc_day(int(ev["T"])), "backfilled_trades")
+            self.held, self.backfill = [], None
+
+    async def _fetch_trades(self, first: int, last: int) -> list[dict]:
+        """aggTrades first..last (ids inclusive) over REST, retried with backoff; what cannot be had is logged."""
+        rows_out: list[dict] = []
+        next_id, attempt = first, 0
+        while next_id <= last:
+            try:
+                rows = await self.rest.agg_trades(self.symbol, next_id, min(1000, last - next_id + 1))
+            except (aiohttp.ClientError, asyncio.TimeoutError, RestError) as exc:
+                attempt += 1
+                if attempt > 6:
+                    log.error("%s: aggTrades %d..%d could not be fetched (%s); they are missing", self.symbol,
+                              next_id, last, exc)
+                    break
+                await asyncio.sleep(backoff_delay(attempt, self.settings.backoff_base, self.settings.backoff_cap))
+                continue
+            rows = [r for r in rows if next_id <= int(r["a"]) <= last]
+            if not rows:
+                log.error("%s: REST has no aggTrades from id %d; %d trades are missing", self.symbol, next_id,
+                          last - next_id + 1)
+                break
+            rows_out += rows
+            next_id = int(rows[-1]["a"]) + 1
+        return rows_out
+
+
+def tick_direction(prev: Decimal | None, prev_tick: str, px: Decimal) -> str:
+    """Bybit's tickDirection of a trade relative to the previous trade (ZeroPlusTick when unknown)."""
+    if prev is None or px == prev:
+        return "ZeroMinusTick" if prev is not None and prev_tick in ("MinusTick", "ZeroMinusTick") else "ZeroPlusTick"
+    return "PlusTick" if px > prev else "MinusTick"
 
 
 class RestError(RuntimeError):
@@ -457,7 +514,16 @@ class BinanceRest:
         self._next = 0.0
 
     async def depth(self, symbol: str, limit: int) -> dict:
-        """GET /fapi/v1/depth."""
+        """GET /fapi/v1/depth (weight 20 at limit 1000)."""
+        return await self._get("/fapi/v1/depth", {"symbol": symbol, "limit": str(limit)})
+
+    async def agg_trades(self, symbol: str, from_id: int, limit: int) -> list[dict]:
+        """GET /fapi/v1/aggTrades from an aggregate id (weight 20)."""
+        return await self._get("/fapi/v1/aggTrades", {"symbol": symbol, "fromId": str(from_id),
+                                                      "limit": str(limit)})
+
+    async def _get(self, path: str, params: dict[str, str]) -> Any:
+        """One throttled GET; 429/418 push every later request past Retry-After."""
         if self.session is None:
             self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
         async with self._lock:
@@ -465,8 +531,8 @@ class BinanceRest:
             if wait > 0:
                 await asyncio.sleep(wait)
             self._next = time.monotonic() + self.spacing
-            url = f"{self.base}/fapi/v1/depth"
-            async with self.session.get(url, params={"symbol": symbol, "limit": str(limit)}) as resp:
+            url = f"{self.base}{path}"
+            async with self.session.get(url, params=params) as resp:
                 body = await resp.read()
                 if resp.status in (418, 429):
                     retry = float(resp.headers.get("Retry-After", "60"))
@@ -526,9 +592,12 @@ class BybitSymbol(SymbolRecorder):
     def on_trades(self, msg: dict) -> None:
         """Write each publicTrade entry."""
         for t in msg["data"]:
+            px = Decimal(t["p"])
+            self.last_tick = t.get("L") or tick_direction(self.last_price, self.last_tick, px)
+            self.last_price = px
             rpi = t.get("RPI", 0)
             self.write_trade(int(t["T"]), t["S"], t["v"], t["p"], t["i"], int(rpi in (True, 1, "1", "true")),
-                             t.get("L") or None)
+                             self.last_tick)
 
 
 # ------------------------------------------------------------------------------------------ recorder
@@ -758,6 +827,13 @@ class Recorder:
             await self.stop.wait()
             await asyncio.gather(*tasks)
         finally:
+            pending = [t for t in (getattr(rec, "backfill", None) for rec in self.symbols.values()) if t]
+            if pending:
+                log.info("waiting up to 15s for %d trade backfills", len(pending))
+                await asyncio.wait(pending, timeout=15)
+                for task in pending:        # a cancelled backfill still writes the trades it holds
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
             for rec in self.symbols.values():
                 task = getattr(rec, "snapshot_task", None)
                 if task is not None:

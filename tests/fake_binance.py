@@ -5,8 +5,9 @@ are served on `/public/stream?streams=<sym>@depth@100ms`, recorded `trade` event
 payloads on `/market/stream?streams=<sym>@aggTrade`, and `GET /fapi/v1/depth` answers with the book the
 server holds at that moment: the recorded REST snapshot advanced by every diff replayed since (so a
 resync after a gap or reconnect gets a consistent snapshot, like the real exchange). Frames can be
-dropped (the server still applies them to its own book) and connections closed at chosen frames; the
-replay pauses while a route has no client, so nothing is lost across a reconnect.
+dropped (the server still applies them to its own book) and connections closed at chosen frames,
+optionally with an outage: the next `outage_frames` frames of that route are lost, as on a real exchange;
+after that the replay pauses until the client is back. `GET /fapi/v1/aggTrades` serves replayed trades.
 """
 from __future__ import annotations
 
@@ -110,10 +111,14 @@ class FakeBinance:
     """Serve a Recording over websockets (streams) and aiohttp (REST) in a background thread."""
 
     def __init__(self, rec: Recording, drop: set[int] | None = None, close_after: dict[int, str] | None = None,
-                 pace_every: int = 200, pace_sleep: float = 0.002):
+                 outage_frames: int = 0, pace_every: int = 200, pace_sleep: float = 0.002):
         self.rec = rec
         self.drop = drop or set()
         self.close_after = close_after or {}
+        self.outage_frames = outage_frames      # frames of a closed route that happen while it is down (lost)
+        self.lost_until: dict[str, int] = {}
+        self.lost: list[int] = []
+        self.cursor = 0
         self.pace_every, self.pace_sleep = pace_every, pace_sleep
         self.books = {sym: ServerBook(snap) for sym, snap in rec.snapshots.items()}
         self.clients: dict[str, ServerConnection] = {}
@@ -155,6 +160,7 @@ class FakeBinance:
         self._stop = asyncio.Event()
         app = web.Application()
         app.router.add_get("/fapi/v1/depth", self._depth)
+        app.router.add_get("/fapi/v1/aggTrades", self._agg_trades)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -178,6 +184,16 @@ class FakeBinance:
             return web.json_response({"code": -1121, "msg": "Invalid symbol."}, status=400)
         self.snapshot_requests[symbol] = self.snapshot_requests.get(symbol, 0) + 1
         return web.Response(body=orjson.dumps(self.books[symbol].snapshot(limit)), content_type="application/json")
+
+    async def _agg_trades(self, request: web.Request) -> web.Response:
+        """Historical aggTrades from fromId among the frames already replayed."""
+        symbol = request.query.get("symbol", "")
+        from_id = int(request.query["fromId"])
+        limit = int(request.query.get("limit", "500"))
+        rows = [{k: fr.payload[k] for k in ("a", "p", "q", "f", "l", "T", "m")}
+                for fr in self.rec.frames[:self.cursor + 1]
+                if fr.route == "market" and fr.symbol == symbol and int(fr.payload["a"]) >= from_id][:limit]
+        return web.Response(body=orjson.dumps(rows), content_type="application/json")
 
     async def _ws(self, ws: ServerConnection) -> None:
         path = ws.request.path
@@ -209,6 +225,13 @@ class FakeBinance:
         i = 0
         while i < len(self.rec.frames):
             fr = self.rec.frames[i]
+            self.cursor = i
+            if self.lost_until.get(fr.route, -1) >= i:
+                if fr.route == "public":
+                    self.books[fr.symbol].apply(fr.payload)
+                self.lost.append(i)
+                i += 1
+                continue
             ws = await self._client(fr.route)
             if fr.route == "public":
                 self.books[fr.symbol].apply(fr.payload)
@@ -221,6 +244,7 @@ class FakeBinance:
             route_to_close = self.close_after.pop(i, None)
             if route_to_close in self.clients:
                 await self.clients[route_to_close].close(1001, "server restart")
+                self.lost_until[route_to_close] = i + self.outage_frames
             i += 1
             if i % self.pace_every == 0:
                 await asyncio.sleep(self.pace_sleep)

@@ -210,6 +210,7 @@ def test_replay_rebuilds_exchange_book_and_records_every_trade_once(recording: R
         compared, mismatched, report = rebuild_vs_ticker(folder, recording.tickers[sym])
         assert compared > 100 and mismatched == 0, f"{sym}: {mismatched} of {compared} ticker events differ"
         assert report.bad_book_lines == 0 and report.book["gaps"] == 0 and report.book["crossed"] == 0
+        assert report.book["time_reversals"] == 0
         ids = trade_ids(folder)
         assert len(ids) == len(set(ids)) and sorted(ids) == sorted(recording.trade_ids[sym])
         side = sidecar_totals(tmp_path, sym)
@@ -251,9 +252,10 @@ def test_dropped_diff_is_detected_and_resynced(recording: Recording, tmp_path: P
 
 
 def test_server_close_reconnects_and_resyncs(recording: Recording, tmp_path: Path) -> None:
-    """The server drops both routes: the collector reconnects, takes a fresh snapshot, loses no trade."""
+    """The server drops both routes with an outage: the collector reconnects, takes a fresh snapshot and
+    backfills the trades it missed over REST, so every trade is still recorded exactly once."""
     rec = head(recording, 4000)
-    srv = FakeBinance(rec, close_after={2500: "public", 3500: "market"}).start()
+    srv = FakeBinance(rec, close_after={2000: "public", 3000: "market"}, outage_frames=100).start()
     try:
         proc = in_process(srv, tmp_path)
         wait_caught_up(tmp_path, srv, proc)
@@ -262,9 +264,14 @@ def test_server_close_reconnects_and_resyncs(recording: Recording, tmp_path: Pat
         srv.stop()
     assert srv.connections == {"public": 2, "market": 2}
     assert all(p.split("?")[0] in ("/public/stream", "/market/stream") for p in srv.paths)
+    lost_trades = [rec.frames[i] for i in srv.lost if rec.frames[i].route == "market"]
     for sym in SYMBOLS:
         side = sidecar_totals(tmp_path, sym)
         assert (side["reconnects"], side["resyncs"], side["snapshots"], side["gaps"]) == (2, 1, 2, 0)
+        missed = sum(fr.symbol == sym for fr in lost_trades)
+        assert missed > 0 and side["trade_gaps"] == side["backfilled_trades"] == missed
+        for path in sorted((tmp_path / f"{sym}_Binance" / "Trade").iterdir()):   # held trades keep id order
+            assert pd.read_csv(path)["trdMatchID"].is_monotonic_increasing
         ids = trade_ids(tmp_path / f"{sym}_Binance")
         assert len(ids) == len(set(ids)) and sorted(ids) == sorted(rec.trade_ids[sym])
         compared, mismatched, report = rebuild_vs_ticker(tmp_path / f"{sym}_Binance", rec.tickers[sym])
