@@ -498,3 +498,29 @@ def test_report_monthly_returns_and_candle_thinning():
                         index=pd.date_range("2026-01-01", periods=105_120, freq="5min", tz="UTC"))
     shown = report._display_bars(year)
     assert len(shown) <= report.MAX_CANDLES and shown["high"].max() == 2.0 and shown["low"].min() == 0.5
+
+
+@pytest.mark.parametrize("fill_rule", ["trade_through", "touch"])
+def test_single_signal_outcomes_match_execution_labels(fill_rule):
+    import labels
+    coarse, _, _ = random_market(2500, seed=21)
+    coarse = coarse.dropna(subset=["atr"])
+    cfg = make_cfg(fill_rule=fill_rule, daily_loss_limit=0.99, time_limit_bars=4, max_holding_bars=12,
+                   take_profit_atr=1.0, stop_loss_atr=1.5, limit_offset_atr=0.3)
+    s = cfg.strategy
+    cols = [coarse[c].to_numpy() for c in ("open", "high", "low", "close", "atr")]
+    seen = set()
+    for side, name in ((1, "long"), (-1, "short")):
+        lab, _ = labels.execution_labels(*cols, side, s.limit_offset_atr, s.take_profit_atr, s.stop_loss_atr,
+                                         s.time_limit_bars, s.max_holding_bars, s.maker_fee, fill_rule,
+                                         cfg.instrument.tick_size)
+        for t in range(0, len(coarse) - 1, 7):
+            p = probs_for(coarse, **{f"b{t}": {f"p_exec_{name}": 0.9, f"p_dir_{name}": 0.6}})
+            r = backtest.run_backtest(coarse, p, cfg)
+            reason = r.trades["exit_reason"].iloc[0] if len(r.trades) else "none"
+            if lab[t] == -1:
+                assert reason in ("end_of_data", "none"), (t, side, reason)
+            else:
+                assert (lab[t] == 1) == (reason == "take_profit"), (t, side, lab[t], reason)
+            seen.add((int(lab[t]), reason))
+    assert {(1, "take_profit"), (0, "stop_loss"), (0, "none")} <= seen
