@@ -33,7 +33,7 @@ from pybit.exceptions import FailedRequestError, InvalidRequestError
 
 from config import (ConfigError, GlobalConfig, InstrumentConfig, LiveSettings, add_config_args, config_from_args,
                     parse_duration)
-from orderbook import OrderBook
+from orderbook import BookStats, OrderBook
 
 log = logging.getLogger("exchange_client")
 
@@ -976,7 +976,7 @@ class _Stream:
     def _subscribe(self, ws: _GuardedWebSocket) -> None:
         raise NotImplementedError
 
-    def _on_message(self, msg: dict) -> None:
+    def _on_topic(self, msg: dict) -> None:
         raise NotImplementedError
 
     def _connection_reset(self) -> None:
@@ -1084,7 +1084,7 @@ class _Stream:
         if "topic" not in msg:
             self._control(msg)
             return
-        self._on_message(msg)
+        self._on_topic(msg)
 
     @property
     def ready(self) -> bool:
@@ -1150,7 +1150,7 @@ class MarketStream(_Stream):
         if self._invalid_since is None:
             self._invalid_since = time.monotonic()
 
-    def _on_message(self, msg: dict) -> None:
+    def _on_topic(self, msg: dict) -> None:
         topic = msg["topic"]
         if topic == self.book_topic:
             self._apply_book(msg)
@@ -1188,6 +1188,13 @@ class MarketStream(_Stream):
             if not self.book.valid or self.awaiting_snapshot:
                 raise BookOutOfSync(f"book {self.book_topic} is not in sync")
             return float(self.book.best_bid()), float(self.book.best_ask())
+
+    def stats(self, n_levels: int) -> BookStats:
+        """BookStats (spread, micro-price, imbalance, depth...) of a valid book over the top n levels."""
+        with self.lock:
+            if not self.book.valid or self.awaiting_snapshot:
+                raise BookOutOfSync(f"book {self.book_topic} is not in sync")
+            return self.book.stats(n_levels)
 
     def health(self) -> str:
         base = super().health()
@@ -1243,7 +1250,7 @@ class PrivateStream(_Stream):
             self.authenticated = True
         super()._control(msg)
 
-    def _on_message(self, msg: dict) -> None:
+    def _on_topic(self, msg: dict) -> None:
         topic = str(msg["topic"]).split(".")[0]
         data = msg.get("data") or []
         with self.updated:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 from decimal import Decimal
 
 import pytest
@@ -10,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import exchange_client as ec
+import paper_exchange as pe
 from config import GlobalConfig, InstrumentConfig
+from paper_market import START_MS, SYMBOL, write_market
 
 SECRET = "s3cr3t-Never-Log-This-0123456789"
 
@@ -199,12 +203,6 @@ def test_rules_from_config_match_instrument_defaults():
 
 
 # ================================================================ real pybit against paper_exchange
-import logging  # noqa: E402
-import time  # noqa: E402
-
-import paper_exchange as pe  # noqa: E402
-from paper_market import SYMBOL, write_market  # noqa: E402
-
 KEY = "paperkey"
 # second i of the scripted market has mid MIDS[i] (trades print at the ask): flat, a dip (fills resting
 # buys), a step to 100.49 (a trade at 100.50 triggers a TP there), a rally (fills the TP limit), flat
@@ -501,6 +499,9 @@ def test_market_stream_keeps_its_own_sequence_checked_book(paper, market):
         assert wait_until(lambda: in_sync(market, paper))
     assert market.book.gaps == 0 and market.bad_messages == 0
     assert market.trades and {"p", "v", "S", "T"} <= set(market.trades[-1])
+    stats = market.stats(5)
+    assert (stats.best_bid, stats.best_ask) == server_top(paper) and stats.spread == pytest.approx(0.02)
+    assert market.book_ts == START_MS + 5000 - 1  # matching-engine time (cts) of the dip, the last change
 
 
 @pytest.mark.parametrize("how", ["abort", "close"])
