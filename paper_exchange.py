@@ -399,7 +399,7 @@ class MatchingEngine:
             raise ExchangeError(110072, "OrderLinkedID is duplicate")
         qty = self._qty_lots(p)
         price = self._price_ticks(p, "price", required=order_type == "Limit") if order_type == "Limit" else 0
-        idx = self._position_idx(p, side)
+        idx = self._position_idx(p)
         close_on_trigger = _bool(p, "closeOnTrigger")
         closing_side = self.hedge and (idx == 1) != (side == "Buy")
         reduce_only = _bool(p, "reduceOnly") or closing_side
@@ -452,7 +452,7 @@ class MatchingEngine:
         for key in ("takeProfit", "stopLoss"):
             value = p.get(key)
             if value not in (None, ""):
-                ticks = self._price_ticks(p, key) if Decimal(str(value)) != 0 else 0
+                ticks = self._price_ticks(p, key) if _dec(p, key) != 0 else 0
                 attr = "take_profit" if key == "takeProfit" else "stop_loss"
                 changed |= getattr(order, attr) != ticks
                 setattr(order, attr, ticks)
@@ -596,16 +596,17 @@ class MatchingEngine:
         for key, kind in (("takeProfit", "TakeProfit"), ("stopLoss", "StopLoss")):
             if p.get(key) in (None, ""):
                 continue
-            ticks = self._price_ticks(p, key) if Decimal(str(p[key])) != 0 else 0
+            ticks = self._price_ticks(p, key) if _dec(p, key) != 0 else 0
             if mode == "Full":
                 existing = self._full_tpsl(idx, kind)
                 if (existing.trigger_price if existing else 0) == ticks:
                     continue
                 changed = True
+                if ticks:
+                    self._check_tpsl_side(pos, kind, ticks)
                 if existing is not None:
                     self._cancel(existing, "CancelByUser", status="Deactivated")
                 if ticks:
-                    self._check_tpsl_side(pos, kind, ticks)
                     self._new_tpsl(pos, kind, ticks, "Full", 0, "Market", 0,
                                    p.get("tpTriggerBy" if kind == "TakeProfit" else "slTriggerBy") or "LastPrice", "")
             elif ticks:
@@ -686,7 +687,7 @@ class MatchingEngine:
                                        f"{self.inst.tick_size}")
         return int(ticks)
 
-    def _position_idx(self, p: dict, side: str) -> int:
+    def _position_idx(self, p: dict) -> int:
         idx = _int(p, "positionIdx", 0)
         if (self.hedge and idx not in (1, 2)) or (not self.hedge and idx != 0):
             raise ExchangeError(10001, "position idx not match position mode")

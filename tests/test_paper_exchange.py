@@ -720,3 +720,72 @@ def test_rebase_time_shifts_all_market_times_to_now_by_whole_minutes(tmp_path):
         assert int(trade["time"]) == START_MS + 9_500 + shift
         candle = s.get_kline(category="linear", symbol=SYMBOL, interval="1", limit=1)["result"]["list"][0]
         assert int(candle[0]) == START_MS + shift
+
+
+def apply_levels(side: dict[str, str], levels: list[list[str]]) -> None:
+    """Bybit level semantics: absolute size, zero deletes."""
+    for px, qty in levels:
+        if float(qty) == 0:
+            side.pop(px, None)
+        else:
+            side[px] = qty
+
+
+def test_real_bybit_archive_book_is_served_and_streamed_consistently(tmp_path, realdata, ws_urls):
+    """The real XRPUSDT ob500 archive (1 snapshot + 49 deltas): REST equals an independent rebuild of the file,
+    and a client applying our orderbook.50 snapshot + deltas ends with exactly the REST top 50."""
+    src = realdata / "bybit" / "2024-12-01_XRPUSDT_ob500.data"
+    folder = tmp_path / "XRPUSDT_Real"
+    (folder / "Orderbook").mkdir(parents=True)
+    (folder / "Orderbook" / src.name).write_bytes(src.read_bytes())
+    (folder / "instrument.json").write_text(json.dumps({"symbol": "XRPUSDT", "tickSize": "0.0001", "qtyStep": "1",
+                                                        "minOrderQty": "1", "minNotionalValue": "5"}))
+    bids: dict[str, str] = {}
+    asks: dict[str, str] = {}
+    for line in src.read_text().splitlines():
+        msg = json.loads(line)
+        if msg["type"] == "snapshot":
+            bids.clear()
+            asks.clear()
+        for side, levels in ((bids, msg["data"]["b"]), (asks, msg["data"]["a"])):
+            apply_levels(side, levels)
+    want_b = sorted(bids.items(), key=lambda kv: -float(kv[0]))[:50]
+    want_a = sorted(asks.items(), key=lambda kv: float(kv[0]))[:50]
+    with ExchangeThread(build_exchange(folder)) as ex:
+        ws_urls(ex)
+        got = Collector()
+        ws = ut.WebSocket(channel_type="linear", testnet=False, callback_function=got)
+        try:
+            ws.orderbook_stream(50, "XRPUSDT", lambda m: None)
+            got.wait(lambda fs: any(f.get("topic") == "orderbook.50.XRPUSDT" for f in fs))
+            for _ in range(6):
+                ex.advance(1)
+            s = client(ex)
+            rest = s.get_orderbook(category="linear", symbol="XRPUSDT", limit=50)["result"]
+            got.wait(lambda fs: [f for f in fs if f.get("topic") == "orderbook.50.XRPUSDT"][-1]["data"]["u"] >= 6)
+        finally:
+            ws.exit()
+        assert [(p, str(int(float(q)))) for p, q in rest["b"]] == want_b
+        assert [(p, str(int(float(q)))) for p, q in rest["a"]] == want_a
+        frames = got.topic("orderbook.50.XRPUSDT")
+        assert frames[0]["type"] == "snapshot"
+        assert [f["data"]["u"] for f in frames] == list(range(frames[0]["data"]["u"],
+                                                              frames[0]["data"]["u"] + len(frames)))
+        mirror_b: dict[str, str] = {}
+        mirror_a: dict[str, str] = {}
+        for f in frames:
+            for side, levels in ((mirror_b, f["data"]["b"]), (mirror_a, f["data"]["a"])):
+                apply_levels(side, levels)
+        assert sorted(mirror_b.items(), key=lambda kv: -float(kv[0])) == [tuple(x) for x in rest["b"]]
+        assert sorted(mirror_a.items(), key=lambda kv: float(kv[0])) == [tuple(x) for x in rest["a"]]
+        s.place_order(category="linear", symbol="XRPUSDT", side="Sell", orderType="Market", qty="10000",
+                      orderLinkId="real")
+        fills = s.get_executions(category="linear", symbol="XRPUSDT", orderLinkId="real")["result"]["list"]
+        expected, left = [], 10000
+        for px, qty in rest["b"]:
+            take = min(left, int(qty))
+            expected.append((px, str(take)))
+            left -= take
+            if not left:
+                break
+        assert sorted((f["execPrice"], f["execQty"]) for f in fills) == sorted(expected)
