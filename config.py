@@ -257,7 +257,18 @@ class ModelConfig(_Section):
     skip_drop: float = _f(0.5, _fraction, "DART skip-drop probability")
     max_bin: int = _f(63, _positive, "histogram bins")
     num_threads: int = _f(1, _non_negative, "LightGBM threads (0 = all cores)")
-    use_direction: bool = _f(True, help="train direction models (else they pass through)")
+    early_stopping_rounds: int = _f(20, _positive, "GBDT rounds without validation improvement before "
+                                    "stopping (only when a validation set is given; never with DART)")
+    use_direction: bool = _f(True, help="train direction models (else p_dir_* are NaN: no direction model)")
+
+    def _cross_checks(self, name: str) -> None:
+        if self.num_leaves < 2:
+            raise ConfigError(f"{name}.num_leaves = {self.num_leaves} is invalid: LightGBM needs >= 2")
+        if self.max_bin < 2:
+            raise ConfigError(f"{name}.max_bin = {self.max_bin} is invalid: LightGBM needs >= 2")
+        for field_name in ("feature_fraction", "bagging_fraction"):
+            if getattr(self, field_name) <= 0.0:
+                raise ConfigError(f"{name}.{field_name} = {getattr(self, field_name)} is invalid: expected > 0")
 
 
 @dataclass
