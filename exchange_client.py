@@ -517,6 +517,10 @@ class ExchangeClient:
             session.endpoint = self.endpoints.rest_url
         return session
 
+    def close(self) -> None:
+        """Release the HTTP connection pool."""
+        self.http.client.close()
+
     # ------------------------------------------------------------ low level
     def request(self, method: str, params: Mapping[str, Any] | None = None, *, retry: bool = True) -> dict:
         """Call a pybit HTTP method; retry transient failures with backoff; raise the taxonomy's class."""

@@ -260,7 +260,8 @@ def engine_orders(paper) -> list:
 def client(paper):
     c = make_client(paper)
     c.startup_checks()
-    return c
+    yield c
+    c.close()
 
 
 def test_startup_checks_load_rules_and_accept_a_trade_only_key(paper):
