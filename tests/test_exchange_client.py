@@ -291,6 +291,20 @@ def test_startup_refuses_a_key_that_can_move_funds(paper, wallet):
     assert exc.value.kind is ec.ErrorKind.FATAL
 
 
+def test_startup_refuses_a_read_only_key(paper):
+    paper.call(lambda: paper.exchange.permissions.update({"ContractTrade": []}))
+    with pytest.raises(ec.StartupCheckError, match="cannot place contract orders"):
+        make_client(paper).startup_checks()
+    make_client(paper).startup_checks(trading=False)  # market data only: still allowed
+
+
+def test_startup_refuses_a_position_mode_it_cannot_switch_to(paper, client):
+    client.place_order("open-long", "Buy", 0.1, order_type="Market")
+    with pytest.raises(ec.StartupCheckError, match="cannot switch to hedge mode") as exc:
+        make_client(paper, position_mode="hedge").startup_checks()
+    assert "positionIdx [0]" in str(exc.value)
+
+
 def test_startup_refuses_a_skewed_clock(paper):
     set_fault(paper, time_skew_ms=5000)
     with pytest.raises(ec.StartupCheckError, match="clock offset"):
