@@ -1801,7 +1801,9 @@ class PaperExchange:
                     continue
                 try:
                     frame = json.loads(msg.data)
-                except json.JSONDecodeError:
+                    if not isinstance(frame, dict):
+                        raise ValueError("not an object")
+                except ValueError:
                     self._send(conn, {"success": False, "ret_msg": "invalid JSON", "conn_id": conn.conn_id,
                                             "op": ""})
                     continue
@@ -1949,7 +1951,8 @@ class PaperExchange:
                 if listeners:
                     msg = json.dumps({"id": uuid.uuid4().hex, "topic": name, "creationTime": self.engine.now_ms
                                       or self.server_ms(), "data": [record]})
-                    frames.extend((conn, msg) for conn in listeners)
+                    for out in self._apply_push_faults(name, msg):
+                        frames.extend((conn, out) for conn in listeners)
         for topic, msg in self._market_frames(trades):
             for out in self._apply_push_faults(topic, msg):
                 for conn in self.conns:
@@ -2082,7 +2085,10 @@ class PaperExchange:
     async def _admin(self, request: web.Request) -> web.StreamResponse:
         """Test control on the same port: advance, fault, drop_ws, permissions, state."""
         action = request.match_info["action"]
-        body = await request.json() if request.can_read_body else {}
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return web.json_response({"error": "body must be JSON"}, status=400)
         if action == "advance":
             self.advance(float(body.get("seconds", 0)))
         elif action == "fault":

@@ -618,6 +618,31 @@ def test_private_categorised_topics_are_echoed_exactly(venue, ws_urls):
         ws.exit()
 
 
+def test_private_push_faults_duplicate_and_reorder_executions(venue, ws_urls):
+    ex = venue()
+    ws_urls(ex)
+    got = Collector()
+    ws = ut.WebSocket(channel_type="private", testnet=False, api_key="paper", api_secret="paper",
+                      callback_function=got)
+    try:
+        ws.execution_stream(lambda m: None)
+        got.wait(lambda fs: any(f.get("op") == "subscribe" for f in fs))
+        ex.exchange.faults.push_topic = "execution"
+        ex.exchange.faults.duplicate_pushes = 1
+        s = client(ex)
+        s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="1", orderLinkId="d")
+        got.wait(lambda fs: len([f for f in fs if f.get("topic") == "execution"]) == 2)
+        first, second = got.topic("execution")
+        assert first["data"] == second["data"]  # same execId twice: a client must de-duplicate
+        ex.exchange.faults.reorder_pushes = 1
+        s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="3", orderLinkId="r")
+        got.wait(lambda fs: len([f for f in fs if f.get("topic") == "execution"]) == 4)
+        prices = [f["data"][0]["execPrice"] for f in got.topic("execution")[2:]]
+        assert prices == ["100.02", "100.01"]  # the book walk filled 100.01 first; it arrives second
+    finally:
+        ws.exit()
+
+
 def test_ws_auth_rejects_a_wrong_secret_and_answers_json_pings(venue):
     import websocket
     ex = venue()
