@@ -43,13 +43,13 @@ def _first_below(low: np.ndarray, start: int, last: int, level: float) -> int:
 
 
 @numba.njit(cache=True, inline="always")
-def _first_exit(low: np.ndarray, high: np.ndarray, start: int, last: int, stop_below: float,
+def _first_exit(low: np.ndarray, high: np.ndarray, start: int, last: int, stop: float,
                 take_above: float) -> int:
-    """First bar j in [start, last] with low[j] < stop_below or high[j] > take_above, else last + 1."""
+    """First bar j in [start, last] with low[j] <= stop or high[j] > take_above, else last + 1."""
     lo = low[start:last + 1]
     hi = high[start:last + 1]
     for q in range(lo.shape[0]):
-        if (lo[q] < stop_below) | (hi[q] > take_above):
+        if (lo[q] <= stop) | (hi[q] > take_above):
             return start + q
     return last + 1
 
@@ -60,8 +60,8 @@ def _long_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.n
                max_holding_bars: int, maker_fee: float, touch: bool, tick: float) -> tuple[np.ndarray, np.ndarray]:
     """Compiled labels for a long; a short runs here on mirrored prices (p -> -p, high <-> low).
 
-    Non-strict tests are made strict exactly (x <= level  <=>  x < nextafter(level, +inf)), so the
-    scans carry no rule or side branches. `price_sign` (-1 for mirrored prices) restores real prices
+    A limit that fills on touch (x <= level) is tested strictly against nextafter(level, +inf), which is
+    exact, so the scans carry no rule or side branches. `price_sign` (-1 for mirrored prices) restores real prices
     for the fee check; tick > 0 rounds the limit down to the tick grid (up, for a mirrored short).
     """
     n = close.shape[0]
@@ -96,7 +96,7 @@ def _long_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.n
         end = fill + max_holding_bars
         last = min(end, n - 1)
         take_above = np.nextafter(take, -np.inf) if touch else take
-        j = _first_exit(low, high, fill + 1, last, np.nextafter(stop, np.inf), take_above)
+        j = _first_exit(low, high, fill + 1, last, stop, take_above)
         if j <= last:
             if open_[j] > take_above or low[j] > stop:
                 pnl = (take - limit) - maker_fee * price_sign * (take + limit)
