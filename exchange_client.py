@@ -660,7 +660,14 @@ class ExchangeClient:
                     tp_limit_price: Any = None, sl_limit_price: Any = None,
                     trigger_price: Any = None, trigger_direction: int | None = None,
                     trigger_by: str = "LastPrice") -> OrderAck:
-        """Create an order idempotently: the intent's orderLinkId makes a retried create land at most once."""
+        """Create an order idempotently: the intent's orderLinkId makes a retried create land at most once.
+
+        Prices go to the tick (PostOnly: on the passive side), quantities DOWN to the step; local rule
+        violations raise the exchange's classes before sending. A RetryableError with `ambiguous=True`
+        means the outcome stayed unknown: calling again with the same intent is safe.
+        """
+        if order_type not in ("Limit", "Market"):
+            raise ValueError(f"order_type must be Limit or Market, got {order_type!r}")
         rules = self._rules()
         side = _side(side)
         link = order_link_id(intent)
