@@ -23,7 +23,6 @@ import asyncio
 import hashlib
 import heapq
 import hmac
-import itertools
 import json
 import logging
 import math

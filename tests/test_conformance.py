@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 
 import pytest

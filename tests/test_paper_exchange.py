@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,8 @@ from pybit.exceptions import FailedRequestError, InvalidRequestError
 from pybit.unified_trading import HTTP
 import pybit.unified_trading as ut
 
-from paper_exchange import (ExchangeThread, Instrument, MarketReplay, MatchingEngine, build_exchange,
-                            load_instrument, trade_prints)
+from config import InstrumentConfig
+from paper_exchange import ExchangeThread, MarketReplay, MatchingEngine, build_exchange, load_instrument, trade_prints
 from paper_market import START_MS, SYMBOL, write_market
 
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
@@ -115,9 +116,15 @@ def test_instrument_json_rules_are_enforced(venue, tmp_path):
     assert s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Limit", qty="0.6",
                          price="99.00")["retCode"] == 0
     defaults = load_instrument(tmp_path / "nothing-here", "XUSDT")
-    assert (defaults.tick_size, defaults.min_notional) == (Instrument("X", *[defaults.tick_size] * 4).tick_size,
-                                                           defaults.min_notional)
-    assert str(defaults.qty_step) == "0.001" and str(defaults.min_notional) == "5.0"
+    cfg = InstrumentConfig()
+    assert (defaults.symbol, defaults.tick_size, defaults.qty_step, defaults.min_qty, defaults.min_notional) == (
+        "XUSDT", Decimal(str(cfg.tick_size)), Decimal(str(cfg.qty_step)), Decimal(str(cfg.min_qty)),
+        Decimal(str(cfg.min_notional)))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "instrument.json").write_text('{"symbol": "XUSDT", "tickSize": "abc"}')
+    with pytest.raises(ValueError, match="instrument.json"):
+        load_instrument(bad, "XUSDT")
 
 
 # ------------------------------------------------------------------ orders and fills
