@@ -298,12 +298,8 @@ class BookReplay:
                                      msg["data"].get("pu", -1), msg["_bids"], msg["_asks"], line)
         self._log_events(path)
         if res == ob.APPLIED and self.tob.shape[0]:
-            bid, bsz, ask, asz = (float("nan"),) * 4
-            if self.book.st[ob.NB]:
-                bid, bsz = self.book.best_bid(), self.book.bq[self.book.st[ob.NB] - 1]
-            if self.book.st[ob.NA]:
-                ask, asz = self.book.best_ask(), self.book.aq[self.book.st[ob.NA] - 1]
-            self.tob[self.nt[0]] = msg["ts"], msg["data"]["u"], bid, bsz, ask, asz
+            bp, bq, ap, aq = (np.append(x, np.nan)[0] for x in self.book.top(1))
+            self.tob[self.nt[0]] = msg["ts"], msg["data"]["u"], bp, bq, ap, aq
             self.nt[0] += 1
 
     def _log_events(self, path: Path) -> None:

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------ state layout (int64 array)
 NB, NA, LAST_U, VALID, GAPS, RESETS, CROSSED, MESSAGES, LAST_TS, NEXT_SAMPLE = range(10)
 SNAPSHOTS, STALE, SKIPPED, TIME_REVERSALS, HAS_PREV, STARTED, INTERVAL, STALE_MS, LEVELS, IS_CROSSED = range(10, 20)
-AFTER_SNAP, TOMB_B, TOMB_A = 20, 21, 22
-N_STATE = 23
+AFTER_SNAP, TOMB_B, TOMB_A, LO_B, LO_A, SHIFT_WORK_B, SHIFT_WORK_A = range(20, 27)
+N_STATE = 27
 
 # message modes: RAW applies without sequence checks (the caller sequences, e.g. BinanceSync);
 # SEQUENCED applies the archive/WS rules (u consecutive or pu chain, u=1 reset, snapshot resets).
@@ -44,6 +44,7 @@ N_STATS = len(STAT_FIELDS)
 SAMPLE_COLUMNS = ("t_ms",) + STAT_FIELDS + ("ofi",)
 N_SAMPLE_COLS = len(SAMPLE_COLUMNS)
 DEFAULT_STALE_MS = 60_000
+FREE_REACH = 8  # how far an insert looks for a free slot before shifting a run of levels
 
 
 @dataclass
@@ -81,60 +82,118 @@ def _lower_bound(keys: np.ndarray, n: int, key: float) -> int:
 
 
 @njit(cache=True)
-def _compact(keys: np.ndarray, qty: np.ndarray, n: int) -> int:
-    """Drop tombstones (size 0) in place; returns the new length."""
-    j = 0
-    for i in range(n):
+def _respread(keys: np.ndarray, qty: np.ndarray, st: np.ndarray, ni: int, ti: int, li: int) -> None:
+    """Rewrite a side as [level, gap, level, gap, ..., level] centred in its arrays, so later inserts
+    anywhere in the book land in a free slot next to them instead of shifting thousands of levels.
+    A gap keeps the key of the level below it, so keys stay sorted and a live key is always the first
+    slot holding that key."""
+    lo, n = st[li], st[ni]
+    live = 0
+    for i in range(lo, lo + n):
         if qty[i] != 0.0:
-            keys[j] = keys[i]
-            qty[j] = qty[i]
+            live += 1
+    k = np.empty(live)
+    v = np.empty(live)
+    j = 0
+    for i in range(lo, lo + n):
+        if qty[i] != 0.0:
+            k[j] = keys[i]
+            v[j] = qty[i]
             j += 1
-    return j
+    size = 2 * live - 1 if live > 0 else 0
+    new = (keys.shape[0] - size) // 2
+    for j in range(live):
+        keys[new + 2 * j] = k[j]
+        qty[new + 2 * j] = v[j]
+        if j + 1 < live:
+            keys[new + 2 * j + 1] = k[j]
+            qty[new + 2 * j + 1] = 0.0
+    st[li] = new
+    st[ni] = size
+    st[ti] = live - 1 if live > 0 else 0
+    st[SHIFT_WORK_B + (ni - NB)] = 0
 
 
 @njit(cache=True)
-def _set_level(keys: np.ndarray, qty: np.ndarray, st: np.ndarray, ni: int, ti: int, key: float, q: float) -> None:
-    """Set one level's absolute size; 0 deletes (the top is popped, interior levels become tombstones)."""
+def _set_level(keys: np.ndarray, qty: np.ndarray, st: np.ndarray, ni: int, ti: int, li: int, key: float,
+               q: float) -> None:
+    """Set one level's absolute size in keys[lo:lo+n]; 0 deletes (top popped, interior -> free slot)."""
     n = st[ni]
-    i = _lower_bound(keys, n, key)
-    if i < n and keys[i] == key:
+    lo = st[li]
+    i = lo + _lower_bound(keys[lo:lo + n], n, key)
+    top = lo + n
+    if i < top and keys[i] == key:
         if q != 0.0:
             if qty[i] == 0.0:
                 st[ti] -= 1
             qty[i] = q
         elif qty[i] != 0.0:
-            if i == n - 1:
+            if i == top - 1:
                 n -= 1
-                while n > 0 and qty[n - 1] == 0.0:
+                while n > 0 and qty[lo + n - 1] == 0.0:
                     n -= 1
                     st[ti] -= 1
                 st[ni] = n
             else:
                 qty[i] = 0.0
                 st[ti] += 1
-                if st[ti] > 64 and 2 * st[ti] > n:
-                    st[ni] = _compact(keys, qty, n)
-                    st[ti] = 0
+                if st[ti] > 64 and st[ti] > 2 * (n - st[ti]):
+                    _respread(keys, qty, st, ni, ti, li)
         return
     if q == 0.0:
         return
-    # reuse a tombstone next to the insert point if there is one, else shift the levels above it up
-    if i < n and qty[i] == 0.0:
+    # a free slot at or just below the insert point takes the level without moving anything
+    if i < top and qty[i] == 0.0:
         keys[i] = key
         qty[i] = q
         st[ti] -= 1
         return
-    if i > 0 and qty[i - 1] == 0.0:
+    if i > lo and qty[i - 1] == 0.0:
         keys[i - 1] = key
         qty[i - 1] = q
         st[ti] -= 1
         return
-    if i < n:
-        keys[i + 1:n + 1] = keys[i:n]
-        qty[i + 1:n + 1] = qty[i:n]
-    keys[i] = key
-    qty[i] = q
+    # else shift toward a nearby free slot, or the shorter run to an end of the region
+    for d in range(1, FREE_REACH):
+        j = i - 1 - d
+        if j >= lo and qty[j] == 0.0:
+            keys[j:i - 1] = keys[j + 1:i]
+            qty[j:i - 1] = qty[j + 1:i]
+            keys[i - 1] = key
+            qty[i - 1] = q
+            st[ti] -= 1
+            return
+        k = i + d
+        if k < top and qty[k] == 0.0:
+            keys[i + 1:k + 1] = keys[i:k]
+            qty[i + 1:k + 1] = qty[i:k]
+            keys[i] = key
+            qty[i] = q
+            st[ti] -= 1
+            return
+    down = i - lo < top - i
+    if (down and lo == 0) or (not down and top == keys.shape[0]):
+        _respread(keys, qty, st, ni, ti, li)
+        _set_level(keys, qty, st, ni, ti, li, key, q)
+        return
+    if down:
+        keys[lo - 1:i - 1] = keys[lo:i]
+        qty[lo - 1:i - 1] = qty[lo:i]
+        keys[i - 1] = key
+        qty[i - 1] = q
+        st[li] = lo - 1
+        moved = i - lo
+    else:
+        keys[i + 1:top + 1] = keys[i:top]
+        qty[i + 1:top + 1] = qty[i:top]
+        keys[i] = key
+        qty[i] = q
+        moved = top - i
     st[ni] = n + 1
+    work = SHIFT_WORK_B + (ni - NB)
+    st[work] += moved
+    if st[work] > 2 * (n + 64):
+        _respread(keys, qty, st, ni, ti, li)
 
 
 @njit(cache=True)
@@ -217,7 +276,9 @@ def _emit_samples(st: np.ndarray, prev: np.ndarray, bp: np.ndarray, bq: np.ndarr
         if ok:
             row = samples[ns[0]]
             row[0] = float(g)
-            book_stats(bp, bq, st[NB], ap, aq, st[NA], st[LEVELS], row[1:])
+            lb, la = st[LO_B], st[LO_A]
+            book_stats(bp[lb:lb + st[NB]], bq[lb:lb + st[NB]], st[NB], ap[la:la + st[NA]], aq[la:la + st[NA]],
+                       st[NA], st[LEVELS], row[1:])
             bid, bsz, ask, asz = row[1], row[3], row[2], row[4]
             row[N_SAMPLE_COLS - 1] = _ofi(prev, bid, bsz, ask, asz) if st[HAS_PREV] == 1 else 0.0
             prev[0] = bid
@@ -249,7 +310,7 @@ def on_message(st: np.ndarray, prev: np.ndarray, bp: np.ndarray, bq: np.ndarray,
                samples: np.ndarray, ns: np.ndarray, events: np.ndarray, ne: np.ndarray, line: int) -> int:
     """Advance the sampling clock to ts, then sequence-check and apply one book message (prices > 0)."""
     cap = bp.shape[0]
-    if st[NB] + nmb > cap or st[NA] + nma > cap:
+    if 3 * (st[NB] + nmb) > cap or 3 * (st[NA] + nma) > cap:
         return NEED_GROW
     if st[INTERVAL] > 0 and ns[0] + st[STALE_MS] // st[INTERVAL] + 2 > samples.shape[0]:
         return NEED_FLUSH
@@ -305,6 +366,10 @@ def on_message(st: np.ndarray, prev: np.ndarray, bp: np.ndarray, bq: np.ndarray,
         st[NA] = 0
         st[TOMB_B] = 0
         st[TOMB_A] = 0
+        st[LO_B] = cap // 2
+        st[LO_A] = cap // 2
+        st[SHIFT_WORK_B] = 0
+        st[SHIFT_WORK_A] = 0
         st[HAS_PREV] = 0
         if is_snap:
             st[SNAPSHOTS] += 1
@@ -315,15 +380,17 @@ def on_message(st: np.ndarray, prev: np.ndarray, bp: np.ndarray, bq: np.ndarray,
             st[LAST_U] = u
             return IGNORED
     for i in range(nmb):
-        _set_level(bp, bq, st, NB, TOMB_B, mb_px[i], mb_q[i])
+        _set_level(bp, bq, st, NB, TOMB_B, LO_B, mb_px[i], mb_q[i])
     for i in range(nma):
-        _set_level(ap, aq, st, NA, TOMB_A, -ma_px[i], ma_q[i])
+        _set_level(ap, aq, st, NA, TOMB_A, LO_A, -ma_px[i], ma_q[i])
     nb = st[NB]
     na = st[NA]
+    tb = st[LO_B] + nb - 1
+    ta = st[LO_A] + na - 1
     st[LAST_U] = u
     if not is_snap:
         st[AFTER_SNAP] = 0
-    crossed = nb > 0 and na > 0 and bp[nb - 1] >= -ap[na - 1]
+    crossed = nb > 0 and na > 0 and bp[tb] >= -ap[ta]
     if crossed and st[IS_CROSSED] == 0:
         st[CROSSED] += 1
         _event(events, ne, line, EV_CROSSED, u)
@@ -622,11 +689,11 @@ def replay_chunk(buf: np.ndarray, pos: int, final: bool, line: int, sym: np.ndar
             row = tob[nt[0]]
             row[0] = hdr[1]
             row[1] = hdr[2]
-            nb, na = st[NB], st[NA]
-            row[2] = bp[nb - 1] if nb > 0 else np.nan
-            row[3] = bq[nb - 1] if nb > 0 else np.nan
-            row[4] = -ap[na - 1] if na > 0 else np.nan
-            row[5] = aq[na - 1] if na > 0 else np.nan
+            tb, ta = st[LO_B] + st[NB] - 1, st[LO_A] + st[NA] - 1
+            row[2] = bp[tb] if st[NB] > 0 else np.nan
+            row[3] = bq[tb] if st[NB] > 0 else np.nan
+            row[4] = -ap[ta] if st[NA] > 0 else np.nan
+            row[5] = aq[ta] if st[NA] > 0 else np.nan
             nt[0] += 1
         pos = nl + 1
         line += 1
@@ -655,6 +722,7 @@ class OrderBook:
         self.st[INTERVAL] = sample_interval_ms
         self.st[STALE_MS] = stale_ms
         self.st[LEVELS] = levels
+        self.st[LO_B] = self.st[LO_A] = capacity // 2
         self.prev = np.zeros(4)
         self.samples = np.zeros((max(sample_buffer, stale_ms // max(sample_interval_ms, 1) + 16),
                                  N_SAMPLE_COLS))
@@ -665,15 +733,18 @@ class OrderBook:
 
     # -------------------------------------------------------------- capacity and buffers
     def grow(self, need: int) -> None:
-        """Enlarge the level arrays so each side can hold `need` levels."""
+        """Enlarge the level arrays to at least `need` slots per side, re-centring each side's levels."""
         cap = self.bp.shape[0]
         while cap < need:
             cap *= 2
-        for name in ("bp", "bq", "ap", "aq"):
-            old = getattr(self, name)
-            new = np.zeros(cap)
-            new[:old.shape[0]] = old
-            setattr(self, name, new)
+        for keys, qty, lo_i, n_i in (("bp", "bq", LO_B, NB), ("ap", "aq", LO_A, NA)):
+            lo, n = int(self.st[lo_i]), int(self.st[n_i])
+            new_lo = (cap - n) // 2
+            for name in (keys, qty):
+                new = np.zeros(cap)
+                new[new_lo:new_lo + n] = getattr(self, name)[lo:lo + n]
+                setattr(self, name, new)
+            self.st[lo_i] = new_lo
 
     def flush_samples(self) -> None:
         """Move the filled sample rows out of the fixed buffer."""
@@ -707,7 +778,7 @@ class OrderBook:
                              int(u), int(pu), bids[:, 0], bids[:, 1], bids.shape[0], asks[:, 0], asks[:, 1],
                              asks.shape[0], self.samples, self.ns, self.events, self.ne, int(line))
             if res == NEED_GROW:
-                self.grow(max(self.st[NB], self.st[NA]) + max(bids.shape[0], asks.shape[0]) + 1)
+                self.grow(3 * (max(self.st[NB], self.st[NA]) + max(bids.shape[0], asks.shape[0]) + 1))
             elif res == NEED_FLUSH:
                 self.flush_samples()
             else:
@@ -775,23 +846,34 @@ class OrderBook:
                  "crossed": CROSSED, "stale": STALE, "skipped_invalid": SKIPPED, "time_reversals": TIME_REVERSALS}
         return {k: int(self.st[i]) for k, i in names.items()}
 
+    def _side(self, bids: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, sizes) views of one side, best level last (tombstones included)."""
+        lo, n = (int(self.st[LO_B]), int(self.st[NB])) if bids else (int(self.st[LO_A]), int(self.st[NA]))
+        keys, qty = (self.bp, self.bq) if bids else (self.ap, self.aq)
+        return keys[lo:lo + n], qty[lo:lo + n]
+
     def best_bid(self) -> float:
-        return float(self.bp[self.st[NB] - 1]) if self.st[NB] else float("nan")
+        keys, _ = self._side(True)
+        return float(keys[-1]) if len(keys) else float("nan")
 
     def best_ask(self) -> float:
-        return float(-self.ap[self.st[NA] - 1]) if self.st[NA] else float("nan")
+        keys, _ = self._side(False)
+        return float(-keys[-1]) if len(keys) else float("nan")
 
     def top(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(bid_px, bid_qty, ask_px, ask_qty) of the best n levels, best first."""
-        nb, na = int(self.st[NB]), int(self.st[NA])
-        bq, aq = self.bq[:nb][::-1], self.aq[:na][::-1]
-        bid, ask = bq != 0, aq != 0
-        return (self.bp[:nb][::-1][bid][:n], bq[bid][:n], -self.ap[:na][::-1][ask][:n], aq[ask][:n])
+        bk, bq = self._side(True)
+        ak, aq = self._side(False)
+        bk, bq, ak, aq = bk[::-1], bq[::-1], ak[::-1], aq[::-1]
+        bl, al = bq != 0, aq != 0
+        return bk[bl][:n], bq[bl][:n], -ak[al][:n], aq[al][:n]
 
     def stats(self, n_levels: int) -> BookStats:
         """BookStats over the top n_levels."""
         out = np.empty(N_STATS)
-        book_stats(self.bp, self.bq, int(self.st[NB]), self.ap, self.aq, int(self.st[NA]), n_levels, out)
+        bk, bq = self._side(True)
+        ak, aq = self._side(False)
+        book_stats(bk, bq, len(bk), ak, aq, len(ak), n_levels, out)
         return BookStats(*(float(x) for x in out))
 
 
