@@ -349,6 +349,17 @@ def test_full_order_lifecycle_postonly_tpsl_fill_exit_and_close(paper, client):
         private.close()
 
 
+def test_reduce_only_conditional_stop_triggers_on_the_fall(paper, client):
+    client.place_order("cond-entry", "Buy", 0.1, order_type="Market")
+    ack = client.place_order("cond-stop", "Sell", 0.1, order_type="Market", reduce_only=True,
+                             trigger_price=99.604, trigger_direction=2)
+    row = client.find_order(ack.order_link_id)
+    assert (row["orderStatus"], row["triggerPrice"], row["reduceOnly"]) == ("Untriggered", "99.60", True)
+    paper.advance(7)  # the dip prints at 99.51: the stop triggers and closes the long
+    assert client.find_order(ack.order_link_id)["orderStatus"] == "Filled"
+    assert float(client.positions()[0]["size"]) == 0.0
+
+
 def raw_order(**kw) -> dict:
     params = {"category": "linear", "symbol": SYMBOL, "side": "Buy", "orderType": "Limit", "qty": "0.1",
               "price": "99.00", "timeInForce": "GTC", "positionIdx": 0}
