@@ -894,6 +894,13 @@ class MatchingEngine:
             if target is None or target.size == 0:
                 self._cancel(order, "CancelByReduceOnly")
                 return
+        else:
+            try:
+                self._check_margin(order, order.price or self._taker_ref(order.side))
+            except ExchangeError:
+                order.reject_reason = "EC_Others"  # Bybit documents no specific reason for this case
+                self._cancel(order, "UNKNOWN", status="Rejected")
+                return
         self._activate(order)
 
     # ------------------------------------------------------------ matching
@@ -908,7 +915,7 @@ class MatchingEngine:
             self._emit_order(order)
             return
         if order.tif == "FOK" and self._takeable(order) < order.leaves:
-            order.reject_reason = "EC_FOKNoFill"
+            order.reject_reason = "EC_CancelForNoFullFill"
             self._cancel(order, "UNKNOWN")
             return
         order.status = "New"

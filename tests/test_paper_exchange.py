@@ -219,7 +219,7 @@ def test_crossing_limit_takes_liquidity_up_to_its_price_then_rests(venue):
     s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Limit", qty="5", price="100.02",
                   timeInForce="FOK", orderLinkId="fok")
     o = order(s, "fok")
-    assert (o["orderStatus"], o["cumExecQty"]) == ("Cancelled", "0.000")
+    assert (o["orderStatus"], o["cumExecQty"], o["rejectReason"]) == ("Cancelled", "0.000", "EC_CancelForNoFullFill")
 
 
 def test_post_only_that_would_cross_is_accepted_then_cancelled(venue):
@@ -374,6 +374,8 @@ def test_conditional_order_waits_for_its_trigger(venue):
     s = client(ex)
     s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="1", triggerPrice="100.50",
                   triggerDirection=1, orderLinkId="brk")
+    s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="2000",
+                  triggerPrice="100.50", triggerDirection=1, orderLinkId="huge")  # margin is checked at trigger
     assert order(s, "brk")["orderStatus"] == "Untriggered"
     assert position(s)["size"] == "0"
     ex.advance(8)  # second 8: last 100.31
@@ -381,6 +383,7 @@ def test_conditional_order_waits_for_its_trigger(venue):
     ex.advance(2)  # second 10: last 100.51
     o = order(s, "brk")
     assert (o["orderStatus"], o["avgPrice"]) == ("Filled", "100.51")
+    assert order(s, "huge")["orderStatus"] == "Rejected"  # 2000 x 100.5 / 10x leverage > 10,000 equity
     assert position(s)["size"] == "1.000"
 
 
