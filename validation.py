@@ -200,13 +200,14 @@ def walk_forward_splits(t0: Any, t1: Any, n_groups: int, embargo: Any, min_train
 
 # ---------------------------------------------------------------- PBO
 def _column_sharpe(sums: np.ndarray, squares: np.ndarray, count: int) -> np.ndarray:
-    """Per-trial Sharpe ratio (mean / sample std) from sums; zero variance gives ±inf (0 for a zero mean)."""
+    """Sharpe ratio (mean / sample std) from sums; zero variance gives ±inf, or 0 for a zero mean."""
     mean = sums / count
     var = np.maximum(squares - sums * mean, 0.0) / (count - 1)
     std = np.sqrt(var)
     with np.errstate(divide="ignore", invalid="ignore"):
         sr = mean / std
-    return np.where(std > 0, sr, np.sign(mean) * np.inf)
+    flat = np.where(mean > 0, np.inf, np.where(mean < 0, -np.inf, 0.0))
+    return np.where(std > 0, sr, flat)
 
 
 def pbo(returns_matrix: Any, n_partitions: int) -> tuple[float, np.ndarray]:
@@ -214,8 +215,8 @@ def pbo(returns_matrix: Any, n_partitions: int) -> tuple[float, np.ndarray]:
 
     Rows are periods, columns are trials. Rows are cut into S = n_partitions equal blocks (the oldest
     T mod S rows are dropped); for each of the C(S, S/2) choices of in-sample blocks the in-sample
-    Sharpe-best trial's out-of-sample relative rank ω = rank/(M+1) gives λ = ln(ω/(1-ω));
-    PBO is the share of partitions with λ <= 0.
+    Sharpe-best trial's out-of-sample relative rank ω = rank/(M+1) (average rank on ties) gives
+    λ = ln(ω/(1-ω)); PBO is the share of partitions with λ <= 0.
     """
     m = np.asarray(returns_matrix, dtype=np.float64)
     if m.ndim != 2 or m.shape[1] < 2:
@@ -234,18 +235,22 @@ def pbo(returns_matrix: Any, n_partitions: int) -> tuple[float, np.ndarray]:
     block_sum, block_sq = blocks.sum(axis=1), (blocks ** 2).sum(axis=1)
     total_sum, total_sq = block_sum.sum(axis=0), block_sq.sum(axis=0)
     half = n_partitions // 2
-    count = rows * half
+    combos = list(itertools.combinations(range(n_partitions), half))
+    in_sample = np.zeros((len(combos), n_partitions))
+    in_sample[np.repeat(np.arange(len(combos)), half), np.ravel(combos)] = 1.0
     n_trials = m.shape[1]
+    chunk = max(1, 1_000_000 // n_trials)
     logits = []
-    for chosen in itertools.combinations(range(n_partitions), half):
-        idx = list(chosen)
-        is_sum, is_sq = block_sum[idx].sum(axis=0), block_sq[idx].sum(axis=0)
-        is_sr = _column_sharpe(is_sum, is_sq, count)
-        oos_sr = _column_sharpe(total_sum - is_sum, total_sq - is_sq, count)
-        best = int(np.argmax(is_sr))
-        omega = stats.rankdata(oos_sr)[best] / (n_trials + 1)
-        logits.append(math.log(omega / (1.0 - omega)))
-    lam = np.asarray(logits)
+    for start in range(0, len(combos), chunk):
+        chosen = in_sample[start:start + chunk]
+        is_sum, is_sq = chosen @ block_sum, chosen @ block_sq
+        is_sr = _column_sharpe(is_sum, is_sq, rows * half)
+        oos_sr = _column_sharpe(total_sum - is_sum, total_sq - is_sq, rows * half)
+        best = oos_sr[np.arange(len(chosen)), np.argmax(is_sr, axis=1)][:, None]
+        rank = (oos_sr < best).sum(axis=1) + ((oos_sr == best).sum(axis=1) + 1) / 2.0
+        omega = rank / (n_trials + 1)
+        logits.append(np.log(omega / (1.0 - omega)))
+    lam = np.concatenate(logits)
     return float(np.mean(lam <= 0.0)), lam
 
 

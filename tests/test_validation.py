@@ -241,7 +241,10 @@ def pbo_by_definition(m, s):
     for chosen in itertools.combinations(range(s), s // 2):
         is_rows = np.concatenate([blocks[i] for i in chosen])
         oos_rows = np.setdiff1d(np.arange(len(m)), is_rows)
-        sr = lambda x: x.mean(axis=0) / x.std(axis=0, ddof=1)  # noqa: E731
+        def sr(x):
+            mean, std = x.mean(axis=0), x.std(axis=0, ddof=1)
+            return np.array([mu / sd if sd > 0 else (math.inf if mu > 0 else -math.inf if mu < 0 else 0.0)
+                             for mu, sd in zip(mean, std)])
         best = np.argmax(sr(m[is_rows]))
         omega = stats.rankdata(sr(m[oos_rows]))[best] / (m.shape[1] + 1)
         lam.append(np.log(omega / (1 - omega)))
@@ -276,6 +279,16 @@ def test_pbo_near_zero_with_one_truly_better_strategy():
     m[:, 17] += 0.004
     value, lam = pbo(m, 10)
     assert value < 0.05 and np.median(lam) > 2
+
+
+def test_pbo_handles_flat_trials_and_ties():
+    m = np.random.default_rng(5).normal(0, 0.01, (400, 6))
+    m[:, 0] = 0.0        # a trial that never trades: Sharpe 0, not NaN
+    m[:, 1] = m[:, 2]    # two identical trials tie in every rank
+    value, lam = pbo(m, 8)
+    ref_value, ref_lam = pbo_by_definition(m, 8)
+    assert np.isfinite(lam).all() and value == ref_value
+    np.testing.assert_allclose(lam, ref_lam, rtol=1e-9)
 
 
 def test_pbo_refuses_bad_shapes():
