@@ -251,3 +251,18 @@ def test_make_labels_names_missing_columns():
     idx = pd.date_range("2026-01-01", periods=3, freq="5min", tz="UTC")
     with pytest.raises(ValueError, match="atr"):
         make_labels(pd.DataFrame({"open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0}, index=idx), GlobalConfig())
+
+
+@pytest.mark.parametrize("side,rule", [(1, "trade_through"), (-1, "touch")])
+def test_each_label_is_known_at_its_t1_from_bars_up_to_t1_only(side, rule):
+    b = random_bars(7, 400, on_grid=True)
+    y, t1 = execution_labels(b["open"], b["high"], b["low"], b["close"], b["atr"], side, fill_rule=rule, **P)
+    for t in np.flatnonzero(y >= 0)[::3]:
+        cut = {k: v[: t1[t] + 1] for k, v in b.items()}
+        y_cut, t1_cut = execution_labels(cut["open"], cut["high"], cut["low"], cut["close"], cut["atr"], side,
+                                         fill_rule=rule, **P)
+        assert (y_cut[t], t1_cut[t]) == (y[t], t1[t])
+        if t1[t] > t + 1:   # one bar less and the outcome is not yet known
+            short = {k: v[: t1[t]] for k, v in b.items()}
+            assert execution_labels(short["open"], short["high"], short["low"], short["close"], short["atr"],
+                                    side, fill_rule=rule, **P)[0][t] == -1
