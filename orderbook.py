@@ -70,15 +70,16 @@ class BookStats:
 # ------------------------------------------------------------------ numba core
 @njit(cache=True)
 def _lower_bound(keys: np.ndarray, n: int, key: float) -> int:
-    """First index in keys[:n] whose value is >= key."""
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if keys[mid] < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    """First index in keys[:n] whose value is >= key (branch-free halving, n may be 0)."""
+    if n == 0:
+        return 0
+    base = 0
+    length = n
+    while length > 1:
+        half = length >> 1
+        base = base + half if keys[base + half] < key else base
+        length -= half
+    return base + (1 if keys[base] < key else 0)
 
 
 @njit(cache=True)
@@ -473,26 +474,23 @@ def _decimal(buf: np.ndarray, p: int, e: int) -> tuple[float, int]:
     if p >= e or buf[p] != 34:
         return 0.0, -1
     p += 1
+    s = p
     m = 0
-    k = 0
-    digits = 0
-    dot = False
-    while p < e and buf[p] != 34:
-        c = buf[p]
-        if 48 <= c <= 57:
-            if digits >= 17:
-                return 0.0, -1
-            m = m * 10 + (c - 48)
-            if m > 0:
-                digits += 1
-            if dot:
-                k += 1
-        elif c == 46 and not dot:
-            dot = True
+    dot = -1
+    while p < e:
+        d = np.int64(buf[p]) - 48
+        if 0 <= d <= 9:
+            m = m * 10 + d
+        elif d == -2 and dot < 0:
+            dot = p
         else:
-            return 0.0, -1
+            break
         p += 1
-    if p >= e or m >= _MAX_EXACT or k > 22 or (dot and k == 0) or (p > 0 and buf[p - 1] == 34):
+    if p >= e or buf[p] != 34:
+        return 0.0, -1
+    digits = p - s - (1 if dot >= 0 else 0)
+    k = p - dot - 1 if dot >= 0 else 0
+    if digits == 0 or digits > 18 or m >= _MAX_EXACT or k > 22 or (dot >= 0 and k == 0):
         return 0.0, -1
     return m / _POW10[k], p + 1
 
