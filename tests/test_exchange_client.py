@@ -530,6 +530,20 @@ def test_market_stream_keeps_its_own_sequence_checked_book(paper, market):
     assert market.book_ts == START_MS + 5000 - 1  # matching-engine time (cts) of the dip, the last change
 
 
+def test_kline_subscription_delivers_closed_candles(paper, client):
+    candles: list = []
+    stream = client.market_stream(kline_interval=1, on_kline=candles.extend, ping_interval=5, ping_timeout=2)
+    stream.start()
+    try:
+        assert wait_until(lambda: stream.ready and stream.acks == 3)
+        paper.advance(65)
+        assert wait_until(lambda: any(c["confirm"] for c in candles))
+        closed = next(c for c in candles if c["confirm"])
+        assert closed["start"] == START_MS and closed["interval"] == "1" and closed["low"] == "99.51"
+    finally:
+        stream.close()
+
+
 @pytest.mark.parametrize("how", ["abort", "close"])
 def test_ws_drop_reconnects_and_resyncs_the_book(paper, market, how):
     paper.call(paper.exchange.drop_ws, "public", how)
