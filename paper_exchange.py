@@ -344,6 +344,7 @@ class MatchingEngine:
                 avail = sum(q for p, q in self.levels("Sell") if p >= order.price)
                 self._fill(order, self._lots(avail), order.price, True)
         self._check_triggers()
+        self._check_liquidation()
 
     def on_trade(self, price: float, size: float, side: str, ts_ms: int) -> None:
         """A public trade: resting limits it trades through fill (up to its size); triggers re-check."""
@@ -1103,6 +1104,33 @@ class MatchingEngine:
                     total += self.inst.qty(opening) * px / self.positions[o.position_idx].leverage
         return total
 
+    def maintenance_margin(self) -> float:
+        mark = self.mark()
+        return sum(self.inst.qty(abs(p.size)) * mark * MAINT_MARGIN_RATE for p in self.positions.values())
+
+    def _check_liquidation(self) -> None:
+        """Equity at or below maintenance margin: cancel every order and close every position at market.
+
+        Cross margin, one flat maintenance rate; a loss beyond the wallet is absorbed (balance floors at 0,
+        as Bybit's insurance fund does)."""
+        if not any(p.size for p in self.positions.values()) or self.equity() > self.maintenance_margin():
+            return
+        log.warning("liquidation at mark %.8g: equity %.8g <= maintenance margin %.8g", self.mark(), self.equity(),
+                    self.maintenance_margin())
+        for o in list(self.active.values()):
+            self._cancel(o, "CancelAllBeforeLiq", status="Deactivated" if o.status == "Untriggered" else "Cancelled")
+        for pos in self._slots():
+            if pos.size:
+                liq = Order(order_id=str(uuid.uuid4()), link_id="", side="Sell" if pos.size > 0 else "Buy",
+                            order_type="Market", price=0, qty=abs(pos.size), tif="IOC", position_idx=pos.idx,
+                            reduce_only=True, created=self.now_ms, updated=self.now_ms, close_on_trigger=True,
+                            create_type="CreateByLiq", last_price_on_created=self.last_price)
+                self.orders[liq.order_id] = liq
+                self._activate(liq)
+        if self.wallet < 0:
+            self.wallet = 0.0
+            self.events.append(("wallet", self.wallet_record()))
+
     def equity(self) -> float:
         return self.wallet + self.unrealised()
 
@@ -1189,7 +1217,7 @@ class MatchingEngine:
         upnl = self.unrealised()
         equity = self.wallet + upnl
         pos_im, ord_im = self.position_im(), self.order_im()
-        mm = sum(self.inst.qty(abs(p.size)) * self.mark() * MAINT_MARGIN_RATE for p in self.positions.values())
+        mm = self.maintenance_margin()
         im = pos_im + ord_im
         avail = equity - im
         coin = {"coin": "USDT", "equity": money(equity), "usdValue": money(equity), "walletBalance": money(self.wallet),

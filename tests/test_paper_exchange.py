@@ -824,3 +824,28 @@ def test_real_bybit_archive_book_is_served_and_streamed_consistently(tmp_path, r
             if not left:
                 break
         assert sorted((f["execPrice"], f["execQty"]) for f in fills) == sorted(expected)
+
+
+def test_liquidation_closes_everything_when_equity_reaches_maintenance_margin(venue):
+    mids = [100.0] * 5 + [100.0 - 0.5 * i for i in range(1, 40)]
+    ex = venue(mids, balance=100.0)
+    s = client(ex)
+    s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="9")  # IM 90 at 10x
+    s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Limit", qty="0.5", price="50.00",
+                  orderLinkId="far")
+    fills = s.get_executions(category="linear", symbol=SYMBOL)["result"]["list"]
+    entry = sum(float(f["execValue"]) for f in fills) / 9
+    fees = sum(float(f["execFee"]) for f in fills)
+    # the first one-second book whose mid brings equity to the 0.5% maintenance margin
+    second = next(i for i, mid in enumerate(mids) if 100 - fees + (mid - entry) * 9 <= 9 * mid * 0.005)
+    ex.advance(second - 0.1)
+    assert position(s)["size"] == "9.000"
+    ex.advance(0.2)
+    assert position(s)["size"] == "0"
+    assert order(s, "far")["cancelType"] == "CancelAllBeforeLiq"
+    liq = [f for f in s.get_executions(category="linear", symbol=SYMBOL)["result"]["list"]
+           if f["createType"] == "CreateByLiq"]
+    bids = [round(mids[second] - 0.01 * (k + 1), 2) for k in range(4)]
+    assert sorted((float(f["execPrice"]), f["execQty"]) for f in liq) == sorted(
+        zip(bids, ["1.000", "2.000", "3.000", "3.000"]))
+    assert float(wallet(s)["totalWalletBalance"]) >= 0.0
