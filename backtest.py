@@ -9,6 +9,7 @@ CLI: python backtest.py --config models_v9/<SYM>/rank_1/params.json [--data-dir 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -405,6 +406,9 @@ def run_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg: GlobalConfig,
     if t.size > 1 and int(np.min(np.diff(t))) != bar_s:
         raise ValueError(f"bars are {int(np.min(np.diff(t)))} s apart but the timeframe is {cfg.data.timeframe} "
                          f"({bar_s} s): set data.timeframe (--timeframe) to match the bars")
+    if fine is not None and t.size:
+        end = frame.index[-1] + pd.Timedelta(seconds=bar_s)
+        fine = fine.loc[(fine.index >= frame.index[0]) & (fine.index < end)]
     p = probs.reindex(frame.index)[PROB_COLUMNS].to_numpy(np.float64)
     arr = {col: np.ascontiguousarray(frame[col].to_numpy(np.float64)) for col in PRICE_COLUMNS + ["atr"]}
     ft, fo, fh, fl, fstart, fend, lat_steps = _fine_arrays(fine, t, bar_s, sc.latency_ms)
@@ -559,11 +563,25 @@ def _model_probs(cfg: GlobalConfig, config_path: Path, frame_index: pd.DatetimeI
     import feature_engine
     import models
     bundle = models.ModelBundle.load(config_path.parent)
-    feats = feature_engine.compute_features(data_loader.load_bars(cfg), cfg)
-    warm = feats.loc[feats["is_warm"].astype(bool)]
-    if warm.empty:
+    feats = feature_engine.compute_features(data_loader.load_bars(cfg), cfg).reindex(frame_index)
+    warm = feats["is_warm"].fillna(False).to_numpy(bool)
+    if not warm.any():
         raise ValueError("no bar is past the feature warm-up: load a longer span")
-    return bundle.predict(warm[feature_engine.feature_names(cfg)]).reindex(frame_index)
+    return bundle.predict_where(feats[feature_engine.feature_names(cfg)], warm)
+
+
+def _saved_span(config_path: Path) -> tuple[pd.Timestamp, pd.Timestamp] | None:
+    """The span a training report scored (params.json 'backtest_span'), so the CLI reproduces its numbers."""
+    try:
+        span = json.loads(config_path.read_text(encoding="utf-8")).get("backtest_span")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return (pd.Timestamp(span[0]), pd.Timestamp(span[1])) if span else None
+
+
+def _between(df: pd.DataFrame | None, lo: pd.Timestamp, hi: pd.Timestamp) -> pd.DataFrame | None:
+    """Rows with bar open time in [lo, hi]."""
+    return None if df is None else df.loc[(df.index >= lo) & (df.index <= hi)]
 
 
 def _slice(df: pd.DataFrame | None, start: str, end: str) -> pd.DataFrame | None:
@@ -593,7 +611,12 @@ def main(argv: list[str] | None = None) -> int:
         signals = _read_signals(args.signals) if args.signals else None
         frame, fine = _load_market(cfg, signals)
         probs = signals[PROB_COLUMNS] if signals is not None else _model_probs(cfg, Path(args.config), frame.index)
-        frame, probs, fine = (_slice(x, cfg.data.start, cfg.data.end) for x in (frame, probs, fine))
+        span = (_saved_span(Path(args.config)) if args.config and signals is None
+                and not (cfg.data.start or cfg.data.end) else None)
+        if span is not None:
+            frame, probs = (_between(x, *span) for x in (frame, probs))
+        else:
+            frame, probs, fine = (_slice(x, cfg.data.start, cfg.data.end) for x in (frame, probs, fine))
         if frame is None or len(frame) < 2:
             raise ValueError("fewer than two bars to backtest in the chosen span")
         result = run_backtest(frame, probs, cfg, fine=fine)

@@ -16,14 +16,19 @@ import pandas as pd
 DAYS_PER_YEAR = 365.0
 
 
-def daily_returns(equity: pd.Series, initial_equity: float) -> pd.Series:
-    """Close-to-close returns of the equity marked at each UTC day's last bar (first day vs initial)."""
+def period_returns(equity: pd.Series, initial_equity: float, period: str) -> pd.Series:
+    """Close-to-close returns of the equity marked at each UTC period's last bar (first period vs initial)."""
     if equity.empty:
         return pd.Series(dtype=float)
-    day_end = equity.groupby(equity.index.floor("D")).last()
-    prev = day_end.shift(1)
+    period_end = equity.groupby(equity.index.floor(period)).last()
+    prev = period_end.shift(1)
     prev.iloc[0] = initial_equity
-    return day_end / prev - 1.0
+    return period_end / prev - 1.0
+
+
+def daily_returns(equity: pd.Series, initial_equity: float) -> pd.Series:
+    """Close-to-close returns of the equity marked at each UTC day's last bar (first day vs initial)."""
+    return period_returns(equity, initial_equity, "D")
 
 
 def bar_returns(equity: pd.Series, initial_equity: float) -> pd.Series:

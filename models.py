@@ -151,6 +151,13 @@ class ModelBundle:
                 out[col] = self.models[name].booster.predict(x)
         return out
 
+    def predict_where(self, X: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+        """Probabilities on the selected rows only; NaN (no signal) elsewhere, e.g. before feature warm-up."""
+        out = pd.DataFrame(np.nan, index=X.index, columns=self.PROBA_COLUMNS)
+        if rows.any():
+            out.loc[rows] = self.predict(X.loc[rows]).to_numpy()
+        return out
+
     def feature_importance(self) -> pd.DataFrame:
         """Total split gain of each feature per model (rows = features in bundle order)."""
         data = {name: m.booster.feature_importance(importance_type="gain") for name, m in self.models.items()}

@@ -153,3 +153,55 @@ def backtest_sections(frame: pd.DataFrame, result: Any) -> list[str]:
 def write_backtest_report(path: str | Path, frame: pd.DataFrame, result: Any, title: str = "Backtest") -> None:
     """Write the full backtest report to `path` atomically."""
     atomic_write_text(path, page(title, backtest_sections(frame, result)))
+
+
+# ---------------------------------------------------------------- training report blocks (train.py)
+def path_fan_figure(times: list[str], curves: list[list[float]]) -> go.Figure:
+    """Every CPCV path's out-of-sample equity: the spread between paths is the uncertainty of the score."""
+    fig = go.Figure()
+    for i, curve in enumerate(curves):
+        fig.add_trace(go.Scatter(x=times[: len(curve)], y=curve, mode="lines", name=f"path {i + 1}",
+                                 line={"width": 1}))
+    fig.update_layout(title="CPCV paths: out-of-sample equity on the development span", yaxis_title="equity",
+                      height=380)
+    return fig
+
+
+def pbo_figure(logits: list[float], pbo_value: float) -> go.Figure:
+    """CSCV logits of the in-sample winner's out-of-sample rank; the mass left of 0 is the PBO."""
+    fig = go.Figure(go.Histogram(x=logits, nbinsx=30, name="logit"))
+    fig.add_vline(x=0.0, line_dash="dash", line_color="red")
+    fig.update_layout(title=f"PBO histogram (probability of backtest overfitting = {pbo_value:.2f})",
+                      xaxis_title="logit of the out-of-sample rank", yaxis_title="partitions", height=340)
+    return fig
+
+
+def history_figure(numbers: list[int], values: list[float]) -> go.Figure:
+    """Trial scores in order, with the best so far."""
+    best = np.maximum.accumulate(np.asarray(values, dtype=float)) if values else []
+    fig = go.Figure([go.Scatter(x=numbers, y=values, mode="markers", name="trial score"),
+                     go.Scatter(x=numbers, y=best, mode="lines", name="best so far")])
+    fig.update_layout(title="Optimisation history (CPCV median-path score)", xaxis_title="trial",
+                      yaxis_title="score", height=340)
+    return fig
+
+
+def importance_figure(names: list[str], values: list[float], title: str, top: int = 30) -> go.Figure:
+    """Horizontal bars of the largest importances."""
+    order = list(np.argsort(values)[::-1][:top][::-1])
+    fig = go.Figure(go.Bar(x=[values[i] for i in order], y=[names[i] for i in order], orientation="h"))
+    fig.update_layout(title=title, height=max(300, 18 * len(order) + 120), margin={"l": 200})
+    return fig
+
+
+def table_html(frame: pd.DataFrame, title: str) -> str:
+    """A DataFrame as a plain HTML table under a heading."""
+    return f"<h2>{html.escape(title)}</h2>" + frame.to_html(classes="metrics", float_format=lambda x: f"{x:.4g}",
+                                                            border=0)
+
+
+def banner_html(text: str, good: bool) -> str:
+    """The verdict, impossible to miss."""
+    colour = "#1b7f3b" if good else "#b00020"
+    return (f"<div style='padding:12px;border:2px solid {colour};color:{colour};font-size:1.2em'>"
+            f"{html.escape(text)}</div>")
