@@ -581,25 +581,32 @@ def _write_cache(bars: pd.DataFrame, path: Path) -> None:
 def _inspect(cfg: GlobalConfig, data_dir: str) -> str:
     """Integrity report text: span, counts, gaps/resets/crossed, empty-bar share, coverage per day."""
     files = list_files(data_dir, cfg.data.start, cfg.data.end)
-    bars, rep = build_bars(files, "1m", cfg.data.ob_levels, cfg.data.book_sample_interval)
     per_sample = parse_duration(cfg.data.book_sample_interval)
-    day = bars.groupby(bars.index.floor("D"))
-    cover = pd.DataFrame({"trade_bars": day["is_empty"].apply(lambda s: 1.0 - s.mean()),
-                          "book_samples": day["ob_samples"].sum() / (86400 / per_sample)})
+    if files.trades:
+        bars, rep = build_bars(files, "1m", cfg.data.ob_levels, cfg.data.book_sample_interval)
+    else:
+        replay = BookReplay(files.symbol, int(per_sample * 1000), cfg.data.ob_levels)
+        rep = replay.run(files.books)
+        bars = None
     b = rep.book
     lines = [f"folder       {files.root}  symbol {files.symbol}",
-             f"span         {bars.index[0]} -> {bars.index[-1] + pd.Timedelta(minutes=1)}",
-             f"files        {rep.trade_files} trade, {rep.book_files} book, {len(rep.skipped_files)} skipped",
+             f"files        {rep.trade_files} trade, {rep.book_files} book, {len(files.skipped)} skipped",
              f"trades       {rep.trade_rows} rows, {rep.bad_trade_rows} bad, {rep.out_of_order_trades} out of order",
              f"book         {b.get('messages', 0)} messages, {b.get('snapshots', 0)} snapshots, "
              f"{rep.bad_book_lines} bad lines, {b.get('gaps', 0)} gaps, {b.get('resets', 0)} resets, "
              f"{b.get('crossed', 0)} crossed, {b.get('time_reversals', 0)} time reversals, "
              f"{b.get('skipped_invalid', 0)} deltas while invalid",
-             f"samples      {rep.samples} valid book samples every {cfg.data.book_sample_interval}",
-             f"empty 1m bars {bars['is_empty'].mean():.2%}",
-             "coverage per UTC day (share of 1m bars with trades, share of book sample ticks valid):"]
+             f"samples      {rep.samples} valid book samples every {cfg.data.book_sample_interval}"]
+    if bars is None:
+        return "\n".join(lines + ["no trade files: no bars, span or coverage"])
+    day = bars.groupby(bars.index.floor("D"))
+    cover = pd.DataFrame({"trades": day["is_empty"].apply(lambda s: 1.0 - s.mean()),
+                          "book": day["ob_samples"].sum() / (day.size() * 60 / per_sample)})
+    lines[1:1] = [f"span         {bars.index[0]} -> {bars.index[-1] + pd.Timedelta(minutes=1)}"]
+    lines += [f"empty 1m bars {bars['is_empty'].mean():.2%}",
+              "coverage per UTC day within the span (1m bars with trades, book sample ticks with a valid book):"]
     for ts, row in cover.iterrows():
-        lines.append(f"  {ts.date()}  trades {row.trade_bars:7.2%}  book {row.book_samples:7.2%}")
+        lines.append(f"  {ts.date()}  trades {row.trades:7.2%}  book {row.book:7.2%}")
     return "\n".join(lines)
 
 

@@ -352,3 +352,5 @@ def test_iterators_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert dl.main(["inspect", str(folder)]) == 0
     report = capsys.readouterr().out
     assert "symbol DEMOUSDT" in report and f"{len(rows)} rows, 0 bad" in report and "2026-01-01  trades" in report
+    assert "300 messages, 1 snapshots, 0 bad lines, 0 gaps" in report
+    assert "samples      75 valid book samples every 1s" in report

@@ -284,3 +284,26 @@ def test_aggregate_book_samples() -> None:
     assert bars["ob_mid_last"].tolist() == [11, 13]
     halves = ob.merge_partial_book_bars([ob.partial_book_bars(s[2:], 60000), ob.partial_book_bars(s[:2], 60000)])
     assert ob.finalize_book_bars(halves).equals(bars)
+
+
+def test_deep_random_book_matches_reference_with_stats() -> None:
+    """Inserts and deletes all through a deep book (free-slot reuse, re-spreading, growth) stay exact."""
+    rng = random.Random(11)
+    book, ref = OrderBook(capacity=8), DictBook()
+    snap = _msg("snapshot", 1, [(Decimal(5000 - i) / 10, 1) for i in range(0, 4000, 3)],
+                [(Decimal(5001 + i) / 10, 1) for i in range(0, 4000, 3)])
+    book.apply_bybit(snap)
+    ref.apply(snap)
+    for u in range(2, 1500):
+        bids = [(Decimal(rng.randint(1000, 5000)) / 10, rng.choice(["0", "0", "0.5", "7"])) for _ in range(30)]
+        asks = [(Decimal(rng.randint(5001, 9000)) / 10, rng.choice(["0", "0", "0.5", "7"])) for _ in range(30)]
+        m = _msg("delta", u, bids, asks)
+        book.apply_bybit(m)
+        ref.apply(m)
+        if u % 150 == 0:
+            bids_ref, asks_ref = ref.levels()
+            assert book_levels(book) == (bids_ref, asks_ref)
+            s = book.stats(50)
+            assert s.bid_depth == pytest.approx(sum(q for _, q in bids_ref[:50]), rel=1e-12)
+            assert s.ask_slope == pytest.approx((asks_ref[49][0] - asks_ref[0][0]) / s.ask_depth, rel=1e-12)
+    assert book.valid and book.gaps == 0
