@@ -13,7 +13,9 @@ trading run the exact code paths the live bot uses, without the internet. Layers
 
 Assumptions users should know: our own fills never consume the replayed liquidity (no market impact);
 resting limits fill when a trade prints through their price (or, with fill_rule="touch", at it) or when
-the opposite side of the book crosses them; the mark price is the book mid; no funding, no liquidation.
+the opposite side of the book crosses them; the mark (and index) price is the book mid; funding is a flat
+8-hourly rate (StrategyConfig.funding_rate_8h, default 0); cross-margin liquidation at a flat 0.5%
+maintenance rate; fees and fill rule come from StrategyConfig.
 Server time (`/v5/market/time`, signatures) is the wall clock; market data carries the recorded times.
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from aiohttp import WSMsgType, web
 
-from config import InstrumentConfig, StrategyConfig
+from config import ConfigError, InstrumentConfig, StrategyConfig, add_config_args, config_from_args
 
 log = logging.getLogger("paper_exchange")
 
@@ -46,6 +48,7 @@ KLINE_INTERVALS: dict[str, int] = {"1": 60, "3": 180, "5": 300, "15": 900, "30":
 BOOK_DEPTHS = (1, 50, 200, 1000)
 MAX_LEVERAGE = 100.0
 MAINT_MARGIN_RATE = 0.005
+FUNDING_INTERVAL_MS = 8 * 3600 * 1000
 PRICE_LIMIT_RATIO = 0.1
 MAX_OUTBOX = 100_000
 ORDER_LIMIT_PER_S = 10
@@ -266,6 +269,7 @@ class Execution:
     closed: int
     create_type: str
     seq: int
+    exec_type: str = "Trade"
 
 
 # ---------------------------------------------------------------- matching engine
@@ -278,9 +282,12 @@ class MatchingEngine:
     """
 
     def __init__(self, instrument: Instrument, balance: float = 10000.0, maker_fee: float = 0.0002,
-                 taker_fee: float = 0.00055, fill_rule: str = "trade_through", leverage: float = 10.0):
+                 taker_fee: float = 0.00055, fill_rule: str = "trade_through", leverage: float = 10.0,
+                 funding_rate: float = 0.0):
         self.inst = instrument
         self.wallet = float(balance)
+        self.funding_rate = funding_rate
+        self.funding_epoch = -1
         self.maker_fee = maker_fee
         self.taker_fee = taker_fee
         self.fill_rule = fill_rule
@@ -344,6 +351,7 @@ class MatchingEngine:
                 avail = sum(q for p, q in self.levels("Sell") if p >= order.price)
                 self._fill(order, self._lots(avail), order.price, True)
         self._check_triggers()
+        self._settle_funding()
         self._check_liquidation()
 
     def on_trade(self, price: float, size: float, side: str, ts_ms: int) -> None:
@@ -1104,6 +1112,33 @@ class MatchingEngine:
                     total += self.inst.qty(opening) * px / self.positions[o.position_idx].leverage
         return total
 
+    def _settle_funding(self) -> None:
+        """At 00:00/08:00/16:00 UTC every position pays (long, rate > 0) or receives funding on its value."""
+        epoch = self.now_ms // FUNDING_INTERVAL_MS
+        if self.funding_epoch < 0 or epoch == self.funding_epoch:
+            self.funding_epoch = epoch
+            return
+        self.funding_epoch = epoch
+        mark = self.mark()
+        for pos in self._slots():
+            if not pos.size or not self.funding_rate:
+                continue
+            fee = self.inst.qty(pos.size) * mark * self.funding_rate
+            self.wallet -= fee
+            pos.cum_realised -= fee
+            pos.cur_realised -= fee
+            self.cum_realised -= fee
+            self.seq += 1
+            self.executions.append(Execution(
+                exec_id=str(uuid.uuid4()), order_id="", link_id="", side="Buy" if pos.size > 0 else "Sell",
+                order_type="UNKNOWN", stop_order_type="UNKNOWN", order_price=0, order_qty=0, leaves=0,
+                price=self.inst.to_ticks(mark), qty=abs(pos.size), fee=fee, fee_rate=self.funding_rate,
+                is_maker=False, time=epoch * FUNDING_INTERVAL_MS, mark=mark, closed=0, create_type="",
+                seq=self.seq, exec_type="Funding"))
+            self.events.append(("execution", self.execution_record(self.executions[-1], ws=True)))
+            self._emit_position(pos)
+            self.events.append(("wallet", self.wallet_record()))
+
     def maintenance_margin(self) -> float:
         mark = self.mark()
         return sum(self.inst.qty(abs(p.size)) * mark * MAINT_MARGIN_RATE for p in self.positions.values())
@@ -1176,7 +1211,7 @@ class MatchingEngine:
                "orderQty": self.inst.qty_str(e.order_qty), "leavesQty": self.inst.qty_str(e.leaves),
                "createType": e.create_type, "orderType": e.order_type, "stopOrderType": e.stop_order_type,
                "execFee": money(e.fee), "execId": e.exec_id, "execPrice": self.inst.price_str(e.price),
-               "execQty": self.inst.qty_str(e.qty), "execType": "Trade",
+               "execQty": self.inst.qty_str(e.qty), "execType": e.exec_type,
                "execValue": money(self.inst.px(e.price) * self.inst.qty(e.qty)), "execTime": str(e.time),
                "feeCurrency": "USDT", "isMaker": e.is_maker, "feeRate": money(e.fee_rate), "tradeIv": "",
                "markIv": "", "markPrice": money(e.mark), "indexPrice": money(e.mark), "underlyingPrice": "",
@@ -1748,8 +1783,8 @@ class PaperExchange:
                 "prevPrice24h": money(prev24), "price24hPcnt": money((self.inst.px(last) / prev24 - 1) if prev24 else 0),
                 "highPrice24h": money(st["high"]), "lowPrice24h": money(st["low"]), "prevPrice1h": money(st["prev1h"]),
                 "openInterest": "0", "openInterestValue": "0", "turnover24h": money(st["turnover"]),
-                "volume24h": money(st["volume"]), "fundingRate": "0",
-                "nextFundingTime": str((self.replay.now_ms // 28_800_000 + 1) * 28_800_000),
+                "volume24h": money(st["volume"]), "fundingRate": money(self.engine.funding_rate),
+                "nextFundingTime": str((self.replay.now_ms // FUNDING_INTERVAL_MS + 1) * FUNDING_INTERVAL_MS),
                 "predictedDeliveryPrice": "", "basisRate": "", "deliveryFeeRate": "", "deliveryTime": "0",
                 "ask1Size": self.inst.qty_str(self.inst.to_lots_floor(float(aq[0]) + 1e-12)) if len(aq) else "0",
                 "bid1Price": ip(bid) if bid else "0",
@@ -2186,7 +2221,7 @@ def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float 
     sym = symbol or data_dir.name.split("_")[0]
     inst = load_instrument(data_dir, sym)
     engine = MatchingEngine(inst, balance=balance, maker_fee=strat.maker_fee, taker_fee=strat.taker_fee,
-                            fill_rule=strat.fill_rule, leverage=leverage)
+                            fill_rule=strat.fill_rule, leverage=leverage, funding_rate=strat.funding_rate_8h)
     replay = MarketReplay.from_dir(engine, data_dir, int(time.time() * 1000) if rebase_time else None)
     return PaperExchange(engine, replay, api_key=api_key, api_secret=api_secret, speed=speed)
 
@@ -2243,7 +2278,7 @@ def _speed(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Local Bybit-V5-compatible paper exchange (REST + WS, 127.0.0.1).")
-    parser.add_argument("--data-dir", default="data/DEMOUSDT_Sim", help="folder with Trade/ and Orderbook/")
+    add_config_args(parser, ["--data-dir"])
     parser.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--speed", type=_speed, default=1.0,
                         help="market seconds per wall second; 'max' = as fast as possible; 0 = frozen")
@@ -2258,9 +2293,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    exchange = build_exchange(args.data_dir, balance=args.balance, speed=args.speed, api_key=args.api_key,
-                              api_secret=args.api_secret, symbol=args.symbol, leverage=args.leverage,
-                              rebase_time=args.rebase_time)
+    try:
+        cfg = config_from_args(args)
+        exchange = build_exchange(cfg.data.data_dir, balance=args.balance, speed=args.speed, api_key=args.api_key,
+                                  api_secret=args.api_secret, symbol=args.symbol, strategy=cfg.strategy,
+                                  leverage=args.leverage, rebase_time=args.rebase_time)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
 
     async def serve() -> None:
         url = await exchange.start("127.0.0.1", args.port)

@@ -18,9 +18,10 @@ def _book(mid_ticks: int, half_spread: int, qty: float) -> tuple[dict[str, str],
 
 
 def write_market(root: Path, mids: list[float], trades: list[tuple[int, str, float, float]] | None = None,
-                 qty: float = 1.0, half_spread: int = 1, instrument: dict | None = None) -> Path:
-    """One book per second at mid `mids[i]` (bids mid-1tick-k, asks mid+1tick+k, size qty+k) and the given
-    trades (second offset, taker side, size, price); by default a 0.5 trade at the ask each second."""
+                 qty: float = 1.0, half_spread: int = 1, instrument: dict | None = None, step_s: int = 1) -> Path:
+    """One book every `step_s` seconds, the i-th at mid `mids[i]` (bids mid-1tick-k, asks mid+1tick+k, size
+    qty+k), and the given trades (second offset, taker side, size, price); by default a 0.5 trade at the ask
+    half a second after each book."""
     folder = root / f"{SYMBOL}_Sim"
     (folder / "Orderbook").mkdir(parents=True, exist_ok=True)
     (folder / "Trade").mkdir(parents=True, exist_ok=True)
@@ -28,7 +29,7 @@ def write_market(root: Path, mids: list[float], trades: list[tuple[int, str, flo
     prev: tuple[dict[str, str], dict[str, str]] | None = None
     for i, mid in enumerate(mids):
         bids, asks = _book(round(mid / TICK), half_spread, qty)
-        ts = START_MS + i * 1000
+        ts = START_MS + i * step_s * 1000
         if prev is None:
             data = {"s": SYMBOL, "b": [[p, q] for p, q in bids.items()], "a": [[p, q] for p, q in asks.items()]}
             kind = "snapshot"
@@ -43,7 +44,7 @@ def write_market(root: Path, mids: list[float], trades: list[tuple[int, str, flo
         prev = (bids, asks)
     (folder / "Orderbook" / f"2026-01-01_{SYMBOL}_ob200.data").write_text("\n".join(lines) + "\n")
     if trades is None:
-        trades = [(i, "Buy", 0.5, round(mid / TICK + half_spread) * TICK) for i, mid in enumerate(mids)]
+        trades = [(i * step_s, "Buy", 0.5, round(mid / TICK + half_spread) * TICK) for i, mid in enumerate(mids)]
     rows = ["timestamp,symbol,side,size,price,tickDirection,trdMatchID,grossValue,homeNotional,foreignNotional"]
     for n, (sec, side, size, price) in enumerate(trades):
         ts = START_MS / 1000 + sec + 0.5

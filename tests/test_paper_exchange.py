@@ -21,7 +21,7 @@ from pybit.exceptions import FailedRequestError, InvalidRequestError
 from pybit.unified_trading import HTTP
 import pybit.unified_trading as ut
 
-from config import InstrumentConfig
+from config import InstrumentConfig, StrategyConfig
 from paper_exchange import ExchangeThread, MarketReplay, MatchingEngine, build_exchange, load_instrument, trade_prints
 from paper_market import START_MS, SYMBOL, write_market
 
@@ -35,8 +35,9 @@ def venue(tmp_path):
     """Start exchanges on free ports for one test; all are stopped afterwards."""
     started: list[ExchangeThread] = []
 
-    def make(mids=FLAT, trades=None, balance: float = 10000.0, instrument: dict | None = None, **kw):
-        folder = write_market(tmp_path / f"m{len(started)}", mids, trades, instrument=instrument)
+    def make(mids=FLAT, trades=None, balance: float = 10000.0, instrument: dict | None = None, step_s: int = 1,
+             **kw):
+        folder = write_market(tmp_path / f"m{len(started)}", mids, trades, instrument=instrument, step_s=step_s)
         thread = ExchangeThread(build_exchange(folder, balance=balance, **kw)).__enter__()
         started.append(thread)
         return thread
@@ -849,3 +850,24 @@ def test_liquidation_closes_everything_when_equity_reaches_maintenance_margin(ve
     assert sorted((float(f["execPrice"]), f["execQty"]) for f in liq) == sorted(
         zip(bids, ["1.000", "2.000", "3.000", "3.000"]))
     assert float(wallet(s)["totalWalletBalance"]) >= 0.0
+
+
+def test_funding_is_settled_every_eight_hours_on_position_value(venue):
+    ex = venue([100.0] * 6 * 10 + [102.0] * 60, step_s=600, strategy=StrategyConfig(funding_rate_8h=0.0001))
+    s = client(ex)
+    s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="2")
+    after_fee = float(wallet(s)["totalWalletBalance"])
+    ex.advance(8 * 3600 - 1)
+    assert not [f for f in s.get_executions(category="linear", symbol=SYMBOL)["result"]["list"]
+                if f["execType"] == "Funding"]
+    ex.advance(2)  # 08:00 UTC, mid 100 (the book of 07:50 is the latest)
+    funding = [f for f in s.get_executions(category="linear", symbol=SYMBOL)["result"]["list"]
+               if f["execType"] == "Funding"]
+    assert len(funding) == 1 and funding[0]["execTime"] == str(START_MS + 8 * 3600 * 1000)
+    assert float(funding[0]["execFee"]) == pytest.approx(2 * 100.0 * 0.0001)
+    assert float(wallet(s)["totalWalletBalance"]) == pytest.approx(after_fee - 0.02)
+    s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Market", qty="4")  # now short 2
+    ex.advance(8 * 3600)  # 16:00 UTC at mid 102: the short receives
+    funding = [f for f in s.get_executions(category="linear", symbol=SYMBOL)["result"]["list"]
+               if f["execType"] == "Funding"]
+    assert len(funding) == 2 and float(funding[0]["execFee"]) == pytest.approx(-2 * 102.0 * 0.0001)
