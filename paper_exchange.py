@@ -1552,8 +1552,7 @@ class PaperExchange:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        sock = site._server.sockets[0]  # type: ignore[union-attr]
-        self.url = f"http://{host}:{sock.getsockname()[1]}"
+        self.url = f"http://{host}:{self._runner.addresses[0][1]}"
         self._task = asyncio.get_running_loop().create_task(self._run_clock())
         return self.url
 
