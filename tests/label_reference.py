@@ -30,9 +30,6 @@ def reference_labels(open_, high, low, close, atr, side, offset_atr, tp_atr, sl_
         o, hi, lo = [-x for x in o_r], [-x for x in l_r], [-x for x in h_r]
     n = len(c_r)
 
-    def beyond_take(x, take):
-        return x > take or (touch and x == take)
-
     labels, ends = [], []
     for t in range(n):
         a = a_list[t]
@@ -73,7 +70,9 @@ def reference_labels(open_, high, low, close, atr, side, offset_atr, tp_atr, sl_
             if o[j] <= stop:
                 result, decided = 0, j
                 break
-            if beyond_take(o[j], take) or (lo[j] > stop and beyond_take(hi[j], take)):
+            opens_beyond_take = o[j] > take or (touch and o[j] == take)
+            reaches_take = hi[j] > take or (touch and hi[j] == take)
+            if opens_beyond_take or (lo[j] > stop and reaches_take):
                 real_entry, real_take = side * limit, side * take
                 pnl = side * (real_take - real_entry) - maker_fee * (real_take + real_entry)
                 result, decided = (1 if pnl > 0 else 0), j
