@@ -227,3 +227,15 @@ def test_reliability_table_bins_and_calibration():
     sparse = reliability_table(np.array([1, 0, -1]), np.array([0.95, 0.05, 0.5]), bins=4)
     assert sparse["count"].tolist() == [1, 0, 0, 1] and np.isnan(sparse["mean_p"].iloc[1])
     assert sparse["frac_pos"].iloc[3] == 1.0 and sparse.attrs["brier"] == pytest.approx(0.0025)
+
+
+def test_predict_where_leaves_unselected_rows_without_a_signal():
+    X, y = dataset(400, 12)
+    bundle = ModelBundle(cfg(), FEATURES).fit(X, y)
+    rows = np.arange(len(X)) >= 100     # e.g. rows before feature warm-up are not predicted
+    X_cold = X.copy()
+    X_cold.iloc[:100] = np.nan
+    p = bundle.predict_where(X_cold, rows)
+    assert p.iloc[:100].isna().all().all()
+    pd.testing.assert_frame_equal(p.iloc[100:], bundle.predict(X.iloc[100:]))
+    assert bundle.predict_where(X, np.zeros(len(X), bool)).isna().all().all()
