@@ -259,7 +259,6 @@ class ModelConfig(_Section):
     num_threads: int = _f(1, _non_negative, "LightGBM threads (0 = all cores)")
     early_stopping_rounds: int = _f(20, _positive, "GBDT rounds without validation improvement before "
                                     "stopping (only when a validation set is given; never with DART)")
-    use_direction: bool = _f(True, help="train direction models (else p_dir_* are NaN: no direction model)")
 
     def _cross_checks(self, name: str) -> None:
         if self.num_leaves < 2:

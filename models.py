@@ -79,10 +79,6 @@ class ModelBundle:
         self.models: dict[str, FittedModel] = {}
 
     # ------------------------------------------------------------ training
-    def model_names(self) -> tuple[str, ...]:
-        """The models this bundle trains (direction models only when the config asks for them)."""
-        return MODEL_NAMES if self.cfg.use_direction else EXEC_MODELS
-
     def fit(self, X: pd.DataFrame, labels: pd.DataFrame, valid: pd.DataFrame | None = None) -> "ModelBundle":
         """Train every model on the rows of X whose label is known (>= 0).
 
@@ -96,7 +92,7 @@ class ModelBundle:
         if valid is not None and not use_valid:
             log.info("DART boosting: early stopping is not valid, the validation set is not used")
         self.models = {}
-        for name in self.model_names():
+        for name in MODEL_NAMES:
             if name not in labels.columns:
                 raise ValueError(f"labels lack column {name!r}")
             y = labels[name].to_numpy()
@@ -175,12 +171,8 @@ class ModelBundle:
             raise ValueError("ModelBundle.save called before fit")
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in MODEL_NAMES:
-            path = folder / f"{name}.txt"
-            if name in self.models:
-                atomic_write_text(path, self.models[name].booster.model_to_string())
-            else:
-                path.unlink(missing_ok=True)
+        for name, model in self.models.items():
+            atomic_write_text(folder / f"{name}.txt", model.booster.model_to_string())
         meta = {"features": self.feature_names, "models": self.summary(), "seed": self.seed,
                 "model_config": dataclasses.asdict(self.cfg), "lightgbm_version": lgb.__version__}
         atomic_write_text(folder / FEATURES_FILE, json.dumps(meta, indent=2))

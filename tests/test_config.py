@@ -112,10 +112,10 @@ def _parse(argv: list[str]) -> GlobalConfig:
 
 def test_cli_flags_and_set_overrides_apply_with_types() -> None:
     cfg = _parse(["--symbol", "BTCUSDT", "--timeframe", "15m", "--ob-levels", "200", "--trials", "7",
-                  "--set", "strategy.take_profit_atr=1.5", "--set", "model.use_direction=false",
+                  "--set", "strategy.take_profit_atr=1.5", "--set", "model.boosting_type=dart",
                   "--set", "features.vwap_windows=2h,8h"])
     assert (cfg.symbol, cfg.data.timeframe, cfg.data.ob_levels, cfg.tune.trials) == ("BTCUSDT", "15m", 200, 7)
-    assert cfg.strategy.take_profit_atr == 1.5 and cfg.model.use_direction is False
+    assert cfg.strategy.take_profit_atr == 1.5 and cfg.model.boosting_type == "dart"
     assert cfg.features.vwap_windows == ["2h", "8h"]
     untouched = GlobalConfig()
     assert cfg.strategy.stop_loss_atr == untouched.strategy.stop_loss_atr

@@ -190,17 +190,6 @@ def test_single_class_fold_gives_a_constant_model_that_saves_and_loads(tmp_path)
         ModelBundle(cfg(), FEATURES).fit(X, y)
 
 
-def test_without_direction_models_p_dir_is_nan_and_no_files(tmp_path):
-    X, y = dataset(500, 9)
-    (tmp_path / "dir_long.txt").write_text("stale")
-    bundle = ModelBundle(cfg(use_direction=False), FEATURES).fit(X, y[["exec_long", "exec_short"]])
-    p = bundle.predict(X)
-    assert p[["p_dir_long", "p_dir_short"]].isna().all().all() and p["p_exec_long"].notna().all()
-    bundle.save(tmp_path)
-    assert not (tmp_path / "dir_long.txt").exists()
-    assert ModelBundle.load(tmp_path).predict(X)["p_dir_short"].isna().all()
-
-
 def test_missing_features_and_bad_names_are_refused():
     X, y = dataset(300, 10)
     bundle = ModelBundle(cfg(), FEATURES).fit(X, y)
