@@ -307,3 +307,15 @@ def test_deep_random_book_matches_reference_with_stats() -> None:
             assert s.bid_depth == pytest.approx(sum(q for _, q in bids_ref[:50]), rel=1e-12)
             assert s.ask_slope == pytest.approx((asks_ref[49][0] - asks_ref[0][0]) / s.ask_depth, rel=1e-12)
     assert book.valid and book.gaps == 0
+
+
+def test_time_reversal_counted_and_clock_holds() -> None:
+    book = OrderBook(sample_interval_ms=1000, levels=5)
+    book.apply_bybit(_msg("snapshot", 1, [(100, 1)], [(101, 1)], ts=1000))
+    book.apply_bybit(_msg("delta", 2, [(100, 2)], ts=3500))
+    assert book.apply_bybit(_msg("delta", 3, [(100, 3)], ts=2000))
+    book.apply_bybit(_msg("delta", 4, [(100, 4)], ts=4200))
+    assert book.counters()["time_reversals"] == 1
+    s = book.drain_samples()
+    assert s[:, 0].tolist() == [1000, 2000, 3000, 4000] and s[-1, 3] == 3.0
+    assert book.drain_events()[-1][1] == ob.EV_TIME_REVERSAL
