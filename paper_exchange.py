@@ -1464,7 +1464,8 @@ class MarketReplay:
 @dataclass
 class Faults:
     """Injected faults; counters are consumed one request or push at a time (pushes: only those of
-    `push_topic` when it is set)."""
+    `push_topic` when it is set). `mute_pushes` keeps connections open and answering pings but sends no
+    data: the silent-stream case a client's staleness watchdog must catch."""
     http_5xx: int = 0
     http_status: int = 500
     rate_limit_burst: int = 0
@@ -1475,6 +1476,7 @@ class Faults:
     reorder_pushes: int = 0
     push_topic: str = ""
     book_reset: bool = False
+    mute_pushes: bool = False
 
 
 @dataclass(eq=False)
@@ -2010,7 +2012,7 @@ class PaperExchange:
         """Push engine events and market data to subscribers (schedules sends; never blocks)."""
         events = self.engine.drain()
         trades, self.replay.unpushed = self.replay.unpushed, []
-        if not self.conns:
+        if not self.conns or self.faults.mute_pushes:
             return
         frames: list[tuple[Conn, str]] = []
         for topic, record in events:

@@ -550,6 +550,15 @@ def test_public_streams_snapshot_then_consecutive_deltas_and_faults(venue, ws_ur
         ex.advance(1)
         got.wait(lambda fs: len([f for f in fs if f.get("topic") == book_topic]) >= n + 4)
         assert [b["data"]["u"] for b in got.topic(book_topic)[n + 2:n + 4]] == [4, 3]
+        ex.exchange.faults.mute_pushes = True
+        before = len(got.frames)
+        ex.advance(3)
+        time.sleep(0.3)
+        assert len(got.frames) == before and ws.is_connected()  # silent but connected
+        ex.exchange.faults.mute_pushes = False
+        ex.advance(1)
+        got.wait(lambda fs: len([f for f in fs if f.get("topic") == book_topic]) > n + 4)
+        assert got.topic(book_topic)[-1]["data"]["u"] == 5  # the muted changes arrive as one delta
     finally:
         ws.exit()
 
@@ -871,3 +880,29 @@ def test_funding_is_settled_every_eight_hours_on_position_value(venue):
     funding = [f for f in s.get_executions(category="linear", symbol=SYMBOL)["result"]["list"]
                if f["execType"] == "Funding"]
     assert len(funding) == 2 and float(funding[0]["execFee"]) == pytest.approx(-2 * 102.0 * 0.0001)
+
+
+def test_pybit_default_dispatcher_merges_our_deltas_into_the_rest_book(venue, ws_urls):
+    ex = venue([100.0 + 0.03 * ((i * 7) % 11) for i in range(60)])
+    ws_urls(ex)
+    latest: list[dict] = []
+    ws = ut.WebSocket(channel_type="linear", testnet=False)
+    try:
+        ws.orderbook_stream(50, SYMBOL, latest.append)
+        deadline = time.monotonic() + 5
+        while not latest and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for _ in range(20):
+            ex.advance(1)
+        rest = client(ex).get_orderbook(category="linear", symbol=SYMBOL, limit=50)["result"]
+        want = (sorted(map(tuple, rest["b"])), sorted(map(tuple, rest["a"])))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # pushes arrive on pybit's thread
+            merged = latest[-1]["data"]
+            if (sorted(map(tuple, merged["b"])), sorted(map(tuple, merged["a"]))) == want:
+                break
+            time.sleep(0.02)
+        assert ws.is_connected() and latest[-1]["data"]["u"] >= 20
+        assert (sorted(map(tuple, merged["b"])), sorted(map(tuple, merged["a"]))) == want
+    finally:
+        ws.exit()
