@@ -12,11 +12,13 @@ trading run the exact code paths the live bot uses, without the internet. Layers
   limits, and a fault-injection API (`faults` + `/__admin/...`) for tests.
 
 Assumptions users should know: our own fills never consume the replayed liquidity (no market impact);
-resting limits fill when a trade prints through their price (or, with fill_rule="touch", at it) or when
-the opposite side of the book crosses them; the mark (and index) price is the book mid; funding is a flat
-8-hourly rate (StrategyConfig.funding_rate_8h, default 0); cross-margin liquidation at a flat 0.5%
-maintenance rate; fees and fill rule come from StrategyConfig.
-Server time (`/v5/market/time`, signatures) is the wall clock; market data carries the recorded times.
+resting limits fill when a trade prints through their price (or, with fill_rule="touch", at it), up to
+that trade's size, or when the opposite side of the book crosses them, up to the crossing depth; market
+orders walk the visible book; the mark (and index) price is the book mid; funding is a flat 8-hourly rate
+(StrategyConfig.funding_rate_8h, default 0); cross-margin liquidation at a flat 0.5% maintenance rate;
+fees and fill rule come from StrategyConfig. Server time (`/v5/market/time`, signatures, rate limits) is
+the wall clock; market data, orders and fills carry market time: the recorded times, or with
+`--rebase-time` the data shifted (whole minutes) to start now. WS orderbook `u` counts per depth topic.
 """
 from __future__ import annotations
 
