@@ -107,7 +107,10 @@ def test_expired_order_frees_its_slot_for_a_new_entry_on_the_same_bar():
     assert kinds(out) == [("cancel", 1, "expired"), ("limit", 1, "chop")]
 
 
-@pytest.mark.parametrize("fill_bar,exits", [(10 - 144, True), (10 - 143, False)])
+MAX_HOLD = StrategyConfig().max_holding_bars
+
+
+@pytest.mark.parametrize("fill_bar,exits", [(10 - MAX_HOLD, True), (10 - MAX_HOLD + 1, False)])
 def test_time_exit_after_max_holding_bars(fill_bar, exits):
     out = decide(probs(), positions=[pos(1, fill_bar), pos(-1, 9)])
     assert kinds(out) == ([("exit", 1, "time")] if exits else [])
