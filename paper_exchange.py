@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -50,6 +50,7 @@ KLINE_INTERVALS: dict[str, int] = {"1": 60, "3": 180, "5": 300, "15": 900, "30":
 BOOK_DEPTHS = (1, 50, 200, 1000)
 MAX_LEVERAGE = 100.0
 MAINT_MARGIN_RATE = 0.005
+MAX_ACTIVE_ORDERS = 500
 FUNDING_INTERVAL_MS = 8 * 3600 * 1000
 PRICE_LIMIT_RATIO = 0.1
 MAX_OUTBOX = 100_000
@@ -334,8 +335,8 @@ class MatchingEngine:
         return self.inst.px(self.last_price) if self.last_price else 0.0
 
     def trigger_price(self, by: str) -> int:
-        """The price a trigger compares with, in ticks."""
-        if by in ("MarkPrice", "IndexPrice"):
+        """The price a trigger compares with, in ticks (the mark until the first trade prints)."""
+        if by in ("MarkPrice", "IndexPrice") or not self.last_price:
             return self.inst.to_ticks(self.mark())
         return self.last_price
 
@@ -407,6 +408,8 @@ class MatchingEngine:
             raise ExchangeError(10001, "params error: orderLinkId invalid")
         if link_id and link_id in self.link_ids:
             raise ExchangeError(110072, "OrderLinkedID is duplicate")
+        if len(self.active) >= MAX_ACTIVE_ORDERS:
+            raise ExchangeError(110020, f"Not allowed to have more than {MAX_ACTIVE_ORDERS} active orders")
         qty = self._qty_lots(p)
         price = self._price_ticks(p, "price", required=order_type == "Limit") if order_type == "Limit" else 0
         idx = self._position_idx(p)
@@ -432,6 +435,7 @@ class MatchingEngine:
             order.trigger_price, order.trigger_direction = trigger, direction
             order.trigger_by = p.get("triggerBy") or "LastPrice"
             order.stop_order_type, order.status = "Stop", "Untriggered"
+            self._check_trigger_side(order)
         if order.reduce_only:
             self._check_reduce_only(order)
         elif not trigger:
@@ -457,6 +461,8 @@ class MatchingEngine:
             raise ExchangeError(10001, "params error: qty must exceed the filled quantity")
         if order.order_type == "Limit":
             self._check_notional(qty, price, order.reduce_only)
+        if qty > order.qty and not order.reduce_only and order.status != "Untriggered":
+            self._check_margin(replace(order, qty=qty - order.qty, cum_qty=0), price or self._taker_ref(order.side))
         changed = (qty != order.qty or price != order.price or
                    (trigger is not None and trigger != order.trigger_price))
         for key in ("takeProfit", "stopLoss"):
@@ -709,6 +715,19 @@ class MatchingEngine:
         notional = Decimal(lots) * self.inst.qty_step * Decimal(ticks) * self.inst.tick_size
         if notional < self.inst.min_notional:
             raise ExchangeError(110094, f"Order does not meet minimum order value {self.inst.min_notional}USDT")
+
+    def _check_trigger_side(self, order: Order) -> None:
+        """110092/110093: a rising trigger must sit above the current price, a falling one below."""
+        current = self.trigger_price(order.trigger_by)
+        if not current:
+            return
+        ip = self.inst.price_str
+        if order.trigger_direction == 1 and order.trigger_price <= current:
+            raise ExchangeError(110092, f"expect Rising, but trigger_price[{ip(order.trigger_price)}] <= "
+                                        f"current[{ip(current)}]")
+        if order.trigger_direction == 2 and order.trigger_price >= current:
+            raise ExchangeError(110093, f"expect Falling, but trigger_price[{ip(order.trigger_price)}] >= "
+                                        f"current[{ip(current)}]")
 
     def _check_price_band(self, side: str, ticks: int) -> None:
         """110003 for a limit price beyond mark × (1 ± PRICE_LIMIT_RATIO) on the aggressive side."""

@@ -298,6 +298,7 @@ def test_amend_and_cancel_all(venue):
     o = order(s, "o0")
     assert (o["price"], o["qty"], o["orderStatus"]) == ("99.50", "2.000", "New")
     assert code_of(lambda: s.amend_order(category="linear", symbol=SYMBOL, orderLinkId="o0", price="99.50")) == 10001
+    assert code_of(lambda: s.amend_order(category="linear", symbol=SYMBOL, orderLinkId="o0", qty="2000")) == 110007
     s.amend_order(category="linear", symbol=SYMBOL, orderLinkId="o1", price="100.02")  # now crosses: takes 3
     assert order(s, "o1")["orderStatus"] == "Filled"
     done = s.cancel_all_orders(category="linear", symbol=SYMBOL)["result"]["list"]
@@ -379,6 +380,10 @@ def test_conditional_order_waits_for_its_trigger(venue):
                   triggerPrice="100.50", triggerDirection=1, orderLinkId="huge")  # margin is checked at trigger
     assert order(s, "brk")["orderStatus"] == "Untriggered"
     assert position(s)["size"] == "0"
+    assert code_of(lambda: s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="1",
+                                         triggerPrice="99.00", triggerDirection=1)) == 110092  # mark 100.00
+    assert code_of(lambda: s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Market", qty="1",
+                                         triggerPrice="100.50", triggerDirection=2)) == 110093
     ex.advance(8)  # second 8: last 100.31
     assert order(s, "brk")["orderStatus"] == "Untriggered"
     ex.advance(2)  # second 10: last 100.51
