@@ -911,3 +911,19 @@ def test_pybit_default_dispatcher_merges_our_deltas_into_the_rest_book(venue, ws
         assert (sorted(map(tuple, merged["b"])), sorted(map(tuple, merged["a"]))) == want
     finally:
         ws.exit()
+
+
+def test_engine_caps_active_orders_at_500(tmp_path):
+    import data_loader
+    from paper_exchange import ExchangeError
+    folder = write_market(tmp_path, FLAT)
+    engine = MatchingEngine(load_instrument(folder, SYMBOL))
+    MarketReplay(engine, data_loader.iter_book_messages(folder), trade_prints(data_loader.iter_trades(folder)))
+    params = {"category": "linear", "symbol": SYMBOL, "side": "Buy", "orderType": "Limit", "qty": "0.1"}
+    for i in range(500):
+        engine.place_order({**params, "price": f"{95 - 0.01 * (i % 100):.2f}"})
+    with pytest.raises(ExchangeError) as info:
+        engine.place_order({**params, "price": "95.00"})
+    assert info.value.code == 110020
+    engine.cancel_order({"category": "linear", "symbol": SYMBOL, "orderId": next(iter(engine.active))})
+    assert engine.place_order({**params, "price": "95.00"})["orderId"]
