@@ -19,11 +19,12 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import orjson
 import pandas as pd
+from tqdm import tqdm
 
 import orderbook as ob
 from config import ConfigError, GlobalConfig, add_config_args, config_from_args, parse_duration, timeframe_seconds
@@ -214,14 +215,14 @@ class BookReplay:
         self.report = LoadReport(symbol=symbol)
         self.warnings = _WarnBudget()
 
-    def run(self, paths: list[Path], on_samples: Callable[[np.ndarray], None] | None = None,
+    def run(self, paths: Iterable[Path], on_samples: Callable[[np.ndarray], None] | None = None,
             on_tob: Callable[[np.ndarray], None] | None = None) -> LoadReport:
         """Replay files in order; on_samples/on_tob receive filled batches."""
         for path in paths:
             self._file(path, on_samples, on_tob)
+            self.report.book_files += 1
         self._flush(on_samples, on_tob, force=True)
         self.report.book = self.book.counters()
-        self.report.book_files += len(paths)
         return self.report
 
     def _flush(self, on_samples: Callable | None, on_tob: Callable | None, force: bool = False) -> None:
@@ -501,7 +502,7 @@ def build_bars(files: DataFiles, timeframe: str, levels: int, sample_interval: s
     budget = _WarnBudget()
     report = LoadReport(symbol=files.symbol, skipped_files=list(files.skipped))
     parts: list[pd.DataFrame] = []
-    for path in files.trades:
+    for path in tqdm(files.trades, desc="trade files", unit="file", disable=None):
         for chunk in _trade_chunks(path, files.symbol, report, budget):
             parts.append(_partial_trade_bars(chunk, bar_s * 1_000_000))
         report.trade_files += 1
@@ -514,14 +515,15 @@ def build_bars(files: DataFiles, timeframe: str, levels: int, sample_interval: s
                             int(parse_duration(stale_after) * 1000))
         replay.report = report
         replay.warnings = budget
-        replay.run(files.books, on_samples=lambda s: book_parts.append(ob.partial_book_bars(s, bar_s * 1000)))
+        replay.run(tqdm(files.books, desc="book files", unit="file", disable=None),
+                   on_samples=lambda s: book_parts.append(ob.partial_book_bars(s, bar_s * 1000)))
     book = ob.finalize_book_bars(ob.merge_partial_book_bars(book_parts))
     bars = _grid(_merge_trade_bars(parts), book, bar_s * 1000)
-    _log_summary(report, bars)
+    _log_summary(report)
     return bars, report
 
 
-def _log_summary(report: LoadReport, bars: pd.DataFrame) -> None:
+def _log_summary(report: LoadReport) -> None:
     """One warning line when anything was dropped or broken."""
     problems = {"bad trade rows": report.bad_trade_rows, "bad book lines": report.bad_book_lines,
                 "out-of-order trades": report.out_of_order_trades, "skipped files": len(report.skipped_files),
