@@ -48,7 +48,7 @@ _TRADE_HEADER = ("timestamp,symbol,side,size,price,tickDirection,trdMatchID,gros
 
 class MarketParams(NamedTuple):
     """Calibration of the synthetic market (rates per second, times in seconds); a NamedTuple so numba can read it."""
-    daily_vol: float = 0.025         # base daily volatility of the log mid
+    daily_vol: float = 0.04          # base daily volatility of the log mid
     vol_fast_tau: float = 1800.0     # fast log-vol OU memory
     vol_fast_std: float = 0.35
     vol_slow_tau: float = 86400.0    # slow log-vol OU memory
@@ -59,7 +59,7 @@ class MarketParams(NamedTuple):
     trend_drift: float = 0.03        # breakout drift in units of local sigma per second (times alpha)
     mr_tau: float = 2700.0           # mean-reversion time to the chop anchor (times alpha)
     anchor_tau: float = 14400.0      # anchor memory in chop
-    signal_tau: float = 1800.0       # informed signal memory
+    signal_tau: float = 3600.0       # informed signal memory
     signal_drift: float = 0.022      # drift per unit signal in units of local sigma per second
     lead_tau: float = 600.0          # how far ahead the informed side sees a breakout
     lead_weight: float = 1.5         # weight of the breakout lead in the leaked information
@@ -748,4 +748,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import market_sim  # run the importable module: numba's on-disk cache is keyed by module, not __main__
+    sys.exit(market_sim.main())
