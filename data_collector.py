@@ -650,7 +650,7 @@ class Recorder:
                         await self._bybit_subscribe(ws, symbols)
                         helpers.append(asyncio.create_task(self._bybit_ping(ws)))
                     try:
-                        received = await self._receive(ws, queue, route, symbols)
+                        received, aged = await self._receive(ws, queue, route, symbols)
                     finally:
                         await queue.put(None)
                         await helpers[0]
@@ -658,6 +658,8 @@ class Recorder:
                             task.cancel()
                     if received:
                         attempt = 0
+                    if aged:
+                        continue        # planned replacement: reconnect at once
             except (OSError, asyncio.TimeoutError, ConnectionClosed, InvalidHandshake, InvalidURI) as exc:
                 log.warning("%s connection failed: %s", route, exc)
             if self.stop.is_set():
@@ -669,8 +671,9 @@ class Recorder:
                 await asyncio.wait_for(self.stop.wait(), delay)
 
     async def _receive(self, ws: ClientConnection, queue: asyncio.Queue, route: str,
-                       symbols: list[str]) -> int:
-        """Move frames to the processing queue until stop, a stale feed, a close or the age limit."""
+                       symbols: list[str]) -> tuple[int, bool]:
+        """Move frames to the processing queue until stop, a stale feed, a close or the age limit;
+        returns (frames received, whether the age limit ended the connection)."""
         deadline = time.monotonic() + self.s.max_connection_age
         stale = self.s.stale_timeout if route != "market" else None
         received = 0
@@ -679,9 +682,9 @@ class Recorder:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    log.info("%s connection is %.0fh old: reconnecting before the 24 h cut",
+                    log.info("%s connection is %.1fh old: reconnecting before the 24 h cut",
                              route, self.s.max_connection_age / 3600)
-                    return received
+                    return received, True
                 timeout = min(left, stale) if stale else left
                 recv = asyncio.ensure_future(ws.recv())
                 done, _ = await asyncio.wait({recv, stopper}, timeout=timeout,
@@ -689,12 +692,13 @@ class Recorder:
                 if stopper in done:
                     recv.cancel()
                     await ws.close()
-                    return received
+                    return received, False
                 if recv not in done:
                     recv.cancel()
                     if time.monotonic() < deadline:
                         log.warning("%s: no data for %.0fs; reconnecting", route, timeout)
-                    return received
+                        return received, False
+                    continue
                 raw = recv.result()
                 received += 1
                 if queue.full():
@@ -703,7 +707,7 @@ class Recorder:
                     queue.put_nowait(raw)
         except ConnectionClosed as exc:
             log.warning("%s connection closed: %s", route, exc)
-            return received
+            return received, False
         finally:
             stopper.cancel()
 

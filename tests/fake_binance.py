@@ -239,6 +239,9 @@ class FakeBinance:
                 try:
                     await ws.send(orjson.dumps({"stream": fr.stream, "data": fr.payload}).decode())
                 except ConnectionClosed:
+                    if self.clients.get(fr.route) is ws:
+                        del self.clients[fr.route]
+                    await asyncio.sleep(0.005)
                     continue    # resend this frame once the client is back (re-applying a diff is a no-op)
                 self.sent += 1
             route_to_close = self.close_after.pop(i, None)

@@ -12,6 +12,7 @@ import gzip
 import http.server
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -247,7 +248,7 @@ def test_dropped_diff_is_detected_and_resynced(recording: Recording, tmp_path: P
     assert [m["type"] for m in lines].count("snapshot") == 2
     assert int(rec.frames[dropped].payload["u"]) not in {m["data"]["u"] for m in lines}
     compared, mismatched, report = rebuild_vs_ticker(tmp_path / "BTCUSDT_Binance", rec.tickers["BTCUSDT"])
-    assert compared > 20 and mismatched == 0 and report.bad_book_lines == 0
+    assert compared >= 10 and mismatched == 0 and report.bad_book_lines == 0
     assert report.book["gaps"] == 0       # the file itself is gap-free: the resync snapshot restarts the chain
 
 
@@ -275,7 +276,56 @@ def test_server_close_reconnects_and_resyncs(recording: Recording, tmp_path: Pat
         ids = trade_ids(tmp_path / f"{sym}_Binance")
         assert len(ids) == len(set(ids)) and sorted(ids) == sorted(rec.trade_ids[sym])
         compared, mismatched, report = rebuild_vs_ticker(tmp_path / f"{sym}_Binance", rec.tickers[sym])
-        assert compared > 20 and mismatched == 0 and report.bad_book_lines == 0
+        assert compared >= 10 and mismatched == 0 and report.bad_book_lines == 0
+
+
+def test_proactive_reconnect_before_the_connection_age_limit(recording: Recording, tmp_path: Path) -> None:
+    """Connections older than max_connection_age are replaced at once (Binance cuts at 24 h); each new
+    depth connection resyncs from a fresh snapshot and trades lost in flight are backfilled. Only trades
+    in flight at the very end can stay missing: no later trade reveals the hole."""
+    rec = head(recording, 3000)
+    srv = FakeBinance(rec, pace_every=10, pace_sleep=0.01).start()
+    try:
+        proc = InProcessCollector(dc.CollectorSettings(
+            symbols=list(SYMBOLS), out=tmp_path, ws_url=srv.ws_url, rest_url=srv.rest_url, flush_interval=0.2,
+            max_connection_age=1.0, backoff_base=0.05))
+        assert srv.finished.wait(120)
+        time.sleep(1.5)
+        assert stop(proc) == 0
+    finally:
+        srv.stop()
+    assert srv.connections["public"] >= 3 and srv.connections["market"] >= 3
+    for sym in SYMBOLS:
+        side = sidecar_totals(tmp_path, sym)
+        assert side["reconnects"] >= 4 and side["resyncs"] >= 2 and side["gaps"] == 0
+        assert side["trade_gaps"] == side["backfilled_trades"]
+        ids = sorted(trade_ids(tmp_path / f"{sym}_Binance"))
+        expected = sorted(rec.trade_ids[sym])
+        assert len(ids) == len(set(ids)) and ids == expected[:len(ids)] and len(ids) >= len(expected) - 20
+        compared, mismatched, report = rebuild_vs_ticker(tmp_path / f"{sym}_Binance", rec.tickers[sym])
+        assert compared >= 10 and mismatched == 0 and report.bad_book_lines == 0 and report.book["gaps"] == 0
+
+
+def test_duration_stops_cleanly_on_its_own(recording: Recording, tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """--duration ends the session by itself: files flushed and closed, sidecars written."""
+    caplog.set_level(logging.INFO, logger="data_collector")
+    srv = FakeBinance(head(recording, 3000), pace_every=5, pace_sleep=0.05).start()
+    try:
+        t0 = time.monotonic()
+        proc = InProcessCollector(dc.CollectorSettings(
+            symbols=list(SYMBOLS), out=tmp_path, ws_url=srv.ws_url, rest_url=srv.rest_url, duration=2.0))
+        assert proc.wait(30) == 0
+        elapsed = time.monotonic() - t0
+    finally:
+        srv.stop()
+    assert 2.0 <= elapsed < 20 and not srv.finished.is_set()
+    assert "duration reached" in caplog.text and "stopped cleanly" in caplog.text
+    for sym in SYMBOLS:
+        side = sidecar_totals(tmp_path, sym)
+        lines = book_lines(tmp_path / f"{sym}_Binance")
+        assert side["snapshots"] == 1 and lines[0]["type"] == "snapshot"
+        assert len(lines) == side["applied"] + side["snapshots"]      # everything applied reached the disk
 
 
 def test_sigkill_keeps_written_lines_and_restart_isolates_a_torn_line(recording: Recording, tmp_path: Path,
