@@ -1,11 +1,12 @@
 """Paper-exchange replay speed vs the physical limit, on one synthetic day (market_sim, 1 s book, 50 levels).
 
 Measured in one process, same files:
-  1. parse only:  data_loader.iter_book_messages + iter_trades (the floor any replay pays),
+  0. raw JSON:    orjson.loads of every book line + pandas read of the trade CSV (the physical floor),
+  1. parse only:  data_loader.iter_book_messages + iter_trades (validated parsing, what any replay pays),
   2. book only:   (1) + orderbook.OrderBook.apply_bybit per message,
   3. exchange:    MarketReplay + MatchingEngine with resting orders on both sides and a conditional order
                   (the paper exchange's whole per-message work, without network).
-Prints market-seconds replayed per wall second and each stage's time as a ratio of the parse floor.
+Prints market-seconds replayed per wall second and each stage's time as a ratio of the raw-JSON floor.
 
     python benchmarks/bench_paper_exchange.py [--days 1] [--keep DIR]
 """
@@ -34,11 +35,22 @@ def main() -> None:
     args = parser.parse_args()
     import data_loader
     import market_sim
+    import orjson
+    import pandas as pd
     from orderbook import OrderBook
     from paper_exchange import MarketReplay, MatchingEngine, load_instrument, trade_prints
 
     out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_paper_"))
     folder = market_sim.simulate(days=args.days, out=out, levels=50, book_interval="1s")
+
+    def raw_json() -> int:
+        n = 0
+        for path in sorted((folder / "Orderbook").glob("*.data")):
+            with open(path, "rb") as fh:
+                for line in fh:
+                    orjson.loads(line)
+                    n += 1
+        return n + sum(len(pd.read_csv(path)) for path in sorted((folder / "Trade").glob("*.csv")))
 
     def parse_only() -> int:
         n = sum(1 for _ in data_loader.iter_book_messages(folder))
@@ -69,14 +81,16 @@ def main() -> None:
         return replay.book_updates, len(engine.executions)
 
     exchange()  # warm numba caches and imports, so the timed runs compare steady-state work
+    t_raw, _ = timed(raw_json)
     t_parse, n_parse = timed(parse_only)
     t_book, _ = timed(book_only)
     t_ex, (updates, fills) = timed(exchange)
     market_s = args.days * 86400
     print(f"synthetic market: {args.days} day(s), {n_parse:,} messages+trades in {folder}")
-    print(f"parse only   {t_parse:7.2f} s   {n_parse / t_parse:12,.0f} msg/s   1.00x")
-    print(f"book only    {t_book:7.2f} s   {n_parse / t_book:12,.0f} msg/s   {t_book / t_parse:.2f}x parse")
-    print(f"exchange     {t_ex:7.2f} s   {n_parse / t_ex:12,.0f} msg/s   {t_ex / t_parse:.2f}x parse   "
+    print(f"raw JSON     {t_raw:7.2f} s   {n_parse / t_raw:12,.0f} msg/s   1.00x")
+    print(f"parse only   {t_parse:7.2f} s   {n_parse / t_parse:12,.0f} msg/s   {t_parse / t_raw:.2f}x raw")
+    print(f"book only    {t_book:7.2f} s   {n_parse / t_book:12,.0f} msg/s   {t_book / t_raw:.2f}x raw")
+    print(f"exchange     {t_ex:7.2f} s   {n_parse / t_ex:12,.0f} msg/s   {t_ex / t_raw:.2f}x raw   "
           f"{market_s / t_ex:,.0f} market-s per wall-s ({updates:,} book updates, {fills} fills)")
 
 
