@@ -44,6 +44,9 @@ _BOOK_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})_([A-Z0-9]+)_ob(\d+)\.data(\.gz)?$")
 _TRADE_RE = re.compile(r"^([A-Z0-9]+?)(\d{4}-\d{2}-\d{2})\.csv(\.gz)?$")
 
 
+_NO_LIMIT = 1 << 62
+
+
 class DataError(RuntimeError):
     """Input that cannot be used at all (missing/empty/unreadable folder); the message says what and where."""
 
@@ -158,7 +161,16 @@ def _level_array(levels: object, side: str) -> np.ndarray:
     return out
 
 
-def parse_book_line(raw: bytes, symbol: str = "") -> dict:
+def _ts_window(path: Path, per_second: int) -> tuple[int, int]:
+    """Plausible timestamps for a daily file: its UTC day from one day before to two days after (else any)."""
+    day = _date_of(path)
+    if not day:
+        return 0, _NO_LIMIT
+    start = int(pd.Timestamp(day, tz="UTC").timestamp())
+    return (start - 86400) * per_second, (start + 2 * 86400) * per_second
+
+
+def parse_book_line(raw: bytes, symbol: str = "", window: tuple[int, int] = (0, _NO_LIMIT)) -> dict:
     """Parse and validate one .data line exactly (orjson + checks); raises BadLine with the reason."""
     try:
         msg = orjson.loads(raw)
@@ -172,6 +184,8 @@ def parse_book_line(raw: bytes, symbol: str = "") -> dict:
     for name, value in (("ts", msg.get("ts")), ("data.u", data.get("u"))):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise BadLine(f"field {name} = {value!r}: expected a positive integer")
+    if not window[0] <= msg["ts"] < window[1]:
+        raise BadLine(f"field ts = {msg['ts']} is far outside the file's day")
     pu = data.get("pu", -1)
     if not isinstance(pu, int) or isinstance(pu, bool):
         raise BadLine(f"field data.pu = {pu!r}: expected an integer")
@@ -212,6 +226,7 @@ class BookReplay:
         self.tob = np.zeros((tob_rows, 6))
         self.nt = np.zeros(1, dtype=np.int64)
         self.chunk_bytes = chunk_bytes
+        self.window = (0, _NO_LIMIT)
         self.report = LoadReport(symbol=symbol)
         self.warnings = _WarnBudget()
 
@@ -240,6 +255,7 @@ class BookReplay:
 
     def _file(self, path: Path, on_samples: Callable | None, on_tob: Callable | None) -> None:
         """Stream one file in chunks, keeping lines split across chunk boundaries."""
+        self.window = _ts_window(path, 1000)
         line = 1
         carry = b""
         try:
@@ -265,7 +281,8 @@ class BookReplay:
         pos = 0
         start_line = line
         while True:
-            pos, status, line = ob.replay_chunk(buf, pos, final, line, self.sym, self.hdr, b.st, b.prev, b.bp, b.bq,
+            pos, status, line = ob.replay_chunk(buf, pos, final, line, *self.window, self.sym, self.hdr, b.st,
+                                                b.prev, b.bp, b.bq,
                                               b.ap, b.aq, *self.scratch, b.samples, b.ns, b.events, b.ne,
                                               self.tob, self.nt)
             self._log_events(path)
@@ -288,7 +305,7 @@ class BookReplay:
         """Exact path for a line the kernel rejected: apply it if valid, else count and warn."""
         self.report.slow_path_lines += 1
         try:
-            msg = parse_book_line(raw, self.symbol)
+            msg = parse_book_line(raw, self.symbol, self.window)
         except BadLine as exc:
             self.report.bad_book_lines += 1
             self.warnings.warn(path, line, f"bad book line skipped: {exc}")
@@ -385,6 +402,9 @@ def _clean_trades(chunk: pd.DataFrame, state: _TradeFile, symbol: str, first_lin
     if state.scale == 0.0 and finite.any():
         state.scale = float(_unit_scale(np.array([np.median(ts[finite])]))[0])
     problems["timestamp unit differs from the file's"] = finite & (scales != state.scale)
+    lo, hi = _ts_window(state.path, 1)
+    seconds_all = np.where(finite, ts, 0.0) * state.scale
+    problems["timestamp far outside the file's day"] = finite & ((seconds_all < lo) | (seconds_all >= hi))
     bad = np.zeros(len(chunk), dtype=bool)
     for reason, mask in problems.items():
         mask = mask & ~bad
@@ -428,7 +448,7 @@ def iter_book_messages(data_dir: str | Path, start: str = "", end: str = "") -> 
                     if not raw.strip():
                         continue
                     try:
-                        msg = parse_book_line(raw, files.symbol)
+                        msg = parse_book_line(raw, files.symbol, _ts_window(path, 1000))
                     except BadLine as exc:
                         budget.warn(path, line, f"bad book line skipped: {exc}")
                         continue

@@ -653,7 +653,8 @@ def _parse_line(buf: np.ndarray, s: int, e: int, sym: np.ndarray, hdr: np.ndarra
 
 
 @njit(cache=True)
-def replay_chunk(buf: np.ndarray, pos: int, final: bool, line: int, sym: np.ndarray, hdr: np.ndarray,
+def replay_chunk(buf: np.ndarray, pos: int, final: bool, line: int, ts_lo: int, ts_hi: int, sym: np.ndarray,
+                 hdr: np.ndarray,
                   st: np.ndarray, prev: np.ndarray, bp: np.ndarray, bq: np.ndarray, ap: np.ndarray,
                   aq: np.ndarray, sbp: np.ndarray, sbq: np.ndarray, sap: np.ndarray, saq: np.ndarray,
                   samples: np.ndarray, ns: np.ndarray, events: np.ndarray, ne: np.ndarray,
@@ -675,7 +676,7 @@ def replay_chunk(buf: np.ndarray, pos: int, final: bool, line: int, sym: np.ndar
             continue
         if tob.shape[0] > 0 and nt[0] >= tob.shape[0]:
             return pos, ST_FLUSH, line
-        if _parse_line(buf, pos, e, sym, hdr, sbp, sbq, sap, saq) != FAST_OK:
+        if _parse_line(buf, pos, e, sym, hdr, sbp, sbq, sap, saq) != FAST_OK or not ts_lo <= hdr[1] < ts_hi:
             return pos, ST_SLOW, line
         res = on_message(st, prev, bp, bq, ap, aq, SEQUENCED, hdr[0] == 1, hdr[1], hdr[2], hdr[3],
                             sbp, sbq, hdr[4], sap, saq, hdr[5], samples, ns, events, ne, line)

@@ -394,3 +394,17 @@ def test_binance_recording_as_data_file_matches_book_ticker(realdata: Path, tmp_
     print(f"ETHUSDT via .data: {len(compared)} bookTicker events compared")
     assert len(compared) > 300
     assert all(rows[int(t["u"])] == (float(t["b"]), float(t["B"]), float(t["a"]), float(t["A"])) for t in compared)
+
+
+def test_timestamps_far_from_the_files_day_are_rejected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = trade_rows(300, seed=12)
+    rows.loc[5, "timestamp"] = 1.0                    # epoch 1970: would stretch the bar grid over decades
+    msgs = book_messages(200)
+    msgs[50]["ts"] = 9_000_000_000_000                # year 2255: would stop the sampling clock
+    folder = make_folder(tmp_path, rows, msgs)
+    with caplog.at_level(logging.WARNING):
+        bars, rep = dl.build_bars(dl.list_files(folder), "5m", 10, "1s")
+    assert "DEMOUSDT2026-01-01.csv:7: trade row skipped: timestamp far outside the file's day" in caplog.text
+    assert "2026-01-01_DEMOUSDT_ob50.data:51: bad book line skipped: field ts = 9000000000000" in caplog.text
+    assert bars.index[0] >= pd.Timestamp("2026-01-01", tz="UTC") and len(bars) < 40
+    assert rep.bad_trade_rows == 1 and rep.bad_book_lines == 1 and rep.book["time_reversals"] == 0
