@@ -949,7 +949,7 @@ class MatchingEngine:
             self._cancel(order, "UNKNOWN")
             return
         order.status = "New"
-        taken = self._match_aggressive(order, announce=True)
+        taken = self._match_aggressive(order)
         if order.is_open and (order.order_type == "Market" or order.tif in ("IOC", "FOK")):
             if order.cum_qty == 0:
                 order.reject_reason = "EC_NoImmediateQtyToFill"
@@ -971,7 +971,7 @@ class MatchingEngine:
             total += q
         return self._lots(total)
 
-    def _match_aggressive(self, order: Order, announce: bool = False) -> bool:
+    def _match_aggressive(self, order: Order) -> bool:
         """Take the opposite side level by level up to the limit price; True if anything filled."""
         filled = False
         for px, q in self.levels(order.side):
