@@ -9,7 +9,7 @@ The model, per book step of `book_interval` seconds:
 - latent log mid with stochastic volatility (fast + slow log-vol OU: clustering, fat tails) and a
   regime chain: choppy (most of the time) and trending breakouts (up or down, higher vol, thinner book,
   wider spread, more trades);
-- a hidden informed signal `S` (OU, ~20 min memory) plus a `lead` that ramps up minutes before each
+- a hidden informed signal `S` (OU, ~1 h memory) plus a `lead` that ramps up minutes before each
   breakout. With `alpha > 0` the mid drifts with `alpha·(S, trend, mean reversion to an anchor in chop)`
   and `alpha·(S + lead)` leaks, each channel under its own independent noise, into book depth imbalance,
   touch sizes (micro-price) and the taker side of market orders. With `alpha = 0` the mid is a
@@ -370,7 +370,7 @@ def _simulate_day(seed: int, n_steps: int, dt: float, dt_ms: int, day_ms: int, a
                         n_chg = _mark(chg_tick, chg_side, n_chg, seen, t, side, stamp)
                 # walls: large resting orders some ticks away, more common in chop
                 if np.random.random() < p.wall_rate * dt * (0.3 if trend else 1.0):
-                    k = np.random.randint(4, 41)
+                    k = np.random.randint(4, min(41, levels))
                     t = bb - k if side == 0 else ba + k
                     q = int(p.wall_mult * _level_size(k, sign, leak_depth, leak_touch, trend, p, lots_per_unit, False))
                     book[side, t & mask] = q

@@ -165,6 +165,12 @@ def test_rerun_replaces_an_earlier_run_instead_of_mixing(tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------- file validity
+def test_a_shallow_book_never_exceeds_its_levels(tmp_path: Path) -> None:
+    folder = simulate(days=1, seed=9, out=tmp_path, book_interval="30s", levels=10)
+    rep = replay_book(folder, "DEMOUSDT", 10, 30_000)      # asserts <= 10 levels per side after every message
+    assert len(rep.ts) > 2000 and rep.max_level_ratio > 10  # walls are placed inside the window too
+
+
 @pytest.fixture(scope="module")
 def two_days(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Replay, pd.DataFrame]:
     folder = simulate(symbol="SIMUSDT", days=2, seed=5, alpha=1.0, out=tmp_path_factory.mktemp("sim"),
