@@ -289,3 +289,18 @@ def test_files_load_through_data_loader_without_integrity_problems(two_days: tup
     # bar aside: a streaming sampler cannot close the clock tick of the very last message)
     ref = mid_series(rep).resample("5min").last()
     np.testing.assert_allclose(bars["ob_mid_last"].to_numpy()[:-1], ref.to_numpy()[:-1], rtol=0, atol=1e-9)
+
+
+def test_breakouts_thin_the_book_and_are_led_by_taker_flow(two_days: tuple[Path, Replay, pd.DataFrame]) -> None:
+    folder, _, _ = two_days
+    bars, _ = data_loader.build_bars(data_loader.list_files(folder), "5m", 50, "5s")
+    bar_range = np.log(bars["high"] / bars["low"])
+    depth = np.log(bars["ob_bid_depth_mean"] + bars["ob_ask_depth_mean"])
+    assert np.corrcoef(depth, bar_range)[0, 1] < -0.15                      # fast markets have thinner books...
+    assert np.corrcoef(bars["ob_spread_mean"], bar_range)[0, 1] > 0.2       # ...wider spreads...
+    assert np.corrcoef(bars["trade_count"], bar_range)[0, 1] > 0.2          # ...and more market orders
+    # with alpha=1 the taker flow of the last 15 minutes points the way of the largest next-30-minute moves
+    fwd = np.log(bars["close"]).diff(6).shift(-6)
+    flow = (bars["vol_buy"] - bars["vol_sell"]).rolling(3).sum()
+    big = fwd.abs() > fwd.abs().quantile(0.9)
+    assert big.sum() > 40 and (np.sign(flow[big]) == np.sign(fwd[big])).mean() > 0.7
