@@ -203,6 +203,8 @@ def test_instrument_json_matches_config_defaults(two_days: tuple[Path, Replay, p
 def test_trades_follow_the_archive_format_and_hit_the_touch(two_days: tuple[Path, Replay, pd.DataFrame]) -> None:
     _, rep, tr = two_days
     assert len(tr) > 40_000 and tr["timestamp"].is_monotonic_increasing
+    gaps = np.diff(tr["timestamp"].to_numpy())
+    assert gaps.std() / gaps.mean() > 1.2            # market orders cluster (a Poisson stream gives 1)
     assert set(tr["side"]) == {"Buy", "Sell"} and set(tr["symbol"]) == {"SIMUSDT"}
     assert tr["trdMatchID"].map(lambda s: bool(UUID.fullmatch(s))).all() and tr["trdMatchID"].is_unique
     ticks = tr["price"].map(_ticks).to_numpy()
