@@ -1547,6 +1547,7 @@ class PaperExchange:
         self.speed = speed
         self.tick_s = tick_s
         self.subscribe_delay_s = subscribe_delay_s
+        self.rate_window_s = 1.0
         self.faults = Faults()
         self.permissions: dict[str, list[str]] = json.loads(json.dumps(DEFAULT_PERMISSIONS))
         self.conns: set[Conn] = set()
@@ -1698,20 +1699,20 @@ class PaperExchange:
             raise ExchangeError(10004, f"error sign! origin_string[{origin}]")
 
     def _rate_limit(self, path: str) -> dict[str, str]:
-        """Per-key, per-endpoint rolling 1 s limits; an injected burst answers 10006 too."""
+        """Per-key, per-endpoint rolling limits per `rate_window_s` (Bybit: 1 s); an injected burst answers 10006."""
         limit = ORDER_LIMIT_PER_S if path in ORDER_PATHS else DEFAULT_LIMIT_PER_S
         now = time.time()
         hits = self.hits.setdefault((self.api_key, path), deque())
-        while hits and hits[0] <= now - 1.0:
+        while hits and hits[0] <= now - self.rate_window_s:
             hits.popleft()
         if self.faults.rate_limit_burst > 0:
             self.faults.rate_limit_burst -= 1
             raise RateLimited(self.server_ms() + 200)
         if len(hits) >= limit:
-            reset = int((hits[0] + 1.0) * 1000) + self.faults.time_skew_ms + 1
+            reset = int((hits[0] + self.rate_window_s) * 1000) + self.faults.time_skew_ms + 1
             raise RateLimited(max(reset, self.server_ms() + 1))
         hits.append(now)
-        reset = int((hits[0] + 1.0) * 1000) + self.faults.time_skew_ms
+        reset = int((hits[0] + self.rate_window_s) * 1000) + self.faults.time_skew_ms
         return self._limit_headers(path, limit - len(hits), reset)
 
     def _limit_headers(self, path: str, remaining: int, reset_ms: int) -> dict[str, str]:
