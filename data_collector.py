@@ -78,7 +78,7 @@ class CollectorSettings:
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     queue_size: int = 100_000
-    snapshot_spacing: float = 0.25         # seconds between REST snapshots (weight 20 each)
+    snapshot_spacing: float = 0.6          # seconds between REST calls: weight 20 each stays < 2400/min
 
     def __post_init__(self) -> None:
         self.symbols = [s.upper() for s in self.symbols]
@@ -268,7 +268,6 @@ class SymbolRecorder:
         self.trade_file = DailyFile(lambda d: self.base / "Trade" / f"{symbol}{d}.csv", TRADE_HEADER)
         self.integrity = Integrity(self.base, symbol, settings.venue)
         self.book = OrderBook()
-        self.last_day: str = utc_day(time.time() * 1000)
         self.last_event_ms = 0
         self.last_price: Decimal | None = None
         self.last_tick = "ZeroPlusTick"
@@ -276,7 +275,7 @@ class SymbolRecorder:
     # -- book lines
     def write_book(self, day: str, line: bytes, snapshot: bool, u: int, seq: int, ts: int, cts: int) -> None:
         """Write an applied line; a new day's file starts with a snapshot of the book after this message."""
-        self.last_day, self.last_event_ms = day, ts
+        self.last_event_ms = max(self.last_event_ms, ts)
         if self.book_file.open_day(day) and not snapshot:
             line = self._snapshot_line(u, seq, ts, cts)
         self.book_file.write(line)
@@ -388,7 +387,14 @@ class BinanceSymbol(SymbolRecorder):
                     attempt += 1
                     await asyncio.sleep(delay)
                     continue
-                applied = self.sync.on_snapshot(snap)
+                try:
+                    applied = self.sync.on_snapshot(snap)
+                except (KeyError, TypeError, ValueError) as exc:
+                    attempt += 1
+                    log.error("%s: unusable depth snapshot (%s: %s); taking another", self.symbol,
+                              type(exc).__name__, exc)
+                    await asyncio.sleep(backoff_delay(attempt, self.settings.backoff_base, self.settings.backoff_cap))
+                    continue
                 if not self.sync.needs_snapshot:
                     self._write_snapshot(snap, applied)
                     return

@@ -245,6 +245,10 @@ class FakeBinance:
                     continue    # resend this frame once the client is back (re-applying a diff is a no-op)
                 self.sent += 1
             route_to_close = self.close_after.pop(i, None)
+            if route_to_close is not None:     # close only once every book has been synced at least once
+                while len(self.snapshot_requests) < len(self.books):
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)
             if route_to_close in self.clients:
                 await self.clients[route_to_close].close(1001, "server restart")
                 self.lost_until[route_to_close] = i + self.outage_frames

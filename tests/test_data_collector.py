@@ -233,7 +233,7 @@ def test_dropped_diff_is_detected_and_resynced(recording: Recording, tmp_path: P
     rec = head(recording, 4000)
     btc_diffs = [i for i, fr in enumerate(rec.frames) if fr.route == "public" and fr.symbol == "BTCUSDT"]
     dropped = btc_diffs[len(btc_diffs) // 2]
-    srv = FakeBinance(rec, drop={dropped}).start()
+    srv = FakeBinance(rec, drop={dropped}, pace_every=10, pace_sleep=0.01).start()
     try:
         proc = in_process(srv, tmp_path)
         wait_caught_up(tmp_path, srv, proc)
@@ -256,7 +256,8 @@ def test_server_close_reconnects_and_resyncs(recording: Recording, tmp_path: Pat
     """The server drops both routes with an outage: the collector reconnects, takes a fresh snapshot and
     backfills the trades it missed over REST, so every trade is still recorded exactly once."""
     rec = head(recording, 4000)
-    srv = FakeBinance(rec, close_after={2000: "public", 3000: "market"}, outage_frames=100).start()
+    srv = FakeBinance(rec, close_after={2000: "public", 3000: "market"}, outage_frames=100, pace_every=10,
+                      pace_sleep=0.01).start()
     try:
         proc = in_process(srv, tmp_path)
         wait_caught_up(tmp_path, srv, proc)
@@ -535,12 +536,13 @@ def archive():
     server.server_close()
 
 
-def _trade_archive(rows: int, seed: int) -> bytes:
+def _trade_archive(rows: int, seed: int, day: str = "2024-12-01") -> bytes:
     rng = np.random.default_rng(seed)
+    start = pd.Timestamp(day, tz="UTC").timestamp()
     lines = ["timestamp,symbol,side,size,price,tickDirection,trdMatchID,grossValue,homeNotional,foreignNotional,RPI"]
     for i in range(rows):
         px, sz = 100 + rng.random(), round(rng.random(), 3) + 0.001
-        lines.append(f"{1735689600 + i * 0.37:.4f},XRPUSDT,{'Buy' if i % 3 else 'Sell'},{sz},{px:.4f},PlusTick,"
+        lines.append(f"{start + i * 0.37:.4f},XRPUSDT,{'Buy' if i % 3 else 'Sell'},{sz},{px:.4f},PlusTick,"
                      f"id-{seed}-{i},{px * sz * 1e8:.0f},{sz},{px * sz:.6f},0")
     # mtime=0 keeps the bytes reproducible; random sizes make the file incompressible enough to span chunks
     return gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
@@ -557,7 +559,7 @@ def test_downloader_resumes_interrupted_download_and_extracts_books(archive, rea
     """Two days of trades and books; the first transfer breaks halfway and resumes with a Range request."""
     url, srv = archive
     book_day1 = (realdata / "bybit" / "2024-12-01_XRPUSDT_ob500.data").read_bytes()
-    trades = {d: _trade_archive(20000, i) for i, d in enumerate(["2024-12-01", "2024-12-02"])}
+    trades = {d: _trade_archive(20000, i, d) for i, d in enumerate(["2024-12-01", "2024-12-02"])}
     for d, body in trades.items():
         srv.files[f"/trading/XRPUSDT/XRPUSDT{d}.csv.gz"] = body
     srv.files["/orderbook/linear/XRPUSDT/2024-12-01_XRPUSDT_ob500.data.zip"] = _book_archive(
