@@ -1,9 +1,9 @@
 """data_collector.py against local servers on 127.0.0.1: real Binance USD-M recordings replayed frame by frame
 through tests/fake_binance.py, a local Bybit stream, and a local HTTP archive for the downloader.
 
-The collector runs as a real subprocess (so SIGINT/SIGKILL behave as for users); the files it writes are
-read back with data_loader (BookReplay, iter_trades) and compared with the recording's own bookTicker
-ground truth and trade ids.
+The collector runs as the real CLI subprocess where signals matter (SIGINT, SIGKILL) and as the same
+Recorder in a thread elsewhere (no interpreter start-up per test); the files it writes are read back with
+data_loader (BookReplay, iter_trades) and compared with the recording's bookTicker ground truth and trade ids.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import http.server
 import io
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -606,6 +605,38 @@ def test_downloader_rejects_corrupt_and_reports_missing_files(archive, tmp_path:
 
 
 # ------------------------------------------------------------------------------------------ units
+def test_backpressure_drops_are_counted_per_symbol(tmp_path: Path) -> None:
+    """A stalled writer: frames beyond the processing queue are dropped, never silently: each is counted in
+    its symbol's sidecar (a dropped diff then breaks the pu chain, so the book resyncs)."""
+    frames = [orjson.dumps({"stream": f"{s.lower()}@depth@100ms", "data": {"e": "depthUpdate", "s": s}}).decode()
+              for s in ["BTCUSDT"] * 4 + ["BTCUSDT"] * 3 + ["ETHUSDT"] * 2]
+
+    async def handler(ws) -> None:
+        for f in frames:
+            await ws.send(f)
+        await ws.wait_closed()
+
+    async def main() -> dc.Recorder:
+        rec = dc.Recorder(dc.CollectorSettings(symbols=list(SYMBOLS), out=tmp_path, queue_size=4))
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            async with dc.connect(f"ws://127.0.0.1:{port}/public/stream?streams=x") as ws:
+                queue: asyncio.Queue = asyncio.Queue(4)      # nobody consumes it: the writer is stalled
+                task = asyncio.create_task(rec._receive(ws, queue, "public", list(SYMBOLS)))
+                for _ in range(500):
+                    if sum(r.integrity.total("dropped") for r in rec.symbols.values()) == 5:
+                        break
+                    await asyncio.sleep(0.01)
+                rec.stop.set()
+                assert await task == (9, False) and queue.qsize() == 4
+        return rec
+
+    rec = asyncio.run(main())
+    assert rec.symbols["BTCUSDT"].integrity.total("dropped") == 3
+    assert rec.symbols["ETHUSDT"].integrity.total("dropped") == 2
+
+
+
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
     delays = [[dc.backoff_delay(a, 1.0, 60.0) for a in range(8)] for _ in range(50)]
     for a in range(8):
