@@ -654,6 +654,8 @@ class MatchingEngine:
             rows = [e for e in rows if e.order_id == oid]
         if lid:
             rows = [e for e in rows if e.link_id == lid]
+        if p.get("execType"):
+            rows = [e for e in rows if e.exec_type == p["execType"]]
         start, end = _int(p, "startTime", 0), _int(p, "endTime", 0)
         if start:
             rows = [e for e in rows if e.time >= start]
@@ -666,6 +668,9 @@ class MatchingEngine:
     def closed_pnl_list(self, p: dict) -> dict:
         """/v5/position/closed-pnl: one row per closing order, newest first."""
         rows = sorted(self.closed_pnl.values(), key=lambda r: int(r["updatedTime"]), reverse=True)
+        start, end = _int(p, "startTime", 0), _int(p, "endTime", 0)
+        rows = [r for r in rows if (not start or int(r["updatedTime"]) >= start)
+                and (not end or int(r["updatedTime"]) <= end)]
         out = self._page(p, rows, min(max(_int(p, "limit", 50), 1), 100))
         out["category"] = "linear"
         return out
@@ -1019,6 +1024,8 @@ class MatchingEngine:
                         fee=fee, fee_rate=rate, is_maker=is_maker, time=self.now_ms, mark=self.mark(),
                         closed=closed, create_type=order.create_type, seq=self.seq)
         self.executions.append(exe)
+        log.info("fill %s %s %s @ %s (%s, fee %s) %s", order.side, self.inst.qty_str(lots), self.inst.symbol,
+                 self.inst.price_str(ticks), "maker" if is_maker else "taker", money(fee), order.link_id or order.order_id)
         if order.status == "Filled":
             self.closed_order.append(order.order_id)
         self.events.append(("execution", self.execution_record(exe, ws=True)))

@@ -166,6 +166,7 @@ def test_closing_realises_pnl_net_of_both_fees(venue):
     fees = (100.01 + 100.99) * 0.00055
     rows = s.get_closed_pnl(category="linear", symbol=SYMBOL)["result"]["list"]
     assert len(rows) == 1
+    assert s.get_closed_pnl(category="linear", symbol=SYMBOL, startTime=START_MS + 21_000)["result"]["list"] == []
     assert float(rows[0]["closedPnl"]) == pytest.approx(gross - fees)
     assert (rows[0]["avgEntryPrice"], rows[0]["avgExitPrice"]) == ("100.01", "100.99")
     assert position(s)["size"] == "0"
@@ -886,8 +887,7 @@ def test_funding_is_settled_every_eight_hours_on_position_value(venue):
     assert float(wallet(s)["totalWalletBalance"]) == pytest.approx(after_fee - 0.02)
     s.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Market", qty="4")  # now short 2
     ex.advance(8 * 3600)  # 16:00 UTC at mid 102: the short receives
-    funding = [f for f in s.get_executions(category="linear", symbol=SYMBOL)["result"]["list"]
-               if f["execType"] == "Funding"]
+    funding = s.get_executions(category="linear", symbol=SYMBOL, execType="Funding")["result"]["list"]
     assert len(funding) == 2 and float(funding[0]["execFee"]) == pytest.approx(-2 * 102.0 * 0.0001)
 
 
