@@ -1595,7 +1595,10 @@ class PaperExchange:
             except asyncio.CancelledError:
                 pass
         for conn in list(self.conns):
-            await conn.ws.close()
+            try:
+                await asyncio.wait_for(conn.ws.close(), 1.0)
+            except asyncio.TimeoutError:
+                log.warning("WS client %s did not answer the close frame; dropping it", conn.conn_id)
         if self._runner is not None:
             await self._runner.cleanup()
 
