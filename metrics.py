@@ -75,12 +75,16 @@ def max_drawdown(equity: pd.Series) -> tuple[float, pd.Timedelta]:
     return float(dd.min()), longest
 
 
+MIN_DAYS_TO_ANNUALISE = 30.0
+
+
 def cagr(initial_equity: float, final_equity: float, days: float) -> float:
-    """Compound annual growth rate over `days` calendar days."""
-    if days <= 0 or initial_equity <= 0:
-        return math.nan
-    if final_equity <= 0:
+    """Compound annual growth rate over `days` calendar days; NaN below a month, where compounding a few
+    hours' return to a year prints an absurd number that means nothing."""
+    if initial_equity > 0 and final_equity <= 0:
         return -1.0
+    if days < MIN_DAYS_TO_ANNUALISE or initial_equity <= 0:
+        return math.nan
     return float((final_equity / initial_equity) ** (DAYS_PER_YEAR / days) - 1.0)
 
 
@@ -158,12 +162,21 @@ def compute_metrics(result: Any) -> dict[str, Any]:
     return out
 
 
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: NaN/inf become null (an undefined number is shown as missing, never as a number)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
 def to_json(metrics: dict[str, Any]) -> str:
     """Strict JSON (NaN and infinities become null)."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return v
-    return json.dumps(clean(metrics), indent=2)
+    return json.dumps(json_safe(metrics), indent=2)

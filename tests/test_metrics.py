@@ -68,6 +68,7 @@ def test_max_drawdown_depth_and_longest_time_under_water():
 def test_cagr_and_calmar():
     assert metrics.cagr(100.0, 200.0, 365.0) == pytest.approx(1.0)
     assert metrics.cagr(100.0, 121.0, 730.0) == pytest.approx(0.1)
+    assert math.isnan(metrics.cagr(100.0, 130.0, 0.5))  # 11 hours never annualise
     assert metrics.cagr(100.0, -5.0, 10.0) == -1.0
     assert metrics.calmar(0.3, -0.15) == pytest.approx(2.0)
     assert math.isnan(metrics.calmar(0.3, 0.0))
