@@ -46,7 +46,7 @@ LABEL_COLUMNS = ["exec_long", "exec_short", "dir_long", "dir_short"]
 PRICE_COLUMNS = ["open", "high", "low", "close", "atr"]
 HOURS_PER_YEAR = 24 * 365
 MIN_SEGMENT_BARS = 24
-DEMO_DAYS = 21
+DEMO_DAYS = 14
 DEMO_TRIALS = 10
 
 
@@ -246,18 +246,24 @@ def evaluate_cpcv(data: TrainData, cfg: GlobalConfig, timer: Timer) -> CpcvOutco
 # ---------------------------------------------------------------- the study
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL: sqlite/postgresql/mysql (RDB) or 'journal:<file>'; clear errors."""
-    try:
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend
-            path = Path(url[len("journal:"):])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-        engine_kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
-                                          grace_period=180)
-    except Exception as exc:  # noqa: BLE001 — every driver error becomes one readable message
-        reason = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        raise TrainError(f"cannot open study storage {redact(url)}: {reason}") from None
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+        path = Path(url[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    import sqlalchemy.exc
+    engine_kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
+    for attempt in range(4):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
+                                              grace_period=180)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            time.sleep(0.5 + attempt)  # workers starting together race to create the schema; retry finds it
+        except Exception as exc:  # noqa: BLE001 — every driver error becomes one readable message
+            text = str(exc).strip()
+            reason = redact(text.splitlines()[0] if text else type(exc).__name__)
+            raise TrainError(f"cannot open study storage {redact(url)}: {reason}") from None
+    raise TrainError(f"cannot create the study schema in {redact(url)}: concurrent workers kept colliding")
 
 
 def redact(text: str) -> str:
@@ -374,7 +380,8 @@ def study_statistics(study: optuna.Study, winner: Candidate) -> dict:
                 and t.user_attrs.get("hourly_returns")]
     length = min(len(t.user_attrs["hourly_returns"]) for t in complete)
     matrix = np.array([t.user_attrs["hourly_returns"][:length] for t in complete], dtype=float).T
-    trial_sr = np.array([validation.sharpe_stats(matrix[:, j])[0] for j in range(matrix.shape[1])])
+    # A trial that never traded has a flat equity: its Sharpe is 0, not undefined.
+    trial_sr = np.nan_to_num([validation.sharpe_stats(matrix[:, j])[0] for j in range(matrix.shape[1])])
     returns = hourly_returns(winner.final).to_numpy()
     sr, skew, kurt = validation.sharpe_stats(returns)
     n_trials = max(len(study.trials), 1)
@@ -517,22 +524,7 @@ def candidate_params(c: Candidate, rank: int, data: TrainData, stats: dict | Non
         params["backtest_span"] = params["splits"]["super_oos"]
     else:
         params["backtest_span"] = params["splits"]["oos1"]
-    return json_safe(params)
-
-
-def json_safe(value: Any) -> Any:
-    """Plain JSON values: NaN/inf become null (an undefined number is shown as missing, never as a number)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
+    return metrics.json_safe(params)
 
 
 def save_ranked(candidates: list[Candidate], data: TrainData, study: optuna.Study, stats: dict,
@@ -576,19 +568,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def demo_config(args: argparse.Namespace, cfg: GlobalConfig) -> GlobalConfig:
-    """The built-in default: planted-alpha synthetic data, generated on first use, and a small study."""
+    """The built-in default: two weeks of planted-alpha synthetic data at 1m (generated on first use) and a
+    small, fast study; flags the user gave still win."""
     import market_sim
     cfg.symbol = "DEMOUSDT"
-    if args.cfg_data_dir is None:
-        cfg.data.data_dir = "data/DEMOUSDT_Sim"
-    if args.cfg_trials is None:
-        cfg.tune.trials = DEMO_TRIALS
-    if args.cfg_candidates is None:
-        cfg.tune.candidates = 3
-    if not Path(cfg.data.data_dir).is_dir():
+    given = {k for k, v in vars(args).items() if v is not None}
+    defaults = {"cfg_data_dir": ("data", "data_dir", "data/DEMOUSDT_Sim"),
+                "cfg_timeframe": ("data", "timeframe", "1m"),
+                "cfg_trials": ("tune", "trials", DEMO_TRIALS),
+                "cfg_candidates": ("tune", "candidates", 3)}
+    for dest, (section, name, value) in defaults.items():
+        if dest not in given:
+            setattr(getattr(cfg, section), name, value)
+    if not args.set_values:
+        cfg.tune.cpcv_groups, cfg.tune.cpcv_test_groups = 5, 2
+        cfg.tune.n_estimators, cfg.tune.num_leaves = [30, 150], [4, 32]
+    if "cfg_data_dir" not in given and not Path(cfg.data.data_dir).is_dir():
         log.info("generating %d days of synthetic market data in %s", DEMO_DAYS, cfg.data.data_dir)
         market_sim.simulate(symbol=cfg.symbol, days=DEMO_DAYS, seed=7, alpha=1.0,
                             out=str(Path(cfg.data.data_dir).parent))
+    cfg.validate("demo config")
     return cfg
 
 
