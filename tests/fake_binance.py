@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -111,8 +112,9 @@ class FakeBinance:
     """Serve a Recording over websockets (streams) and aiohttp (REST) in a background thread."""
 
     def __init__(self, rec: Recording, drop: set[int] | None = None, close_after: dict[int, str] | None = None,
-                 outage_frames: int = 0, pace_every: int = 200, pace_sleep: float = 0.002):
+                 outage_frames: int = 0, pace_every: int = 200, pace_sleep: float = 0.002, sync_gate: int = 300):
         self.rec = rec
+        self.sync_gate = sync_gate              # frame at which the replay waits for every book's first snapshot
         self.drop = drop or set()
         self.close_after = close_after or {}
         self.outage_frames = outage_frames      # frames of a closed route that happen while it is down (lost)
@@ -219,6 +221,13 @@ class FakeBinance:
             await asyncio.sleep(0.005)
         return self.clients[route]
 
+    async def _await_first_snapshots(self, timeout: float = 60.0) -> None:
+        """Hold the replay until every symbol has asked for its REST snapshot: a fast replay must not run
+        the recording past midnight while a loaded machine is still syncing the second book."""
+        deadline = time.monotonic() + timeout
+        while len(self.snapshot_requests) < len(self.books) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
     async def _replay(self) -> None:
         await self._client("public")
         await self._client("market")
@@ -226,6 +235,8 @@ class FakeBinance:
         while i < len(self.rec.frames):
             fr = self.rec.frames[i]
             self.cursor = i
+            if i == self.sync_gate:
+                await self._await_first_snapshots()
             if self.lost_until.get(fr.route, -1) >= i:
                 if fr.route == "public":
                     self.books[fr.symbol].apply(fr.payload)
