@@ -282,7 +282,8 @@ class TuneConfig(_Section):
     embargo: str = _f("2h", _duration, "embargo after each test block")
     dev_fraction: float = _f(0.85, _probability, "development share of the data")
     oos1_fraction: float = _f(0.10, _probability, "OOS-1 share; Super-OOS is the rest")
-    min_trades: int = _f(10, _non_negative, "trades per path below which a score is penalised")
+    min_trades_per_day: float = _f(1.0, _non_negative,
+                                   "trade rate below which a score is penalised (a strategy must be testable)")
     limit_offset_atr: list = _f([0.1, 1.5], _range, "search range")
     take_profit_atr: list = _f([0.5, 3.0], _range, "search range")
     stop_loss_atr: list = _f([0.8, 4.0], _range, "search range")

@@ -47,7 +47,7 @@ PRICE_COLUMNS = ["open", "high", "low", "close", "atr"]
 HOURS_PER_YEAR = 24 * 365
 MIN_SEGMENT_BARS = 24
 DEMO_DAYS = 14
-DEMO_TRIALS = 10
+DEMO_TRIALS = 12
 
 
 class TrainError(Exception):
@@ -156,13 +156,15 @@ def hourly_returns(result: "backtest.BacktestResult") -> pd.Series:
     return metrics.period_returns(result.equity["equity"], result.initial_equity, "1h")
 
 
-def path_score(returns: np.ndarray, n_trades: int, min_trades: int) -> float:
-    """Sortino of one out-of-sample path (0 when undefined, never an unbounded reward for no losses),
-    capped at 0 and penalised when it rests on too few trades."""
-    score = metrics.sortino(returns, HOURS_PER_YEAR)
+def path_score(result: "backtest.BacktestResult", returns: pd.Series, cfg: GlobalConfig) -> float:
+    """Sortino of one out-of-sample run's hourly returns (0 when undefined, never an unbounded reward for no
+    losses); capped at 0 and penalised when it trades too rarely for any later slice to test it."""
+    score = metrics.sortino(returns.to_numpy(), HOURS_PER_YEAR)
     score = 0.0 if not np.isfinite(score) else score
-    if n_trades < min_trades:
-        score = min(score, 0.0) - (1.0 - n_trades / max(min_trades, 1))
+    days = (result.equity.index[-1] - result.equity.index[0]).total_seconds() / 86400.0
+    needed = cfg.tune.min_trades_per_day * days
+    if len(result.trades) < needed:
+        score = min(score, 0.0) - (1.0 - len(result.trades) / needed)
     return score
 
 
@@ -235,7 +237,7 @@ def evaluate_cpcv(data: TrainData, cfg: GlobalConfig, timer: Timer) -> CpcvOutco
         probs = pd.DataFrame(path, index=dev.index, columns=ModelBundle.PROBA_COLUMNS).reindex(span.index)
         result = run_segment(data, span, probs, cfg)
         r = hourly_returns(result)
-        scores.append(path_score(r.to_numpy(), len(result.trades), cfg.tune.min_trades))
+        scores.append(path_score(result, r, cfg))
         trades.append(len(result.trades))
         curves.append(result.equity["equity"].resample("1h").last())
         returns.append(r)
@@ -360,8 +362,7 @@ def qualify(study: optuna.Study, data: TrainData, base: GlobalConfig, timer: Tim
         oos = frame.iloc[data.segments.oos1]
         probs = predict_span(bundle, oos, data.features)
         result = run_segment(data, oos, probs, cfg)
-        score = path_score(hourly_returns(result).to_numpy(), len(result.trades),
-                           max(1, cfg.tune.min_trades // 5))
+        score = path_score(result, hourly_returns(result), cfg)
         candidates.append(Candidate(trial, cfg, bundle, result, score, extra={"oos1_probs": probs}))
     return sorted(candidates, key=lambda c: (c.oos1_score, c.trial.value), reverse=True)
 
@@ -419,7 +420,7 @@ TRAIN_ASSUMPTIONS = [
     "training samples overlapping a test block's label intervals are purged, then an embargo follows each block; "
     "LightGBM bins features on each fold's training rows only.",
     "Trial score: median over CPCV paths of the annualised Sortino of hourly mark-to-market returns, capped at 0 "
-    "and penalised when a path has fewer than tune.min_trades trades.",
+    "and penalised when a path trades less often than tune.min_trades_per_day.",
     "Thresholds are trial parameters: they are never chosen on the data that scores them.",
     "OOS-1 ranks the top candidates retrained on all development data; only the winner sees Super-OOS, once, "
     "retrained on development + OOS-1 with the same model family and round count that CPCV scored.",
@@ -576,13 +577,13 @@ def demo_config(args: argparse.Namespace, cfg: GlobalConfig) -> GlobalConfig:
     defaults = {"cfg_data_dir": ("data", "data_dir", "data/DEMOUSDT_Sim"),
                 "cfg_timeframe": ("data", "timeframe", "1m"),
                 "cfg_trials": ("tune", "trials", DEMO_TRIALS),
-                "cfg_candidates": ("tune", "candidates", 3)}
+                "cfg_candidates": ("tune", "candidates", 5)}
     for dest, (section, name, value) in defaults.items():
         if dest not in given:
             setattr(getattr(cfg, section), name, value)
     if not args.set_values:
         cfg.tune.cpcv_groups, cfg.tune.cpcv_test_groups = 5, 2
-        cfg.tune.n_estimators, cfg.tune.num_leaves = [30, 150], [4, 32]
+        cfg.tune.n_estimators, cfg.tune.num_leaves = [30, 80], [4, 16]
     if "cfg_data_dir" not in given and not Path(cfg.data.data_dir).is_dir():
         log.info("generating %d days of synthetic market data in %s", DEMO_DAYS, cfg.data.data_dir)
         market_sim.simulate(symbol=cfg.symbol, days=DEMO_DAYS, seed=7, alpha=1.0,
