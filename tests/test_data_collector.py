@@ -188,6 +188,16 @@ def book_lines(folder: Path) -> list[dict]:
             for line in (gzip.open(p) if p.suffix == ".gz" else open(p, "rb"))]
 
 
+def record_replay(srv: FakeBinance, out: Path) -> None:
+    """Record the server's whole replay in-process, stop cleanly, and always stop the server."""
+    try:
+        proc = in_process(srv, out)
+        wait_caught_up(out, srv, proc)
+        assert stop(proc) == 0
+    finally:
+        srv.stop()
+
+
 # ------------------------------------------------------------------------------- Binance recorder
 def test_replay_rebuilds_exchange_book_and_records_every_trade_once(recording: Recording, tmp_path: Path) -> None:
     """Two-symbol replay across midnight: the rebuilt book matches bookTicker at 100% of comparable events."""
@@ -233,12 +243,7 @@ def test_dropped_diff_is_detected_and_resynced(recording: Recording, tmp_path: P
     btc_diffs = [i for i, fr in enumerate(rec.frames) if fr.route == "public" and fr.symbol == "BTCUSDT"]
     dropped = btc_diffs[len(btc_diffs) // 2]
     srv = FakeBinance(rec, drop={dropped}, pace_every=10, pace_sleep=0.01).start()
-    try:
-        proc = in_process(srv, tmp_path)
-        wait_caught_up(tmp_path, srv, proc)
-        assert stop(proc) == 0
-    finally:
-        srv.stop()
+    record_replay(srv, tmp_path)
     btc, eth = sidecar_totals(tmp_path, "BTCUSDT"), sidecar_totals(tmp_path, "ETHUSDT")
     assert (btc["gaps"], btc["resyncs"], btc["snapshots"]) == (1, 1, 2)
     assert (eth["gaps"], eth["resyncs"], eth["snapshots"]) == (0, 0, 1)
@@ -257,12 +262,7 @@ def test_server_close_reconnects_and_resyncs(recording: Recording, tmp_path: Pat
     rec = head(recording, 4000)
     srv = FakeBinance(rec, close_after={2000: "public", 3000: "market"}, outage_frames=100, pace_every=10,
                       pace_sleep=0.01).start()
-    try:
-        proc = in_process(srv, tmp_path)
-        wait_caught_up(tmp_path, srv, proc)
-        assert stop(proc) == 0
-    finally:
-        srv.stop()
+    record_replay(srv, tmp_path)
     assert srv.connections == {"public": 2, "market": 2}
     assert all(p.split("?")[0] in ("/public/stream", "/market/stream") for p in srv.paths)
     lost_trades = [rec.frames[i] for i in srv.lost if rec.frames[i].route == "market"]
@@ -360,12 +360,7 @@ def test_sigkill_keeps_written_lines_and_restart_isolates_a_torn_line(recording:
     assert report.bad_book_lines == 1 and report.book["messages"] == complete
 
     srv = FakeBinance(head(recording, 800)).start()
-    try:
-        proc = in_process(srv, tmp_path)
-        wait_caught_up(tmp_path, srv, proc)
-        assert stop(proc) == 0
-    finally:
-        srv.stop()
+    record_replay(srv, tmp_path)
     _, _, report = rebuild_vs_ticker(folder, rec.tickers["BTCUSDT"])
     assert report.bad_book_lines == 1
     lines = book.read_bytes().split(b"\n")

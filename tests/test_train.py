@@ -58,20 +58,21 @@ def train_args(data_dir: Path, symbol: str, trials: int, *extra: str) -> list[st
             *FAST, *extra]
 
 
+def full_run(data_dir: Path, symbol: str, work: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """An 8-trial study through to the verdict and the ranked artifacts."""
+    proc = run_cli("train.py", train_args(data_dir, symbol, 8), work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / "models_v9" / symbol, proc
+
+
 @pytest.fixture(scope="session")
 def noise_run(noise_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    work = tmp_path_factory.mktemp("noise_run")
-    proc = run_cli("train.py", train_args(noise_dir, "NOISEUSDT", 8), work)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work / "models_v9" / "NOISEUSDT", proc
+    return full_run(noise_dir, "NOISEUSDT", tmp_path_factory.mktemp("noise_run"))
 
 
 @pytest.fixture(scope="session")
 def alpha_run(alpha_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    work = tmp_path_factory.mktemp("alpha_run")
-    proc = run_cli("train.py", train_args(alpha_dir, "ALPHAUSDT", 8), work)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work / "models_v9" / "ALPHAUSDT", proc
+    return full_run(alpha_dir, "ALPHAUSDT", tmp_path_factory.mktemp("alpha_run"))
 
 
 def read_params(rank_dir: Path) -> dict:
