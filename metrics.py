@@ -76,6 +76,7 @@ def max_drawdown(equity: pd.Series) -> tuple[float, pd.Timedelta]:
 
 
 MIN_DAYS_TO_ANNUALISE = 30.0
+MIN_DAILY_RETURNS = 7     # a Sharpe ratio from fewer daily returns is noise dressed as a statistic
 
 
 def cagr(initial_equity: float, final_equity: float, days: float) -> float:
@@ -139,8 +140,8 @@ def compute_metrics(result: Any) -> dict[str, Any]:
         "final_equity": final,
         "total_return": final / initial - 1.0,
         "annual_return": annual,
-        "sharpe": sharpe(daily),
-        "sortino": sortino(daily),
+        "sharpe": sharpe(daily) if len(daily) >= MIN_DAILY_RETURNS else math.nan,
+        "sortino": sortino(daily) if len(daily) >= MIN_DAILY_RETURNS else math.nan,
         "max_drawdown": mdd,
         "max_drawdown_days": mdd_dur.total_seconds() / 86400.0,
         "calmar": calmar(annual, mdd),

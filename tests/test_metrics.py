@@ -90,7 +90,7 @@ def test_turnover_counts_both_legs():
 
 
 def test_compute_metrics_overall_and_splits():
-    idx = pd.date_range("2026-01-01", periods=4 * 288, freq="5min", tz="UTC")
+    idx = pd.date_range("2026-01-01", periods=8 * 288, freq="5min", tz="UTC")
     equity = pd.DataFrame({"equity": np.linspace(10_000, 11_000, len(idx)), "positions": [1, 0] * (len(idx) // 2),
                            "exposure": 0.5}, index=idx)
     trades = trades_frame([30.0, -10.0, 50.0], regimes=["maker", "taker", "taker"], sides=["long", "short", "long"])
@@ -98,14 +98,16 @@ def test_compute_metrics_overall_and_splits():
                              counters={"rejected_postonly": 2})
     m = metrics.compute_metrics(result)
     assert m["total_return"] == pytest.approx(0.1) and m["final_equity"] == pytest.approx(11_000)
-    assert m["days"] == pytest.approx(4.0) and m["max_drawdown"] == 0.0
+    assert m["days"] == pytest.approx(8.0) and m["max_drawdown"] == 0.0
     assert m["exposure"] == pytest.approx(0.5) and m["avg_leverage"] == pytest.approx(0.5)
     assert m["maker_trades"] == 1 and m["taker_trades"] == 2 and m["taker_profit_factor"] == pytest.approx(5.0)
     assert m["long_net_pnl"] == 80.0 and m["short_win_rate"] == 0.0
     assert m["exit_reasons"] == {"take_profit": 2, "stop_loss": 1}
     assert m["count_rejected_postonly"] == 2
     daily = metrics.daily_returns(equity["equity"], 10_000.0)
-    assert m["sharpe"] == pytest.approx(metrics.sharpe(daily))
+    assert m["sharpe"] == pytest.approx(metrics.sharpe(daily)) and np.isfinite(m["sharpe"])
+    short = SimpleNamespace(equity=equity.iloc[: 4 * 288], trades=trades, initial_equity=10_000.0)
+    assert math.isnan(metrics.compute_metrics(short)["sharpe"])  # 4 daily returns make no Sharpe ratio
 
 
 def test_to_json_writes_undefined_values_as_null():
