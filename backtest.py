@@ -314,7 +314,11 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
         eq[i, E_NPOS] = npos
         if i == n - 1:
             break
-        npend = st.decide_core(i, int(t[i] // 86400), c[i], atr[i], pel[i], pes[i], pdl[i], pds[i], equity,
+        day = int(t[i] // 86400)
+        if (npos == 0 and rq[0] == 0.0 and rq[1] == 0.0
+                and st.is_idle(day, equity, pel[i], pes[i], pdl[i], pds[i], day_state, params)):
+            continue
+        npend = st.decide_core(i, day, c[i], atr[i], pel[i], pes[i], pdl[i], pds[i], equity,
                                day_state, side, qty, fill_bar, rq, rp, rbar, params, pend)
         if record_intents:
             while ilog.shape[0] - ni < npend:

@@ -217,6 +217,22 @@ def decide_core(bar: int, day: int, close: float, atr: float,
     return n
 
 
+@njit(cache=True)
+def is_idle(day: int, equity: float, p_exec_long: float, p_exec_short: float, p_dir_long: float,
+            p_dir_short: float, day_state: np.ndarray, params: np.ndarray) -> bool:
+    """True when decide_core would emit nothing and change nothing, provided no position or resting entry exists.
+
+    Same UTC day and equity as the last decision: the day-state update is a no-op and the kill-switch
+    test repeats the last one's (already acted on) outcome; with neither side's entry signal on, the
+    entry rules pass over both sides. Callers check the positions and resting entries themselves.
+    """
+    return (day == day_state[D_DAY] and equity == day_state[D_LAST_EQUITY]
+            and not (p_dir_long >= params[P_AGGR_THR]
+                     or (p_exec_long >= params[P_EXEC_THR] and p_dir_long >= params[P_DIR_THR]))
+            and not (p_dir_short >= params[P_AGGR_THR]
+                     or (p_exec_short >= params[P_EXEC_THR] and p_dir_short >= params[P_DIR_THR])))
+
+
 # ---------------------------------------------------------------- record API for the engines
 @dataclass
 class Position:
