@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 import strategy as st
@@ -174,3 +175,40 @@ def test_no_size_with_non_positive_equity():
     params = st.strategy_params(cfg(), InstrumentConfig())
     assert st.position_size(0.0, 100.0, 2.0, 0.0, params) == 0.0
     assert st.position_size(10_000.0, 100.0, 2.0, 0.0, params) == pytest.approx(50.0)
+
+
+# ------------------------------------------------------------ idle pre-check (lets the backtester skip decide_core)
+def test_is_idle_only_when_decide_core_would_do_nothing():
+    """Random walks of day, equity (through kill-switch halts) and probabilities on an empty book."""
+    params = st.strategy_params(cfg(), InstrumentConfig())
+    rng = np.random.default_rng(3)
+    empty, rest, out = np.zeros(3), np.zeros(2), np.zeros((8, st.N_INTENT_COLS))
+    state = st.new_day_state()
+    day, equity, idle_seen, halted_idle_seen = 0, 10_000.0, 0, 0
+    for bar in range(20_000):
+        day += rng.random() < 0.01
+        if rng.random() < 0.05:
+            equity *= rng.choice([0.9, 0.99, 1.02])
+        p = np.where(rng.random(4) < 0.8, rng.choice([0.0, 0.49, 0.5, 0.59, 0.6, 0.86, 0.87, math.nan], 4), 0.0)
+        idle = st.is_idle(day, equity, *p, state, params)
+        before = state.copy()
+        n = st.decide_core(bar, day, 100.0, 1.0, *p, equity, state, empty, empty, empty, rest, rest, rest, params, out)
+        if idle:
+            assert n == 0 and np.array_equal(state, before, equal_nan=True), (bar, p)
+            idle_seen += 1
+            halted_idle_seen += state[st.D_HALTED] == 1.0
+    assert idle_seen > 5_000 and halted_idle_seen > 100
+
+
+def test_is_idle_is_false_on_a_new_day_a_new_equity_or_any_entry_signal():
+    params = st.strategy_params(cfg(), InstrumentConfig())
+    state = st.new_day_state()
+    st.decide_core(0, 5, 100.0, 1.0, 0.0, 0.0, 0.0, 0.0, 10_000.0, state, np.zeros(3), np.zeros(3), np.zeros(3),
+                   np.zeros(2), np.zeros(2), np.zeros(2), params, np.zeros((8, st.N_INTENT_COLS)))
+    assert st.is_idle(5, 10_000.0, 0.0, 0.0, 0.0, 0.0, state, params)
+    assert not st.is_idle(6, 10_000.0, 0.0, 0.0, 0.0, 0.0, state, params)
+    assert not st.is_idle(5, 9_999.0, 0.0, 0.0, 0.0, 0.0, state, params)
+    for p in ([0.0, 0.0, 0.87, 0.0], [0.0, 0.0, 0.0, 0.87], [0.6, 0.0, 0.5, 0.0], [0.0, 0.6, 0.0, 0.5]):
+        assert not st.is_idle(5, 10_000.0, *p, state, params), p
+    for p in ([0.59, 0.59, 0.86, 0.86], [1.0, 1.0, 0.49, 0.49]):
+        assert st.is_idle(5, 10_000.0, *p, state, params), p
