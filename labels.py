@@ -33,55 +33,58 @@ _BAR_COLUMNS = ("open", "high", "low", "close", "atr")
 
 
 @numba.njit(cache=True, inline="always")
-def _first_below(low: np.ndarray, start: int, last: int, level: float) -> int:
-    """First bar j in [start, last] with low[j] < level, else last + 1 (a slice keeps the scan branch-light)."""
+def _first_below(low: np.ndarray, sign: float, start: int, last: int, level: float) -> int:
+    """First bar j in [start, last] with sign·low[j] < level, else last + 1 (a slice keeps the scan branch-light)."""
     seg = low[start:last + 1]
     for q in range(seg.shape[0]):
-        if seg[q] < level:
+        if sign * seg[q] < level:
             return start + q
     return last + 1
 
 
 @numba.njit(cache=True, inline="always")
-def _first_exit(low: np.ndarray, high: np.ndarray, start: int, last: int, stop: float,
+def _first_exit(low: np.ndarray, high: np.ndarray, sign: float, start: int, last: int, stop: float,
                 take_above: float) -> int:
-    """First bar j in [start, last] with low[j] <= stop or high[j] > take_above, else last + 1."""
+    """First bar j in [start, last] with sign·low[j] <= stop or sign·high[j] > take_above, else last + 1."""
     lo = low[start:last + 1]
     hi = high[start:last + 1]
     for q in range(lo.shape[0]):
-        if (lo[q] <= stop) | (hi[q] > take_above):
+        if (sign * lo[q] <= stop) | (sign * hi[q] > take_above):
             return start + q
     return last + 1
 
 
 @numba.njit(cache=True)
-def _long_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.ndarray, atr: np.ndarray,
-               price_sign: float, offset_atr: float, tp_atr: float, sl_atr: float, time_limit_bars: int,
-               max_holding_bars: int, maker_fee: float, touch: bool, tick: float) -> tuple[np.ndarray, np.ndarray]:
-    """Compiled labels for a long; a short runs here on mirrored prices (p -> -p, high <-> low).
+def _execution_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.ndarray, atr: np.ndarray,
+                    sign: float, offset_atr: float, tp_atr: float, sl_atr: float, time_limit_bars: int,
+                    max_holding_bars: int, maker_fee: float, touch: bool,
+                    tick: float) -> tuple[np.ndarray, np.ndarray]:
+    """Compiled labels, worked as a long on sign·price: a short (sign -1) mirrors p -> -p with high <-> low.
 
-    A limit that fills on touch (x <= level) is tested strictly against nextafter(level, +inf), which is
-    exact, so the scans carry no rule or side branches. `price_sign` (-1 for mirrored prices) restores real prices
-    for the fee check; tick > 0 rounds the limit down to the tick grid (up, for a mirrored short).
+    Mirroring by multiplying on read (exact) spares four array copies per call. A limit that fills on touch
+    (x <= level) is tested strictly against nextafter(level, +inf), which is exact, so the scans carry no rule
+    branches. tick > 0 rounds the limit down to the tick grid (up, for a mirrored short); np.floor stays in
+    floating point, where math.floor would round-trip through an int64.
     """
     n = close.shape[0]
+    low, high = (low, high) if sign > 0.0 else (high, low)  # the mirrored low is -high
     label = np.full(n, -1, np.int8)
     t1 = np.full(n, -1, np.int64)
     for t in range(n - 1):
         a = atr[t]
-        c = close[t]
+        c = sign * close[t]
         if not (math.isfinite(a) and a > 0.0 and math.isfinite(c)):
             continue
         limit = c - offset_atr * a
         if tick > 0.0:
-            limit = math.floor(limit / tick + 1e-9) * tick
-        if limit >= open_[t + 1]:
+            limit = np.floor(limit / tick + 1e-9) * tick
+        if limit >= sign * open_[t + 1]:
             label[t] = 0
             t1[t] = t + 1
             continue
         expiry = t + time_limit_bars
         last = min(expiry, n - 1)
-        fill = _first_below(low, t + 1, last, np.nextafter(limit, np.inf) if touch else limit)
+        fill = _first_below(low, sign, t + 1, last, np.nextafter(limit, np.inf) if touch else limit)
         if fill > last:
             if expiry <= n - 1:
                 label[t] = 0
@@ -89,17 +92,17 @@ def _long_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.n
             continue
         take = limit + tp_atr * a
         stop = limit - sl_atr * a
-        if low[fill] <= stop:
+        if sign * low[fill] <= stop:
             label[t] = 0
             t1[t] = fill
             continue
         end = fill + max_holding_bars
         last = min(end, n - 1)
         take_above = np.nextafter(take, -np.inf) if touch else take
-        j = _first_exit(low, high, fill + 1, last, stop, take_above)
+        j = _first_exit(low, high, sign, fill + 1, last, stop, take_above)
         if j <= last:
-            if open_[j] > take_above or low[j] > stop:
-                pnl = (take - limit) - maker_fee * price_sign * (take + limit)
+            if sign * open_[j] > take_above or sign * low[j] > stop:
+                pnl = (take - limit) - maker_fee * sign * (take + limit)
                 label[t] = 1 if pnl > 0.0 else 0
             else:
                 label[t] = 0
@@ -140,11 +143,9 @@ def execution_labels(open: np.ndarray, high: np.ndarray, low: np.ndarray, close:
     c = _as_float_array("close", close)
     n = c.shape[0]
     o, h, lo = (_as_float_array(name, v, n) for name, v in (("open", open), ("high", high), ("low", low)))
-    if side == -1:
-        o, h, lo, c = -o, -lo, -h, -c
-    return _long_core(o, h, lo, c, _as_float_array("atr", atr, n), float(side), float(offset_atr),
-                      float(tp_atr), float(sl_atr), int(time_limit_bars), int(max_holding_bars),
-                      float(maker_fee), fill_rule == "touch", float(tick_size))
+    return _execution_core(o, h, lo, c, _as_float_array("atr", atr, n), float(side), float(offset_atr),
+                           float(tp_atr), float(sl_atr), int(time_limit_bars), int(max_holding_bars),
+                           float(maker_fee), fill_rule == "touch", float(tick_size))
 
 
 def direction_labels(close: np.ndarray, atr: np.ndarray, horizon: int,
