@@ -510,6 +510,13 @@ class Collector:
         raise AssertionError(f"condition not met; frames: {self.frames[-5:]}")
 
 
+def private_ws() -> tuple[Collector, ut.WebSocket]:
+    """An authenticated private pybit socket (paper keys) whose raw frames land in a Collector."""
+    got = Collector()
+    return got, ut.WebSocket(channel_type="private", testnet=False, api_key="paper", api_secret="paper",
+                             callback_function=got)
+
+
 @pytest.fixture
 def ws_urls(monkeypatch):
     def point(ex: ExchangeThread) -> None:
@@ -590,9 +597,7 @@ def test_subscribe_acks_echo_req_id_and_reject_unknown_topics(venue, ws_urls):
 def test_private_streams_follow_the_order_lifecycle_and_survive_drops(venue, ws_urls):
     ex = venue()
     ws_urls(ex)
-    got = Collector()
-    ws = ut.WebSocket(channel_type="private", testnet=False, api_key="paper", api_secret="paper",
-                      callback_function=got)
+    got, ws = private_ws()
     pub = ut.WebSocket(channel_type="linear", testnet=False)
     books: list[dict] = []
     try:
@@ -632,9 +637,7 @@ def test_private_streams_follow_the_order_lifecycle_and_survive_drops(venue, ws_
 def test_private_categorised_topics_are_echoed_exactly(venue, ws_urls):
     ex = venue()
     ws_urls(ex)
-    got = Collector()
-    ws = ut.WebSocket(channel_type="private", testnet=False, api_key="paper", api_secret="paper",
-                      callback_function=got)
+    got, ws = private_ws()
     try:
         ws.subscribe("order.linear", lambda m: None, symbol="")
         got.wait(lambda fs: any(f.get("op") == "subscribe" for f in fs))
@@ -649,9 +652,7 @@ def test_private_categorised_topics_are_echoed_exactly(venue, ws_urls):
 def test_private_push_faults_duplicate_and_reorder_executions(venue, ws_urls):
     ex = venue()
     ws_urls(ex)
-    got = Collector()
-    ws = ut.WebSocket(channel_type="private", testnet=False, api_key="paper", api_secret="paper",
-                      callback_function=got)
+    got, ws = private_ws()
     try:
         ws.execution_stream(lambda m: None)
         got.wait(lambda fs: any(f.get("op") == "subscribe" for f in fs))
