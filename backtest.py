@@ -548,26 +548,27 @@ def _read_signals(path: Path) -> pd.DataFrame:
     return df.drop(columns=["time"])
 
 
-def _load_market(cfg: GlobalConfig, signals: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Bars with ATR for the run (from the signals file when it carries prices, else from the data), plus 1m bars."""
+def _load_market(cfg: GlobalConfig, signals: pd.DataFrame | None) -> tuple:
+    """Bars with ATR for the run (from the signals file when it carries prices, else from the data), 1m bars,
+    and the features computed on the way (None when the signals file carried the prices)."""
     if signals is not None and all(col in signals.columns for col in PRICE_COLUMNS + ["atr"]):
-        return signals[PRICE_COLUMNS + ["atr"]], None
+        return signals[PRICE_COLUMNS + ["atr"]], None, None
     import data_loader
     import feature_engine
     bars = data_loader.load_bars(cfg)
-    atr = feature_engine.compute_features(bars, cfg)["atr"]
-    frame = bars[PRICE_COLUMNS].assign(atr=atr).loc[atr.notna()]
+    feats = feature_engine.compute_features(bars, cfg)
+    frame = bars[PRICE_COLUMNS].assign(atr=feats["atr"]).loc[feats["atr"].notna()]
     fine = data_loader.load_bars(cfg, "1m") if cfg.data.timeframe != "1m" else None
-    return frame, fine
+    return frame, fine, feats
 
 
-def _model_probs(cfg: GlobalConfig, config_path: Path, frame_index: pd.DatetimeIndex) -> pd.DataFrame:
+def _model_probs(cfg: GlobalConfig, config_path: Path, features: pd.DataFrame,
+                 frame_index: pd.DatetimeIndex) -> pd.DataFrame:
     """The four probabilities from the model bundle saved beside params.json (NaN before feature warm-up)."""
-    import data_loader
     import feature_engine
     import models
     bundle = models.ModelBundle.load(config_path.parent)
-    feats = feature_engine.compute_features(data_loader.load_bars(cfg), cfg).reindex(frame_index)
+    feats = features.reindex(frame_index)
     warm = feats["is_warm"].fillna(False).to_numpy(bool)
     if not warm.any():
         raise ValueError("no bar is past the feature warm-up: load a longer span")
@@ -613,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.signals is None and not args.config:
             raise ConfigError("give --signals FILE or --config params.json of a trained model")
         signals = _read_signals(args.signals) if args.signals else None
-        frame, fine = _load_market(cfg, signals)
-        probs = signals[PROB_COLUMNS] if signals is not None else _model_probs(cfg, Path(args.config), frame.index)
+        frame, fine, feats = _load_market(cfg, signals)
+        probs = (signals[PROB_COLUMNS] if signals is not None
+                 else _model_probs(cfg, Path(args.config), feats, frame.index))
         span = (_saved_span(Path(args.config)) if args.config and signals is None
                 and not (cfg.data.start or cfg.data.end) else None)
         if span is not None:
