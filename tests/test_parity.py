@@ -1,0 +1,250 @@
+"""parity.py: each layer finds the change that belongs to it, the signals journal feeds backtest.py, and the
+replay's child processes never outlive it. Engine journals here are written in the DESIGN §3 format from
+research outputs (the engine's own end-to-end run needs live_trading_v2.py)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import backtest
+import data_loader
+import feature_engine
+import parity
+from config import GlobalConfig
+from small_model import train_small_model
+from test_backtest import random_market
+from test_feature_engine import make_bars, small_cfg
+
+TICK = 0.01
+
+
+# ---------------------------------------------------------------- engine journals written as the engine does
+def _num(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+def signal_records(frame: pd.DataFrame, probs: pd.DataFrame, intents: pd.DataFrame | None = None,
+                   bars: pd.DataFrame | None = None) -> list[dict]:
+    """signals_<SYM>.jsonl records (one per bar), through a JSON round trip like the real file."""
+    recs = []
+    by_bar = {} if intents is None else dict(tuple(intents.groupby("time")))
+    for when, row in frame.iterrows():
+        p = probs.loc[when]
+        rec = {"ts": int(when.value // 1_000_000), "bar_time": when.isoformat(), "symbol": "TESTUSDT",
+               "mode": "paper", **{c: _num(row[c]) for c in ("open", "high", "low", "close", "atr")},
+               "volume": _num(row.get("volume", 0.0)), "warm": bool(p.notna().all()),
+               **{c: _num(p[c]) for c in parity.PROB_COLUMNS}, "entries_allowed": True, "intents": []}
+        if when in by_bar:
+            rec["intents"] = [{"kind": i.kind, "side": int(i.side), "price": _num(i.price), "qty": i.qty,
+                               "tp_dist": _num(i.tp_dist), "sl_dist": _num(i.sl_dist), "reason": i.reason}
+                              for i in by_bar[when].itertuples()]
+        if bars is not None:
+            rec["bar"] = {c: (bool(v) if isinstance(v, (bool, np.bool_)) else _num(v))
+                          for c, v in bars.loc[when].items()}
+        recs.append(json.loads(json.dumps(rec)))
+    return recs
+
+
+def trade_records(trades: pd.DataFrame) -> list[dict]:
+    """trades_<SYM>.jsonl fill records (entry and exit per round trip, exit pushed twice as a duplicate)."""
+    recs = []
+    for k, t in trades.iterrows():
+        side, back = ("Buy", "Sell") if t["side"] == "long" else ("Sell", "Buy")
+        pid = f"pos-{k}"
+        recs.append({"event": "filled", "kind": "entry", "side": side, "qty": t["qty"], "price": t["entry_price"],
+                     "fee": t["entry_fee"], "position_id": pid, "exec_id": f"e{k}",
+                     "ts": int(t["entry_time"].value // 1_000_000), "order_link_id": f"{pid}-entry"})
+        exit_rec = {"event": "filled", "kind": "tp" if t["exit_reason"] == "take_profit" else "sl", "side": back,
+                    "qty": t["qty"], "price": t["exit_price"], "fee": t["exit_fee"], "position_id": pid,
+                    "exec_id": f"x{k}", "ts": int(t["exit_time"].value // 1_000_000),
+                    "order_link_id": f"{pid}-exit", "reason": t["exit_reason"]}
+        recs += [exit_rec, dict(exit_rec)]
+    return sorted(recs, key=lambda r: r["ts"])
+
+
+@pytest.fixture(scope="module")
+def market() -> tuple[pd.DataFrame, pd.DataFrame, GlobalConfig, backtest.BacktestResult]:
+    """5m random market with random probabilities and its backtest (intents recorded)."""
+    coarse, probs, _ = random_market(3000, seed=4)
+    cfg = GlobalConfig()
+    cfg.strategy.exec_threshold, cfg.strategy.direction_threshold = 0.5, 0.4
+    result = backtest.run_backtest(coarse, probs, cfg, record_intents=True)
+    assert len(result.trades) >= 20 and (result.intents["kind"] == "limit").sum() >= 5
+    return coarse, probs, cfg, result
+
+
+# ---------------------------------------------------------------- layer 1
+def test_bars_layer_passes_equal_bars_and_names_the_first_changed_column() -> None:
+    ref = make_bars(120, seed=3)
+    recs = signal_records(ref.assign(atr=1.0), pd.DataFrame(0.1, index=ref.index, columns=parity.PROB_COLUMNS),
+                          bars=ref)
+    mine = parity.engine_bars(recs, data_loader.BAR_COLUMNS[:12] + [c for c in ref.columns
+                                                                     if c.startswith("ob_")])
+    same = parity.compare_bars(mine, ref)
+    assert same.ok and same.compared == 120
+    recs[50]["bar"]["ob_imbalance_mean"] += 1e-12       # a book statistic off in its last bits
+    recs[70]["bar"]["volume"] += 0.001
+    changed = parity.compare_bars(parity.engine_bars(recs, list(ref.columns)), ref)
+    assert changed.mismatches == 2
+    assert changed.first["bar"] == str(ref.index[50]) and changed.first["column"] == "ob_imbalance_mean"
+    early = parity.compare_bars(parity.engine_bars(recs, list(ref.columns)), ref.iloc[1:])
+    assert early.first == {"bar": str(ref.index[0]), "column": "*", "engine": "bar", "reference": "missing"}
+
+
+# ---------------------------------------------------------------- layer 2
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[pd.DataFrame, GlobalConfig, object, Path]:
+    """A small trained model on 5m bars with a short feature warm-up."""
+    cfg = small_cfg()
+    cfg.data.timeframe = "5m"
+    bars = make_bars(700, seed=8)
+    folder = tmp_path_factory.mktemp("rank_1")
+    return bars, cfg, train_small_model(bars, cfg, folder), folder
+
+
+def engine_feature_records(bars: pd.DataFrame, cfg: GlobalConfig, bundle, window: int, last: int,
+                           short_at: int = -1) -> list[dict]:
+    """What the engine logs for the last `last` bars, each computed on its `window`-bar window (one bar less
+    at position short_at: the deliberate change)."""
+    names = feature_engine.feature_names(cfg)
+    recs = []
+    for k in range(len(bars) - last, len(bars)):
+        w = bars.iloc[k + 1 - window + (1 if k == len(bars) - last + short_at else 0):k + 1]
+        f = feature_engine.compute_features(w, cfg).iloc[[-1]]
+        p = bundle.predict(f[names]).iloc[0]
+        recs.append(json.loads(json.dumps({
+            "bar_time": bars.index[k].isoformat(), "window_bars": window, **{c: float(p[c]) for c in p.index},
+            "features": {c: _num(float(f[c].iloc[0])) for c in names + ["atr"]}})))
+    return recs
+
+
+def test_features_layer_holds_on_the_engine_window_and_catches_one_bar_less(model) -> None:
+    bars, cfg, bundle, _ = model
+    window = feature_engine.warmup_bars(cfg) + 20
+    good = parity.engine_features(engine_feature_records(bars, cfg, bundle, window, 12))
+    result = parity.features_layer(good, bars, cfg, bundle)
+    assert result.ok and result.compared == 12
+    assert good[parity.PROB_COLUMNS].std().max() > 0     # the model is not a constant
+    deviation = result.details["largest_full_history_deviation"]
+    assert 0 < max(deviation.values()) < 1e-2               # later-started EWMs differ, within their tolerance
+    assert result.details["largest_full_history_prob_deviation"] < 1e-2
+    bad = parity.engine_features(engine_feature_records(bars, cfg, bundle, window, 12, short_at=5))
+    caught = parity.features_layer(bad, bars, cfg, bundle)
+    assert caught.mismatches == 1 and caught.first["bar"] == str(bars.index[len(bars) - 12 + 5])
+
+
+# ---------------------------------------------------------------- layer 3
+def test_decisions_layer_catches_a_limit_price_rounded_the_other_way(market) -> None:
+    coarse, probs, cfg, result = market
+    recs = signal_records(coarse, probs, result.intents)
+    mine = parity.engine_intents(recs)
+    assert parity.compare_intents(mine, result.intents).ok
+    k = next(n for n, r in enumerate(recs) if any(i["kind"] == "limit" for i in r["intents"]))
+    limit = next(i for i in recs[k]["intents"] if i["kind"] == "limit")
+    raw = coarse["close"].iloc[k] - limit["side"] * cfg.strategy.limit_offset_atr * coarse["atr"].iloc[k]
+    limit["price"] = round(raw / TICK) * TICK + (TICK if round(raw / TICK) * TICK == limit["price"] else 0.0)
+    caught = parity.compare_intents(parity.engine_intents(recs), result.intents)
+    assert caught.mismatches == 1
+    assert caught.first["bar"] == str(coarse.index[k]) and caught.first["fields_differing"] == ["price"]
+    del recs[k]["intents"][0]
+    assert not parity.compare_intents(parity.engine_intents(recs), result.intents).ok
+
+
+# ---------------------------------------------------------------- layer 4
+def test_live_fills_become_the_backtest_trades(market) -> None:
+    _, _, _, result = market
+    live = parity.live_trades(trade_records(result.trades))
+    bt = result.trades.sort_values("entry_time", kind="stable").reset_index(drop=True)
+    assert len(live) == len(bt)
+    for col in ("qty", "entry_price", "exit_price", "fees", "pnl"):
+        np.testing.assert_allclose(live[col], bt[col], rtol=1e-12)
+
+
+def test_backtest_vs_live_reports_the_first_differently_settled_fill_within_tolerance(market) -> None:
+    coarse, probs, cfg, result = market
+    bt = result.trades.sort_values("entry_time", kind="stable").reset_index(drop=True)
+    recs = trade_records(bt)
+    k = 7
+    exit_rec = next(r for r in recs if r["position_id"] == f"pos-{k}" and r["kind"] != "entry")
+    exit_rec["price"] *= 1.0 + 3e-4 * (1 if bt.at[k, "side"] == "long" else -1)   # a better exit: 3 bps
+    live = parity.live_trades(recs)
+    eq = result.equity["equity"]
+    args = (parity.engine_intents(signal_records(coarse, probs, result.intents)), result.intents, live, bt, eq,
+            result.equity, 10000.0, 300, pd.Timedelta(minutes=65))
+    ok = parity.backtest_vs_live(*args, parity.Tolerance())
+    assert ok.ok, ok.first
+    fill = ok.details["first_fill_divergence"]
+    assert fill["index"] == k and fill["bar"] == str(bt.at[k, "entry_time"].floor("300s"))
+    assert fill["backtest_state"]["equity"] == pytest.approx(eq.loc[:bt.at[k, "entry_time"]].iloc[-1])
+    assert ok.details["trades_matched"] == len(bt)
+    assert ok.details["largest"]["price_bps"] == pytest.approx(3.0, rel=1e-6)
+    strict = parity.backtest_vs_live(*args, parity.Tolerance(price_bps=2.0))
+    assert strict.mismatches == 1 and strict.first["what"] == "beyond tolerance"
+    early = parity.engine_intents(signal_records(coarse, probs, result.intents))
+    first_bar = early["time"].iloc[0]
+    early.loc[0, "qty"] += 0.001                              # an intent differs before any fill did
+    moved = parity.backtest_vs_live(early, *args[1:], parity.Tolerance())
+    assert moved.first["what"] == "intents differ before any fill did" and moved.first["bar"] == str(first_bar)
+
+
+# ---------------------------------------------------------------- signals -> backtest.py --signals
+def test_signals_journal_converts_straight_into_backtest_signals_input(market, tmp_path) -> None:
+    coarse, probs, cfg, _ = market
+    first_warm = int(np.argmax(probs.notna().all(axis=1).to_numpy() & coarse["atr"].notna().to_numpy()))
+    cold = probs.copy()
+    cold.iloc[:first_warm + 5] = np.nan                      # the engine's warm-up bars: not warm, no signal
+    path = tmp_path / "signals_TESTUSDT.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in signal_records(coarse, cold)))
+    rows = parity.signals_to_backtest_csv(path, tmp_path / "signals.csv")
+    assert rows == len(coarse) - first_warm - 5
+    out = tmp_path / "bt"
+    args = ["--signals", str(tmp_path / "signals.csv"), "--timeframe", "5m", "--out", str(out),
+            "--set", "strategy.exec_threshold=0.5", "--set", "strategy.direction_threshold=0.4"]
+    assert backtest.main(args) == 0
+    cfg.data.timeframe = "5m"
+    span = coarse.index[first_warm + 5:]
+    direct = backtest.run_backtest(coarse.loc[span], cold.loc[span].fillna(0.0), cfg).trades
+    written = pd.read_csv(out / "closed_trades.csv")
+    assert len(written) == len(direct) > 10
+    np.testing.assert_allclose(written["pnl"], direct["pnl"], rtol=1e-9)
+
+
+def test_a_torn_signals_line_is_named(tmp_path) -> None:
+    path = tmp_path / "signals_X.jsonl"
+    path.write_text('{"bar_time": "2026-01-01T00:00:00+00:00"}\n{"bar_time": "2026-01-01T00:05\n')
+    with pytest.raises(parity.ParityError, match=r"signals_X.jsonl: line 2: not JSON"):
+        parity.signals_to_backtest_csv(path, tmp_path / "out.csv")
+
+
+# ---------------------------------------------------------------- orchestration
+def test_a_missing_model_is_refused_before_anything_starts(tmp_path, capsys) -> None:
+    code = parity.main(["--model-dir", str(tmp_path / "nope"), "--data-dir", str(tmp_path), "--start",
+                        "2026-01-02", "--end", "2026-01-02", "--out", str(tmp_path / "out")])
+    assert code == 2 and "no params.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_child_is_stopped_with_its_whole_process_group(tmp_path) -> None:
+    """The paper exchange on a free port: ready when it prints its URL, gone (group and all) after stop."""
+    from paper_market import write_market
+    folder = write_market(tmp_path, [100.0 + 0.01 * i for i in range(120)])
+    child = parity.Child("paper_exchange", ["--data-dir", str(folder), "--lockstep", "--port", "0"],
+                         tmp_path / "px.log", tmp_path)
+    try:
+        url = child.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", 120).group(1)
+        assert url.startswith("http://127.0.0.1:")
+    finally:
+        child.stop()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(child.proc.pid, 0)
+    broken = parity.Child("paper_exchange", ["--data-dir", str(tmp_path / "missing"), "--port", "0"],
+                          tmp_path / "bad.log", tmp_path)
+    with pytest.raises(parity.ParityError, match="paper_exchange exited with 2 before it was ready"):
+        broken.wait_for(r"listening on", 120)
+    broken.stop()
