@@ -112,7 +112,8 @@ class MarketReplay:
         self.offset_ms = 0 if rebase_to_ms is None else (rebase_to_ms - first) // 60000 * 60000
         self.now_ms = first + self.offset_ms
         self.start_ms = self.now_ms
-        self._apply_until(self.now_ms)
+        self._apply_until(self.now_ms if start_ms is None else self.now_ms - 1)  # messages at start are replayed
+        self.now_ms = self.start_ms
         self.unpushed = []
 
     @classmethod
