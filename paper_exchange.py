@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from aiohttp import WSMsgType, web
 
-from config import ConfigError, InstrumentConfig, StrategyConfig, add_config_args, config_from_args
+from config import ConfigError, InstrumentConfig, VenueConfig, add_config_args, config_from_args
 
 log = logging.getLogger("paper_exchange")
 
@@ -2243,18 +2243,18 @@ ACK_PATHS = {"/v5/order/create", "/v5/order/amend", "/v5/order/cancel", "/v5/ord
 
 # ---------------------------------------------------------------- running
 def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float = 0.0, api_key: str = "paper",
-                   api_secret: str = "paper", symbol: str | None = None, strategy: StrategyConfig | None = None,
+                   api_secret: str = "paper", symbol: str | None = None, venue: VenueConfig | None = None,
                    leverage: float = 10.0, rebase_time: bool = False) -> PaperExchange:
     """An exchange replaying a data folder, with the instrument rules and fees of the config
     (rebase_time: shift the data so it starts now, see MarketReplay)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
-    strat = strategy or StrategyConfig()
+    costs = venue or VenueConfig()
     sym = symbol or data_dir.name.split("_")[0]
     inst = load_instrument(data_dir, sym)
-    engine = MatchingEngine(inst, balance=balance, maker_fee=strat.maker_fee, taker_fee=strat.taker_fee,
-                            fill_rule=strat.fill_rule, leverage=leverage, funding_rate=strat.funding_rate_8h)
+    engine = MatchingEngine(inst, balance=balance, maker_fee=costs.maker_fee, taker_fee=costs.taker_fee,
+                            fill_rule=costs.fill_rule, leverage=leverage, funding_rate=costs.funding_rate_8h)
     replay = MarketReplay.from_dir(engine, data_dir, int(time.time() * 1000) if rebase_time else None)
     return PaperExchange(engine, replay, api_key=api_key, api_secret=api_secret, speed=speed)
 
@@ -2329,7 +2329,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = config_from_args(args)
         exchange = build_exchange(cfg.data.data_dir, balance=args.balance, speed=args.speed, api_key=args.api_key,
-                                  api_secret=args.api_secret, symbol=args.symbol, strategy=cfg.strategy,
+                                  api_secret=args.api_secret, symbol=args.symbol, venue=cfg.venue,
                                   leverage=args.leverage, rebase_time=args.rebase_time)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
