@@ -11,7 +11,7 @@ trading run the exact code paths the live bot uses, without the internet. Layers
 * `PaperExchange` — the aiohttp app: signed REST (`/v5/...`), public and private WS on one port, rate
   limits, and a fault-injection API (`faults` + `/__admin/...`) for tests.
 
-Fees, fill rule and funding come from StrategyConfig. Server time (`/v5/market/time`, signatures, rate
+Fees, fill rule and funding come from VenueConfig. Server time (`/v5/market/time`, signatures, rate
 limits) is the wall clock; market data, orders and fills carry market time: the recorded times, or with
 `--rebase-time` the data shifted (whole minutes) to start now. WS orderbook `u` counts per depth topic.
 """
@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from aiohttp import WSMsgType, web
 
-from config import ConfigError, StrategyConfig, add_config_args, config_from_args
+from config import ConfigError, VenueConfig, add_config_args, config_from_args
 from matching import (FUNDING_INTERVAL_MS, MAX_LEVERAGE, PRICE_LIMIT_RATIO, ExchangeError, MatchingEngine,
                       RateLimited, _int, load_instrument, money)
 
@@ -1032,7 +1032,7 @@ ACK_PATHS = {"/v5/order/create", "/v5/order/amend", "/v5/order/cancel", "/v5/ord
 
 # ---------------------------------------------------------------- running
 def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float = 0.0, api_key: str = "paper",
-                   api_secret: str = "paper", symbol: str | None = None, strategy: StrategyConfig | None = None,
+                   api_secret: str = "paper", symbol: str | None = None, venue: VenueConfig | None = None,
                    leverage: float = 10.0, rebase_time: bool = False, start: str = "",
                    per_message: bool = False) -> PaperExchange:
     """An exchange replaying a data folder, with the instrument rules and fees of the config
@@ -1041,11 +1041,11 @@ def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
-    strat = strategy or StrategyConfig()
+    costs = venue or VenueConfig()
     sym = symbol or data_dir.name.split("_")[0]
     inst = load_instrument(data_dir, sym)
-    engine = MatchingEngine(inst, balance=balance, maker_fee=strat.maker_fee, taker_fee=strat.taker_fee,
-                            fill_rule=strat.fill_rule, leverage=leverage, funding_rate=strat.funding_rate_8h)
+    engine = MatchingEngine(inst, balance=balance, maker_fee=costs.maker_fee, taker_fee=costs.taker_fee,
+                            fill_rule=costs.fill_rule, leverage=leverage, funding_rate=costs.funding_rate_8h)
     replay = MarketReplay.from_dir(engine, data_dir, int(time.time() * 1000) if rebase_time else None,
                                    parse_start(start) if start else None)
     return PaperExchange(engine, replay, api_key=api_key, api_secret=api_secret, speed=speed,
@@ -1141,7 +1141,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config_from_args(args)
         exchange = build_exchange(cfg.data.data_dir, balance=args.balance, speed=0.0 if args.lockstep else args.speed,
                                   api_key=args.api_key,
-                                  api_secret=args.api_secret, symbol=args.symbol, strategy=cfg.strategy,
+                                  api_secret=args.api_secret, symbol=args.symbol, venue=cfg.venue,
                                   leverage=args.leverage, rebase_time=args.rebase_time, start=args.start,
                                   per_message=args.lockstep or args.publish == "per-message")
     except (ConfigError, ValueError, FileNotFoundError) as exc:
