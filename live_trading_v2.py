@@ -694,7 +694,7 @@ class Engine:
             from matching import Instrument, MatchingEngine
             rules = report.rules
             inst = Instrument(self.symbol, rules.tick_size, rules.qty_step, rules.min_qty, rules.min_notional)
-            s = self.cfg.strategy
+            s = self.cfg.venue
             self.sim = MatchingEngine(inst, balance=s.initial_equity, maker_fee=s.maker_fee, taker_fee=s.taker_fee,
                                       fill_rule=s.fill_rule, funding_rate=s.funding_rate_8h)
             self.client.http = SimHTTP(self.client.http, self.sim, self.sim_lock)
@@ -798,7 +798,7 @@ class Engine:
     # ------------------------------------------------------------ main loop
     def _loop(self) -> None:
         next_reconcile = self.clock.monotonic() + parse_duration(self.cfg.live.reconcile_interval)
-        next_equity = 0.0
+        next_equity = next_stop_check = 0.0
         while not self.stop_event.is_set():
             if self.args.lockstep:
                 if not self._lockstep_step():
@@ -808,15 +808,40 @@ class Engine:
                 for bar in self._bars.tick(self.clock.exchange_ms()):
                     self.on_bar(bar)
             now = self.clock.monotonic()
-            if now >= next_reconcile and self._exec is not None:
-                self.reconcile("periodic")
-                next_reconcile = now + parse_duration(self.cfg.live.reconcile_interval)
+            if self._exec is not None:
+                if self.state.get("unsettled"):
+                    self._settle_unknown()
+                if now >= next_stop_check:
+                    self._guard_stops()
+                    next_stop_check = now + 1.0
+                if now >= next_reconcile or self._private_rebuilt():
+                    self.reconcile("periodic")
+                    next_reconcile = now + parse_duration(self.cfg.live.reconcile_interval)
             if now >= next_equity:
                 self._journal_equity()
                 next_equity = now + parse_duration(self.cfg.live.heartbeat_interval)
             if self.args.max_bars and self.bars_closed >= self.args.max_bars:
                 log.info("--max-bars %d reached", self.args.max_bars)
                 break
+
+    def _private_rebuilt(self) -> bool:
+        """Whether the private stream was rebuilt or reconnected since the last look (pushes may be lost)."""
+        if self.private is None:
+            return False
+        count = self.private.rebuilds + self.private.reconnects
+        changed = count != self.state.get("_private_generation", count)
+        self.state["_private_generation"] = count
+        if changed:
+            self.health.reconciled = False
+        return changed
+
+    def _guard_stops(self) -> None:
+        """Check stop coverage whenever a position leg is open (each fill is covered within about a second)."""
+        if any(v > 0 for v in self._exchange_positions().values()):
+            try:
+                self.check_stops()
+            except exc.ExchangeError as err:
+                log.warning("stop check failed: %s", err)
 
     def _lockstep_step(self) -> bool:
         """Advance the paper exchange one step and wait until everything it pushed has been processed;
@@ -941,8 +966,11 @@ class Engine:
             "atr": atr, "warm": warm, **probs, "exec_threshold": s.exec_threshold,
             "direction_threshold": s.direction_threshold, "aggressive_threshold": s.aggressive_threshold,
             "entries_allowed": allowed, "reason": reason, "latency_ms": latency,
-            "intents": [{"kind": r.kind, "side": r.side, "price": r.price, "qty": r.qty, "reason": r.reason,
-                         "action": r.action, "order_link_id": r.order_link_id} for r in requests],
+            "intents": [{"kind": it.kind, "side": it.side, "price": it.price, "qty": it.qty, "tp_dist": it.tp_dist,
+                         "sl_dist": it.sl_dist, "reason": it.reason}
+                        for it in (self._exec.last_intents if self._exec is not None else [])],
+            "requests": [{"action": r.action, "kind": r.kind, "side": r.side, "price": r.price, "qty": r.qty,
+                          "order_link_id": r.order_link_id} for r in requests],
             **({"features": {k: float(v) for k, v in row.items() if k != "is_warm"}} if self.args.log_features else {})})
         self.send(requests)
         self._save()
@@ -998,29 +1026,36 @@ class Engine:
         """The order lifecycle (execution.py), restored losslessly from the state file."""
         import execution
         text = self.state.get("execution")
-        return execution.Execution.from_json(text, self.cfg) if text else execution.Execution(self.cfg, self.symbol)
+        try:
+            return execution.Execution.from_json(text, self.cfg) if text else execution.Execution(self.cfg,
+                                                                                                  self.symbol)
+        except ValueError as err:
+            raise Refusal(EXIT_CONFIG, f"state file {self.setup.state_file}: {err}") from None
 
     def send(self, requests: list) -> None:
-        """Send order requests; each wire orderLinkId is written to the state file BEFORE it is sent
-        (a crash between the two leaves a known id to settle by lookup, never an orphan)."""
+        """Send order requests. A create's orderLinkId is written to the state file BEFORE it is sent (a crash
+        in between leaves a known id to settle by lookup, never an orphan); an unknown outcome (timeout, 5xx,
+        lost ack) stays pending and is settled by lookup, never re-sent under a new id."""
         for req in requests:
-            wire = exc.order_link_id(req.order_link_id)
+            wire = req.order_link_id
             if req.action == "create":
-                self.links[wire] = req.order_link_id
+                self.links[wire] = req.kind
                 self.state.setdefault("unsettled", {})[wire] = self.clock.exchange_ms()
                 self._save()
-            self.journals.write("trades", {"event": "placed" if req.action == "create" else "cancel_sent",
-                                           "order_link_id": wire, "side": req.side, "kind": req.kind,
-                                           "price": req.price, "qty": req.qty, "position_id": req.position_id,
-                                           "reason": req.reason})
+            if req.action != "cancel":
+                self.journals.write("trades", self._exec.placed_record(req, self.clock.exchange_ms()))
             try:
                 if req.action == "create":
                     self._create(req)
+                    self.state["unsettled"].pop(wire, None)
+                elif req.action == "amend":
+                    self._amend_stop(req)
                 else:
-                    self.client.cancel_order(order_link_id=wire)
+                    self._cancel(req)
                 self.health.api_errors = 0
             except exc.OrderNotFoundError:
-                self._settle(wire)
+                if req.action == "cancel":
+                    self._settle(wire)
             except exc.RejectedError as err:
                 self._rejected(req, wire, err)
             except exc.ExchangeError as err:
@@ -1033,12 +1068,56 @@ class Engine:
         kwargs: dict[str, Any] = dict(price=None if market else req.price, order_type=req.order_type,
                                       time_in_force=None if market else req.time_in_force,
                                       reduce_only=req.reduce_only)
-        if req.kind == "sl":
-            kwargs.update(order_type="Market", price=None, time_in_force=None, trigger_price=req.price,
-                          trigger_direction=2 if req.side == "Sell" else 1)
         if req.stop_loss is not None and not req.reduce_only:
             kwargs.update(stop_loss=req.stop_loss, tpsl_mode="Partial")
-        self.client.place_order(req.order_link_id, req.side, req.qty, **kwargs)
+        self.client.place_order(req.intent_key, req.side, req.qty, **kwargs)
+
+    def _cancel(self, req: Any) -> None:
+        oid = self.state.get("tpsl_ids", {}).get(req.order_link_id)
+        if req.kind == "sl":
+            if oid is None:
+                return
+            self.client.cancel_order(order_id=oid)
+        else:
+            self.client.cancel_order(order_link_id=req.order_link_id)
+
+    def _amend_stop(self, req: Any) -> None:
+        """Move the entry's exchange-side stop (created by the exchange from stopLoss, tpslMode=Partial) to
+        the fill-based trigger for the position's size; the stop then answers to the request's link id."""
+        stop = self._entry_stop(req)
+        if stop is None:
+            self._protect(str(req.position_idx), req.qty, req.trigger_price)
+            return
+        oid = str(stop["orderId"])
+        self.state.setdefault("tpsl", {})[oid] = req.order_link_id
+        self.state.setdefault("tpsl_ids", {})[req.order_link_id] = oid
+        params = {"category": "linear", "symbol": self.symbol, "orderId": oid,
+                  "triggerPrice": exc.wire(self.client.rules.round_price(req.trigger_price)),
+                  "qty": exc.wire(self.client.rules.round_qty(req.qty))}
+        try:
+            self.client.request("amend_order", params)
+        except exc.RejectedError as err:
+            if "unchanged" not in str(err).lower():
+                raise
+        self._feed("order", {**stop, "orderLinkId": "", "orderStatus": "Untriggered",
+                             "updatedTime": str(self.clock.exchange_ms())})
+
+    def _entry_stop(self, req: Any) -> dict | None:
+        """The exchange's stop order protecting the entry `req.position_id` (same leg, trigger at the stop
+        the entry was sent with, or already mapped to this request)."""
+        entry = self._exec.orders.get(req.position_id)
+        mapped = self.state.get("tpsl_ids", {}).get(req.order_link_id)
+        for order in self.client.open_orders():
+            if mapped is not None and str(order.get("orderId")) == mapped:
+                return order
+            if (order.get("orderLinkId") or "") or "StopLoss" not in str(order.get("stopOrderType")):
+                continue
+            if str(order.get("orderId")) in self.state.get("tpsl", {}):
+                continue
+            if entry is not None and int(order.get("positionIdx", 0)) == req.position_idx and math.isclose(
+                    float(order.get("triggerPrice") or 0), entry.request.stop_loss, rel_tol=0, abs_tol=1e-9):
+                return order
+        return None
 
     def _rejected(self, req: Any, wire: str, err: exc.ExchangeError) -> None:
         """A refusal is final: the lifecycle hears it; a refused stop on a live position means an immediate
@@ -1050,19 +1129,16 @@ class Engine:
         self._feed("order", {"orderLinkId": wire, "orderStatus": "Rejected", "rejectReason": str(err),
                              "updatedTime": str(self.clock.exchange_ms())})
         if req.kind == "sl" and stop_refused(err):
-            self._emergency_exit(req)
+            self._emergency_exit(req.position_id, req.side, req.qty)
 
-    def _emergency_exit(self, req: Any) -> None:
-        side_idx = req.position_idx
-        size = self._exchange_positions().get(str(side_idx), 0.0)
-        if size <= 0:
-            return
-        link = f"{req.order_link_id}:stop-refused-exit"
-        self.journals.event("error", f"stop refused for {req.position_id}: closing {size} at market", "error")
+    def _emergency_exit(self, position_id: str, side: str, qty: float) -> None:
+        """Reduce-only market exit when the exchange refuses a stop (price already beyond it)."""
+        key = f"{position_id}|stop-refused-exit"
+        self.journals.event("error", f"stop refused for {position_id}: closing {qty} at market", "error")
         try:
-            self.client.place_order(link, req.side, size, order_type="Market", reduce_only=True)
+            self.client.place_order(key, side, qty, order_type="Market", reduce_only=True)
         except exc.ExchangeError as err:
-            self.journals.event("error", f"emergency exit failed: {err}", "critical")
+            self.journals.event("error", f"emergency exit of {position_id} failed: {err}", "critical")
 
     def _settle(self, wire: str) -> None:
         """Settle an order of unknown outcome by lookup; it is never re-sent under a new id."""
@@ -1090,7 +1166,7 @@ class Engine:
 
     def _cancel_resting_entries(self) -> None:
         for order in self.client.open_orders():
-            if order.get("orderLinkId") in self.links and not order.get("reduceOnly"):
+            if self.links.get(order.get("orderLinkId")) == "entry" and not order.get("reduceOnly"):
                 try:
                     self.client.cancel_order(order_link_id=order["orderLinkId"])
                 except exc.OrderNotFoundError:
@@ -1114,12 +1190,14 @@ class Engine:
             return
         link = self._request_id(row)
         if link is None:
-            if topic == "order" and row.get("orderStatus") in ("New", "PartiallyFilled", "Untriggered"):
+            protective = row.get("reduceOnly") in (True, "true") and not row.get("orderLinkId")
+            if topic == "order" and row.get("orderStatus") in ("New", "PartiallyFilled", "Untriggered") \
+                    and not protective and not exc.is_own_order(row.get("orderLinkId")):
                 self._external(f"order {row.get('orderId')}")
             return
         ts = int(row.get("execTime") or row.get("updatedTime") or self.clock.exchange_ms())
         if topic == "execution":
-            if row.get("execType", "Trade") != "Trade":
+            if row.get("execType", "Trade") != "Trade" or float(row.get("execQty") or 0) <= 0:
                 return
             self.state["last_exec_ms"] = max(int(self.state.get("last_exec_ms", 0)), ts)
             ev = execution.ExecEvent("fill", link, ts, exec_id=str(row["execId"]), qty=float(row["execQty"]),
@@ -1127,8 +1205,9 @@ class Engine:
                                      is_maker=row.get("isMaker") in (True, "true"))
         else:
             status = row.get("orderStatus")
-            kind = {"New": "accepted", "Untriggered": "accepted", "Rejected": "rejected", "Cancelled": "cancelled",
-                    "Deactivated": "cancelled", "PartiallyFilledCanceled": "cancelled"}.get(status)
+            kind = {"New": "accepted", "Untriggered": "accepted", "Triggered": "triggered", "Rejected": "rejected",
+                    "Cancelled": "cancelled", "Deactivated": "cancelled",
+                    "PartiallyFilledCanceled": "cancelled"}.get(status)
             if kind is None:
                 return
             self.state.get("unsettled", {}).pop(row.get("orderLinkId", ""), None)
@@ -1142,24 +1221,12 @@ class Engine:
         self.send(result.requests)
 
     def _request_id(self, row: dict) -> str | None:
-        """Our request id of an exchange order: by orderLinkId, or for an exchange-created stop/TP of a
-        Partial entry, by the entry it protects (same leg, trigger at that entry's stop)."""
+        """Our orderLinkId of an exchange order: its own, or for an exchange-created stop the stop request
+        it was mapped to when it was moved to the fill (None: not ours, or a stop not mapped yet)."""
         wire = row.get("orderLinkId") or ""
-        if wire in self.links:
-            return self.links[wire]
-        tpsl = self.state.setdefault("tpsl", {})
-        oid = str(row.get("orderId", ""))
-        if oid in tpsl:
-            return tpsl[oid]
-        if wire or "Stop" not in str(row.get("stopOrderType", "")):
-            return None
-        for pos in self._exec.positions():
-            sl = getattr(pos, "sl", math.nan)
-            link = getattr(pos, "link", None) or getattr(pos, "position_id", None)
-            if link and math.isclose(float(row.get("triggerPrice") or 0), sl, rel_tol=1e-9, abs_tol=1e-9):
-                tpsl[oid] = f"{link}:sl"
-                return tpsl[oid]
-        return None
+        if wire in self._exec.orders:
+            return wire
+        return self.state.get("tpsl", {}).get(str(row.get("orderId", "")))
 
     def _external(self, what: str) -> None:
         if what not in self.health.external:
@@ -1242,21 +1309,24 @@ class Engine:
         self.last_stop_check = self.clock.exchange_ms()
         return bad
 
-    def _protect(self, idx: str, qty: float) -> None:
+    def _protect(self, idx: str, qty: float, trigger: float | None = None) -> None:
+        """A reduce-only stop for `qty` of leg idx at `trigger` (default: the leg's first own position's SL);
+        a refused or unknown stop means a reduce-only market exit instead."""
         long = idx == "1"
         own = [p for p in self._exec.positions() if (p.side > 0) == long]
+        trigger = trigger if trigger is not None else (own[0].sl if own else math.nan)
         side = "Sell" if long else "Buy"
-        link = f"protect-{idx}-{self.clock.exchange_ms()}"
+        key = f"{self.symbol}|protect|{idx}|{self.clock.exchange_ms()}"
         self.journals.event("error", f"position leg {idx} has {qty} without a stop: protecting it", "error")
+        if not math.isfinite(trigger):
+            self._emergency_exit(f"leg-{idx}", side, qty)
+            return
         try:
-            if own and math.isfinite(own[0].sl):
-                self.client.place_order(link, side, qty, order_type="Market", reduce_only=True,
-                                        trigger_price=own[0].sl, trigger_direction=2 if long else 1)
-            else:
-                self.client.place_order(link, side, qty, order_type="Market", reduce_only=True)
+            self.client.place_order(key, side, qty, order_type="Market", reduce_only=True,
+                                    trigger_price=trigger, trigger_direction=2 if long else 1)
         except exc.RejectedError as err:
             if stop_refused(err):
-                self.client.place_order(link + "-x", side, qty, order_type="Market", reduce_only=True)
+                self._emergency_exit(f"leg-{idx}", side, qty)
             else:
                 self.journals.event("error", f"protecting leg {idx} failed: {err}", "critical")
 
