@@ -944,6 +944,8 @@ class Engine:
         feats = feature_engine.compute_features(self.window, self.cfg)
         row = feats.iloc[-1]
         atr = float(row["atr"])
+        self.state["last_atr"] = atr
+        self._recorder.flush()
         warm = bool(row["is_warm"]) and number >= self.missing_until
         probs = self._probabilities(bar_ms, feats) if warm else {c: math.nan for c in PROB_COLUMNS}
         if self.quantiles and number % 10 == 0:
@@ -1332,27 +1334,38 @@ class Engine:
 
     # ------------------------------------------------------------ risk and journals
     def _check_kill_switch(self) -> None:
-        """Daily loss incl. unrealised PnL, on every price update: entries stop at once (the halt survives a
-        restart); the flatten itself is the strategy's kill rule at the next decision."""
-        if self._exec is None or not math.isfinite(self.last_price):
+        """Daily loss including unrealised PnL, on every price update: the strategy's own kill rule is run at
+        once on the price now (flatten, cancel, halt until the next UTC day); the halt is kept in the state
+        file so it survives a restart."""
+        if self._exec is None or not math.isfinite(self.last_price) or self._bars.open_ms is None:
             return
         day = self._day()
+        start = self._exec.day.start_equity
+        if self.state.get("halted_day") == day or self._exec.day.day != day or not math.isfinite(start):
+            return
         equity = self._exec.mark(self.last_price)
-        if self.state.get("day") != day:
-            self.state.update(day=day, day_start_equity=equity)
-        start = float(self.state.get("day_start_equity") or equity)
-        if self.state.get("halted_day") != day and equity <= (1 - self.cfg.strategy.daily_loss_limit) * start:
-            self.state["halted_day"] = day
-            self.journals.event("kill_switch", f"daily loss {equity - start:.2f} reached the "
-                                               f"{self.cfg.strategy.daily_loss_limit:.1%} limit: halted until "
-                                               "the next UTC day", "critical", equity=equity, day_start=start)
-            self._save()
+        if equity > (1 - self.cfg.strategy.daily_loss_limit) * start:
+            return
+        import strategy
+        self.state["halted_day"] = day
+        self.journals.event("kill_switch", f"daily loss {equity - start:.2f} reached the "
+                                           f"{self.cfg.strategy.daily_loss_limit:.1%} limit: flattening, halted "
+                                           "until the next UTC day", "critical", equity=equity, day_start=start)
+        self.phase = "flattening"
+        number = self._bars.open_ms // self.bar_ms
+        atr = float(self.state.get("last_atr") or math.nan)
+        requests = self._exec.on_bar_close(strategy.Bar(index=number, time=self._bars.open_ms / 1000.0,
+                                                        close=self.last_price, atr=atr, probs={}),
+                                           strategy.EntryGate(allowed=False, reason="kill-switch"))
+        self.send(requests)
+        self.phase = "halted"
+        self._save()
 
     def _journal_equity(self) -> None:
         if self._exec is None:
             return
         equity = self._exec.mark(self.last_price) if math.isfinite(self.last_price) else self._exec.equity()
-        start = float(self.state.get("day_start_equity") or equity)
+        start = self._exec.day.start_equity if math.isfinite(self._exec.day.start_equity) else equity
         self.journals.write("equity", {
             "equity": equity, "unrealised": equity - self._exec.equity(), "day_start_equity": start,
             "day_pnl": equity - start, "kill_switch": "halted" if self.state.get("halted_day") == self._day()
