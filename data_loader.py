@@ -459,7 +459,7 @@ def iter_book_messages(data_dir: str | Path, start: str = "", end: str = "") -> 
 
 
 # ------------------------------------------------------------------ bars
-def _partial_trade_bars(chunk: pd.DataFrame, bar_us: int) -> pd.DataFrame:
+def partial_trade_bars(chunk: pd.DataFrame, bar_us: int) -> pd.DataFrame:
     """Per-bar mergeable partials of one time-sorted trade chunk (contiguous runs, numpy reduceat)."""
     ts_us = np.round(chunk["timestamp"].to_numpy() * 1e6).astype(np.int64)
     bar = (ts_us // bar_us) * bar_us
@@ -491,7 +491,7 @@ def _merge_trade_bars(parts: list[pd.DataFrame]) -> pd.DataFrame:
 
 def bar_frame(trade_parts: list[pd.DataFrame], book_parts: list[pd.DataFrame], bar_ms: int,
               span_ms: tuple[int, int] | None = None, prev_close: float = np.nan) -> pd.DataFrame:
-    """Bars (BAR_COLUMNS, UTC index = bar open) from per-chunk partials: `_partial_trade_bars` of trade
+    """Bars (BAR_COLUMNS, UTC index = bar open) from per-chunk partials: `partial_trade_bars` of trade
     chunks and `orderbook.partial_book_bars` of book samples. The one bar rule of research and live:
     build_bars calls it over whole files, the live engine over each closed bar's messages.
     span_ms: (first, last) bar open in ms (default: the trades' span); prev_close seeds empty leading bars."""
@@ -539,7 +539,7 @@ def build_bars(files: DataFiles, timeframe: str, levels: int, sample_interval: s
     parts: list[pd.DataFrame] = []
     for path in tqdm(files.trades, desc="trade files", unit="file", disable=None):
         for chunk in _trade_chunks(path, files.symbol, report, budget):
-            parts.append(_partial_trade_bars(chunk, bar_s * 1_000_000))
+            parts.append(partial_trade_bars(chunk, bar_s * 1_000_000))
         report.trade_files += 1
     if not parts:
         raise DataError(f"no usable trades in {files.root / 'Trade'} "

@@ -11,7 +11,7 @@ trading run the exact code paths the live bot uses, without the internet. Layers
 * `PaperExchange` — the aiohttp app: signed REST (`/v5/...`), public and private WS on one port, rate
   limits, and a fault-injection API (`faults` + `/__admin/...`) for tests.
 
-Fees, fill rule and funding come from StrategyConfig. Server time (`/v5/market/time`, signatures, rate
+Fees, fill rule and funding come from VenueConfig. Server time (`/v5/market/time`, signatures, rate
 limits) is the wall clock; market data, orders and fills carry market time: the recorded times, or with
 `--rebase-time` the data shifted (whole minutes) to start now. WS orderbook `u` counts per depth topic.
 """
@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from aiohttp import WSMsgType, web
 
-from config import ConfigError, StrategyConfig, add_config_args, config_from_args
+from config import ConfigError, VenueConfig, add_config_args, config_from_args
 from matching import (FUNDING_INTERVAL_MS, MAX_LEVERAGE, PRICE_LIMIT_RATIO, ExchangeError, MatchingEngine,
                       RateLimited, _int, load_instrument, money)
 
@@ -112,7 +112,8 @@ class MarketReplay:
         self.offset_ms = 0 if rebase_to_ms is None else (rebase_to_ms - first) // 60000 * 60000
         self.now_ms = first + self.offset_ms
         self.start_ms = self.now_ms
-        self._apply_until(self.now_ms)
+        self._apply_until(self.now_ms if start_ms is None else self.now_ms - 1)  # messages at start are replayed
+        self.now_ms = self.start_ms
         self.unpushed = []
 
     @classmethod
@@ -264,6 +265,7 @@ class Faults:
     duplicate_pushes: int = 0
     reorder_pushes: int = 0
     push_topic: str = ""
+    http_path: str = ""         # when set, http_5xx hits only requests whose path starts with it
     book_reset: bool = False
     mute_pushes: bool = False
 
@@ -416,7 +418,7 @@ class PaperExchange:
         if route is None or route[0] != request.method:
             return web.Response(status=404, text="Not Found")
         method, handler_name, signed = route
-        if self.faults.http_5xx > 0:
+        if self.faults.http_5xx > 0 and path.startswith(self.faults.http_path):
             self.faults.http_5xx -= 1
             return web.Response(status=self.faults.http_status, text="Internal Server Error")
         body = await request.read()
@@ -1031,7 +1033,7 @@ ACK_PATHS = {"/v5/order/create", "/v5/order/amend", "/v5/order/cancel", "/v5/ord
 
 # ---------------------------------------------------------------- running
 def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float = 0.0, api_key: str = "paper",
-                   api_secret: str = "paper", symbol: str | None = None, strategy: StrategyConfig | None = None,
+                   api_secret: str = "paper", symbol: str | None = None, venue: VenueConfig | None = None,
                    leverage: float = 10.0, rebase_time: bool = False, start: str = "",
                    per_message: bool = False) -> PaperExchange:
     """An exchange replaying a data folder, with the instrument rules and fees of the config
@@ -1040,11 +1042,11 @@ def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
-    strat = strategy or StrategyConfig()
+    costs = venue or VenueConfig()
     sym = symbol or data_dir.name.split("_")[0]
     inst = load_instrument(data_dir, sym)
-    engine = MatchingEngine(inst, balance=balance, maker_fee=strat.maker_fee, taker_fee=strat.taker_fee,
-                            fill_rule=strat.fill_rule, leverage=leverage, funding_rate=strat.funding_rate_8h)
+    engine = MatchingEngine(inst, balance=balance, maker_fee=costs.maker_fee, taker_fee=costs.taker_fee,
+                            fill_rule=costs.fill_rule, leverage=leverage, funding_rate=costs.funding_rate_8h)
     replay = MarketReplay.from_dir(engine, data_dir, int(time.time() * 1000) if rebase_time else None,
                                    parse_start(start) if start else None)
     return PaperExchange(engine, replay, api_key=api_key, api_secret=api_secret, speed=speed,
@@ -1140,7 +1142,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config_from_args(args)
         exchange = build_exchange(cfg.data.data_dir, balance=args.balance, speed=0.0 if args.lockstep else args.speed,
                                   api_key=args.api_key,
-                                  api_secret=args.api_secret, symbol=args.symbol, strategy=cfg.strategy,
+                                  api_secret=args.api_secret, symbol=args.symbol, venue=cfg.venue,
                                   leverage=args.leverage, rebase_time=args.rebase_time, start=args.start,
                                   per_message=args.lockstep or args.publish == "per-message")
     except (ConfigError, ValueError, FileNotFoundError) as exc:
