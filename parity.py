@@ -42,17 +42,17 @@ import pandas as pd
 
 import metrics
 import strategy as st
-from config import ConfigError, GlobalConfig, atomic_write_text, config_from_args, timeframe_seconds
+from config import ConfigError, GlobalConfig, LiveSettings, atomic_write_text, config_from_args, timeframe_seconds
 
 log = logging.getLogger("parity")
 
 ROOT = Path(__file__).resolve().parent
 PROB_COLUMNS = ["p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short"]
 INTENT_FIELDS = ["kind", "side", "reason", "qty", "price", "tp_dist", "sl_dist"]
-FILL_KINDS_ENTRY = ("entry",)
-FILL_EVENTS = ("filled", "partially_filled")
-EXEC_EVENT_TYPES = {"accepted": "accepted", "rejected": "rejected", "filled": "fill", "partially_filled": "fill",
-                    "cancelled": "cancelled", "expired": "expired"}   # trades journal event -> ExecEvent.type
+# trades_<SYM>.jsonl events (execution.py's journal records) -> the ExecEvent type that produced them
+FILL_EVENTS = ("filled", "partially_filled", "tp", "sl", "time_exit", "kill_exit")
+EXEC_EVENT_TYPES = {**{e: "fill" for e in FILL_EVENTS}, "accepted": "accepted", "rejected": "rejected",
+                    "cancelled": "cancelled", "expired": "expired", "triggered": "triggered"}
 EXACT = 0.0
 FEATURE_TOL = 1e-9
 
@@ -176,16 +176,15 @@ def engine_bars(records: list[dict], columns: list[str], source: str = "signals"
     return frame.astype({c: float for c in columns if frame[c].dtype == object})
 
 
-def engine_features(records: list[dict], source: str = "signals") -> pd.DataFrame:
-    """The engine's feature vector per bar (its `features` field, --log-features) plus p_* and window_bars."""
+def engine_features(records: list[dict], window_bars: int, source: str = "signals") -> pd.DataFrame:
+    """The engine's feature vector per bar (its `features` field, --log-features) plus p_* and window_bars:
+    the record's own, else `window_bars` (the engine's rule: the last that many bars, or all it has)."""
     rows, index = [], []
     for n, rec in enumerate(records, start=1):
         if not isinstance(rec.get("features"), dict):
             raise ParityError(f"{source} record {n}: no 'features' object (run the engine with --log-features)")
-        if not rec.get("window_bars"):
-            raise ParityError(f"{source} record {n}: no 'window_bars' (bars the features were computed on)")
         rows.append({**{k: _num(v) for k, v in rec["features"].items()}, **{c: _num(rec.get(c)) for c in PROB_COLUMNS},
-                     "window_bars": int(rec["window_bars"])})
+                     "window_bars": int(rec.get("window_bars") or window_bars)})
         index.append(_bar_time(rec, f"{source} record {n}"))
     return pd.DataFrame(rows, index=pd.DatetimeIndex(index, name="time"))
 
@@ -215,30 +214,26 @@ def engine_intents(records: list[dict], source: str = "signals") -> pd.DataFrame
 
 
 def live_trades(records: list[dict], source: str = "trades") -> pd.DataFrame:
-    """Closed round trips from the trades journal's fill records (event filled/partially_filled, one per
-    execution, deduplicated by exec_id): per position_id the qty-weighted entry and exit prices, fees and
-    net PnL, in the columns of `backtest.BacktestResult.trades` that layer 4 compares."""
-    seen: set[str] = set()
+    """Closed round trips from the trades journal's fill records (execution.py writes one per applied
+    execution: entries filled/partially_filled, exits tp/sl/time_exit/kill_exit/partially_filled): per
+    position_id the qty-weighted entry and exit prices, fees and net PnL, in the columns of
+    `backtest.BacktestResult.trades` that layer 4 compares."""
     legs: dict[str, dict] = {}
     for n, rec in enumerate(records, start=1):
         if rec.get("event") not in FILL_EVENTS:
             continue
-        exec_id = str(rec.get("exec_id") or f"{source}:{n}")
-        if exec_id in seen:
-            continue
-        seen.add(exec_id)
         pid = str(rec.get("position_id") or "")
         if not pid:
             raise ParityError(f"{source} record {n}: a fill without position_id")
         leg = legs.setdefault(pid, {"entry": [], "exit": [], "side": 0, "reason": ""})
         qty, price, fee = _num(rec.get("qty")), _num(rec.get("price")), _num(rec.get("fee") or 0.0)
         when = pd.Timestamp(int(rec["ts"]), unit="ms", tz="UTC")
-        if rec.get("kind") in FILL_KINDS_ENTRY:
+        if rec.get("kind") == "entry":
             leg["side"] = _side(rec["side"])
             leg["entry"].append((when, qty, price, fee))
         else:
             leg["exit"].append((when, qty, price, fee))
-            leg["reason"] = str(rec.get("reason") or rec.get("kind") or "")
+            leg["reason"] = str(rec.get("event") if rec.get("event") != "partially_filled" else rec.get("kind"))
     rows = []
     for pid, leg in legs.items():
         if not leg["entry"] or not leg["exit"]:
@@ -362,10 +357,10 @@ def _intent_dict(row: pd.Series | None) -> dict | None:
 
 def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig) -> pd.DataFrame:
     """`strategy.decide` through `execution.Execution` (the engine's decider), fed the engine's recorded
-    exchange events (trades journal, in order, each before the first bar close after its exchange time) and
-    its bars, probabilities and entry gates (signals journal): the intents the engine should have sent, in
-    the shape of `engine_intents`. Needs `Execution.last_intents` (the strategy intents of the last
-    on_bar_close)."""
+    exchange events (trades journal records of applied events, in order; one stamped before a bar's close
+    was applied before that close) and its bars, probabilities and entry gates (signals journal): the
+    intents the engine should have sent (`Execution.last_intents`), in the shape of `engine_intents`.
+    Bar.index counts bars on the epoch grid, as the engine does."""
     import execution
     bar_s = timeframe_seconds(cfg.data.timeframe)
     ex = execution.Execution(cfg, cfg.symbol)
@@ -374,12 +369,13 @@ def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig)
     for n, rec in enumerate(signals):
         when = _bar_time(rec, f"signals record {n + 1}")
         close_ms = int(when.value // 1_000_000) + bar_s * 1000
-        while k < len(events) and int(events[k]["ts"]) <= close_ms:
+        while k < len(events) and int(events[k]["ts"]) < close_ms:
             ex.on_event(exec_event(execution, events[k]))
             k += 1
-        bar = st.Bar(index=n, time=when.value / 1e9, close=_num(rec.get("close")), atr=_num(rec.get("atr")),
+        bar = st.Bar(index=int(when.value // 1_000_000_000) // bar_s, time=when.value / 1e9,
+                     close=_num(rec.get("close")), atr=_num(rec.get("atr")),
                      probs={c: _num(rec.get(c)) for c in PROB_COLUMNS})
-        ex.on_bar_close(bar, st.EntryGate(bool(rec.get("entries_allowed", True)), str(rec.get("gate_reason", ""))))
+        ex.on_bar_close(bar, st.EntryGate(bool(rec.get("entries_allowed", True)), str(rec.get("reason") or "")))
         rows += [{"time": when, "kind": i.kind, "side": i.side, "reason": i.reason, "qty": i.qty, "price": i.price,
                   "tp_dist": i.tp_dist, "sl_dist": i.sl_dist} for i in ex.last_intents]
     return pd.DataFrame(rows, columns=["time"] + INTENT_FIELDS)
@@ -387,10 +383,10 @@ def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig)
 
 def exec_event(execution: Any, rec: dict) -> Any:
     """A trades-journal record as the `execution.ExecEvent` it came from (EXECUTION_CONTRACT.md)."""
+    fill = EXEC_EVENT_TYPES[rec["event"]] == "fill"
     return execution.ExecEvent(type=EXEC_EVENT_TYPES[rec["event"]], order_link_id=str(rec["order_link_id"]),
-                               ts_ms=int(rec["ts"]), exec_id=str(rec.get("exec_id") or ""),
-                               qty=_num(rec.get("qty") or 0.0), price=_num(rec.get("price") or 0.0),
-                               fee=_num(rec.get("fee") or 0.0), is_maker=bool(rec.get("is_maker", False)),
+                               ts_ms=int(rec["ts"]), qty=_num(rec.get("qty")) if fill else 0.0,
+                               price=_num(rec.get("price")) if fill else 0.0, fee=_num(rec.get("fee") or 0.0),
                                reason=str(rec.get("reason") or ""))
 
 
@@ -584,8 +580,24 @@ def bar_seconds(cfg: GlobalConfig) -> int:
 
 
 def initial_equity(cfg: GlobalConfig) -> float:
-    """The starting equity both sides trade with (the venue section, or the strategy section before it)."""
-    return float(getattr(cfg, "venue", cfg.strategy).initial_equity)
+    """The starting equity both sides trade with."""
+    return float(cfg.venue.initial_equity)
+
+
+def engine_window_bars(cfg: GlobalConfig) -> int:
+    """Bars in the engine's feature window (live_trading_v2: live.window_bars or the warm-up plus a margin)."""
+    import feature_engine
+    import live_trading_v2
+    return max(cfg.live.window_bars, feature_engine.warmup_bars(cfg) + live_trading_v2.WARM_MARGIN_BARS)
+
+
+def load_config(model_dir: Path, data_dir: Path, set_values: list[str]) -> GlobalConfig:
+    """The model's config as the engine runs it (its own live defaults, then --set), reading data_dir whole."""
+    base = GlobalConfig.load(model_dir / "params.json")
+    base.live = LiveSettings()
+    cfg = config_from_args(argparse.Namespace(config=None, set_values=set_values), base)
+    cfg.data.data_dir, cfg.data.start, cfg.data.end = str(data_dir), "", ""
+    return cfg
 
 
 # ---------------------------------------------------------------- the research side
@@ -625,7 +637,7 @@ def judge(work: Path, cfg: GlobalConfig, research: Research, bundle: Any, tol: T
     bar_s = bar_seconds(cfg)
     live_intents = engine_intents(signals)
     layers = [compare_bars(mine, research.bars),
-              features_layer(engine_features(signals), history, cfg, bundle),
+              features_layer(engine_features(signals, engine_window_bars(cfg)), history, cfg, bundle),
               compare_intents(live_intents, replay_decisions(signals, trades, cfg))]
     live_eq = live_equity(logs / f"equity_{cfg.symbol}.jsonl")
     bt = research.result
@@ -702,9 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         args.model_dir = resolve_model_dir(args.model_dir)
-        cfg = config_from_args(argparse.Namespace(config=str(args.model_dir / "params.json"),
-                                                  set_values=args.set_values))
-        cfg.data.data_dir, cfg.data.start, cfg.data.end = str(args.data_dir), "", ""
+        cfg = load_config(args.model_dir, args.data_dir, args.set_values)
         span_bars(args.start, args.end, bar_seconds(cfg))
         import models
         bundle = models.ModelBundle.load(args.model_dir)

@@ -52,19 +52,24 @@ def signal_records(frame: pd.DataFrame, probs: pd.DataFrame, intents: pd.DataFra
 
 
 def trade_records(trades: pd.DataFrame) -> list[dict]:
-    """trades_<SYM>.jsonl fill records (entry and exit per round trip, exit pushed twice as a duplicate)."""
+    """trades_<SYM>.jsonl records as execution.py journals them: the entry placed, then filled in two
+    executions (partially_filled, filled), and the exit fill (tp / sl / time_exit)."""
     recs = []
     for k, t in trades.iterrows():
         side, back = ("Buy", "Sell") if t["side"] == "long" else ("Sell", "Buy")
         pid = f"pos-{k}"
-        recs.append({"event": "filled", "kind": "entry", "side": side, "qty": t["qty"], "price": t["entry_price"],
-                     "fee": t["entry_fee"], "position_id": pid, "exec_id": f"e{k}",
-                     "ts": int(t["entry_time"].value // 1_000_000), "order_link_id": f"{pid}-entry"})
-        exit_rec = {"event": "filled", "kind": "tp" if t["exit_reason"] == "take_profit" else "sl", "side": back,
-                    "qty": t["qty"], "price": t["exit_price"], "fee": t["exit_fee"], "position_id": pid,
-                    "exec_id": f"x{k}", "ts": int(t["exit_time"].value // 1_000_000),
-                    "order_link_id": f"{pid}-exit", "reason": t["exit_reason"]}
-        recs += [exit_rec, dict(exit_rec)]
+        entry = {"kind": "entry", "side": side, "fee": 0.0, "position_id": pid, "order_link_id": f"{pid}-entry",
+                 "ts": int(t["entry_time"].value // 1_000_000), "reason": "chop"}
+        recs += [{**entry, "event": "placed", "qty": t["qty"], "price": t["entry_price"]},
+                 {**entry, "event": "partially_filled", "qty": t["qty"] / 4, "price": t["entry_price"],
+                  "fee": t["entry_fee"] / 4},
+                 {**entry, "event": "filled", "qty": t["qty"] * 3 / 4, "price": t["entry_price"],
+                  "fee": t["entry_fee"] * 3 / 4}]
+        kind = {"take_profit": "tp", "stop_loss": "sl"}.get(t["exit_reason"], "exit")
+        recs.append({"event": {"tp": "tp", "sl": "sl"}.get(kind, "time_exit"), "kind": kind, "side": back,
+                     "qty": t["qty"], "price": t["exit_price"], "fee": t["exit_fee"], "position_id": pid,
+                     "ts": int(t["exit_time"].value // 1_000_000), "order_link_id": f"{pid}-{kind}",
+                     "reason": t["exit_reason"]})
     return sorted(recs, key=lambda r: r["ts"])
 
 
@@ -119,7 +124,7 @@ def engine_feature_records(bars: pd.DataFrame, cfg: GlobalConfig, bundle, window
         f = feature_engine.compute_features(w, cfg).iloc[[-1]]
         p = bundle.predict(f[names]).iloc[0]
         recs.append(json.loads(json.dumps({
-            "bar_time": bars.index[k].isoformat(), "window_bars": window, **{c: float(p[c]) for c in p.index},
+            "bar_time": bars.index[k].isoformat(), **{c: float(p[c]) for c in p.index},
             "features": {c: _num(float(f[c].iloc[0])) for c in names + ["atr"]}})))
     return recs
 
@@ -127,14 +132,14 @@ def engine_feature_records(bars: pd.DataFrame, cfg: GlobalConfig, bundle, window
 def test_features_layer_holds_on_the_engine_window_and_catches_one_bar_less(model) -> None:
     bars, cfg, bundle, _ = model
     window = feature_engine.warmup_bars(cfg) + 20
-    good = parity.engine_features(engine_feature_records(bars, cfg, bundle, window, 12))
+    good = parity.engine_features(engine_feature_records(bars, cfg, bundle, window, 12), window)
     result = parity.features_layer(good, bars, cfg, bundle)
     assert result.ok and result.compared == 12
     assert good[parity.PROB_COLUMNS].std().max() > 0     # the model is not a constant
     deviation = result.details["largest_full_history_deviation"]
     assert 0 < max(deviation.values()) < 1e-2               # later-started EWMs differ, within their tolerance
     assert result.details["largest_full_history_prob_deviation"] < 1e-2
-    bad = parity.engine_features(engine_feature_records(bars, cfg, bundle, window, 12, short_at=5))
+    bad = parity.engine_features(engine_feature_records(bars, cfg, bundle, window, 12, short_at=5), window)
     caught = parity.features_layer(bad, bars, cfg, bundle)
     assert caught.mismatches == 1 and caught.first["bar"] == str(bars.index[len(bars) - 12 + 5])
 
