@@ -84,9 +84,10 @@ class LayerResult:
 class Tolerance:
     """Layer 4's stated tolerance: the paper exchange fills resting limits only up to each recorded trade's
     size and walks the book for market orders, the backtest fills whole orders at the bar's price plus a fixed
-    slippage, so matched trades may differ by a spread and some depth, not more."""
-    price_bps: float = 10.0        # |entry or exit price difference| per matched trade, in bps of price
-    pnl_bps: float = 25.0          # |net PnL difference| per matched trade, in bps of the entry notional
+    slippage, so matched trades may differ by a few spreads and the depth a market order walks, and in
+    quantity (a partly filled entry): PnL is compared per unit of notional traded."""
+    price_bps: float = 30.0        # |entry or exit price difference| per matched trade, in bps of price
+    pnl_bps: float = 60.0          # |net return difference| per matched trade (PnL over the notional each traded), bps
     unmatched_share: float = 0.10  # trades on one side only, as a share of the larger trade count
     equity_share: float = 0.01     # |final equity difference| as a share of the initial equity
 
@@ -177,14 +178,14 @@ def engine_bars(records: list[dict], columns: list[str], source: str = "signals"
 
 
 def engine_features(records: list[dict], window_bars: int, source: str = "signals") -> pd.DataFrame:
-    """The engine's feature vector per bar (its `features` field, --log-features) plus p_* and window_bars:
-    the record's own, else `window_bars` (the engine's rule: the last that many bars, or all it has)."""
+    """The engine's feature vector per bar (its `features` field, --log-features) plus p_*, warm and
+    window_bars: the record's own, else `window_bars` (the engine's rule: the last that many bars, or all)."""
     rows, index = [], []
     for n, rec in enumerate(records, start=1):
         if not isinstance(rec.get("features"), dict):
             raise ParityError(f"{source} record {n}: no 'features' object (run the engine with --log-features)")
         rows.append({**{k: _num(v) for k, v in rec["features"].items()}, **{c: _num(rec.get(c)) for c in PROB_COLUMNS},
-                     "window_bars": int(rec.get("window_bars") or window_bars)})
+                     "window_bars": int(rec.get("window_bars") or window_bars), "warm": bool(rec.get("warm"))})
         index.append(_bar_time(rec, f"{source} record {n}"))
     return pd.DataFrame(rows, index=pd.DatetimeIndex(index, name="time"))
 
@@ -298,8 +299,10 @@ def features_layer(engine: pd.DataFrame, history: pd.DataFrame, cfg: GlobalConfi
                    tol: float = FEATURE_TOL) -> LayerResult:
     """At each engine bar t: `compute_features` on the engine's own window (the `window_bars` bars of
     `history` ending at t) and the bundle's probabilities on its last row, against what the engine logged
-    (its feature columns and p_*), within tol. details: the largest deviation of the engine's values from a
-    full-history recompute (reported, not failed: EWMs started later differ by at most their tolerance)."""
+    (its feature columns and p_*), within tol; probabilities exist where the features are warm and the engine
+    says it is warm (it also waits out bars with unknown columns). details: the largest deviation of the
+    engine's values from a full-history recompute (reported, not failed: EWMs started later differ by at most
+    their tolerance)."""
     import feature_engine
     names = feature_engine.feature_names(cfg)
     res = LayerResult("features")
@@ -307,7 +310,7 @@ def features_layer(engine: pd.DataFrame, history: pd.DataFrame, cfg: GlobalConfi
     for when, row in engine.iterrows():
         window = history.loc[:when].iloc[-int(row["window_bars"]):]
         feats = feature_engine.compute_features(window, cfg).iloc[[-1]]
-        probs = (bundle.predict(feats[names]).iloc[0] if bool(feats["is_warm"].iloc[0])
+        probs = (bundle.predict(feats[names]).iloc[0] if bool(feats["is_warm"].iloc[0]) and row["warm"]
                  else pd.Series(math.nan, index=PROB_COLUMNS))
         mine = pd.concat([feats.iloc[0], probs])
         res.compared += 1
@@ -355,30 +358,37 @@ def _intent_dict(row: pd.Series | None) -> dict | None:
     return None if row is None else {"time": str(row["time"]), **{f: row[f] for f in INTENT_FIELDS}}
 
 
-def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig) -> pd.DataFrame:
+def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig) -> tuple[pd.DataFrame, pd.Series]:
     """`strategy.decide` through `execution.Execution` (the engine's decider), fed the engine's recorded
     exchange events (trades journal records of applied events, in order; one stamped before a bar's close
     was applied before that close) and its bars, probabilities and entry gates (signals journal): the
-    intents the engine should have sent (`Execution.last_intents`), in the shape of `engine_intents`.
+    intents the engine should have sent (`Execution.last_intents`), in the shape of `engine_intents`, and
+    the engine's equity marked at each bar close (its own fills: what it sized with). intents.attrs
+    ["event_statuses"] counts how Execution took the events (anything but "applied" follows a divergence).
     Bar.index counts bars on the epoch grid, as the engine does."""
     import execution
     bar_s = timeframe_seconds(cfg.data.timeframe)
     ex = execution.Execution(cfg, cfg.symbol)
     events = [r for r in trades if r.get("event") in EXEC_EVENT_TYPES]
-    rows, k = [], 0
+    rows, k, equity, statuses = [], 0, [], {}
     for n, rec in enumerate(signals):
         when = _bar_time(rec, f"signals record {n + 1}")
         close_ms = int(when.value // 1_000_000) + bar_s * 1000
         while k < len(events) and int(events[k]["ts"]) < close_ms:
-            ex.on_event(exec_event(execution, events[k]))
+            status = ex.on_event(exec_event(execution, events[k])).status
+            statuses[status] = statuses.get(status, 0) + 1
             k += 1
         bar = st.Bar(index=int(when.value // 1_000_000_000) // bar_s, time=when.value / 1e9,
                      close=_num(rec.get("close")), atr=_num(rec.get("atr")),
                      probs={c: _num(rec.get(c)) for c in PROB_COLUMNS})
+        equity.append(ex.mark(bar.close))
         ex.on_bar_close(bar, st.EntryGate(bool(rec.get("entries_allowed", True)), str(rec.get("reason") or "")))
         rows += [{"time": when, "kind": i.kind, "side": i.side, "reason": i.reason, "qty": i.qty, "price": i.price,
                   "tp_dist": i.tp_dist, "sl_dist": i.sl_dist} for i in ex.last_intents]
-    return pd.DataFrame(rows, columns=["time"] + INTENT_FIELDS)
+    index = pd.DatetimeIndex([_bar_time(r, "signals") for r in signals], name="time")
+    intents = pd.DataFrame(rows, columns=["time"] + INTENT_FIELDS)
+    intents.attrs["event_statuses"] = statuses
+    return intents, pd.Series(equity, index=index, name="equity")
 
 
 def exec_event(execution: Any, rec: dict) -> Any:
@@ -421,8 +431,8 @@ def _trade_dict(row: pd.Series | None) -> dict | None:
 
 def match_trades(live: pd.DataFrame, backtest: pd.DataFrame, max_gap: pd.Timedelta) -> pd.DataFrame:
     """One-to-one pairs: each backtest trade, in entry order, takes the earliest unmatched live trade of the
-    same side whose entry lies within max_gap; columns: both entry times, price/fee/PnL differences (live -
-    backtest) and those in bps of price / entry notional."""
+    same side whose entry lies within max_gap; columns: both entry times, qty/price/fee/PnL differences (live -
+    backtest), the price differences in bps of price and the net return difference in bps of notional."""
     used = np.zeros(len(live), bool)
     rows = []
     for _, b in backtest.iterrows():
@@ -433,14 +443,14 @@ def match_trades(live: pd.DataFrame, backtest: pd.DataFrame, max_gap: pd.Timedel
             continue
         a = live.iloc[cand[0]]
         used[cand[0]] = True
-        notional = b["qty"] * b["entry_price"]
         rows.append({"backtest_entry": b["entry_time"], "live_entry": a["entry_time"], "side": b["side"],
                      "qty_diff": a["qty"] - b["qty"],
                      "entry_diff": a["entry_price"] - b["entry_price"], "exit_diff": a["exit_price"] - b["exit_price"],
                      "fee_diff": a["fees"] - b["fees"], "pnl_diff": a["pnl"] - b["pnl"],
                      "entry_bps": 1e4 * abs(a["entry_price"] - b["entry_price"]) / b["entry_price"],
                      "exit_bps": 1e4 * abs(a["exit_price"] - b["exit_price"]) / b["exit_price"],
-                     "pnl_bps": 1e4 * abs(a["pnl"] - b["pnl"]) / notional})
+                     "pnl_bps": 1e4 * abs(a["pnl"] / (a["qty"] * a["entry_price"])
+                                          - b["pnl"] / (b["qty"] * b["entry_price"]))})
     return pd.DataFrame(rows, columns=["backtest_entry", "live_entry", "side", "qty_diff", "entry_diff", "exit_diff",
                                        "fee_diff", "pnl_diff", "entry_bps", "exit_bps", "pnl_bps"])
 
@@ -534,11 +544,21 @@ def _terminate_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def span_bars(start: str, end: str, bar_s: int) -> int:
-    """Bars from start 00:00 to the end of day `end` (UTC)."""
-    lo, hi = pd.Timestamp(start, tz="UTC"), pd.Timestamp(end, tz="UTC") + pd.Timedelta(days=1)
+def span_bounds(start: str, end: str) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """[first bar open, end) in UTC from YYYY-MM-DD[THH:MM] arguments; a day-only end includes that day."""
+    try:
+        lo, hi = pd.Timestamp(start, tz="UTC"), pd.Timestamp(end, tz="UTC")
+    except ValueError:
+        raise ParityError(f"--start {start!r} / --end {end!r}: expected YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)") from None
+    hi += pd.Timedelta(days=1) if "T" not in end else pd.Timedelta(0)
     if hi <= lo:
-        raise ParityError(f"--end {end} is before --start {start}")
+        raise ParityError(f"--end {end} is not after --start {start}")
+    return lo, hi
+
+
+def span_bars(start: str, end: str, bar_s: int) -> int:
+    """Bars in the span (see span_bounds)."""
+    lo, hi = span_bounds(start, end)
     return int((hi - lo).total_seconds() // bar_s)
 
 
@@ -610,22 +630,24 @@ class Research:
 
 
 def run_research(cfg: GlobalConfig, params_path: Path, start: str, end: str) -> Research:
-    """data_loader bars over all files, and `run_backtest(record_intents=True)` of [start, end] with the
+    """data_loader bars over all files, and `run_backtest(record_intents=True)` of the span with the
     model's probabilities on full-history features (warm-up from the bars before start)."""
     import backtest
     import data_loader
     bars = data_loader.load_bars(cfg)
     frame, fine, feats = backtest._load_market(cfg, None)
     probs = backtest._model_probs(cfg, params_path, feats, frame.index)
-    frame, probs, fine = (backtest._slice(x, start, end) for x in (frame, probs, fine))
+    lo, hi = span_bounds(start, end)
+    frame, probs, fine = (None if x is None else x.loc[(x.index >= lo) & (x.index < hi)] for x in (frame, probs, fine))
     if frame is None or len(frame) < 2:
         raise ParityError(f"fewer than two warm bars between {start} and {end} in {cfg.data.data_dir}")
     return Research(bars, backtest.run_backtest(frame, probs, cfg, fine=fine, record_intents=True), frame)
 
 
 # ---------------------------------------------------------------- verdict, files
-def judge(work: Path, cfg: GlobalConfig, research: Research, bundle: Any, tol: Tolerance) -> list[LayerResult]:
-    """All four layers over the engine's journals in `work` (DESIGN §3 paths)."""
+def judge(work: Path, cfg: GlobalConfig, research: Research, bundle: Any,
+          tol: Tolerance) -> tuple[list[LayerResult], pd.Series]:
+    """All four layers over the engine's journals in `work` (DESIGN §3 paths); also the engine's equity per bar."""
     import data_loader
     logs = work / cfg.live.log_dir
     signals = read_jsonl(logs / f"signals_{cfg.symbol}.jsonl")
@@ -636,25 +658,16 @@ def judge(work: Path, cfg: GlobalConfig, research: Research, bundle: Any, tol: T
     history = pd.concat([research.bars.loc[research.bars.index < mine.index[0]], mine])
     bar_s = bar_seconds(cfg)
     live_intents = engine_intents(signals)
+    replayed, live_eq = replay_decisions(signals, trades, cfg)
     layers = [compare_bars(mine, research.bars),
               features_layer(engine_features(signals, engine_window_bars(cfg)), history, cfg, bundle),
-              compare_intents(live_intents, replay_decisions(signals, trades, cfg))]
-    live_eq = live_equity(logs / f"equity_{cfg.symbol}.jsonl")
+              compare_intents(live_intents, replayed)]
+    layers[2].details["replayed_events"] = replayed.attrs["event_statuses"]
     bt = research.result
     layers.append(backtest_vs_live(live_intents, bt.intents, live_trades(trades), bt.trades, live_eq, bt.equity,
                                    initial_equity(cfg), bar_s,
                                    pd.Timedelta(seconds=bar_s * (cfg.strategy.time_limit_bars + 1)), tol))
-    return layers
-
-
-def live_equity(equity_path: Path) -> pd.Series:
-    """The engine's equity over time from its heartbeat journal (equity_<SYM>.jsonl), by market time."""
-    if not equity_path.exists():
-        return pd.Series(dtype=float)
-    recs = [r for r in read_jsonl(equity_path) if r.get("equity") is not None]
-    return pd.Series([float(r["equity"]) for r in recs],
-                     index=pd.DatetimeIndex([pd.Timestamp(int(r["ts"]), unit="ms", tz="UTC") for r in recs]),
-                     name="equity").sort_index()
+    return layers, live_eq
 
 
 def write_outputs(out: Path, args: argparse.Namespace, layers: list[LayerResult], live_eq: pd.Series,
@@ -703,8 +716,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Shadow replay: the live engine against the backtest, in layers.")
     parser.add_argument("--model-dir", type=Path, required=True, help="a rank folder (models_v9/SYM/rank_1)")
     parser.add_argument("--data-dir", type=Path, required=True, help="recorded or simulated data folder")
-    parser.add_argument("--start", required=True, help="first UTC day replayed (YYYY-MM-DD)")
-    parser.add_argument("--end", required=True, help="last UTC day replayed (YYYY-MM-DD)")
+    parser.add_argument("--start", required=True, help="first UTC day replayed (YYYY-MM-DD, or YYYY-MM-DDTHH:MM)")
+    parser.add_argument("--end", required=True, help="last UTC day replayed (YYYY-MM-DD), or the end time "
+                                                     "(YYYY-MM-DDTHH:MM, exclusive)")
     parser.add_argument("--out", type=Path, default=Path("parity_out"), help="folder for parity.json and the report")
     parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="config override for both sides, e.g. --set strategy.exec_threshold=0.5")
@@ -721,12 +735,14 @@ def main(argv: list[str] | None = None) -> int:
         work = run_live(args, cfg, args.out)
         research = run_research(cfg, args.model_dir / "params.json", args.start, args.end)
         tol = Tolerance()
-        layers = judge(work, cfg, research, bundle, tol)
-        live_eq = live_equity(work / cfg.live.log_dir / f"equity_{cfg.symbol}.jsonl")
+        layers, live_eq = judge(work, cfg, research, bundle, tol)
         write_outputs(args.out, args, layers, live_eq, research.result.equity, tol, time.monotonic() - started)
     except (ParityError, ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the paper exchange and the engine were stopped", file=sys.stderr)
+        return 130
     for layer in layers:
         print(("ok    " if layer.ok else "DIFF  ") + layer.summary())
     print(f"-> {args.out / 'parity.json'}, {args.out / 'parity_report.html'}")

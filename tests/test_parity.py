@@ -124,7 +124,7 @@ def engine_feature_records(bars: pd.DataFrame, cfg: GlobalConfig, bundle, window
         f = feature_engine.compute_features(w, cfg).iloc[[-1]]
         p = bundle.predict(f[names]).iloc[0]
         recs.append(json.loads(json.dumps({
-            "bar_time": bars.index[k].isoformat(), **{c: float(p[c]) for c in p.index},
+            "bar_time": bars.index[k].isoformat(), "warm": True, **{c: float(p[c]) for c in p.index},
             "features": {c: _num(float(f[c].iloc[0])) for c in names + ["atr"]}})))
     return recs
 
