@@ -578,8 +578,14 @@ def mark_gaps(bars: pd.DataFrame, bar_seconds: int, gap_threshold: str | float,
         if hi - lo >= need:
             gap[lo:hi] = True
     bars["is_gap"] = gap
+    return gaps_in(bars, bar_seconds)
+
+
+def gaps_in(bars: pd.DataFrame, bar_seconds: int) -> list[DataGap]:
+    """The runs of is_gap bars as DataGap records, in time order."""
     step = pd.Timedelta(seconds=bar_seconds)
-    return [DataGap(bars.index[lo], bars.index[hi - 1] + step, int(hi - lo)) for lo, hi in zip(*_runs(gap))]
+    return [DataGap(bars.index[lo], bars.index[hi - 1] + step, int(hi - lo))
+            for lo, hi in zip(*_runs(bars["is_gap"].to_numpy(bool)))]
 
 
 def build_bars(files: DataFiles, timeframe: str, levels: int, sample_interval: str,
@@ -658,9 +664,13 @@ def load_bars(cfg: GlobalConfig, timeframe: str | None = None) -> pd.DataFrame:
     cache = files.root / ".cache" / f"bars_{tf}_{_cache_key(files, tf, d)}.parquet"
     if d.cache and cache.is_file():
         try:
-            return pd.read_parquet(cache)
+            bars = pd.read_parquet(cache)
         except (OSError, ValueError) as exc:
             log.warning("cache %s unreadable (%s); rebuilding", cache, exc)
+        else:
+            known = LoadReport(missing_days=missing_days(files), gaps=gaps_in(bars, timeframe_seconds(tf)))
+            _log_gaps(known, files.symbol, tf, d.gap_threshold)  # cached bars keep their gaps loud
+            return bars
     bars, _ = build_bars(files, tf, d.ob_levels, d.book_sample_interval, gap_threshold=d.gap_threshold)
     bars = _clip_days(bars, d.start, d.end)
     if d.cache:
@@ -692,7 +702,8 @@ def _write_cache(bars: pd.DataFrame, path: Path) -> None:
 
 # ------------------------------------------------------------------ CLI
 def _inspect(cfg: GlobalConfig, data_dir: str) -> str:
-    """Integrity report text: span, counts, gaps/resets/crossed, empty-bar share, coverage per day."""
+    """Integrity report text: span, counts, gaps/resets/crossed, missing days, data gaps, empty-bar share,
+    coverage per day."""
     files = list_files(data_dir, cfg.data.start, cfg.data.end)
     per_sample = parse_duration(cfg.data.book_sample_interval)
     if files.trades:
@@ -711,13 +722,13 @@ def _inspect(cfg: GlobalConfig, data_dir: str) -> str:
              f"{b.get('crossed', 0)} crossed, {b.get('time_reversals', 0)} time reversals, "
              f"{b.get('skipped_invalid', 0)} deltas while invalid",
              f"samples      {rep.samples} valid book samples every {cfg.data.book_sample_interval}"]
+    lines += [f"missing      {day}: {', '.join(kinds)} file" for day, kinds in missing_days(files).items()]
     if bars is None:
         return "\n".join(lines + ["no trade files: no bars, span or coverage"])
     day = bars.groupby(bars.index.floor("D"))
     cover = pd.DataFrame({"trades": day["is_empty"].apply(lambda s: 1.0 - s.mean()),
                           "book": day["ob_samples"].sum() / (day.size() * 60 / per_sample)})
     lines[1:1] = [f"span         {bars.index[0]} -> {bars.index[-1] + pd.Timedelta(minutes=1)}"]
-    lines += [f"missing      {day}: {', '.join(kinds)} file" for day, kinds in rep.missing_days.items()]
     lines += [f"data gaps    {len(rep.gaps)} (>= {cfg.data.gap_threshold} with no trades and no book, or no Trade "
               f"file), {int(bars['is_gap'].sum())} 1m bars"] + [f"  gap        {gap}" for gap in rep.gaps]
     lines += [f"empty 1m bars {bars['is_empty'].mean():.2%}",

@@ -452,10 +452,14 @@ def test_long_quiet_stretch_inside_a_file_is_a_gap_by_the_configured_threshold(
     assert "data gap 2026-01-01 01:05 -> 2026-01-01 02:00 UTC (0h55m, 11 bars) with no trades and no book for " \
            ">= 30m" in caplog.text
     assert "missing" not in caplog.text
+    caplog.clear()
+    cached = {p: p.stat().st_mtime_ns for p in (folder / ".cache").glob("*.parquet")}
+    with caplog.at_level(logging.WARNING, logger="data_loader"):
+        pd.testing.assert_frame_equal(dl.load_bars(cfg, "5m"), bars, check_freq=False)
+    assert len(cached) == 1 and {p: p.stat().st_mtime_ns for p in cached} == cached   # served, not rebuilt
+    assert "data gap 2026-01-01 01:05 -> 2026-01-01 02:00 UTC (0h55m, 11 bars)" in caplog.text  # cached, still loud
     cfg.data.gap_threshold = "1h"   # the cached 30m bars must not be served for another threshold
     assert not dl.load_bars(cfg, "5m")["is_gap"].any()
-    cfg.data.gap_threshold = "30m"
-    pd.testing.assert_frame_equal(dl.load_bars(cfg, "5m"), bars, check_freq=False)
 
 
 def test_short_stalls_and_trade_only_holes_are_not_gaps(tmp_path: Path) -> None:

@@ -448,3 +448,24 @@ def test_gap_bars_are_never_warm_and_features_rewarm_after_the_gap(missing_day_f
         assert worst < 5e-3, f"{name}: still leans on the gap {warmup} bars after it (differs by {worst})"
     for t in (gap[0], gap[0] + 3, after, after + warmup - 1, after + warmup, after + warmup + 7):
         assert_rows_equal(fe.compute_features(bars.iloc[:t + 1], cfg).iloc[-1], out.iloc[t])
+
+
+def test_backtest_makes_no_entry_decision_on_a_gap_bar(missing_day_folder) -> None:
+    """Probabilities exist only where features are warm (as ModelBundle.predict_where gives them), so the
+    backtest's strategy decides no entry inside the missing day nor in the re-warm-up after it."""
+    import backtest
+    import data_loader
+
+    cfg = small_cfg()
+    set_path(cfg, "data.data_dir", str(missing_day_folder))
+    bars = data_loader.load_bars(cfg)
+    feats = fe.compute_features(bars, cfg)
+    frame = bars[backtest.PRICE_COLUMNS].assign(atr=feats["atr"])
+    sure = pd.DataFrame(0.99, index=bars.index, columns=backtest.PROB_COLUMNS)  # breakout entries whenever free
+    gap = np.flatnonzero(bars["is_gap"].to_numpy())
+    cold = np.arange(gap[0], gap[-1] + 1 + fe.warmup_bars(cfg))
+    for probs, entries_in_gap in ((sure, True), (sure.where(feats["is_warm"], axis=0), False)):
+        intents = backtest.run_backtest(frame, probs, cfg, record_intents=True).intents
+        bars_with_entries = intents.loc[intents["kind"].isin(["market", "limit"]), "bar"].to_numpy()
+        assert np.isin(bars_with_entries, cold).any() == entries_in_gap
+        assert len(bars_with_entries) > 0
