@@ -415,6 +415,10 @@ class Supervisor:
             log.info("engine exited with code 0 (clean stop): not restarting")
             self.alerts.send("info", "engine stopped", "engine exited with code 0 (clean stop)", hb)
             return EXIT_CLEAN
+        if self.stop_requested:
+            log.info("engine exited with code %d; watchdog received %s: not restarting, exiting 0",
+                     rc, self.stop_requested)
+            return EXIT_CLEAN
         why = "after a stale heartbeat" if cause == "stale" else "crash"
         now = self.clock.mono()
         while self.restarts and now - self.restarts[0] > self.cfg.restart_window:
@@ -496,7 +500,7 @@ def write_launchers(cfg: WatchdogConfig, watchdog_args: list[str], out_dir: Path
         f"[Service]\nType=simple\nUser={getpass.getuser()}\nWorkingDirectory={checkout}\n"
         f"EnvironmentFile=-{checkout / '.env'}\nExecStart={exec_start}\n"
         "Restart=on-failure\nRestartSec=30\nRestartPreventExitStatus=2 3 4\n"
-        f"KillMode=mixed\nTimeoutStopSec={stop_timeout}\n\n"
+        f"KillMode=control-group\nTimeoutStopSec={stop_timeout}\n\n"
         "[Install]\nWantedBy=multi-user.target\n", encoding="utf-8")
     return [bat, sh, unit]
 
@@ -583,14 +587,16 @@ def launcher_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> l
     return out
 
 
-def setup_logging(path: Path) -> None:
-    """`logs/watchdog_<SYM>.log` (this process is its only writer) plus stderr; UTC times to the microsecond."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def setup_logging(path: Path | None) -> None:
+    """stderr plus, given a path, `logs/watchdog_<SYM>.log` (one writer: the lock holder); UTC to the microsecond."""
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     formatter.formatTime = lambda record, datefmt=None: dt.datetime.fromtimestamp(  # type: ignore[method-assign]
         record.created, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    for handler in (RotatingFileHandler(path, maxBytes=5_000_000, backupCount=3, encoding="utf-8"),
-                    logging.StreamHandler(sys.stderr)):
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(RotatingFileHandler(path, maxBytes=5_000_000, backupCount=3, encoding="utf-8"))
+    for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -609,17 +615,20 @@ def main(argv: list[str] | None = None) -> int:
         print("alerts in launchers come from DISCORD_WEBHOOK_URL / TELEGRAM_BOT_TOKEN / TELEGRAM_CHAT_ID "
               "(the systemd unit reads them from .env in the checkout)")
         return EXIT_CLEAN
-    setup_logging(cfg.path(cfg.log_dir, f"watchdog_{cfg.symbol}.log"))
-    lock, holder = acquire_lock(cfg.path(cfg.state_dir, f"watchdog_{cfg.symbol}.lock"))
-    if lock is None:
+    lock_path = cfg.path(cfg.state_dir, f"watchdog_{cfg.symbol}.lock")
+    lock, holder = acquire_lock(lock_path)
+    if lock is None:  # the running watchdog stays the only writer of its log file
+        setup_logging(None)
         log.error("another watchdog for %s is running (pid %s, lock %s): refusing to start a second one",
-                  cfg.symbol, holder, cfg.path(cfg.state_dir, f"watchdog_{cfg.symbol}.lock"))
+                  cfg.symbol, holder, lock_path)
         return EXIT_REFUSED
+    setup_logging(cfg.path(cfg.log_dir, f"watchdog_{cfg.symbol}.log"))
     alerts = Alerts.from_args(cfg.symbol, ns)
     supervisor = Supervisor(cfg, alerts)
     for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), supervisor.request_stop)
+        sig = getattr(signal, name, None)
+        if sig is not None and (name == "SIGTERM" or signal.getsignal(sig) is not signal.SIG_IGN):  # nohup, `&`
+            signal.signal(sig, supervisor.request_stop)
     log.info("watchdog for %s started (pid %d)", cfg.symbol, os.getpid())
     try:
         return supervisor.run()

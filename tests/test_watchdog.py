@@ -83,6 +83,16 @@ def alive(pid: int) -> bool:
     return True
 
 
+@pytest.fixture(autouse=True)
+def no_stray_engines(tmp_path):
+    """A failing test must not leave a stand-in engine running (it lives in its own session)."""
+    yield
+    for path in tmp_path.rglob("events.jsonl"):
+        for start in events(path.parent, "start"):
+            if alive(start["pid"]):
+                os.kill(start["pid"], signal.SIGKILL)
+
+
 def test_crash_loop_backs_off_doubling_to_the_cap_then_gives_up_with_exit_1(tmp_path):
     cmd = watchdog_cmd(tmp_path, "exit:1", "--backoff-base", "0.3", "--backoff-max", "0.5", "--max-restarts", "3")
     done = run_watchdog(cmd)
@@ -183,6 +193,7 @@ def test_second_watchdog_for_the_same_symbol_refuses(tmp_path):
         assert second.returncode == 2
         assert f"another watchdog for {SYM} is running (pid {first.pid}" in second.stderr
         assert len(events(tmp_path, "start")) == 1
+        assert not logged(tmp_path, "refusing")  # the running watchdog stays the log's only writer
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0
@@ -283,7 +294,7 @@ def test_bat_and_systemd_unit_run_the_watchdog_from_this_checkout(tmp_path):
     assert shlex.split(service["ExecStart"]) == [sys.executable, str(WATCHDOG), *args]
     assert service["Restart"] == "on-failure" and float(service["RestartSec"]) >= 5
     assert set(service["RestartPreventExitStatus"].split()) == {"2", "3", "4"}
-    assert service["KillMode"] == "mixed"
+    assert service["KillMode"] == "control-group"  # a dead watchdog's engine still gets SIGTERM first
     assert not any("secret-hook" in p.read_text() for p in files.values())
 
 
