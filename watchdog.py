@@ -7,7 +7,8 @@ Supervises one `live_trading_v2.py --symbol SYM ...` process (standard library o
 - exit-code contract (DESIGN.md §3): 0 clean stop → no restart; 2 bad arguments/config/keys/model,
   3 startup checks refused, 4 reconciliation failed → no restart, alert, the watchdog exits with that
   code; anything else is a crash → restart after `--backoff-base` seconds doubling up to
-  `--backoff-max` (back to the base after a run of `--stable-sec`); more than `--max-restarts` restarts in one hour → alert and exit 1.
+  `--backoff-max` (back to the base after a run of `--stable-sec`); more than `--max-restarts` restarts
+  in one hour → alert and exit 1.
 - heartbeat `state/heartbeat_<SYM>.json` (`ts` in ms, `pid`, `phase`, `open_positions`,
   `last_stop_check`, `model`): no new heartbeat for `--stale-sec` → graceful stop (SIGTERM to the
   engine's process group; on Windows CTRL_BREAK_EVENT to its own process group), a hard kill after
@@ -134,7 +135,8 @@ def describe_exposure(hb: Heartbeat | None) -> str:
     if isinstance(check, (int, float)) and not isinstance(check, bool):
         check = _utc(check / 1000.0)
     return (f"open positions: {positions if positions is not None else 'unknown'}; "
-            f"stops last verified: {check or 'never'} (heartbeat of {_utc(hb.ts_ms / 1000.0)}, phase {hb.phase})")
+            f"stops last verified: {check or 'never'} (heartbeat of {_utc(hb.ts_ms / 1000.0)}, phase {hb.phase}, "
+            f"model {hb.model or 'unknown'})")
 
 
 class HeartbeatWatch:
@@ -377,7 +379,9 @@ class Supervisor:
             self.clock.sleep(self.cfg.poll_sec)
 
     def stop_engine(self, engine: Engine, watch: HeartbeatWatch, why: str) -> int:
-        """Graceful stop, then a hard kill after --grace-sec — never while flattening/settling with a live heartbeat."""
+        """Graceful stop, then a hard kill after --grace-sec; never while flattening/settling with a live heartbeat.
+
+        Returns the engine's exit code."""
         log.info("%s: graceful stop of engine pid %d (%s)", why, engine.pid,
                  "CTRL_BREAK_EVENT" if os.name == "nt" else "SIGTERM")
         engine.terminate()
@@ -528,7 +532,8 @@ def _engine_cmd(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = WatchdogConfig(symbol="")
-    p = argparse.ArgumentParser(prog="watchdog.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="watchdog.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s --symbol SYM [options] [-- engine args]")
     p.add_argument("--symbol", required=True, help="instrument, passed on to the engine as --symbol")
     p.add_argument("--stale-sec", type=_positive(float), default=d.stale_sec,
@@ -541,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first restart delay after a crash, doubling per consecutive crash (s)")
     p.add_argument("--backoff-max", type=_positive(float), default=d.backoff_max, help="longest restart delay (s)")
     p.add_argument("--max-restarts", type=_positive(int), default=d.max_restarts,
-                   help="restarts allowed per --restart-window; one more crash → alert and exit 1")
+                   help="restarts allowed per hour; one more crash → alert and exit 1")
     p.add_argument("--restart-window", type=_positive(float), default=d.restart_window, help=argparse.SUPPRESS)
     p.add_argument("--stable-sec", type=_positive(float), default=d.stable_sec,
                    help="a run this long resets the backoff to --backoff-base (s)")
@@ -574,16 +579,15 @@ def config_from_args(ns: argparse.Namespace, passthrough: list[str]) -> Watchdog
                           workdir=ns.workdir.resolve(), **{n: getattr(ns, n) for n in names})
 
 
-def launcher_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> list[str]:
-    """The watchdog flags a launcher repeats: --symbol and every non-default option, never secrets."""
-    skip = {"help", "write_launchers", "launcher_dir", *ALERT_ENV}
-    out: list[str] = []
-    for action in parser._actions:
-        value = getattr(ns, action.dest, None)
-        if action.dest in skip or value is None or (value == action.default and action.dest != "symbol"):
+def launcher_flags(cfg: WatchdogConfig) -> list[str]:
+    """The watchdog flags a launcher repeats: --symbol and every setting off its default (never alert secrets)."""
+    default = WatchdogConfig(symbol=cfg.symbol)
+    out = ["--symbol", cfg.symbol]
+    for f in fields(WatchdogConfig):
+        value = getattr(cfg, f.name)
+        if f.name in ("symbol", "passthrough") or value == getattr(default, f.name):
             continue
-        text = json.dumps(value) if action.dest == "engine_cmd" else str(value)
-        out += [action.option_strings[0], text]
+        out += ["--" + f.name.replace("_", "-"), json.dumps(value) if f.name == "engine_cmd" else str(value)]
     return out
 
 
@@ -610,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--symbol {ns.symbol!r}: expected upper-case letters and digits, e.g. BTCUSDT")
     cfg = config_from_args(ns, passthrough)
     if ns.write_launchers:
-        for path in write_launchers(cfg, launcher_flags(parser, ns), ns.launcher_dir or HERE / "launchers"):
+        for path in write_launchers(cfg, launcher_flags(cfg), ns.launcher_dir or HERE / "launchers"):
             print(path)
         print("alerts in launchers come from DISCORD_WEBHOOK_URL / TELEGRAM_BOT_TOKEN / TELEGRAM_CHAT_ID "
               "(the systemd unit reads them from .env in the checkout)")

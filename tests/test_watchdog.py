@@ -268,7 +268,8 @@ def test_configured_alerts_go_through_notifier_with_positions_and_stop_check(tmp
     assert rows[-1][0] == "close"
 
 
-def write_launchers(tmp_path: Path, *flags: str, passthrough: tuple[str, ...], symbol: str = "BTCUSDT") -> dict[str, Path]:
+def write_launchers(tmp_path: Path, *flags: str, passthrough: tuple[str, ...],
+                    symbol: str = "BTCUSDT") -> dict[str, Path]:
     out = tmp_path / "launchers"
     done = run_watchdog([sys.executable, str(WATCHDOG), "--write-launchers", "--launcher-dir", str(out),
                          "--symbol", symbol, *flags, "--", *passthrough])
