@@ -110,6 +110,15 @@ def test_crash_loop_backs_off_doubling_to_the_cap_then_gives_up_with_exit_1(tmp_
     assert len(logged(tmp_path, "ALERT [critical] engine keeps failing")) == 1
 
 
+def test_restarts_older_than_the_window_no_longer_count_toward_the_limit(tmp_path):
+    cmd = watchdog_cmd(tmp_path, "exit:1,exit:1,exit:1,exit:0", "--max-restarts", "1", "--restart-window", "0.25",
+                       "--backoff-base", "0.3", "--backoff-max", "0.3")
+    done = run_watchdog(cmd)
+    assert done.returncode == 0, done.stderr
+    assert len(logged(tmp_path, "restart 1 of 1 this hour")) == 3
+    assert not logged(tmp_path, "giving up")
+
+
 @pytest.mark.parametrize("code", [0, 2, 3, 4])
 def test_clean_and_no_restart_exit_codes_are_not_restarted(tmp_path, code):
     done = run_watchdog(watchdog_cmd(tmp_path, f"exit:{code},run", "--backoff-base", "0.1"))
