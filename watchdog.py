@@ -260,9 +260,11 @@ def acquire_lock(path: Path) -> tuple[IO[str] | None, str]:
 class Alerts:
     """Every alert is logged; with alerts configured it also goes to `notifier.py` (imported only then).
 
-    The notifier call the watchdog relies on: `notifier.Notifier.from_args(ns)` with `ns.discord_webhook`,
-    `ns.telegram_token`, `ns.telegram_chat_id`, `ns.telegram_api_url`; then `.send(level, title, text)`
-    (queued, never blocking) and `.close(timeout)` (flush before exit). Secrets are never logged.
+    The notifier's library use (its module docstring): `Notifier(NotifierConfig.from_env(discord_webhook=...,
+    telegram_token=..., telegram_chat_id=..., telegram_api_url=...))`, `.send(event)` with an event dict
+    (`event` = "watchdog", `symbol`, `level`, `message`; queued, never blocking) and `.close(timeout)` to
+    flush before exit. The watchdog kind gets no cooldown: a "gave up" alert must not be swallowed by the
+    "restarting" one before it. Secrets are never logged.
     """
 
     def __init__(self, symbol: str, sender: Any = None):
@@ -274,12 +276,13 @@ class Alerts:
             return cls(symbol)
         try:
             import notifier
-            sender = notifier.Notifier.from_args(ns)
+            destinations = {k: getattr(ns, k) for k in (*ALERT_ENV, "telegram_api_url") if getattr(ns, k)}
+            sender = notifier.Notifier(notifier.NotifierConfig.from_env(**destinations, cooldowns={"watchdog": 0.0}))
         except ImportError as exc:
             log.warning("alerts are configured but notifier.py cannot be imported (%s): alerts are only logged", exc)
             return cls(symbol)
         except Exception as exc:  # a notifier that fails to start must not stop the supervisor
-            log.warning("alerts are configured but notifier.Notifier.from_args failed (%s): alerts are only logged",
+            log.warning("alerts are configured but notifier.py failed to start (%s): alerts are only logged",
                         type(exc).__name__)
             return cls(symbol)
         log.info("alerts go through notifier.py")
@@ -292,7 +295,8 @@ class Alerts:
         if self.sender is None:
             return
         try:
-            self.sender.send(level, f"{self.symbol} watchdog: {title}", f"{self.symbol}: {detail}; {exposure}")
+            self.sender.send({"event": "watchdog", "symbol": self.symbol, "level": level,
+                              "message": f"{title}: {detail}; {exposure}"})
         except Exception as exc:  # alerts are best effort; supervision goes on
             log.warning("notifier failed to queue the alert (%s)", type(exc).__name__)
 

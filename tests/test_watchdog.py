@@ -241,26 +241,34 @@ def test_configured_alerts_without_notifier_are_logged_with_a_warning(tmp_path):
 
 STUB_NOTIFIER = '''
 import json
-class Notifier:
-    def __init__(self, path):
-        self.path = path
+from dataclasses import dataclass, field
+@dataclass
+class NotifierConfig:
+    discord_webhook: str = ""
+    telegram_token: str = ""
+    telegram_chat_id: str = ""
+    telegram_api_url: str = ""
+    cooldowns: dict = field(default_factory=dict)
     @classmethod
-    def from_args(cls, ns):
-        n = cls(ns.telegram_api_url)
-        n.write("from_args", ns.discord_webhook, ns.telegram_token, ns.telegram_chat_id)
-        return n
+    def from_env(cls, **overrides):
+        return cls(**overrides)
+class Notifier:
+    def __init__(self, cfg):
+        self.path = cfg.telegram_api_url
+        self.write("config", cfg.discord_webhook, cfg.telegram_token, cfg.telegram_chat_id, cfg.cooldowns)
     def write(self, *row):
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\\n")
-    def send(self, level, title, text):
-        self.write("send", level, title, text)
-    def close(self, timeout):
+    def send(self, event):
+        self.write("send", event)
+        return True
+    def close(self, timeout=5.0):
         self.write("close", timeout)
 '''
 
 
 def test_configured_alerts_go_through_notifier_with_positions_and_stop_check(tmp_path):
-    """Pins the call the watchdog makes (Notifier.from_args / send / close) with a recording stand-in notifier."""
+    """Pins the library call the watchdog makes (notifier.py's docstring) with a recording stand-in notifier."""
     folder = tmp_path / "with_notifier"
     folder.mkdir()
     shutil.copy(WATCHDOG, folder / "watchdog.py")
@@ -270,10 +278,11 @@ def test_configured_alerts_go_through_notifier_with_positions_and_stop_check(tmp
                                      "--telegram-api-url", str(calls), script=folder / "watchdog.py"))
     assert done.returncode == 3, done.stderr
     rows = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert rows[0] == ["from_args", None, "tok", "42"]
-    [send] = [r for r in rows if r[0] == "send"]
-    assert send[1] == "critical" and SYM in send[2]
-    assert "exited with code 3" in send[3] and "open positions: 1" in send[3] and "stops last verified: 20" in send[3]
+    assert rows[0] == ["config", "", "tok", "42", {"watchdog": 0.0}]
+    [send] = [r[1] for r in rows if r[0] == "send"]
+    assert send["event"] == "watchdog" and send["level"] == "critical" and send["symbol"] == SYM
+    message = send["message"]
+    assert "exited with code 3" in message and "open positions: 1" in message and "stops last verified: 20" in message
     assert rows[-1][0] == "close"
 
 
