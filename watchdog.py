@@ -131,9 +131,9 @@ def describe_exposure(hb: Heartbeat | None) -> str:
     if hb is None:
         return "open positions: unknown (no heartbeat); stops last verified: unknown"
     positions = len(hb.open_positions) if isinstance(hb.open_positions, list) else hb.open_positions
-    check = hb.last_stop_check
+    check = hb.last_stop_check  # ms since the epoch (0 = not yet) or an ISO string
     if isinstance(check, (int, float)) and not isinstance(check, bool):
-        check = _utc(check / 1000.0)
+        check = _utc(check / 1000.0) if check > 0 else None
     return (f"open positions: {positions if positions is not None else 'unknown'}; "
             f"stops last verified: {check or 'never'} (heartbeat of {_utc(hb.ts_ms / 1000.0)}, phase {hb.phase}, "
             f"model {hb.model or 'unknown'})")

@@ -32,7 +32,7 @@ def beat(path: Path, phase: str, open_positions: int) -> None:
     """Rewrite the heartbeat atomically, in the fields of DESIGN.md §3."""
     now = time.time()
     body = {"ts": int(now * 1000), "pid": os.getpid(), "phase": phase, "open_positions": open_positions,
-            "last_stop_check": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "model": "standin"}
+            "last_stop_check": int(now * 1000), "model": "standin"}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(body), encoding="utf-8")
     os.replace(tmp, path)
