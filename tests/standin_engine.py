@@ -7,7 +7,7 @@ folder remembers the run number):
 - `exit:N`   write `--beats` heartbeats, then exit with code N;
 - `run`      write heartbeats until stopped;
 - `hang`     write `--beats` heartbeats, then stop writing them and sleep (a hung main loop);
-- `flatten:S` phase `flattening`, heartbeats for S seconds, then exit 0 by itself;
+- `flatten:S` phase `flattening`, heartbeats until S seconds after the first SIGTERM, then exit 0 by itself;
 - `flatten-hang` phase `flattening`, `--beats` heartbeats, then hang.
 SIGTERM (and SIGBREAK) either exits 0 (`--on-term exit`) or is ignored (`--on-term ignore`).
 Every start, heartbeat, signal and exit is appended to `--events` as a JSON line with the wall time.
@@ -62,7 +62,10 @@ def main() -> int:
     run, behaviour = next_behaviour(state, a.symbol, a.runs.split(","))
     kind, _, arg = behaviour.partition(":")
 
+    termed: list[float] = []
+
     def on_term(signum: int, _frame: object) -> None:
+        termed.append(time.monotonic())
         if a.on_term == "ignore":
             record(a.events, "term-ignored", run=run)
             return
@@ -75,10 +78,9 @@ def main() -> int:
             signal.signal(getattr(signal, name), on_term)
     record(a.events, "start", run=run, behaviour=behaviour)
     phase = "flattening" if kind.startswith("flatten") else "trading"
-    until = time.monotonic() + float(arg) if kind == "flatten" else None
     n = 0
     while kind in ("run", "flatten") or n < a.beats:
-        if until is not None and time.monotonic() >= until:
+        if kind == "flatten" and termed and time.monotonic() >= termed[0] + float(arg):
             break
         beat(heartbeat, phase, a.open_positions)
         record(a.events, "beat", run=run, phase=phase)
