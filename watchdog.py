@@ -623,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         print("alerts in launchers come from DISCORD_WEBHOOK_URL / TELEGRAM_BOT_TOKEN / TELEGRAM_CHAT_ID "
               "(the systemd unit reads them from .env in the checkout)")
         return EXIT_CLEAN
+    if not ns.engine_cmd and not (HERE / ENGINE_SCRIPT).is_file():
+        parser.error(f"the engine {HERE / ENGINE_SCRIPT} is missing: run the watchdog from a full checkout")
     lock_path = cfg.path(cfg.state_dir, f"watchdog_{cfg.symbol}.lock")
     lock, holder = acquire_lock(lock_path)
     if lock is None:  # the running watchdog stays the only writer of its log file

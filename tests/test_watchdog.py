@@ -239,6 +239,14 @@ def test_configured_alerts_without_notifier_are_logged_with_a_warning(tmp_path):
     assert "secret-token" not in (tmp_path / "logs" / f"watchdog_{SYM}.log").read_text() + done.stderr
 
 
+def test_missing_engine_is_refused_with_a_clear_message(tmp_path):
+    shutil.copy(WATCHDOG, tmp_path / "watchdog.py")  # a folder without live_trading_v2.py
+    done = run_watchdog([sys.executable, str(tmp_path / "watchdog.py"), "--symbol", SYM, "--workdir", str(tmp_path)])
+    assert done.returncode == 2
+    assert f"the engine {tmp_path / 'live_trading_v2.py'} is missing" in done.stderr
+    assert not (tmp_path / "logs").exists()
+
+
 STUB_NOTIFIER = '''
 import json
 from dataclasses import dataclass, field
