@@ -523,22 +523,39 @@ class ExchangeClient:
 
     # ------------------------------------------------------------ low level
     def request(self, method: str, params: Mapping[str, Any] | None = None, *, retry: bool = True) -> dict:
-        """Call a pybit HTTP method; retry transient failures with backoff; raise the taxonomy's class."""
+        """Call a pybit HTTP method: a 10002 resyncs the clock and resends once (`_send_synced`); other
+        transient failures retry with backoff when `retry`; failures raise the taxonomy's class."""
         attempts = self.retry.max_attempts if retry else 1
         for attempt in range(1, attempts + 1):
             try:
-                return getattr(self.http, method)(**dict(params or {}))
-            except (InvalidRequestError, FailedRequestError, requests.exceptions.RequestException) as exc:
-                err = self._translate(exc, method)
-            self.error_counts[type(err).__name__] += 1
-            if err.kind is not ErrorKind.RETRYABLE or attempt == attempts:
-                raise err
-            if isinstance(err, TimestampError):
-                self.sync_clock()
-            wait = self.retry.delay(attempt, err)
-            log.warning("%s failed (%s); retry %d/%d in %.2fs", method, err, attempt, attempts - 1, wait)
-            time.sleep(wait)
+                return self._send_synced(method, params)
+            except ExchangeError as err:
+                if err.kind is not ErrorKind.RETRYABLE or attempt == attempts:
+                    raise
+                wait = self.retry.delay(attempt, err)
+                log.warning("%s failed (%s); retry %d/%d in %.2fs", method, err, attempt, attempts - 1, wait)
+                time.sleep(wait)
         raise AssertionError("unreachable")
+
+    def _send_synced(self, method: str, params: Mapping[str, Any] | None) -> dict:
+        """`_send`; on 10002 (request time outside the receive window) measure the clock offset and resend the
+        same params once, at once: a 10002 is refused before matching, so the same orderLinkId cannot double
+        an order. Raises ClockSkewError, without resending, when the offset exceeds live.max_time_offset."""
+        try:
+            return self._send(method, params)
+        except TimestampError as err:
+            offset = self.sync_clock()
+            log.warning("%s: %s; clock resynced (offset %+.0f ms), resending once", method, err, offset)
+        return self._send(method, params)
+
+    def _send(self, method: str, params: Mapping[str, Any] | None) -> dict:
+        """One pybit call; a failure is counted in `error_counts` and raised as the taxonomy's class."""
+        try:
+            return getattr(self.http, method)(**dict(params or {}))
+        except (InvalidRequestError, FailedRequestError, requests.exceptions.RequestException) as exc:
+            err = self._translate(exc, method)
+        self.error_counts[type(err).__name__] += 1
+        raise err
 
     def _translate(self, exc: Exception, endpoint: str) -> ExchangeError:
         """Map a pybit/requests exception to the taxonomy, with secrets removed from the text."""

@@ -424,6 +424,48 @@ def test_timestamp_error_with_a_clock_beyond_the_limit_is_fatal(paper, client):
     assert client.error_counts["TimestampError"] == 1
 
 
+def test_order_through_a_drifted_clock_resyncs_once_and_lands_once(paper, client):
+    set_fault(paper, time_skew_ms=-1500)  # the exchange clock falls 1.5 s behind: inside the 3 s limit
+    ack = client.place_order("drift-entry", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    assert client.error_counts["TimestampError"] == 1  # one 10002, one resync, one resend
+    assert client.time_offset_ms == pytest.approx(-1500, abs=300)
+    orders = engine_orders(paper)
+    assert [(o.order_id, o.link_id) for o in orders] == [(ack.order_id, ec.order_link_id("drift-entry"))]
+
+
+# every signed path: each call meets its own fresh drift, so each must resync by itself
+SIGNED_CALLS = {
+    "stop order": lambda c: c.place_order("drift-stop", "Sell", 0.1, order_type="Market", reduce_only=True,
+                                          trigger_price=99.0, trigger_direction=2),
+    "amend": lambda c: c.amend_order(order_link_id=ec.order_link_id("resting"), price=98.5),
+    "cancel": lambda c: c.cancel_order(order_link_id=ec.order_link_id("resting")),
+    "position stop": lambda c: c.set_trading_stop(side="Buy", stop_loss=98.0),
+    "cancel all": lambda c: c.cancel_all(),
+    "wallet": lambda c: c.wallet(),
+}
+
+
+@pytest.mark.parametrize("name", list(SIGNED_CALLS))
+def test_every_signed_call_resyncs_the_clock_on_10002(paper, client, name):
+    client.place_order("drift-long", "Buy", 0.1, order_type="Market")
+    client.place_order("resting", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    set_fault(paper, time_skew_ms=-1500)
+    SIGNED_CALLS[name](client)
+    assert client.error_counts["TimestampError"] == 1
+    assert client.time_offset_ms == pytest.approx(-1500, abs=300)
+
+
+def test_order_through_a_clock_beyond_the_limit_raises_clock_skew_and_sends_nothing(paper, client):
+    set_fault(paper, time_skew_ms=-5000)
+    with pytest.raises(ec.ClockSkewError, match="max_time_offset") as exc:
+        client.place_order("skewed", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    assert exc.value.kind is ec.ErrorKind.FATAL
+    assert client.error_counts["TimestampError"] == 1 and engine_orders(paper) == []
+    set_fault(paper, time_skew_ms=-1500)  # the clock comes back within the limit: the same intent lands once
+    ack = client.place_order("skewed", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    assert [o.link_id for o in engine_orders(paper)] == [ack.order_link_id]
+
+
 def test_rate_limit_burst_backs_off_until_the_reset_header(paper, client):
     set_fault(paper, rate_limit_burst=3)
     started = time.monotonic()
