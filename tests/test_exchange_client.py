@@ -743,3 +743,141 @@ def test_check_cli_reports_rules_and_masks_the_key(paper, tmp_path, capsys):
     assert ec.main(args) == 1
     out = capsys.readouterr().out
     assert out.startswith("check failed:") and "Wallet:Withdraw" in out and SECRET not in out
+
+
+# ---------------------------------------------------------------- private stream: duplicated and late pushes
+def order_row(status: str, updated: int, cum: str = "0", **kw) -> dict:
+    return {"orderLinkId": "ps-a", "orderId": "o-1", "orderStatus": status, "updatedTime": str(updated),
+            "cumExecQty": cum, **kw}
+
+
+@pytest.mark.parametrize("old,new,verdict", [
+    (None, order_row("New", 1), ""),
+    (order_row("New", 1), order_row("New", 1), "duplicate"),
+    (order_row("New", 1), order_row("New", 2, price="98.50"), ""),                   # an amend
+    (order_row("New", 2, price="98.50"), order_row("New", 1), "stale: updatedTime"),
+    (order_row("PartiallyFilled", 5, "0.2"), order_row("PartiallyFilled", 5, "0.1"), "stale: cumExecQty"),
+    (order_row("Cancelled", 5, "0.1"), order_row("PartiallyFilled", 5, "0.1"), "stale: PartiallyFilled after the final"),
+    (order_row("Filled", 5, "0.1"), order_row("New", 5), "stale: cumExecQty"),
+    (order_row("PartiallyFilled", 5, "0.1"), order_row("Cancelled", 5, "0.1"), ""),
+    (order_row("Filled", 5, "0.1"), order_row("Filled", 6, "0.1", cancelType="CancelByUser"), ""),  # cancel/fill race
+    (order_row("Filled", 5, "0.1"), order_row("Filled", 4, "0.1"), "stale: updatedTime"),
+    (order_row("Triggered", 5), order_row("New", 5), ""),
+    (order_row("New", 5), order_row("Triggered", 5), "stale: Triggered after New in the same millisecond"),
+    (order_row("New", 5), order_row("Untriggered", 5), "stale: Untriggered after New"),
+])
+def test_order_rule_drops_repeats_and_anything_older_than_the_stored_row(old, new, verdict):
+    reason = ec.order_drop_reason(old, new)
+    assert reason.startswith(verdict) and bool(reason) == bool(verdict)
+
+
+def position_row(seq: int, updated: int, size: str = "0.1") -> dict:
+    return {"positionIdx": 0, "seq": seq, "updatedTime": str(updated), "size": size}
+
+
+@pytest.mark.parametrize("old,new,verdict", [
+    (None, position_row(1, 1), ""),
+    (position_row(3, 7), position_row(3, 7), "duplicate"),
+    (position_row(3, 7, "0.1"), position_row(4, 8, "0"), ""),
+    (position_row(4, 8, "0"), position_row(3, 7, "0.1"), "stale: seq 3 < stored 4"),
+    (position_row(4, 8, "0"), position_row(4, 6, "0.1"), "stale: updatedTime 6 < stored 8"),
+    (position_row(4, 8, "0"), position_row(4, 9, "0"), ""),  # a stop set: same seq, newer time
+])
+def test_position_rule_orders_by_seq_then_updated_time(old, new, verdict):
+    reason = ec.position_drop_reason(old, new)
+    assert reason.startswith(verdict) and bool(reason) == bool(verdict)
+
+
+@pytest.mark.parametrize("old,new,verdict", [
+    (None, (5, {"totalEquity": "1"}), ""),
+    ((5, {"totalEquity": "1"}), (5, {"totalEquity": "1"}), "duplicate"),
+    ((5, {"totalEquity": "1"}), (4, {"totalEquity": "2"}), "stale: creationTime 4 < stored 5"),
+    ((5, {"totalEquity": "1"}), (5, {"totalEquity": "2"}), ""),
+    ((5, {"totalEquity": "1"}), (6, {"totalEquity": "1"}), ""),
+])
+def test_wallet_rule_orders_by_creation_time(old, new, verdict):
+    reason = ec.wallet_drop_reason(old, new)
+    assert reason.startswith(verdict) and bool(reason) == bool(verdict)
+
+
+def offline_private(**kw) -> ec.PrivateStream:
+    """A private stream that never connects: pushes are fed to it by hand."""
+    return ec.PrivateStream(ec.Endpoints(), ec.Credentials(KEY, SECRET), stale_after=30.0, **kw)
+
+
+def push(stream: ec.PrivateStream, topic: str, rows: list, created: int = 1) -> None:
+    stream._on_topic({"id": "x", "topic": topic, "creationTime": created, "data": rows})
+
+
+def test_stream_applies_each_row_once_and_tells_what_it_dropped_and_why(caplog):
+    caplog.set_level(logging.INFO)
+    seen: list[tuple[str, list]] = []
+    stream = offline_private(on_message=lambda topic, rows: seen.append((topic, rows)))
+    fill = {"execId": "e1", "orderLinkId": "ps-a", "execQty": "0.1", "seq": 7}
+    late = {"execId": "e0", "orderLinkId": "ps-a", "execQty": "0.05", "seq": 6}
+    push(stream, "execution", [fill])
+    push(stream, "execution", [dict(fill), late])
+    assert [e["execId"] for e in stream.executions] == ["e1", "e0"]  # a late fill is still a fill
+    push(stream, "order.linear", [order_row("Filled", 9, "0.15")])
+    push(stream, "order", [order_row("PartiallyFilled", 8, "0.05")])
+    push(stream, "position", [position_row(7, 9)])
+    push(stream, "position", [position_row(6, 8, "0.05")])
+    push(stream, "wallet", [{"accountType": "UNIFIED", "totalEquity": "10"}], created=9)
+    push(stream, "wallet", [{"accountType": "UNIFIED", "totalEquity": "11"}], created=8)
+    assert stream.orders["ps-a"]["orderStatus"] == "Filled" and stream.positions[0]["seq"] == 7
+    assert stream.wallet["totalEquity"] == "10"
+    assert stream.dropped == {("execution", "duplicate"): 1, ("order", "stale"): 1, ("position", "stale"): 1,
+                              ("wallet", "stale"): 1}
+    assert seen == [("execution", [fill]), ("execution", [late]), ("order", [order_row("Filled", 9, "0.15")]),
+                    ("position", [position_row(7, 9)]), ("wallet", [stream.wallet])]
+    assert "dropped execution row orderLinkId=ps-a execId=e1 seq=7 (duplicate: execId already applied)" in caplog.text
+    assert ("dropped order row orderLinkId=ps-a orderId=o-1 orderStatus=PartiallyFilled cumExecQty=0.05 "
+            "updatedTime=8 (stale: updatedTime 8 < stored 9)") in caplog.text
+    assert "dropped wallet row accountType=UNIFIED (stale: creationTime 8 < stored 9)" in caplog.text
+
+
+def test_remembered_exec_ids_are_bounded():
+    stream = offline_private()
+    stream.seen_exec_ids = 2
+    push(stream, "execution", [{"execId": f"e{i}", "execQty": "0.1"} for i in range(3)])
+    push(stream, "execution", [{"execId": "e2"}, {"execId": "e1"}])
+    assert len(stream._exec_ids) == 2 and [e["execId"] for e in stream.executions] == ["e0", "e1", "e2"]
+
+
+def own_rows(stream: ec.PrivateStream, link: str) -> list:
+    with stream.lock:
+        return [e for e in stream.executions if e["orderLinkId"] == link]
+
+
+def test_duplicated_pushes_leave_one_execution_per_fill(paper, client):
+    rows: list = []
+    private = client.private_stream(on_message=lambda topic, data: rows.extend(data if topic == "execution" else []))
+    private.start()
+    try:
+        assert wait_until(lambda: private.ready and private.authenticated)
+        set_fault(paper, duplicate_pushes=1000)  # every private push arrives twice
+        ack = client.place_order("dup-mkt", "Buy", 0.1, order_type="Market")
+        assert private.wait_for(lambda s: s.dropped[("wallet", "duplicate")] == 1, 5)  # the fill's last push
+        fills = own_rows(private, ack.order_link_id)
+        assert len(fills) == 1 and sum(Decimal(e["execQty"]) for e in fills) == Decimal("0.1")
+        assert rows == fills  # the callback saw the fill once too
+        assert private.dropped[("execution", "duplicate")] == 1 and private.dropped[("order", "duplicate")] == 1
+        assert private.orders[ack.order_link_id]["orderStatus"] == "Filled" and pos_size(private) == 0.1
+    finally:
+        private.close()
+
+
+def test_late_order_and_position_pushes_never_overwrite_newer_state(paper, client):
+    private = client.private_stream().start()
+    try:
+        assert wait_until(lambda: private.ready and private.authenticated)
+        set_fault(paper, reorder_pushes=2)  # the create's order (New) and position (flat) pushes come late
+        ack = client.place_order("late-entry", "Buy", 0.1, price=99.60, time_in_force="PostOnly")
+        paper.advance(6)  # the dip fills it: Filled and the 0.1 position arrive, then the held older pushes
+        assert private.wait_for(lambda s: s.dropped[("order", "stale")] == 1 and
+                                s.dropped[("position", "stale")] == 1, 5)
+        assert private.orders[ack.order_link_id]["orderStatus"] == client.find_order(ack.order_link_id)["orderStatus"]
+        assert private.orders[ack.order_link_id]["orderStatus"] == "Filled"
+        assert pos_size(private) == float(client.positions()[0]["size"]) == 0.1
+    finally:
+        private.close()
