@@ -1,6 +1,8 @@
 """exchange_client: rounding, taxonomy, keys and permissions (pure), then the real pybit against paper_exchange."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import re
@@ -10,6 +12,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pybit import _websocket_stream, unified_trading
 
 import exchange_client as ec
 import paper_exchange as pe
@@ -757,7 +760,8 @@ def order_row(status: str, updated: int, cum: str = "0", **kw) -> dict:
     (order_row("New", 1), order_row("New", 2, price="98.50"), ""),                   # an amend
     (order_row("New", 2, price="98.50"), order_row("New", 1), "stale: updatedTime"),
     (order_row("PartiallyFilled", 5, "0.2"), order_row("PartiallyFilled", 5, "0.1"), "stale: cumExecQty"),
-    (order_row("Cancelled", 5, "0.1"), order_row("PartiallyFilled", 5, "0.1"), "stale: PartiallyFilled after the final"),
+    (order_row("Cancelled", 5, "0.1"), order_row("PartiallyFilled", 5, "0.1"), "stale: PartiallyFilled after"),
+    (order_row("Cancelled", 5), order_row("New", 6), "stale: New after the final status Cancelled"),
     (order_row("Filled", 5, "0.1"), order_row("New", 5), "stale: cumExecQty"),
     (order_row("PartiallyFilled", 5, "0.1"), order_row("Cancelled", 5, "0.1"), ""),
     (order_row("Filled", 5, "0.1"), order_row("Filled", 6, "0.1", cancelType="CancelByUser"), ""),  # cancel/fill race
@@ -881,3 +885,107 @@ def test_late_order_and_position_pushes_never_overwrite_newer_state(paper, clien
         assert pos_size(private) == float(client.positions()[0]["size"]) == 0.1
     finally:
         private.close()
+
+
+# ---------------------------------------------------------------- pybit internals we rely on (pinned 5.17.0)
+# Each override of a private pybit method, and each pybit internal our code reads or calls. A pybit upgrade
+# that renames, re-signs or stops calling one of them fails here by name: re-check the override, then update.
+OVERRIDES = {ec._SyncedHTTP: {"_prepare_headers"},
+             ec._GuardedWebSocket: {"__init__", "_connect", "_reset", "_on_message", "_on_pong"}}
+
+
+def test_every_override_of_a_pybit_method_is_listed_here():
+    for cls, guarded in OVERRIDES.items():
+        base = cls.__mro__[1]
+        assert {name for name in vars(cls) if hasattr(base, name) and callable(vars(cls)[name])} == guarded
+
+
+@pytest.mark.parametrize("cls,name", [(c, n) for c, names in OVERRIDES.items() for n in sorted(names - {"__init__"})])
+def test_overrides_keep_the_signature_pybit_calls_them_with(cls, name):
+    ours, theirs = inspect.signature(getattr(cls, name)), inspect.signature(getattr(cls.__mro__[1], name))
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+
+
+def flat(code: str) -> str:
+    return " ".join(code.split())
+
+
+# (pybit function, code it must still contain): the call sites and state our overrides depend on
+PYBIT_CALL_SITES = [
+    (unified_trading.HTTP._submit_request, "headers = self._prepare_headers(req_params, recv_window) if auth else {}"),
+    (unified_trading.HTTP._submit_request, "response = self.client.send(request, timeout=self.timeout)"),
+    (unified_trading.HTTP._submit_request, "retries_attempted = self.max_retries"),
+    (unified_trading.HTTP._handle_response, "if error_code in self.retry_codes:"),
+    (unified_trading.HTTP._auth, "param_str = str(timestamp) + self.api_key + str(recv_window) + payload"),
+    (unified_trading.WebSocket.__init__, "self._connect(self.WS_URL)"),
+    (unified_trading.WebSocket._connect, "self.endpoint = url.format(SUBDOMAIN=subdomain, DOMAIN=domain, TLD=tld)"),
+    (unified_trading.WebSocket._connect, "on_message=lambda ws, msg: self._on_message(msg)"),
+    (unified_trading.WebSocket._connect, "on_pong=lambda ws, *args: self._on_pong()"),
+    (unified_trading.WebSocket._on_error, "self._reset() self._connect(self.endpoint)"),
+    (unified_trading.WebSocket._on_message, "self.callback(message)"),
+    (unified_trading.WebSocket._on_message, "if self._is_custom_pong(message):"),
+    (unified_trading.WebSocket.exit, "self.exited = True"),
+]
+
+
+@pytest.mark.parametrize("fn,code", PYBIT_CALL_SITES, ids=[f"{f.__qualname__}-{i}" for i, (f, _) in
+                                                          enumerate(PYBIT_CALL_SITES)])
+def test_pybit_still_calls_our_overrides_and_keeps_the_state_they_use(fn, code):
+    assert flat(code) in flat(inspect.getsource(fn)), f"pybit changed {fn.__qualname__}: re-check exchange_client"
+
+
+# every pybit HTTP method exchange_client calls by name: each builds its URL from the `endpoint` we set
+CALLED_HTTP_METHODS = sorted(set(re.findall(r'"((?:get|place|amend|cancel|set|switch)_[a-z_]+)"',
+                                              inspect.getsource(ec))))
+
+
+@pytest.mark.parametrize("name", CALLED_HTTP_METHODS)
+def test_pybit_http_methods_build_urls_from_the_endpoint_we_set(name):
+    assert callable(getattr(unified_trading.HTTP, name))
+    assert 'path=f"{self.endpoint}' in flat(inspect.getsource(getattr(unified_trading.HTTP, name)))
+
+
+def test_pybit_constructors_take_the_arguments_we_pass():
+    http_fields = {f.name for f in dataclasses.fields(unified_trading.HTTP)}
+    assert {"testnet", "demo", "timeout", "max_retries", "force_retry", "retry_codes", "recv_window",
+            "api_key", "api_secret"} <= http_fields
+    ws_params = set(inspect.signature(_websocket_stream._WebSocketManager.__init__).parameters)
+    assert {"testnet", "demo", "ping_interval", "ping_timeout", "api_key", "api_secret",
+            "private_auth_expire"} <= ws_params
+    assert "channel_type" in inspect.signature(unified_trading.WebSocket.__init__).parameters
+    assert 'kwargs.pop("callback_function")' in inspect.getsource(_websocket_stream._V5WebSocketManager.__init__)
+    for template in (unified_trading.PUBLIC_WSS, unified_trading.PRIVATE_WSS):  # what _connect rewrites
+        assert template.startswith("wss://{SUBDOMAIN}") and "/v5/" in template
+    assert unified_trading.WebSocket._is_custom_pong({"op": "pong"})
+
+
+def test_requests_are_signed_by_our_prepare_headers(paper, client):
+    positions = {"category": "linear", "symbol": SYMBOL}
+    client.http.time_offset_ms = -60_000.0  # a timestamp a minute old can only come from our override
+    with pytest.raises(ec.TimestampError):
+        client._send("get_positions", positions)
+    client.http.time_offset_ms = 0.0
+    assert client._send("get_positions", positions)["result"]["list"]
+
+
+def test_streams_reach_the_base_url_and_see_frames_and_pongs_through_our_hooks(paper, client):
+    stream = client.market_stream(ping_interval=0.5, ping_timeout=0.4).start()
+    ws = stream._ws
+    our_on_pong, silences = ws._on_pong, []
+
+    def on_pong() -> None:  # websocket-client calls pybit's lambda, which looks _on_pong up on the instance
+        stream._last_frame -= 100.0  # pretend 100 s of silence: only our hook's touch can undo it
+        our_on_pong()
+        silences.append(stream.silence())
+    ws._on_pong = on_pong
+    try:
+        assert ws.endpoint == paper.url.replace("http", "ws") + "/v5/public/linear"  # _connect rewrote the host
+        assert wait_until(lambda: stream.ready and stream.book_valid)          # frames reached _on_message
+        assert wait_until(lambda: len(silences) >= 2, timeout=5)                # pong frames reach _on_pong
+        assert max(silences) < 50.0                                             # and count as liveness
+        paper.call(paper.exchange.drop_ws, "public", "abort")
+        assert wait_until(lambda: stream.reconnects >= 1 and stream.connected)  # pybit's reconnect → _reset
+    finally:
+        stream.close()
+    assert not ws.is_connected() and ws.handle_error is False  # shutdown: pybit will not reconnect
