@@ -5,10 +5,12 @@ What it adds on top of pybit 5.17.0:
 - instrument rules and `Decimal` rounding (prices to the tick, quantities DOWN to the step), strings on the wire;
 - a deterministic `orderLinkId` per intent, so a create retried after a lost ack can never double an order;
 - retries with backoff for transient errors only, and an error taxonomy (`ErrorKind` + exception classes);
+- a clock resync and one resend (same orderLinkId) on 10002 for every signed request;
 - startup checks (clock offset, instrument, position mode, leverage, API-key permissions);
 - keys from `keys.json` profiles or `BYBIT_API_KEY`/`BYBIT_API_SECRET`, never echoed in logs or errors;
-- raw-mode WebSockets with guarded callbacks, our own sequence-checked book (`orderbook.OrderBook`) and a
-  watchdog that rebuilds connections pybit gave up on.
+- raw-mode WebSockets with guarded callbacks, our own sequence-checked book (`orderbook.OrderBook`), a private
+  stream that applies each push once and never lets a late one overwrite newer state, and a watchdog that
+  rebuilds connections pybit gave up on.
 """
 from __future__ import annotations
 
