@@ -985,7 +985,7 @@ def test_streams_reach_the_base_url_and_see_frames_and_pongs_through_our_hooks(p
         assert wait_until(lambda: len(silences) >= 2, timeout=5)                # pong frames reach _on_pong
         assert max(silences) < 50.0                                             # and count as liveness
         paper.call(paper.exchange.drop_ws, "public", "abort")
-        assert wait_until(lambda: stream.reconnects >= 1 and stream.connected)  # pybit's reconnect → _reset
+        assert wait_until(lambda: stream.reconnects >= 1 and stream.ready)  # pybit's reconnect → _reset
     finally:
         stream.close()
     assert not ws.is_connected() and ws.handle_error is False  # shutdown: pybit will not reconnect
