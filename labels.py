@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from config import GlobalConfig, timeframe_seconds
+from grid import DOWN, snap_round
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ def _execution_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close:
 
     Mirroring by multiplying on read (exact) spares four array copies per call. A limit that fills on touch
     (x <= level) is tested strictly against nextafter(level, +inf), which is exact, so the scans carry no rule
-    branches. tick > 0 rounds the limit down to the tick grid (up, for a mirrored short); np.floor stays in
-    floating point, where math.floor would round-trip through an int64.
+    branches. tick > 0 rounds the limit down to the tick grid by the one rule (grid.snap_round; for a mirrored
+    short that is up, as strategy.limit_price rounds it).
     """
     n = close.shape[0]
     low, high = (low, high) if sign > 0.0 else (high, low)  # the mirrored low is -high
@@ -79,7 +80,7 @@ def _execution_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close:
             continue
         limit = c - offset_atr * a
         if tick > 0.0:
-            limit = np.floor(limit / tick + 1e-9) * tick
+            limit = snap_round(limit, tick, DOWN)
         if limit >= sign * open_[t + 1]:
             label[t] = 0
             t1[t] = t + 1
@@ -200,7 +201,7 @@ def make_labels(frame: pd.DataFrame, cfg: GlobalConfig) -> pd.DataFrame:
     if not isinstance(frame.index, pd.DatetimeIndex):
         raise ValueError(f"make_labels: frame index must be a DatetimeIndex of bar open times, "
                          f"got {type(frame.index).__name__}")
-    s, lab = cfg.strategy, cfg.labels
+    s, lab, venue = cfg.strategy, cfg.labels, cfg.venue
     bars = {c: frame[c].to_numpy(np.float64) for c in _BAR_COLUMNS}
     gap = frame["is_gap"].to_numpy(np.bool_)
     out = pd.DataFrame(index=frame.index)
@@ -208,7 +209,7 @@ def make_labels(frame: pd.DataFrame, cfg: GlobalConfig) -> pd.DataFrame:
     for name, side in (("exec_long", 1), ("exec_short", -1)):
         y, t1 = execution_labels(bars["open"], bars["high"], bars["low"], bars["close"], bars["atr"], side,
                                  s.limit_offset_atr, s.take_profit_atr, s.stop_loss_atr, s.time_limit_bars,
-                                 s.max_holding_bars, s.maker_fee, s.fill_rule, cfg.instrument.tick_size)
+                                 s.max_holding_bars, venue.maker_fee, venue.fill_rule, cfg.instrument.tick_size)
         across = crosses_gap(t1, gap)
         y[across], t1[across] = -1, -1
         out[name] = y

@@ -234,10 +234,10 @@ def test_make_labels_columns_times_and_consistency():
     s = cfg.strategy
     y_long, t1_long = execution_labels(b["open"], b["high"], b["low"], b["close"], b["atr"], 1,
                                        s.limit_offset_atr, s.take_profit_atr, s.stop_loss_atr, 4, 10,
-                                       s.maker_fee, s.fill_rule, cfg.instrument.tick_size)
+                                       cfg.venue.maker_fee, cfg.venue.fill_rule, cfg.instrument.tick_size)
     y_short, t1_short = execution_labels(b["open"], b["high"], b["low"], b["close"], b["atr"], -1,
                                          s.limit_offset_atr, s.take_profit_atr, s.stop_loss_atr, 4, 10,
-                                         s.maker_fee, s.fill_rule, cfg.instrument.tick_size)
+                                         cfg.venue.maker_fee, cfg.venue.fill_rule, cfg.instrument.tick_size)
     assert out["exec_long"].tolist() == y_long.tolist() and out["exec_short"].tolist() == y_short.tolist()
     row = int(np.flatnonzero((t1_long >= 0) & (t1_short >= 0) & (t1_long != t1_short))[0])
     assert out["t1_exec"].iloc[row] == idx[max(t1_long[row], t1_short[row])] + pd.Timedelta(minutes=5)

@@ -21,8 +21,9 @@ from pybit.exceptions import FailedRequestError, InvalidRequestError
 from pybit.unified_trading import HTTP
 import pybit.unified_trading as ut
 
-from config import InstrumentConfig, StrategyConfig
-from paper_exchange import ExchangeThread, MarketReplay, MatchingEngine, build_exchange, load_instrument, trade_prints
+from config import InstrumentConfig, VenueConfig
+from matching import ExchangeError, MatchingEngine, load_instrument
+from paper_exchange import ExchangeThread, MarketReplay, build_exchange, trade_prints
 from paper_market import START_MS, SYMBOL, write_market
 
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
@@ -871,7 +872,7 @@ def test_liquidation_closes_everything_when_equity_reaches_maintenance_margin(ve
 
 
 def test_funding_is_settled_every_eight_hours_on_position_value(venue):
-    ex = venue([100.0] * 6 * 10 + [102.0] * 60, step_s=600, strategy=StrategyConfig(funding_rate_8h=0.0001))
+    ex = venue([100.0] * 6 * 10 + [102.0] * 60, step_s=600, venue=VenueConfig(funding_rate_8h=0.0001))
     s = client(ex)
     s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="2")
     after_fee = float(wallet(s)["totalWalletBalance"])
@@ -918,7 +919,6 @@ def test_pybit_default_dispatcher_merges_our_deltas_into_the_rest_book(venue, ws
 
 def test_engine_caps_active_orders_at_500(tmp_path):
     import data_loader
-    from paper_exchange import ExchangeError
     folder = write_market(tmp_path, FLAT)
     engine = MatchingEngine(load_instrument(folder, SYMBOL))
     MarketReplay(engine, data_loader.iter_book_messages(folder), trade_prints(data_loader.iter_trades(folder)))
