@@ -583,8 +583,8 @@ def mark_gaps(bars: pd.DataFrame, bar_seconds: int, gap_threshold: str | float,
     sample (ob_samples == 0) at least `gap_threshold` long (whole bars, at least one), or where the
     optional bool array `unknown` (one per bar, e.g. a day without its Trade file) is True. The whole run
     is marked, so a window that ends inside a run marks it from the bar where it reaches the threshold:
-    the live engine calls this on its own bar window with (timeframe_seconds(cfg.data.timeframe),
-    cfg.data.gap_threshold), exactly as the loader does on files.
+    the live engine calls this on its bar window at every close with (bar seconds, cfg.data.gap_threshold,
+    unknown = the window's is_gap so far), the rule the loader applies to files.
     """
     need = max(1, math.ceil(parse_duration(gap_threshold) / bar_seconds))
     quiet = bars["is_empty"].to_numpy(bool) & (bars["ob_samples"].to_numpy() == 0)
