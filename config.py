@@ -318,7 +318,7 @@ class TuneConfig(_Section):
 
 @dataclass
 class LiveSettings(_Section):
-    mode: str = _f("dry-run", _one_of("dry-run", "paper", "testnet", "live"), "trading mode")
+    mode: str = _f("dry-run", _one_of("dry-run", "paper", "testnet", "demo", "live"), "trading mode")
     keys_file: str = _f("keys.json", help="keys file with profiles")
     keys_profile: str = _f("default", help="profile inside the keys file")
     rest_url: str = _f("", help="REST base URL override (paper exchange)")
@@ -333,7 +333,8 @@ class LiveSettings(_Section):
     ws_stale_after: str = _f("60s", _duration, "rebuild a WebSocket silent for this long")
     max_time_offset: str = _f("3s", _duration, "refuse to trade with a larger clock offset")
     drift_window: int = _f(200, _positive, "bars in the drift monitor window")
-    drift_z: float = _f(3.0, _positive, "drift alert z-score")
+    drift_psi_alert: float = _f(0.25, _positive, "alert when a feature's PSI against training exceeds this")
+    bar_close_grace: str = _f("2s", _duration, "close a bar this long after its end when no later message came")
     log_dir: str = _f("logs", help="folder for logs and journals")
     state_dir: str = _f("state", help="folder for bot state")
     demo: bool = _f(False, help="use Bybit demo trading (api-demo / stream-demo) instead of mainnet/testnet")

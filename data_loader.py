@@ -459,7 +459,7 @@ def iter_book_messages(data_dir: str | Path, start: str = "", end: str = "") -> 
 
 
 # ------------------------------------------------------------------ bars
-def _partial_trade_bars(chunk: pd.DataFrame, bar_us: int) -> pd.DataFrame:
+def partial_trade_bars(chunk: pd.DataFrame, bar_us: int) -> pd.DataFrame:
     """Per-bar mergeable partials of one time-sorted trade chunk (contiguous runs, numpy reduceat)."""
     ts_us = np.round(chunk["timestamp"].to_numpy() * 1e6).astype(np.int64)
     bar = (ts_us // bar_us) * bar_us
@@ -489,14 +489,29 @@ def _merge_trade_bars(parts: list[pd.DataFrame]) -> pd.DataFrame:
     return out
 
 
-def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int) -> pd.DataFrame:
+def bar_frame(trade_parts: list[pd.DataFrame], book_parts: list[pd.DataFrame], bar_ms: int,
+              span_ms: tuple[int, int] | None = None, prev_close: float = np.nan) -> pd.DataFrame:
+    """Bars (BAR_COLUMNS, UTC index = bar open) from per-chunk partials: `partial_trade_bars` of trade
+    chunks and `orderbook.partial_book_bars` of book samples. The one bar rule of research and live:
+    build_bars calls it over whole files, the live engine over each closed bar's messages.
+    span_ms: (first, last) bar open in ms (default: the trades' span); prev_close seeds empty leading bars."""
+    trade = _merge_trade_bars(trade_parts) if trade_parts else pd.DataFrame(
+        columns=["volume", "vol_buy", "vol_sell", "dollar_val", "trade_count", "high", "low", "open", "close"],
+        index=pd.Index([], dtype=np.int64), dtype=float)
+    book = ob.finalize_book_bars(ob.merge_partial_book_bars(book_parts))
+    return _grid(trade, book, bar_ms, span_ms, prev_close)
+
+
+def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int, span_ms: tuple[int, int] | None = None,
+          prev_close: float = np.nan) -> pd.DataFrame:
     """Continuous bar grid over the trade span; empty bars carry the last close; book columns joined."""
-    idx_ms = np.arange(trade.index.min() // 1000, trade.index.max() // 1000 + bar_ms, bar_ms, dtype=np.int64)
+    first, last = span_ms or (trade.index.min() // 1000, trade.index.max() // 1000)
+    idx_ms = np.arange(first, last + bar_ms, bar_ms, dtype=np.int64)
     trade = trade.copy()
     trade.index = trade.index // 1000
     bars = trade.reindex(idx_ms)
     empty = bars["trade_count"].isna().to_numpy()
-    close = bars["close"].ffill()
+    close = bars["close"].ffill().fillna(prev_close)
     for col in ("open", "high", "low"):
         bars[col] = bars[col].where(~empty, close)
     bars["close"] = close
@@ -524,7 +539,7 @@ def build_bars(files: DataFiles, timeframe: str, levels: int, sample_interval: s
     parts: list[pd.DataFrame] = []
     for path in tqdm(files.trades, desc="trade files", unit="file", disable=None):
         for chunk in _trade_chunks(path, files.symbol, report, budget):
-            parts.append(_partial_trade_bars(chunk, bar_s * 1_000_000))
+            parts.append(partial_trade_bars(chunk, bar_s * 1_000_000))
         report.trade_files += 1
     if not parts:
         raise DataError(f"no usable trades in {files.root / 'Trade'} "
@@ -537,8 +552,7 @@ def build_bars(files: DataFiles, timeframe: str, levels: int, sample_interval: s
         replay.warnings = budget
         replay.run(tqdm(files.books, desc="book files", unit="file", disable=None),
                    on_samples=lambda s: book_parts.append(ob.partial_book_bars(s, bar_s * 1000)))
-    book = ob.finalize_book_bars(ob.merge_partial_book_bars(book_parts))
-    bars = _grid(_merge_trade_bars(parts), book, bar_s * 1000)
+    bars = bar_frame(parts, book_parts, bar_s * 1000)
     _log_summary(report)
     return bars, report
 
