@@ -13,8 +13,9 @@ Lifecycle (the same as the core's):
     cross), a market entry, a reduce-only market exit (time / kill-switch) which also cancels the
     position's own TP and SL, and cancels of resting entries (expired, superseded, kill-switch).
   * Every entry carries its own exchange-side stop from creation (`stop_loss`: the decision's reference
-    price ∓ SL distance; with Bybit tpslMode=Partial). When the entry has filled, the follow-ups are the
-    take-profit (a reduce-only GTC limit = a maker order) and an `amend` of that stop: TP and SL are
+    price ∓ SL distance; with Bybit tpslMode=Partial), so a fill is never unprotected. When the entry has
+    filled, the follow-ups are the position's own take-profit (a reduce-only GTC limit = a maker order) and
+    stop (a reduce-only conditional market order, kind "sl", `price` = its trigger): TP and SL are
     `grid.snap_round(fill ± distance, tick, side)` — from the FILL price, TP rounded away from the fill,
     SL towards it (as the core). When a TP, SL or exit fill closes a position, the sibling is cancelled.
   * `on_event(ExecEvent)` applies what the exchange reports. Impossible or stale events are reported in
@@ -25,10 +26,9 @@ Lifecycle (the same as the core's):
     price, unknown event type).
 
 Refinements of /work/coord/EXECUTION_CONTRACT.md (names kept):
-  * `OrderRequest` adds `intent_key` (the key `order_link_id` hashes: pass it as `intent=` to
-    `exchange_client.ExchangeClient.place_order`, which derives the same orderLinkId) and
-    `trigger_price` (the stop's trigger for kind "sl"). `action` is "create" | "cancel" | "amend";
-    "amend" (kind "sl") moves the entry's attached stop to `trigger_price` for `qty` (the position).
+  * `OrderRequest.order_link_id` is the wire id itself (already hashed). `OrderRequest` adds `intent_key`
+    (what `order_link_id` hashes: pass it as `intent=` to `exchange_client.ExchangeClient.place_order`,
+    which derives the same orderLinkId). For kind "sl", `price` is the stop's trigger price.
   * orderLinkIds: `order_link_id(key)` = "ps-" + 32 hex (35 chars, Bybit allows 36); keys are
     "<SYM>|<bar open epoch s>|entry|<Buy/Sell>" for entries and "<entry key>|tp", "|sl",
     "|exit|<bar open epoch s>" for a position's orders, so a resend (after a lost ack or a restart from
@@ -88,14 +88,14 @@ def is_own_order(link_id: str | None) -> bool:
 # ---------------------------------------------------------------- records
 @dataclass
 class OrderRequest:
-    """What the engine sends: create, cancel or amend one order (prices on the tick grid, qty on the step)."""
-    action: str                # "create" | "cancel" | "amend"
+    """What the engine sends: create or cancel one order (prices on the tick grid, qty on the step)."""
+    action: str                # "create" | "cancel"
     order_link_id: str
     kind: str                  # "entry" | "tp" | "sl" | "exit"
     side: str                  # "Buy" | "Sell": the exchange side of THIS order
     order_type: str            # "Limit" | "Market"
     qty: float
-    price: float | None        # Limit price (None for Market)
+    price: float | None        # Limit price; kind "sl": the stop's trigger; None for other Market orders
     time_in_force: str         # "PostOnly" | "GTC" | "IOC"
     reduce_only: bool
     position_idx: int          # hedge mode: 1 = long leg, 2 = short leg
@@ -103,7 +103,6 @@ class OrderRequest:
     position_id: str           # the position this order opens or closes
     reason: str                # strategy reason (chop, breakout, time, kill_switch, expired, ...)
     intent_key: str = ""       # what order_link_id hashes (ExchangeClient.place_order(intent=...))
-    trigger_price: float | None = None   # kind "sl": the stop's trigger
 
 
 @dataclass
@@ -211,7 +210,7 @@ class Execution:
                 for o in self._open_entries()]
 
     def pending(self) -> list[OrderRequest]:
-        """Requests not yet settled: creates/amends without an answer, cancels of orders still open."""
+        """Requests not yet settled: creates without an answer, cancels of orders still open."""
         out = [o.request for o in self.orders.values() if o.status == "pending"]
         out += [self._cancel_request(o, "resend") for o in self.orders.values()
                 if o.cancel_requested and o.status not in TERMINAL]
@@ -450,9 +449,9 @@ class Execution:
         tp = OrderRequest(action="create", order_link_id=order_link_id(pos.entry_key + "|tp"), kind="tp",
                           order_type="Limit", price=pos.tp, time_in_force="GTC",
                           intent_key=pos.entry_key + "|tp", **common)
-        sl = OrderRequest(action="amend", order_link_id=order_link_id(pos.entry_key + "|sl"), kind="sl",
-                          order_type="Market", price=None, time_in_force="GTC", intent_key=pos.entry_key + "|sl",
-                          trigger_price=pos.sl, **common)
+        sl = OrderRequest(action="create", order_link_id=order_link_id(pos.entry_key + "|sl"), kind="sl",
+                          order_type="Market", price=pos.sl, time_in_force="GTC", intent_key=pos.entry_key + "|sl",
+                          **common)
         for req in (tp, sl):
             self.orders[req.order_link_id] = Order(req, self.bar)
         pos.tp_link, pos.sl_link = tp.order_link_id, sl.order_link_id
@@ -464,11 +463,11 @@ class Execution:
         """One trades_<SYM>.jsonl record (DESIGN §3); the engine adds mode and the ISO time."""
         req = order.request
         return {"ts": ts_ms, "symbol": self.symbol, "event": event, "order_link_id": req.order_link_id,
-                "side": req.side, "kind": req.kind, "price": req.trigger_price if price is None else price,
+                "side": req.side, "kind": req.kind, "price": price,
                 "qty": qty, "fee": fee, "pnl": pnl, "position_id": req.position_id, "reason": reason or req.reason}
 
     def placed_record(self, req: OrderRequest, ts_ms: int) -> dict:
-        """The "placed" journal record of a create or amend the engine has just sent."""
+        """The "placed" journal record of a create the engine has just sent."""
         return self._record("placed", self.orders[req.order_link_id], ts_ms, req.price, req.qty, 0.0,
                             reason=req.reason)
 

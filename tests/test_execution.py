@@ -247,7 +247,8 @@ def test_market_entry_fill_sets_tp_and_sl_from_the_fill_on_the_tick_grid():
     assert (tp.action, tp.kind, tp.side, tp.order_type, tp.time_in_force, tp.reduce_only) == \
         ("create", "tp", "Sell", "Limit", "GTC", True)
     assert tp.price == 112.02 and tp.qty == req.qty                    # 100.013 + 12: up, away from the fill
-    assert (sl.action, sl.kind, sl.trigger_price, sl.position_idx) == ("amend", "sl", 98.02, 1)   # 98.013: up
+    assert (sl.action, sl.kind, sl.order_type, sl.price, sl.reduce_only, sl.position_idx) == \
+        ("create", "sl", "Market", 98.02, True, 1)                    # the trigger; 98.013 rounded up, towards it
     (pos,) = ex.positions()
     assert (pos.side, pos.qty, pos.entry_price, pos.tp, pos.sl, pos.fill_bar, pos.regime) == \
         (st.LONG, req.qty, 100.013, 112.02, 98.02, 1, "taker")
@@ -346,7 +347,7 @@ def test_partial_entry_then_cancel_protects_the_filled_part():
     assert ex.resting()[0].qty == 30.0
     res = ex.on_event(ExecEvent("cancelled", entry.order_link_id, ms(2)))
     tp, sl = res.requests
-    assert tp.qty == sl.qty == 20.0 and tp.price == 100.7 and sl.trigger_price == 97.5
+    assert tp.qty == sl.qty == 20.0 and tp.price == 100.7 and sl.price == 97.5
     late = ex.on_event(ExecEvent("fill", entry.order_link_id, ms(3), exec_id="late", qty=1.0, price=99.5))
     assert late.status == "stale" and ex.positions()[0].qty == 20.0
     early = ex.on_event(ExecEvent("fill", entry.order_link_id, ms(2) - 1, exec_id="early", qty=1.0, price=99.5))
