@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import hashlib
 import json
 import logging
 import os
@@ -36,12 +35,12 @@ from pybit.exceptions import FailedRequestError, InvalidRequestError
 from config import (ConfigError, GlobalConfig, InstrumentConfig, LiveSettings, add_config_args, config_from_args,
                     parse_duration)
 import grid
+from execution import is_own_order, order_link_id  # noqa: F401  (the lifecycle names its orders; re-exported)
 from orderbook import BookStats, OrderBook
 
 log = logging.getLogger("exchange_client")
 
 CATEGORY = "linear"
-LINK_ID_PREFIX = "ps-"
 ENV_KEY, ENV_SECRET = "BYBIT_API_KEY", "BYBIT_API_SECRET"
 
 
@@ -372,18 +371,6 @@ def _side(side: str) -> str:
     if s not in ("Buy", "Sell"):
         raise ValueError(f"side must be Buy or Sell, got {side!r}")
     return s
-
-
-def order_link_id(intent: str) -> str:
-    """Deterministic orderLinkId for an intent key: the same intent always maps to the same id (≤36 chars)."""
-    if not intent:
-        raise ValueError("an order intent key is required (it makes retries idempotent)")
-    return LINK_ID_PREFIX + hashlib.blake2b(intent.encode("utf-8"), digest_size=16).hexdigest()
-
-
-def is_own_order(link_id: str | None) -> bool:
-    """Whether an order was placed by this system (its orderLinkId carries our prefix)."""
-    return bool(link_id) and str(link_id).startswith(LINK_ID_PREFIX)
 
 
 # ================================================================ records

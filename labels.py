@@ -6,7 +6,8 @@ Execution label (the "sniper"), per side, for a signal at the close of bar t, wi
   * it rests on bars t+1 … t+time_limit_bars and fills at its own price (never better, even on a gap) on the
     first bar that trades through it (`trade_through`: low < limit for a long) or reaches it (`touch`);
   * after the fill, TP = fill ± tp·ATR_t (a maker limit, same fill rule) and SL = fill ∓ sl·ATR_t (a stop,
-    triggered when the price reaches it);
+    triggered when the price reaches it), on the tick grid as the backtester sets them (TP away from the
+    fill, SL towards it);
   * on the fill bar only the stop can trigger (the bar cannot tell whether its extreme came before the fill);
     on later bars an open beyond a level decides first, and a bar reaching both levels counts as the stop;
   * no exit within max_holding_bars after the fill bar is a time exit.
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from config import GlobalConfig, timeframe_seconds
-from grid import DOWN, snap_round
+from grid import DOWN, UP, snap_round
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ def _execution_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close:
             continue
         take = limit + tp_atr * a
         stop = limit - sl_atr * a
+        if tick > 0.0:
+            take = snap_round(take, tick, UP)
+            stop = snap_round(stop, tick, UP)
         if sign * low[fill] <= stop:
             label[t] = 0
             t1[t] = fill

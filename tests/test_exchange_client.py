@@ -353,6 +353,12 @@ def test_full_order_lifecycle_postonly_tpsl_fill_exit_and_close(paper, client):
         private.close()
 
 
+def test_a_sell_postonly_a_hair_off_the_grid_rests_on_its_own_tick(client):
+    """10057 * 0.01 = 100.57000000000001 (the old strategy.limit_price result) used to rest at 100.58."""
+    ack = client.place_order("hair", "Sell", "0.1", price=10057 * 0.01, time_in_force="PostOnly")
+    assert client.find_order(ack.order_link_id)["price"] == "100.57"
+
+
 def test_reduce_only_conditional_stop_triggers_on_the_fall(paper, client):
     client.place_order("cond-entry", "Buy", 0.1, order_type="Market")
     ack = client.place_order("cond-stop", "Sell", 0.1, order_type="Market", reduce_only=True,
