@@ -42,12 +42,12 @@ import pandas as pd
 
 import metrics
 import strategy as st
+from backtest import PROB_COLUMNS
 from config import ConfigError, GlobalConfig, LiveSettings, atomic_write_text, config_from_args, timeframe_seconds
 
 log = logging.getLogger("parity")
 
 ROOT = Path(__file__).resolve().parent
-PROB_COLUMNS = ["p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short"]
 INTENT_FIELDS = ["kind", "side", "reason", "qty", "price", "tp_dist", "sl_dist"]
 # trades_<SYM>.jsonl events (execution.py's journal records) -> the ExecEvent type that produced them
 FILL_EVENTS = ("filled", "partially_filled", "tp", "sl", "time_exit", "kill_exit")
@@ -273,16 +273,22 @@ def signals_to_backtest_csv(signals_path: Path, out_csv: Path) -> int:
 
 # ---------------------------------------------------------------- layer 1: bars
 def compare_bars(engine: pd.DataFrame, reference: pd.DataFrame, tol: float = EXACT) -> LayerResult:
-    """Every column of every engine bar against the reference (data_loader) bar at the same time; a bar the
-    reference lacks is a mismatch. Counts bars compared and bars that differ; `first` names bar and column."""
+    """Every column of every engine bar against the reference (data_loader) bar at the same time; a bar one
+    side lacks within the engine's span is a mismatch. Counts bars compared and bars that differ; `first`
+    names the earliest such bar and its first differing column."""
+    skipped = reference.index[(reference.index >= engine.index[0]) & (reference.index <= engine.index[-1])
+                              ].difference(engine.index) if len(engine) else reference.index[:0]
     ref = reference.reindex(engine.index)
     lacking = ref.isna().all(axis=1).to_numpy()
     diff = np.column_stack([_differs(engine[c].astype(object), ref[c].astype(object), tol) for c in engine.columns]
                            ) if len(engine) else np.zeros((0, 0), bool)
     bad = lacking | diff.any(axis=1) if len(engine) else lacking
-    res = LayerResult("bars", compared=len(engine), mismatches=int(bad.sum()),
-                      details={"span": [str(engine.index[0]), str(engine.index[-1])] if len(engine) else None})
-    if bad.any():
+    res = LayerResult("bars", compared=len(engine) + len(skipped), mismatches=int(bad.sum()) + len(skipped),
+                      details={"span": [str(engine.index[0]), str(engine.index[-1])] if len(engine) else None,
+                               "bars_the_engine_skipped": len(skipped)})
+    if len(skipped) and (not bad.any() or skipped[0] < engine.index[int(np.argmax(bad))]):
+        res.first = {"bar": str(skipped[0]), "column": "*", "engine": "missing", "reference": "bar"}
+    elif bad.any():
         k = int(np.argmax(bad))
         when = engine.index[k]
         if lacking[k]:

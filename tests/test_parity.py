@@ -100,6 +100,9 @@ def test_bars_layer_passes_equal_bars_and_names_the_first_changed_column() -> No
     assert changed.first["bar"] == str(ref.index[50]) and changed.first["column"] == "ob_imbalance_mean"
     early = parity.compare_bars(parity.engine_bars(recs, list(ref.columns)), ref.iloc[1:])
     assert early.first == {"bar": str(ref.index[0]), "column": "*", "engine": "bar", "reference": "missing"}
+    skipped = parity.compare_bars(parity.engine_bars(recs[:30] + recs[31:], list(ref.columns)), ref)
+    assert skipped.details["bars_the_engine_skipped"] == 1
+    assert skipped.first == {"bar": str(ref.index[30]), "column": "*", "engine": "missing", "reference": "bar"}
 
 
 # ---------------------------------------------------------------- layer 2
