@@ -256,3 +256,41 @@ def test_a_child_is_stopped_with_its_whole_process_group(tmp_path) -> None:
     with pytest.raises(parity.ParityError, match="paper_exchange exited with 2 before it was ready"):
         broken.wait_for(r"listening on", 120)
     broken.stop()
+
+
+def test_decisions_replay_applies_each_fill_before_the_close_it_precedes() -> None:
+    """A maker entry decided at bar 0 fills inside bar 1: replayed, bar 1's close sees the position (and, with
+    no resting order left, places a new entry); the same fill stamped after that close leaves it resting."""
+    import execution
+    cfg = GlobalConfig()
+    cfg.symbol, cfg.data.timeframe = "TESTUSDT", "5m"
+    times = pd.date_range("2026-03-02", periods=3, freq="5min", tz="UTC")
+    frame = pd.DataFrame({"open": 100.0, "high": 100.2, "low": 99.6, "close": 100.0, "atr": 0.5}, index=times)
+    probs = pd.DataFrame({"p_exec_long": 0.9, "p_exec_short": 0.0, "p_dir_long": 0.6, "p_dir_short": 0.0},
+                         index=times)
+    signals = signal_records(frame, probs)
+    first = execution.Execution(cfg, cfg.symbol)
+    bar0 = st_bar(signals[0], 300)
+    entry = next(r for r in first.on_bar_close(bar0) if r.kind == "entry")
+    close1_ms = int(times[1].value // 1_000_000) + 300_000
+
+    def journal(fill_ms: int) -> list[dict]:
+        base = {"order_link_id": entry.order_link_id, "kind": "entry", "side": "Buy", "position_id": entry.position_id}
+        return [{**base, "event": "accepted", "ts": close1_ms - 300_000},
+                {**base, "event": "filled", "ts": fill_ms, "qty": entry.qty, "price": entry.price, "fee": 0.01}]
+
+    inside, _ = parity.replay_decisions(signals, journal(close1_ms - 1000), cfg)
+    assert inside.attrs["event_statuses"] == {"applied": 2}
+    assert list(inside["time"]) == [times[0], times[1]] and set(inside["kind"]) == {"limit"}
+    after, _ = parity.replay_decisions(signals, journal(close1_ms), cfg)
+    assert list(after["time"]) == [times[0], times[2]]
+    caught = parity.compare_intents(after, inside)
+    assert caught.first["index"] == 1 and caught.first["bar"] == str(times[2])
+
+
+def st_bar(rec: dict, bar_s: int):
+    """The strategy.Bar the engine builds from a signals record (epoch-grid index)."""
+    import strategy
+    when = pd.Timestamp(rec["bar_time"])
+    return strategy.Bar(index=int(when.timestamp()) // bar_s, time=when.timestamp(), close=rec["close"],
+                        atr=rec["atr"], probs={c: rec[c] for c in parity.PROB_COLUMNS})
