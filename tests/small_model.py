@@ -22,7 +22,8 @@ def train_small_model(bars: pd.DataFrame, cfg: GlobalConfig, folder: Path, round
     """Fit and save a bundle of `rounds`-tree models (4 leaves) on `bars`; returns the bundle."""
     feats = feature_engine.compute_features(bars, cfg)
     warm = feats["is_warm"].to_numpy(bool)
-    frame = bars[["open", "high", "low", "close"]].assign(atr=feats["atr"]).loc[warm]
+    frame = bars[["open", "high", "low", "close"]].assign(
+        atr=feats["atr"], is_gap=bars["is_gap"] if "is_gap" in bars else False).loc[warm]
     names = feature_engine.feature_names(cfg)
     cfg.model.n_estimators, cfg.model.num_leaves, cfg.model.min_child_samples = rounds, 4, 10
     bundle = models.ModelBundle(cfg.model, names, seed=cfg.seed).fit(feats.loc[warm, names],
