@@ -370,13 +370,14 @@ def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig)
     was applied before that close) and its bars, probabilities and entry gates (signals journal): the
     intents the engine should have sent (`Execution.last_intents`), in the shape of `engine_intents`, and
     the engine's equity marked at each bar close (its own fills: what it sized with). intents.attrs
-    ["event_statuses"] counts how Execution took the events (anything but "applied" follows a divergence).
+    ["event_statuses"] counts how Execution took the events (anything but "applied" follows a divergence),
+    intents.attrs["states"] holds the state each decision saw (bar time -> equity, positions, resting).
     Bar.index counts bars on the epoch grid, as the engine does."""
     import execution
     bar_s = timeframe_seconds(cfg.data.timeframe)
     ex = execution.Execution(cfg, cfg.symbol)
     events = [r for r in trades if r.get("event") in EXEC_EVENT_TYPES]
-    rows, k, equity, statuses = [], 0, [], {}
+    rows, k, equity, statuses, states = [], 0, [], {}, {}
     for n, rec in enumerate(signals):
         when = _bar_time(rec, f"signals record {n + 1}")
         close_ms = int(when.value // 1_000_000) + bar_s * 1000
@@ -388,12 +389,15 @@ def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig)
                      close=_num(rec.get("close")), atr=_num(rec.get("atr")),
                      probs={c: _num(rec.get(c)) for c in PROB_COLUMNS})
         equity.append(ex.mark(bar.close))
+        states[str(when)] = {"equity": equity[-1], "positions": [asdict(p) for p in ex.positions()],
+                             "resting": [asdict(o) for o in ex.resting()]}
         ex.on_bar_close(bar, st.EntryGate(bool(rec.get("entries_allowed", True)), str(rec.get("reason") or "")))
         rows += [{"time": when, "kind": i.kind, "side": i.side, "reason": i.reason, "qty": i.qty, "price": i.price,
                   "tp_dist": i.tp_dist, "sl_dist": i.sl_dist} for i in ex.last_intents]
     index = pd.DatetimeIndex([_bar_time(r, "signals") for r in signals], name="time")
     intents = pd.DataFrame(rows, columns=["time"] + INTENT_FIELDS)
     intents.attrs["event_statuses"] = statuses
+    intents.attrs["states"] = states
     return intents, pd.Series(equity, index=index, name="equity")
 
 
@@ -669,6 +673,8 @@ def judge(work: Path, cfg: GlobalConfig, research: Research, bundle: Any,
               features_layer(engine_features(signals, engine_window_bars(cfg)), history, cfg, bundle),
               compare_intents(live_intents, replayed)]
     layers[2].details["replayed_events"] = replayed.attrs["event_statuses"]
+    if layers[2].first is not None:
+        layers[2].first["replayed_state"] = replayed.attrs["states"].get(layers[2].first["bar"])
     bt = research.result
     layers.append(backtest_vs_live(live_intents, bt.intents, live_trades(trades), bt.trades, live_eq, bt.equity,
                                    initial_equity(cfg), bar_s,

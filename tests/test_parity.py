@@ -282,8 +282,10 @@ def test_decisions_replay_applies_each_fill_before_the_close_it_precedes() -> No
     inside, _ = parity.replay_decisions(signals, journal(close1_ms - 1000), cfg)
     assert inside.attrs["event_statuses"] == {"applied": 2}
     assert list(inside["time"]) == [times[0], times[1]] and set(inside["kind"]) == {"limit"}
+    assert [len(inside.attrs["states"][str(t)]["positions"]) for t in times] == [0, 1, 1]
     after, _ = parity.replay_decisions(signals, journal(close1_ms), cfg)
     assert list(after["time"]) == [times[0], times[2]]
+    assert after.attrs["states"][str(times[1])]["resting"][0]["price"] == entry.price
     caught = parity.compare_intents(after, inside)
     assert caught.first["index"] == 1 and caught.first["bar"] == str(times[2])
 
