@@ -341,7 +341,8 @@ def features_layer(engine: pd.DataFrame, history: pd.DataFrame, cfg: GlobalConfi
 def compare_intents(engine: pd.DataFrame, reference: pd.DataFrame, name: str = "decisions",
                     tol: float = EXACT) -> LayerResult:
     """Intent for intent, in order: (time, kind, side, reason, qty, price, tp_dist, sl_dist). A missing or
-    extra intent counts as a difference; `first` gives its position, bar and both intents."""
+    extra intent counts as a difference; `first` gives its position, the earlier of the two bars and both
+    intents."""
     n, m = len(engine), len(reference)
     common = min(n, m)
     fields = ["time"] + INTENT_FIELDS
@@ -354,7 +355,7 @@ def compare_intents(engine: pd.DataFrame, reference: pd.DataFrame, name: str = "
         k = int(np.argmax(bad))
         a = engine.iloc[k] if k < n else None
         b = reference.iloc[k] if k < m else None
-        res.first = {"index": k, "bar": str((a if a is not None else b)["time"]),
+        res.first = {"index": k, "bar": str(min(r["time"] for r in (a, b) if r is not None)),
                      "engine": _intent_dict(a), "reference": _intent_dict(b),
                      "fields_differing": [f for f, d in zip(fields, diff[k]) if d] if k < common else fields}
     return res

@@ -287,7 +287,7 @@ def test_decisions_replay_applies_each_fill_before_the_close_it_precedes() -> No
     assert list(after["time"]) == [times[0], times[2]]
     assert after.attrs["states"][str(times[1])]["resting"][0]["price"] == entry.price
     caught = parity.compare_intents(after, inside)
-    assert caught.first["index"] == 1 and caught.first["bar"] == str(times[2])
+    assert caught.first["index"] == 1 and caught.first["bar"] == str(times[1])
 
 
 def st_bar(rec: dict, bar_s: int):
