@@ -166,8 +166,8 @@ def test_page_shows_candles_markers_gauges_and_mode(browser: webdriver.Chrome, l
     assert js(browser, "document.querySelectorAll('#closed-table tbody tr').length") == 4
     href = js(browser, "document.getElementById('model-report-link').href")
     assert "Training report BTCUSDT" in requests.get(href, timeout=30).text
-    height = js(browser, "document.documentElement.scrollHeight")
-    browser.set_window_size(1400, height + 40)
+    for _ in range(2):  # the page reflows at the new size; measure again
+        browser.set_window_size(1400, js(browser, "document.documentElement.scrollHeight") + 40)
     WebDriverWait(browser, WAIT).until(lambda d: candles(d) == len(fx.signals))
     out = tmp_path_factory.getbasetemp() / "dashboard_artifacts"
     out.mkdir(exist_ok=True)
