@@ -325,6 +325,11 @@ class JournalWatcher:
                 getattr(self, f"_on_{journal}")(records)
         self._check_heartbeats()
 
+    def _send(self, kind: str, rec: dict, level: str, message: str, **details: Any) -> None:
+        """Send a notice about journal record `rec` (its symbol, mode and time carried over)."""
+        self.notifier.send({"event": kind, "symbol": rec.get("symbol", ""), "mode": rec.get("mode", ""),
+                            "time": rec.get("time"), "level": level, "message": message, **details})
+
     def _on_events(self, records: list[dict]) -> None:
         errors = [r for r in records if r.get("event") == "error"]
         for rec in records:
@@ -334,44 +339,35 @@ class JournalWatcher:
         if errors:
             last = errors[-1]
             msg = last.get("message", "") if len(errors) == 1 else f"{len(errors)} errors; last: {last.get('message', '')}"
-            self.notifier.send({"event": "error", "symbol": last.get("symbol", ""), "mode": last.get("mode", ""),
-                                "level": "error", "message": msg, "time": last.get("time")})
+            self._send("error", last, "error", msg)
 
     def _on_signals(self, records: list[dict]) -> None:
         for rec in records:
             for side in ("long", "short"):
-                probs = {p: rec.get(f"{p}_{side}") for p in ("p_exec", "p_dir")}
+                probs = {f"{p}_{side}": rec.get(f"{p}_{side}") for p in ("p_exec", "p_dir")}
                 best = max((v for v in probs.values() if isinstance(v, (int, float))), default=-math.inf)
                 if best >= self.signal_threshold:
-                    self.notifier.send({"event": "signal", "symbol": rec.get("symbol", ""), "mode": rec.get("mode", ""),
-                                        "level": "info", "time": rec.get("time"), "side": side,
-                                        "message": f"{side} signal at bar {rec.get('bar_time')}, close {rec.get('close')}",
-                                        **{f"{p}_{side}": v for p, v in probs.items()}})
+                    self._send("signal", rec, "info", f"{side} signal at bar {rec.get('bar_time')}, "
+                               f"close {rec.get('close')}", side=side, **probs)
             for intent in rec.get("intents") or []:
                 if isinstance(intent, dict) and intent.get("reason") == "breakout" and intent.get("kind") == "market":
                     side = "long" if intent.get("side") in (1, "long", "Buy") else "short"
-                    self.notifier.send({"event": "breakout", "symbol": rec.get("symbol", ""), "mode": rec.get("mode", ""),
-                                        "level": "info", "time": rec.get("time"),
-                                        "message": f"breakout {side} entry at market, qty {intent.get('qty')}",
-                                        "tp_dist": intent.get("tp_dist"), "sl_dist": intent.get("sl_dist")})
+                    self._send("breakout", rec, "info", f"breakout {side} entry at market, qty {intent.get('qty')}",
+                               tp_dist=intent.get("tp_dist"), sl_dist=intent.get("sl_dist"))
 
     def _on_equity(self, records: list[dict]) -> None:
         rec = records[-1]
         start, pnl = rec.get("day_start_equity"), rec.get("day_pnl")
         if isinstance(start, (int, float)) and isinstance(pnl, (int, float)) and start > 0 \
                 and -pnl / start * 100.0 >= self.drawdown_pct:
-            self.notifier.send({"event": "drawdown", "symbol": rec.get("symbol", ""), "mode": rec.get("mode", ""),
-                                "level": "warning", "time": rec.get("time"),
-                                "message": f"daily PnL {pnl:.2f} ({pnl / start:.2%} of the day's start equity {start:.2f})",
-                                "kill_switch": rec.get("kill_switch")})
+            self._send("drawdown", rec, "warning", f"daily PnL {pnl:.2f} ({pnl / start:.2%} of the day's start "
+                       f"equity {start:.2f})", kill_switch=rec.get("kill_switch"))
 
     def _on_trades(self, records: list[dict]) -> None:
         for rec in records:
             if rec.get("event") in ("filled", "partially_filled"):
-                self.notifier.send({"event": "fill", "symbol": rec.get("symbol", ""), "mode": rec.get("mode", ""),
-                                    "level": "info", "time": rec.get("time"),
-                                    "message": f"{rec.get('kind')} {rec.get('side')} {rec.get('qty')} @ {rec.get('price')}",
-                                    "order_link_id": rec.get("order_link_id"), "reason": rec.get("reason")})
+                self._send("fill", rec, "info", f"{rec.get('kind')} {rec.get('side')} {rec.get('qty')} @ {rec.get('price')}",
+                           order_link_id=rec.get("order_link_id"), reason=rec.get("reason"))
 
     def _check_heartbeats(self) -> None:
         if not self.state_dir.is_dir():
