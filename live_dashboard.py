@@ -91,6 +91,27 @@ def record_time(rec: dict) -> datetime | None:
         return None
 
 
+def utc_text(value: Any) -> str | None:
+    """An ISO time (any offset) as naive UTC text, the form plotly.js places on a date axis without shifting."""
+    try:
+        t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if t.tzinfo is not None:
+        t = t.astimezone(timezone.utc).replace(tzinfo=None)
+    return t.isoformat(sep=" ")
+
+
+def record_utc(rec: dict) -> str | None:
+    t = record_time(rec)
+    return t.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ") if t else None
+
+
+def side_name(side: Any) -> Any:
+    """Position/resting-order side as journalled (+1/-1, strategy.Position.side) -> long/short."""
+    return {1: "long", -1: "short"}.get(side, side) if isinstance(side, int) else side
+
+
 def read_json(path: Path) -> dict:
     """A small state file written atomically; {} if missing or unreadable (logged)."""
     try:
@@ -159,7 +180,7 @@ class SymbolFeed:
         self.peak = max(self.peak, float(equity))
         rec["_drawdown"] = equity / self.peak - 1.0 if self.peak > 0 else 0.0
         self.equity.append(rec)
-        day = str(rec.get("time", ""))[:10]
+        day = (record_utc(rec) or "")[:10]
         self.daily[day] = {"day": day, "day_start_equity": rec.get("day_start_equity"), "day_pnl": rec.get("day_pnl"),
                            "kill_switch": rec.get("kill_switch")}
 
@@ -210,6 +231,8 @@ class LiveStore:
 def fmt(value: Any, spec: str = ".4g") -> str:
     if isinstance(value, bool) or value is None:
         return "-" if value is None else ("yes" if value else "no")
+    if isinstance(value, int):
+        return str(value)
     if isinstance(value, (int, float)):
         return format(value, spec) if math.isfinite(value) else "-"
     return str(value)
@@ -269,7 +292,7 @@ def add_price_line(fig: go.Figure, y: float, color: str, dash: str, text: str, y
 def candles_figure(feed: SymbolFeed) -> go.Figure:
     """Candles of the kept bars, one marker trace per reason, and price lines for orders and TP/SL."""
     bars = list(feed.signals)
-    fig = go.Figure(go.Candlestick(x=[b.get("bar_time") for b in bars], open=[b.get("open") for b in bars],
+    fig = go.Figure(go.Candlestick(x=[utc_text(b.get("bar_time")) for b in bars], open=[b.get("open") for b in bars],
                                    high=[b.get("high") for b in bars], low=[b.get("low") for b in bars],
                                    close=[b.get("close") for b in bars], name="price"))
     first = record_time({"time": bars[0].get("bar_time")}) if bars else None
@@ -277,16 +300,18 @@ def candles_figure(feed: SymbolFeed) -> go.Figure:
         marks = [m for m in feed.markers if m["_marker"] == reason and (first is None or (record_time(m) or first) >= first)]
         if marks:
             fig.add_trace(go.Scatter(
-                x=[m.get("time") for m in marks], y=[m.get("price") for m in marks], mode="markers", name=name,
+                x=[record_utc(m) for m in marks], y=[m.get("price") for m in marks], mode="markers", name=name,
                 marker={"symbol": symbol, "size": 12, "color": color, "line": {"width": 1, "color": "white"}},
                 text=[f"{m.get('side')} {fmt(m.get('qty'))} @ {fmt(m.get('price'))}" for m in marks]))
-    for order in feed.orders:
-        if order.get("kind") == "entry" and isinstance(order.get("price"), (int, float)):
-            add_price_line(fig, order["price"], "#1f77b4", "dot", f"resting {order.get('side')} {fmt(order.get('qty'))}")
+    for order in feed.orders:  # the engine journals its resting entries (strategy.RestingOrder)
+        if order.get("kind", "entry") == "entry" and isinstance(order.get("price"), (int, float)):
+            add_price_line(fig, order["price"], "#1f77b4", "dot",
+                           f"resting {side_name(order.get('side'))} {fmt(order.get('qty'))}")
     for pos in feed.equity[-1].get("positions", []) if feed.equity else []:
         for key, color in (("tp", "#2ca02c"), ("sl", "#d62728")):
             if isinstance(pos.get(key), (int, float)):
-                add_price_line(fig, pos[key], color, "dash", f"{key.upper()} {pos.get('side')} {pos.get('position_id', '')}")
+                add_price_line(fig, pos[key], color, "dash", f"{key.upper()} {side_name(pos.get('side'))} "
+                               f"{fmt(pos.get('qty'))} @ {fmt(pos.get('entry_price'))}")
     fig.update_layout(height=460, margin={"l": 40, "r": 10, "t": 30, "b": 20}, xaxis_rangeslider_visible=False,
                       uirevision=feed.symbol, title=f"{feed.symbol}: last {len(bars)} bars", legend={"orientation": "h"})
     return fig
@@ -310,7 +335,7 @@ def gauge_figure(name: str, value: float | None, sig: dict) -> go.Figure:
 
 def probability_history(feed: SymbolFeed) -> go.Figure:
     bars = list(feed.signals)
-    x = [b.get("bar_time") for b in bars]
+    x = [utc_text(b.get("bar_time")) for b in bars]
     fig = go.Figure([go.Scatter(x=x, y=[b.get(p) for b in bars], name=p, mode="lines") for p in PROBS])
     for key, dash in (("exec_threshold", "dot"), ("direction_threshold", "dash"), ("aggressive_threshold", "dashdot")):
         value = thresholds(bars[-1]).get(key) if bars else None
@@ -324,7 +349,7 @@ def probability_history(feed: SymbolFeed) -> go.Figure:
 def equity_figure(feed: SymbolFeed, loss_limit: float | None) -> go.Figure:
     """Equity, unrealised and today's PnL against the kill-switch line, drawdown (one shared time axis)."""
     eq = list(feed.equity)
-    x = [r.get("time") for r in eq]
+    x = [record_utc(r) for r in eq]
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, row_heights=[0.5, 0.28, 0.22], vertical_spacing=0.04)
     fig.add_trace(go.Scatter(x=x, y=[r.get("equity") for r in eq], name="equity"), 1, 1)
     fig.add_trace(go.Scatter(x=x, y=[r.get("unrealised") for r in eq], name="unrealised"), 2, 1)
@@ -339,12 +364,30 @@ def equity_figure(feed: SymbolFeed, loss_limit: float | None) -> go.Figure:
     return fig
 
 
+def bar_seconds(feed: SymbolFeed) -> float | None:
+    """The bar length, from the last two closed bars' times."""
+    if len(feed.signals) < 2:
+        return None
+    a, b = (record_time({"time": feed.signals[i].get("bar_time")}) for i in (-2, -1))
+    return (b - a).total_seconds() if a and b and b > a else None
+
+
 def positions_rows(feed: SymbolFeed, now: float) -> list[dict]:
+    """Open positions (strategy.Position as journalled) with side named, age and unrealised at the last close.
+
+    `fill_bar` counts bars on the epoch grid (bar open time // bar length), so its open time is
+    fill_bar x bar length; unrealised = side x qty x (last close - entry price).
+    """
     rows = []
+    step, close = bar_seconds(feed), (feed.signals[-1].get("close") if feed.signals else None)
     for pos in feed.equity[-1].get("positions", []) if feed.equity else []:
-        opened = record_time({"time": pos.get("opened_time")})
-        age = f"{(now - opened.timestamp()) / 60:.0f} min" if opened else "-"
-        rows.append(dict(pos, age=age))
+        row = dict(pos, side=side_name(pos.get("side")))
+        if step and isinstance(pos.get("fill_bar"), int):
+            row["age"] = f"{(now - pos['fill_bar'] * step) / 60:.0f} min"
+        if "unrealised" not in pos and isinstance(close, (int, float)) and pos.get("side") in (1, -1) \
+                and isinstance(pos.get("qty"), (int, float)) and isinstance(pos.get("entry_price"), (int, float)):
+            row["unrealised"] = pos["side"] * pos["qty"] * (close - pos["entry_price"])
+        rows.append(row)
     return rows
 
 
@@ -396,12 +439,13 @@ def symbol_body(feed: SymbolFeed, now: float) -> list:
             dcc.Graph(id="prob-history", figure=probability_history(feed)),
             dcc.Graph(id="equity", figure=equity_figure(feed, loss_limit)),
             html.H3("Open positions"),
-            table(positions_rows(feed, now), [("position_id", "id"), ("side", "side"), ("entry_price", "entry"),
+            table(positions_rows(feed, now), [("side", "side"), ("regime", "regime"), ("entry_price", "entry"),
                                               ("qty", "size"), ("tp", "TP"), ("sl", "SL"), ("age", "age"),
-                                              ("unrealised", "unrealised")], "positions-table"),
-            html.H3("Resting orders"),
-            table(feed.orders, [("order_link_id", "orderLinkId"), ("kind", "kind"), ("side", "side"),
-                                ("order_type", "type"), ("price", "price"), ("qty", "qty")], "orders-table"),
+                                              ("unrealised", "unrealised at last close")], "positions-table"),
+            html.H3("Resting entry orders"),
+            table([dict(o, side=side_name(o.get("side"))) for o in feed.orders],
+                  [("side", "side"), ("price", "price"), ("qty", "qty"), ("tp_dist", "TP distance"),
+                   ("sl_dist", "SL distance"), ("placed_bar", "placed bar")], "orders-table"),
             html.H3("Closed trades"),
             table(closed, [("time", "time"), ("position_id", "id"), ("side", "side"), ("event", "exit"),
                            ("price", "price"), ("qty", "qty"), ("fee", "fee"), ("pnl", "pnl")], "closed-table"),

@@ -49,7 +49,8 @@ class Fixture:
 
 
 def iso(t: datetime) -> str:
-    return t.isoformat().replace("+00:00", "Z")
+    """UTC time as the engine writes it (live_trading_v2.iso)."""
+    return t.isoformat(timespec="milliseconds")
 
 
 def stamp(t: datetime, symbol: str, mode: str) -> dict:
@@ -71,14 +72,14 @@ def signal_record(i: int, symbol: str, mode: str) -> dict:
     open_ = 100.0 + 3.0 * math.sin((i - 1) / 7.0) + 0.05 * (i - 1)
     rec = stamp(t + BAR, symbol, mode)
     rec.update({
-        "bar_time": iso(t), "open": round(open_, 4), "high": round(max(open_, close) + 0.4, 4),
+        "bar_time": iso(t), "bar_ms": int(t.timestamp() * 1000), "open": round(open_, 4), "high": round(max(open_, close) + 0.4, 4),
         "low": round(min(open_, close) - 0.4, 4), "close": round(close, 4), "volume": 10.0 + i % 7,
         "atr": 0.8, "warm": True,
         "p_exec_long": round(0.5 + 0.4 * math.sin(i * 0.3), 4),
         "p_exec_short": round(0.5 + 0.4 * math.cos(i * 0.3), 4),
         "p_dir_long": round(0.5 + 0.35 * math.sin(i * 0.2 + 1.0), 4),
         "p_dir_short": round(0.5 + 0.35 * math.cos(i * 0.2 + 1.0), 4),
-        **THRESHOLDS, "entries_allowed": True, "entries_reason": "", "intents": [], "latency_ms": 12.5 + i % 5,
+        **THRESHOLDS, "entries_allowed": True, "reason": "", "intents": [], "latency_ms": 12.5 + i % 5,
     })
     return rec
 
@@ -111,10 +112,11 @@ def trade_records(fx: Fixture) -> list[dict]:
 
 
 def open_position(fx: Fixture) -> dict:
+    """The open short as the engine journals it: vars(strategy.Position), fill_bar on the epoch bar grid."""
     entry = fx.signals[TRADES[-1][0]]["close"]
-    return {"position_id": f"p{len(TRADES) - 1}", "side": "short", "entry_price": entry, "qty": 0.5,
-            "tp": round(entry - 1.2, 4), "sl": round(entry + 1.6, 4),
-            "opened_time": iso(START + (TRADES[-1][0] + 1) * BAR), "unrealised": -0.12}
+    fill_bar = int((START + (TRADES[-1][0] + 1) * BAR).timestamp()) // int(BAR.total_seconds())
+    return {"side": -1, "qty": 0.5, "entry_price": entry, "tp": round(entry - 1.2, 4), "sl": round(entry + 1.6, 4),
+            "fill_bar": fill_bar, "regime": "maker"}
 
 
 def equity_record(i: int, fx: Fixture) -> dict:
@@ -125,9 +127,7 @@ def equity_record(i: int, fx: Fixture) -> dict:
         "equity": round(equity, 4), "unrealised": -0.12, "day_start_equity": 1000.0,
         "day_pnl": round(equity - 1000.0, 4), "kill_switch": "armed", "positions": [open_position(fx)],
         "data_lag_s": 0.3,
-        "streams": {"trades": {"age_s": 0.2, "state": "ok", "reconnects": 0},
-                    "orderbook": {"age_s": 0.1, "state": "ok", "reconnects": 1, "gaps": 2},
-                    "private": {"age_s": 4.0, "state": "ok", "reconnects": 0}},
+        "streams": {"market": {"state": "ok", "age_s": 0.2}, "private": {"state": "ok", "age_s": 4.0}},
         "reconciled": True, "api_errors": 1, "drift": {"ob_imbalance": 0.31, "ret_5": 0.12, "vol_20": 0.04},
     })
     return rec
@@ -144,11 +144,9 @@ def write_live_fixture(root: Path, symbol: str = "BTCUSDT", mode: str = "paper",
     append(fx.journal("trades"), fx.trades)
     pos = open_position(fx)
     orders = stamp(START + bars * BAR, symbol, mode)
-    orders["orders"] = [
-        {"order_link_id": "ps-p4-tp", "side": "Buy", "kind": "tp", "order_type": "Limit", "price": pos["tp"], "qty": 0.5},
-        {"order_link_id": "ps-p4-sl", "side": "Buy", "kind": "sl", "order_type": "Market", "price": pos["sl"], "qty": 0.5},
-        {"order_link_id": "ps-p5-entry", "side": "Buy", "kind": "entry", "order_type": "Limit",
-         "price": round(fx.signals[-1]["close"] - 0.6, 4), "qty": 0.5}]
+    # Resting entries as the engine journals them: vars(strategy.RestingOrder).
+    orders["orders"] = [{"side": 1, "price": round(fx.signals[-1]["close"] - 0.6, 4), "qty": 0.5,
+                         "placed_bar": pos["fill_bar"] + 5, "tp_dist": 1.0, "sl_dist": 1.6}]
     append(fx.journal("open_orders"), [orders])
     append(fx.journal("equity"), [equity_record(i, fx) for i in range(bars)])
     model = f"models_v9/{symbol}/rank_1"

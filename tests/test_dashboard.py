@@ -160,6 +160,8 @@ def test_page_shows_candles_markers_gauges_and_mode(browser: webdriver.Chrome, l
     banner = js(browser, "document.getElementById('mode-banner').innerText")
     assert banner.startswith("PAPER") and "LIVE" not in banner
     assert js(browser, "document.querySelectorAll('#candles .scatterlayer .point').length") == fx.markers
+    # price lines: the open position's TP and SL and the one resting entry
+    assert js(browser, "document.querySelectorAll('#candles .shapelayer path').length") == 3
     names = js(browser, "Array.from(document.querySelectorAll('#candles .legendtext')).map(e => e.textContent)")
     assert {"chop maker entry", "breakout taker entry", "TP exit", "SL exit", "time exit", "kill-switch exit"} <= set(names)
     assert "phase trading" in js(browser, "document.getElementById('engine-status').innerText")
