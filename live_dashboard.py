@@ -125,9 +125,13 @@ def read_json(path: Path) -> dict:
 
 
 def marker_reason(rec: dict) -> str | None:
-    """The marker a trades record gets: entry fills by strategy reason, exits by exit event; else None."""
+    """The marker a trades record gets: a completed entry by strategy reason, an exit by its event; else None.
+
+    One marker per order: the pieces of a partial fill (`partially_filled`) get none, the `filled` that
+    completes the order does.
+    """
     event = rec.get("event")
-    if event in ("filled", "partially_filled") and rec.get("kind") == "entry":
+    if event == "filled" and rec.get("kind") == "entry":
         return rec.get("reason") if rec.get("reason") in MARKERS else "chop"
     return EXIT_REASONS.get(str(event))
 
@@ -167,7 +171,7 @@ class SymbolFeed:
         reason = marker_reason(rec)
         if reason is not None:
             self.markers.append(dict(rec, _marker=reason))
-        if rec.get("event") in EXIT_REASONS and rec.get("pnl") is not None:
+        if rec.get("kind") != "entry" and rec.get("pnl") is not None:  # every exit fill, partial ones too
             self.closed.append(rec)
 
     def _on_open_orders(self, rec: dict) -> None:
@@ -446,7 +450,7 @@ def symbol_body(feed: SymbolFeed, now: float) -> list:
             table([dict(o, side=side_name(o.get("side"))) for o in feed.orders],
                   [("side", "side"), ("price", "price"), ("qty", "qty"), ("tp_dist", "TP distance"),
                    ("sl_dist", "SL distance"), ("placed_bar", "placed bar")], "orders-table"),
-            html.H3("Closed trades"),
+            html.H3("Exit fills (closed trades)"),
             table(closed, [("time", "time"), ("position_id", "id"), ("side", "side"), ("event", "exit"),
                            ("price", "price"), ("qty", "qty"), ("fee", "fee"), ("pnl", "pnl")], "closed-table"),
             html.H3("Daily PnL"),
