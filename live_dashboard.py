@@ -576,15 +576,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     try:
         auth = parse_auth(args.auth) if args.auth else None
+        if auth is None and not is_loopback(args.host):
+            raise ValueError(f"refusing to serve on non-loopback host {args.host} without --auth USER:FILE")
+        watcher = notifier.watcher_from_args(args)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    if auth is None and not is_loopback(args.host):
-        log.error("refusing to serve on non-loopback host %s without --auth USER:FILE", args.host)
-        return 2
     cfg = DashConfig(Path(args.log_dir), Path(args.state_dir), Path(args.model_dir), bars=args.bars,
                      refresh_sec=args.refresh_sec, offline_sec=args.notify_offline_sec)
-    watcher = notifier.watcher_from_args(args)
     if watcher is not None:
         watcher.start(args.notify_poll_sec)
     server = make_server(args.host, args.port, build_app(cfg, auth).server, threaded=True)
