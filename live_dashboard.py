@@ -456,7 +456,11 @@ def symbol_body(feed: SymbolFeed, now: float) -> list:
             html.H3("Daily PnL"),
             table(list(feed.daily.values())[::-1], [("day", "day (UTC)"), ("day_start_equity", "start equity"),
                                                     ("day_pnl", "PnL"), ("kill_switch", "kill-switch")], "daily-table"),
-            *health_section(feed), *card]
+            *health_section(feed),
+            html.H3("Recent events"),
+            table(list(feed.events)[:-21:-1], [("time", "time"), ("event", "event"), ("level", "level"),
+                                               ("message", "message")], "events-table"),
+            *card]
 
 
 NONE_SHOWN = ["", 0]

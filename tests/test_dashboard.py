@@ -7,6 +7,7 @@ pytest's temporary folder (`<basetemp>/dashboard_artifacts/dashboard.png`).
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from pathlib import Path
@@ -92,24 +93,6 @@ def test_non_loopback_host_without_auth_refuses(tmp_path: Path, caplog: pytest.L
     assert not live_dashboard.is_loopback("0.0.0.0") and not live_dashboard.is_loopback("192.168.1.5")
 
 
-def test_basic_auth_wrong_password_gets_401(tmp_path: Path) -> None:
-    write_live_fixture(tmp_path)
-    (tmp_path / "pw").write_text("s3cret-pass\n")
-    proc, url = start_dashboard(tmp_path, "--auth", f"trader:{tmp_path / 'pw'}")
-    try:
-        assert requests.get(url, timeout=30).status_code == 401
-        bad = requests.get(url, auth=("trader", "s3cret-pasS"), timeout=30)
-        assert bad.status_code == 401 and bad.headers["WWW-Authenticate"].startswith("Basic")
-        assert requests.get(url, auth=("trader2", "s3cret-pass"), timeout=30).status_code == 401
-        assert requests.get(url, auth=("trader", "s3cret-pass"), timeout=30).status_code == 200
-        report = requests.get(f"{url}/model/BTCUSDT/report.html", auth=("trader", "s3cret-pass"), timeout=30)
-        assert report.status_code == 200 and "Training report BTCUSDT rank 1" in report.text
-        assert requests.get(f"{url}/model/ETHUSDT/report.html", auth=("trader", "s3cret-pass"),
-                            timeout=30).status_code == 404
-    finally:
-        stop(proc)
-
-
 # ---------------------------------------------------------------- in the browser
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> webdriver.Chrome:
@@ -168,6 +151,7 @@ def test_page_shows_candles_markers_gauges_and_mode(browser: webdriver.Chrome, l
     assert js(browser, "document.querySelectorAll('#closed-table tbody tr').length") == 4
     href = js(browser, "document.getElementById('model-report-link').href")
     assert "Training report BTCUSDT" in requests.get(href, timeout=30).text
+    assert requests.get(f"{url}/model/ETHUSDT/report.html", timeout=30).status_code == 404
     for _ in range(2):  # the page reflows at the new size; measure again
         browser.set_window_size(1400, js(browser, "document.documentElement.scrollHeight") + 40)
     WebDriverWait(browser, WAIT).until(lambda d: candles(d) == len(fx.signals))
@@ -198,16 +182,28 @@ def test_new_bar_appears_after_refresh_and_a_torn_line_is_ignored(browser: webdr
     fx.signals += [new, torn]
 
 
-def test_empty_log_folder_says_no_engine_running(browser: webdriver.Chrome, tmp_path: Path) -> None:
+def test_empty_log_folder_says_no_engine_running_behind_basic_auth(browser: webdriver.Chrome, tmp_path: Path) -> None:
     (tmp_path / "logs").mkdir()
     (tmp_path / "state").mkdir()
-    proc, url = start_dashboard(tmp_path)
+    (tmp_path / "pw").write_text("s3cret-pass\n")
+    proc, url = start_dashboard(tmp_path, "--auth", f"trader:{tmp_path / 'pw'}")
     try:
-        browser.get(url)
-        WebDriverWait(browser, WAIT).until(lambda d: js(d, "document.getElementById('no-engine') !== null"))
-        text = js(browser, "document.body.innerText")
-        assert "No engine running" in text and "Traceback" not in text and "Error" not in text
-        assert js(browser, "document.getElementById('mode-banner').innerText") == "NO ENGINE RUNNING"
+        assert requests.get(url, timeout=30).status_code == 401
+        bad = requests.get(url, auth=("trader", "s3cret-pasS"), timeout=30)
+        assert bad.status_code == 401 and bad.headers["WWW-Authenticate"].startswith("Basic")
+        assert requests.get(url, auth=("trader2", "s3cret-pass"), timeout=30).status_code == 401
+        assert requests.get(url, auth=("trader", "s3cret-pass"), timeout=30).status_code == 200
+        token = base64.b64encode(b"trader:s3cret-pass").decode()
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
+        try:
+            browser.get(url)
+            WebDriverWait(browser, WAIT).until(lambda d: js(d, "document.getElementById('no-engine') !== null"))
+            text = js(browser, "document.body.innerText")
+            assert "No engine running" in text and "Traceback" not in text and "Error" not in text
+            assert js(browser, "document.getElementById('mode-banner').innerText") == "NO ENGINE RUNNING"
+        finally:
+            browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})
     finally:
         stop(proc)
     assert "Traceback" not in (tmp_path / "dashboard_stderr.log").read_text()
