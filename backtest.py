@@ -177,10 +177,12 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                   ft: np.ndarray, fo: np.ndarray, fh: np.ndarray, fl: np.ndarray,
                   fstart: np.ndarray, fend: np.ndarray, lat_steps: int,
                   params: np.ndarray, maker_fee: float, taker_fee: float, slip: float, funding_rate: float,
-                  touch: bool, initial_equity: float, bar_seconds: float, record_intents: bool) -> tuple:
+                  touch: bool, initial_equity: float, bar_seconds: float, record_intents: bool,
+                  allowed: np.ndarray) -> tuple:
     """Run the whole simulation; returns (trades, n_trades, equity_rows, intents_log, n_intents, counters).
 
-    t/ft are bar open times in epoch seconds; fstart/fend index each bar's fine bars (empty = none).
+    t/ft are bar open times in epoch seconds; fstart/fend index each bar's fine bars (empty = none);
+    allowed[i] is the entry gate at bar i's close (strategy.EntryGate).
     """
     n = t.shape[0]
     cap = int(params[st.P_MAX_POS])
@@ -319,7 +321,7 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                 and st.is_idle(day, equity, pel[i], pes[i], pdl[i], pds[i], day_state, params)):
             continue
         npend = st.decide_core(i, day, c[i], atr[i], pel[i], pes[i], pdl[i], pds[i], equity,
-                               day_state, side, qty, fill_bar, rq, rp, rbar, params, pend)
+                               day_state, side, qty, fill_bar, rq, rp, rbar, params, pend, allowed[i])
         if record_intents:
             while ilog.shape[0] - ni < npend:
                 ilog = _grow(ilog)
@@ -398,13 +400,16 @@ def _fine_arrays(fine: pd.DataFrame | None, t: np.ndarray, bar_s: int, latency_m
 
 
 def run_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg: GlobalConfig,
-                 fine: pd.DataFrame | None = None, record_intents: bool = False) -> BacktestResult:
-    """Simulate the hybrid strategy over `frame` (open/high/low/close/atr) with model probabilities `probs`."""
+                 fine: pd.DataFrame | None = None, record_intents: bool = False,
+                 entries_allowed: np.ndarray | None = None) -> BacktestResult:
+    """Simulate the hybrid strategy over `frame` (open/high/low/close/atr) with model probabilities `probs`.
+
+    entries_allowed: optional bool per bar, the entry gate at its close (default: always open)."""
     _check_frame(frame, PRICE_COLUMNS + ["atr"], "bars")
     missing = [col for col in PROB_COLUMNS if col not in probs.columns]
     if missing:
         raise ValueError(f"probabilities lack column(s) {', '.join(missing)}")
-    sc = cfg.strategy
+    sc, venue = cfg.strategy, cfg.venue
     bar_s = timeframe_seconds(cfg.data.timeframe)
     t = _epoch_seconds(frame.index)
     if t.size > 1 and int(np.min(np.diff(t))) != bar_s:
@@ -415,24 +420,35 @@ def run_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg: GlobalConfig,
         fine = fine.loc[(fine.index >= frame.index[0]) & (fine.index < end)]
     p = probs.reindex(frame.index)[PROB_COLUMNS].to_numpy(np.float64)
     arr = {col: np.ascontiguousarray(frame[col].to_numpy(np.float64)) for col in PRICE_COLUMNS + ["atr"]}
-    ft, fo, fh, fl, fstart, fend, lat_steps = _fine_arrays(fine, t, bar_s, sc.latency_ms)
+    ft, fo, fh, fl, fstart, fend, lat_steps = _fine_arrays(fine, t, bar_s, venue.latency_ms)
     trades_raw, nt, eq, ilog, ni, counters = simulate_core(
         t, arr["open"], arr["high"], arr["low"], arr["close"], arr["atr"],
         np.ascontiguousarray(p[:, 0]), np.ascontiguousarray(p[:, 1]), np.ascontiguousarray(p[:, 2]),
         np.ascontiguousarray(p[:, 3]), ft, fo, fh, fl, fstart, fend, lat_steps,
-        st.strategy_params(sc, cfg.instrument), sc.maker_fee, sc.taker_fee, sc.slippage_bps / 1e4,
-        sc.funding_rate_8h, sc.fill_rule == "touch", sc.initial_equity, float(bar_s), record_intents)
+        st.strategy_params(sc, cfg.instrument), venue.maker_fee, venue.taker_fee, venue.slippage_bps / 1e4,
+        venue.funding_rate_8h, venue.fill_rule == "touch", venue.initial_equity, float(bar_s), record_intents,
+        _gate_array(entries_allowed, len(frame)))
     trades = _trades_frame(trades_raw[:nt], frame.index)
     equity = _equity_frame(eq, frame.index)
     result = BacktestResult(
         trades=trades, fills=fills_from_trades(trades), equity=equity, metrics={},
-        initial_equity=sc.initial_equity,
+        initial_equity=venue.initial_equity,
         counters={"rejected_postonly": int(counters[C_REJECTED_POSTONLY]),
                   "funding_events": int(counters[C_FUNDING_EVENTS]),
                   "fine_resolved_exits": int(counters[C_FINE_RESOLVED])},
         intents=_intents_frame(ilog[:ni], frame.index) if record_intents else None)
     result.metrics = metrics_mod.compute_metrics(result)
     return result
+
+
+def _gate_array(entries_allowed: np.ndarray | None, n: int) -> np.ndarray:
+    """The per-bar entry gate as a contiguous bool array (all open by default)."""
+    if entries_allowed is None:
+        return np.ones(n, dtype=np.bool_)
+    gate = np.ascontiguousarray(np.asarray(entries_allowed, dtype=np.bool_))
+    if gate.shape != (n,):
+        raise ValueError(f"entries_allowed has shape {gate.shape}, expected ({n},): one flag per bar")
+    return gate
 
 
 def _to_time(seconds: np.ndarray) -> pd.DatetimeIndex:

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -35,6 +35,7 @@ from pybit.exceptions import FailedRequestError, InvalidRequestError
 
 from config import (ConfigError, GlobalConfig, InstrumentConfig, LiveSettings, add_config_args, config_from_args,
                     parse_duration)
+import grid
 from orderbook import BookStats, OrderBook
 
 log = logging.getLogger("exchange_client")
@@ -335,10 +336,9 @@ class InstrumentRules:
         return cls(symbol=symbol, tick_size=_dec(inst.tick_size), qty_step=_dec(inst.qty_step),
                    min_qty=_dec(inst.min_qty), min_notional=_dec(inst.min_notional))
 
-    def round_price(self, price: Any, rounding: str = ROUND_HALF_UP) -> Decimal:
-        """Price on the tick grid (nearest by default; ROUND_FLOOR / ROUND_CEILING for passive sides)."""
-        p = _dec(price, "price")
-        out = (p / self.tick_size).to_integral_value(rounding=rounding) * self.tick_size
+    def round_price(self, price: Any, direction: int = grid.NEAREST) -> Decimal:
+        """Price on the tick grid by the one rule (grid.snap_round_dec; nearest by default, -1 down, +1 up)."""
+        out = grid.snap_round_dec(_dec(price, "price"), self.tick_size, direction)
         if out <= 0:
             raise InvalidParameterError(f"{self.symbol}: price {price} rounds to {wire(out)} (tick "
                                         f"{wire(self.tick_size)})", code=10001)
@@ -346,12 +346,11 @@ class InstrumentRules:
 
     def passive_price(self, price: Any, side: str) -> Decimal:
         """Tick price on the passive side: buys round down, sells up (a maker order never crosses by rounding)."""
-        return self.round_price(price, ROUND_FLOOR if _side(side) == "Buy" else ROUND_CEILING)
+        return self.round_price(price, grid.DOWN if _side(side) == "Buy" else grid.UP)
 
     def round_qty(self, qty: Any) -> Decimal:
-        """Quantity rounded DOWN to the step: rounding never increases risk."""
-        q = _dec(qty, "qty")
-        return (q / self.qty_step).to_integral_value(rounding=ROUND_FLOOR) * self.qty_step
+        """Quantity rounded DOWN to the step (grid.snap_round_dec): rounding never increases risk."""
+        return grid.snap_round_dec(_dec(qty, "qty"), self.qty_step, grid.DOWN)
 
     def check_order(self, qty: Decimal, price: Decimal | None, *, reduce_only: bool = False,
                     market: bool = False) -> None:

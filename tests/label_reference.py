@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 
+from reference_sim import on_grid
+
 
 def _real_limit(close, atr, side, offset_atr, tick):
     raw = close - side * offset_atr * atr
     if tick <= 0:
         return raw
-    if side == 1:
-        return math.floor(raw / tick + 1e-9) * tick
-    return math.ceil(raw / tick - 1e-9) * tick
+    return on_grid(raw, tick, math.floor if side == 1 else math.ceil)
 
 
 def reference_labels(open_, high, low, close, atr, side, offset_atr, tp_atr, sl_atr,
