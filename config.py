@@ -417,7 +417,9 @@ class GlobalConfig(_Section):
 
 def migrate(data: Any) -> Any:
     """A config dict in the current layout. Version 1 kept the venue settings (fees, slippage, latency,
-    funding, fill rule, initial equity) inside `strategy`; they move to `venue`. Returns a new dict."""
+    funding, fill rule, initial equity) inside `strategy`; they move to `venue`. Its `live.drift_z` (a
+    z-score alert) has no counterpart in the PSI drift monitor (`live.drift_psi_alert`) and is dropped.
+    Returns a new dict."""
     if not isinstance(data, dict) or data.get("version") != 1:
         return data
     out = {**data, "version": CONFIG_VERSION}
@@ -427,6 +429,8 @@ def migrate(data: Any) -> Any:
         out["strategy"] = strategy
     if moved:
         out["venue"] = {**moved, **(data.get("venue") or {})}
+    if isinstance(data.get("live"), dict):
+        out["live"] = {k: v for k, v in data["live"].items() if k != "drift_z"}
     return out
 
 
