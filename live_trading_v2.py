@@ -358,8 +358,10 @@ class LiveBars:
         self._seen_set: set[str] = set()
 
     def start(self, ms: int) -> None:
+        """The first message fixes the first bar; it is incomplete unless we listened from its open on."""
         if self.open_ms is None:
-            self.open_ms = self.first_ms = ms // self.bar_ms * self.bar_ms
+            self.open_ms = ms // self.bar_ms * self.bar_ms
+            self.first_ms = self.open_ms if ms > self.open_ms else None
 
     def on_trade(self, ts_ms: int, side: str, size: float, price: float, trade_id: str) -> list[pd.DataFrame]:
         """Add one trade; returns bars this message closed. Duplicated pushes (same id) are dropped."""
@@ -1084,13 +1086,15 @@ class Engine:
             self.client.cancel_order(order_link_id=req.order_link_id)
 
     def _amend_stop(self, req: Any) -> None:
-        """Move the entry's exchange-side stop (created by the exchange from stopLoss, tpslMode=Partial) to
-        the fill-based trigger for the position's size; the stop then answers to the request's link id."""
-        stop = self._entry_stop(req)
-        if stop is None:
+        """Move the entry's exchange-side stop (created by the exchange from stopLoss, tpslMode=Partial, one per
+        partial fill) to the fill-based trigger for the whole position: the first is amended and answers to
+        the request's link id from then on, the others are cancelled so none can close another position."""
+        stops = self._entry_stops(req)
+        if not stops:
             self._protect(str(req.position_idx), req.qty, req.trigger_price)
             return
-        oid = str(stop["orderId"])
+        first, rest = stops[0], stops[1:]
+        oid = str(first["orderId"])
         self.state.setdefault("tpsl", {})[oid] = req.order_link_id
         self.state.setdefault("tpsl_ids", {})[req.order_link_id] = oid
         params = {"category": "linear", "symbol": self.symbol, "orderId": oid,
@@ -1101,25 +1105,33 @@ class Engine:
         except exc.RejectedError as err:
             if "unchanged" not in str(err).lower():
                 raise
-        self._feed("order", {**stop, "orderLinkId": "", "orderStatus": "Untriggered",
+        for extra in rest:
+            try:
+                self.client.cancel_order(order_id=str(extra["orderId"]))
+            except exc.OrderNotFoundError:
+                pass
+        self._feed("order", {**first, "orderLinkId": "", "orderStatus": "Untriggered",
                              "updatedTime": str(self.clock.exchange_ms())})
 
-    def _entry_stop(self, req: Any) -> dict | None:
-        """The exchange's stop order protecting the entry `req.position_id` (same leg, trigger at the stop
-        the entry was sent with, or already mapped to this request)."""
+    def _entry_stops(self, req: Any) -> list[dict]:
+        """The exchange's stop orders protecting the entry `req.position_id`: the one already mapped to this
+        request, else those on the same leg triggering at the stop the entry was sent with."""
         entry = self._exec.orders.get(req.position_id)
         mapped = self.state.get("tpsl_ids", {}).get(req.order_link_id)
+        known = self.state.get("tpsl", {})
+        out = []
         for order in self.client.open_orders():
-            if mapped is not None and str(order.get("orderId")) == mapped:
-                return order
-            if (order.get("orderLinkId") or "") or "StopLoss" not in str(order.get("stopOrderType")):
+            oid = str(order.get("orderId"))
+            if mapped is not None:
+                if oid == mapped:
+                    return [order]
                 continue
-            if str(order.get("orderId")) in self.state.get("tpsl", {}):
+            if order.get("orderLinkId") or "StopLoss" not in str(order.get("stopOrderType")) or oid in known:
                 continue
             if entry is not None and int(order.get("positionIdx", 0)) == req.position_idx and math.isclose(
                     float(order.get("triggerPrice") or 0), entry.request.stop_loss, rel_tol=0, abs_tol=1e-9):
-                return order
-        return None
+                out.append(order)
+        return out
 
     def _rejected(self, req: Any, wire: str, err: exc.ExchangeError) -> None:
         """A refusal is final: the lifecycle hears it; a refused stop on a live position means an immediate

@@ -27,9 +27,9 @@ TEST_SETS = {"data.timeframe": "1m", "features.macro_window": "2h", "features.da
 
 
 def make_market(root: Path) -> Path:
-    """One simulated day (1 s book steps) of LIVEUSDT in the collector's files."""
+    """One simulated day (5 s book steps) of LIVEUSDT in the collector's files."""
     from market_sim import simulate
-    simulate(symbol=SYMBOL, days=1, seed=5, out=root, book_interval="1s")
+    simulate(symbol=SYMBOL, days=1, seed=5, out=root, book_interval="5s")
     return root / f"{SYMBOL}_Sim"
 
 
