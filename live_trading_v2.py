@@ -424,16 +424,16 @@ class LiveBars:
 
 # ---------------------------------------------------------------- warm-up
 def file_bars(cfg: GlobalConfig, folders: list[Path], before_ms: int) -> pd.DataFrame:
-    """Bars from recorded folders (data contract), complete bars opening before `before_ms`; later folders
-    only fill bars the earlier ones lack."""
+    """Bars from recorded folders (data contract, through data_loader.load_bars and its Parquet cache),
+    complete bars opening before `before_ms`; later folders only fill bars the earlier ones lack."""
     frames = []
     for folder in folders:
         if not folder.is_dir():
             continue
+        one = GlobalConfig.from_dict(cfg.to_dict())
+        one.data.data_dir, one.data.start, one.data.end = str(folder), "", ""
         try:
-            files = data_loader.list_files(folder)
-            bars, _ = data_loader.build_bars(files, cfg.data.timeframe, cfg.data.ob_levels,
-                                             cfg.data.book_sample_interval)
+            bars = data_loader.load_bars(one)
         except data_loader.DataError as err:
             log.warning("warm-up: %s skipped (%s)", folder, err)
             continue
@@ -1067,6 +1067,11 @@ class Engine:
                 self.journals.event("error", f"{req.action} {wire} outcome unknown ({err}): settling by lookup",
                                     "warning", order_link_id=wire)
 
+    def _own(self, intent_key: str, kind: str) -> None:
+        """Record an engine-made order (outside the lifecycle) as ours before it is sent."""
+        self.links[exc.order_link_id(intent_key)] = kind
+        self._save()
+
     def _create(self, req: Any) -> None:
         market = req.order_type == "Market"
         kwargs: dict[str, Any] = dict(price=None if market else req.price, order_type=req.order_type,
@@ -1149,6 +1154,7 @@ class Engine:
         """Reduce-only market exit when the exchange refuses a stop (price already beyond it)."""
         key = f"{position_id}|stop-refused-exit"
         self.journals.event("error", f"stop refused for {position_id}: closing {qty} at market", "error")
+        self._own(key, "exit")
         try:
             self.client.place_order(key, side, qty, order_type="Market", reduce_only=True)
         except exc.ExchangeError as err:
@@ -1335,6 +1341,7 @@ class Engine:
         if not math.isfinite(trigger):
             self._emergency_exit(f"leg-{idx}", side, qty)
             return
+        self._own(key, "sl")
         try:
             self.client.place_order(key, side, qty, order_type="Market", reduce_only=True,
                                     trigger_price=trigger, trigger_direction=2 if long else 1)
