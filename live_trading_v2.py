@@ -826,6 +826,9 @@ class Engine:
                 log.info("--max-bars %d reached", self.args.max_bars)
                 break
 
+    def _stream_generations(self) -> tuple:
+        return tuple((s.rebuilds, s.reconnects) for s in (self.market, self.private) if s is not None)
+
     def _private_rebuilt(self) -> bool:
         """Whether the private stream was rebuilt or reconnected since the last look (pushes may be lost)."""
         if self.private is None:
@@ -853,10 +856,14 @@ class Engine:
         pushed = st.get("last_push_ts", {})
         want_book = max([v for k, v in pushed.items() if k.startswith("orderbook.")] or [0])
         want_trade = pushed.get(f"publicTrade.{self.symbol}", 0)
-        deadline = self.clock.monotonic() + 60
+        deadline = self.clock.monotonic() + 20
+        links = self._stream_generations()
         while self.clock.monotonic() < deadline and not self.stop_event.is_set():
             if (self.recv["book"] >= want_book and self.recv["trade"] >= want_trade
                     and (self.private is None or self.recv["private"] >= st.get("private_sent", 0))):
+                break
+            if self._stream_generations() != links:
+                log.warning("lockstep: a stream reconnected; what it missed is settled by reconciliation")
                 break
             self._drain(timeout=0.05)
         self._drain(timeout=0)

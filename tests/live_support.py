@@ -157,7 +157,7 @@ def crash_test(market: Path, cwd: Path, kills: int, seed: int, max_wait: float =
     restart's reconciliation. Returns the summed counts plus kills, fills and restarts."""
     import random
     rng = random.Random(seed)
-    model = write_model_dir(cwd, **{"strategy.max_holding_bars": "3"})
+    model = write_model_dir(cwd, **{"strategy.max_holding_bars": "3", "strategy.daily_loss_limit": "0.9"})
     probs = busy_probabilities(cwd / "p.csv")
     totals = {"orphans": 0, "unprotected": 0, "duplicates": 0, "kills": 0, "audits": 0}
     with exchange(market) as ex:
