@@ -26,10 +26,10 @@ TEST_SETS = {"data.timeframe": "1m", "features.macro_window": "2h", "features.da
              "features.ewm_tolerance": "0.05", "features.htf_timeframes": "5m,15m"}
 
 
-def make_market(root: Path) -> Path:
-    """One simulated day (5 s book steps) of LIVEUSDT in the collector's files."""
+def make_market(root: Path, days: int = 1) -> Path:
+    """Simulated days (5 s book steps) of LIVEUSDT from 2026-01-01 in the collector's files."""
     from market_sim import simulate
-    simulate(symbol=SYMBOL, days=1, seed=5, out=root, book_interval="5s")
+    simulate(symbol=SYMBOL, days=days, seed=5, out=root, book_interval="5s")
     return root / f"{SYMBOL}_Sim"
 
 
@@ -109,11 +109,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30)
 
 
 # ---------------------------------------------------------------- crash test (tests and benchmarks/crash_test.py)
-def busy_probabilities(path: Path, minutes: int = 240) -> Path:
-    """A signal every bar from 03:01: breakout longs on even minutes, maker shorts on odd ones."""
+def busy_probabilities(path: Path, minutes: int = 240, start: str = START) -> Path:
+    """A signal every bar after `start`: breakout longs on even minutes, maker shorts on odd ones."""
     rows = {}
     for m in range(1, minutes):
-        when = (pd.Timestamp(START, tz="UTC") + pd.Timedelta(minutes=m)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = (pd.Timestamp(start, tz="UTC") + pd.Timedelta(minutes=m)).strftime("%Y-%m-%dT%H:%M:%SZ")
         rows[when] = {"p_dir_long": 0.95} if m % 2 == 0 else {"p_exec_short": 0.99, "p_dir_short": 0.6}
     return write_probabilities(path, rows)
 
