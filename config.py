@@ -164,6 +164,12 @@ class DataConfig(_Section):
     cache: bool = _f(True, help="cache bars as Parquet under <data_dir>/.cache")
     start: str = _f("", help="first UTC day to load (YYYY-MM-DD), empty = all")
     end: str = _f("", help="last UTC day to load (YYYY-MM-DD), empty = all")
+    # 30m: a traded perpetual's book stream pushes every second or faster, so half an hour with neither a
+    # trade nor a book message is a recording outage, not a quiet market. Shorter stalls (reconnects last
+    # seconds to minutes) stay ordinary bars: book features carry at most features.book_ffill (15m) and are
+    # unknown (not warm) beyond it, without restarting the features' multi-day warm-up as a gap does.
+    gap_threshold: str = _f("30m", _duration, "a stretch this long with no trades and no book is a data gap: "
+                            "its bars are marked is_gap, never warm, labelled or traded")
 
 
 @dataclass

@@ -457,7 +457,7 @@ def kline_bars(rows: list[list[str]], bar_ms: int) -> pd.DataFrame:
     frame = pd.DataFrame({"open": a[:, 1], "high": a[:, 2], "low": a[:, 3], "close": a[:, 4], "volume": vol,
                           "vol_buy": vol / 2, "vol_sell": vol / 2, "trade_count": (vol > 0).astype(np.int64),
                           "dollar_val": a[:, 6], "vwap": np.where(vol > 0, a[:, 6] / np.maximum(vol, 1e-300), a[:, 4]),
-                          "taker_buy_ratio": 0.5, "is_empty": vol <= 0},
+                          "taker_buy_ratio": 0.5, "is_empty": vol <= 0, "is_gap": False},
                          index=pd.DatetimeIndex(pd.to_datetime(a[:, 0].astype(np.int64), unit="ms", utc=True),
                                                 name="time"))
     for col in ob.BOOK_BAR_COLUMNS:
@@ -479,6 +479,7 @@ def complete_grid(bars: pd.DataFrame, first_ms: int, last_ms: int, bar_ms: int) 
         out[col] = out[col].fillna(0)
     out["taker_buy_ratio"] = out["taker_buy_ratio"].fillna(0.5)
     out["is_empty"] = out["is_empty"].where(~missing, True).astype(bool)
+    out["is_gap"] = out["is_gap"].where(~missing, False).astype(bool)
     out["trade_count"] = out["trade_count"].astype(np.int64)
     out["ob_samples"] = out["ob_samples"].astype(np.int64)
     return out, missing
@@ -783,8 +784,14 @@ class Engine:
         self.market.start()
         streams: list = [self.market]
         if self.mode != "dry-run":
-            self.private = self.client.private_stream(
-                on_message=lambda topic, rows: self.events.put(("private", topic, rows)))
+            class Private(exc.PrivateStream):
+                def _on_topic(self, msg: dict) -> None:
+                    super()._on_topic(msg)
+                    engine.events.put(("frame",))   # after its rows: lockstep counts frames processed
+
+            self.private = Private(self.client.endpoints, self.setup.creds,
+                                   stale_after=parse_duration(self.cfg.live.ws_stale_after),
+                                   on_message=lambda topic, rows: self.events.put(("private", topic, rows)))
             self.private.start()
             streams.append(self.private)
         deadline = self.clock.monotonic() + 15
@@ -911,8 +918,9 @@ class Engine:
             for bar in self._bars.on_book_ts(ts):
                 self.on_bar(bar)
         elif kind == "private":
-            self.recv["private"] += 1
             self._on_private(item[1], item[2])
+        elif kind == "frame":
+            self.recv["private"] += 1
 
     def _after_market_update(self) -> None:
         """Simulated fills (dry-run) and the intrabar kill-switch check on the latest price."""
@@ -949,7 +957,9 @@ class Engine:
             self.missing_until = max(self.missing_until, number + 1 + feature_engine.warmup_bars(self.cfg))
         self.window = pd.concat([self.window, bar]).iloc[-max(self.cfg.live.window_bars,
                                                                feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS):]
-        self.window = self.window[~self.window.index.duplicated(keep="last")]
+        self.window = self.window[~self.window.index.duplicated(keep="last")].copy()
+        data_loader.mark_gaps(self.window, self.bar_ms // 1000, self.cfg.data.gap_threshold,
+                              self.window["is_gap"].to_numpy(bool))   # the research gap rule, on the window
         feats = feature_engine.compute_features(self.window, self.cfg)
         row = feats.iloc[-1]
         atr = float(row["atr"])
@@ -1059,8 +1069,8 @@ class Engine:
                 if req.action == "create":
                     self._create(req)
                     self.state["unsettled"].pop(wire, None)
-                elif req.action == "amend":
-                    self._amend_stop(req)
+                    if req.kind == "sl":
+                        self._drop_attached_stops(req)
                 else:
                     self._cancel(req)
                 self.health.api_errors = 0
@@ -1080,6 +1090,12 @@ class Engine:
         self._save()
 
     def _create(self, req: Any) -> None:
+        """An entry (stop attached, tpslMode=Partial), a TP limit, an exit, or the position's own stop: a
+        reduce-only conditional market order triggering at `price`."""
+        if req.kind == "sl":
+            self.client.place_order(req.intent_key, req.side, req.qty, order_type="Market", reduce_only=True,
+                                    trigger_price=req.price, trigger_direction=2 if req.side == "Sell" else 1)
+            return
         market = req.order_type == "Market"
         kwargs: dict[str, Any] = dict(price=None if market else req.price, order_type=req.order_type,
                                       time_in_force=None if market else req.time_in_force,
@@ -1089,61 +1105,23 @@ class Engine:
         self.client.place_order(req.intent_key, req.side, req.qty, **kwargs)
 
     def _cancel(self, req: Any) -> None:
-        oid = self.state.get("tpsl_ids", {}).get(req.order_link_id)
-        if req.kind == "sl":
-            if oid is None:
-                return
-            self.client.cancel_order(order_id=oid)
-        else:
-            self.client.cancel_order(order_link_id=req.order_link_id)
+        self.client.cancel_order(order_link_id=req.order_link_id)
 
-    def _amend_stop(self, req: Any) -> None:
-        """Move the entry's exchange-side stop (created by the exchange from stopLoss, tpslMode=Partial, one per
-        partial fill) to the fill-based trigger for the whole position: the first is amended and answers to
-        the request's link id from then on, the others are cancelled so none can close another position."""
-        stops = self._entry_stops(req)
-        if not stops:
-            self._protect(str(req.position_idx), req.qty, req.trigger_price)
-            return
-        first, rest = stops[0], stops[1:]
-        oid = str(first["orderId"])
-        self.state.setdefault("tpsl", {})[oid] = req.order_link_id
-        self.state.setdefault("tpsl_ids", {})[req.order_link_id] = oid
-        params = {"category": "linear", "symbol": self.symbol, "orderId": oid,
-                  "triggerPrice": exc.wire(self.client.rules.round_price(req.trigger_price)),
-                  "qty": exc.wire(self.client.rules.round_qty(req.qty))}
-        try:
-            self.client.request("amend_order", params)
-        except exc.RejectedError as err:
-            if "unchanged" not in str(err).lower():
-                raise
-        for extra in rest:
-            try:
-                self.client.cancel_order(order_id=str(extra["orderId"]))
-            except exc.OrderNotFoundError:
-                pass
-        self._feed("order", {**first, "orderLinkId": "", "orderStatus": "Untriggered",
-                             "updatedTime": str(self.clock.exchange_ms())})
-
-    def _entry_stops(self, req: Any) -> list[dict]:
-        """The exchange's stop orders protecting the entry `req.position_id`: the one already mapped to this
-        request, else those on the same leg triggering at the stop the entry was sent with."""
+    def _drop_attached_stops(self, req: Any) -> None:
+        """Once the position's own stop stands, cancel the stops the exchange made from the entry's attached
+        stopLoss (one per partial fill), so none is left to close another position on the same leg."""
         entry = self._exec.orders.get(req.position_id)
-        mapped = self.state.get("tpsl_ids", {}).get(req.order_link_id)
-        known = self.state.get("tpsl", {})
-        out = []
+        if entry is None or entry.request.stop_loss is None:
+            return
         for order in self.client.open_orders():
-            oid = str(order.get("orderId"))
-            if mapped is not None:
-                if oid == mapped:
-                    return [order]
-                continue
-            if order.get("orderLinkId") or "StopLoss" not in str(order.get("stopOrderType")) or oid in known:
-                continue
-            if entry is not None and int(order.get("positionIdx", 0)) == req.position_idx and math.isclose(
-                    float(order.get("triggerPrice") or 0), entry.request.stop_loss, rel_tol=0, abs_tol=1e-9):
-                out.append(order)
-        return out
+            if (not order.get("orderLinkId") and "StopLoss" in str(order.get("stopOrderType"))
+                    and int(order.get("positionIdx", 0)) == req.position_idx
+                    and math.isclose(float(order.get("triggerPrice") or 0), entry.request.stop_loss,
+                                     rel_tol=0, abs_tol=1e-9)):
+                try:
+                    self.client.cancel_order(order_id=str(order["orderId"]))
+                except exc.OrderNotFoundError:
+                    pass
 
     def _rejected(self, req: Any, wire: str, err: exc.ExchangeError) -> None:
         """A refusal is final: the lifecycle hears it; a refused stop on a live position means an immediate
@@ -1248,12 +1226,10 @@ class Engine:
         self.send(result.requests)
 
     def _request_id(self, row: dict) -> str | None:
-        """Our orderLinkId of an exchange order: its own, or for an exchange-created stop the stop request
-        it was mapped to when it was moved to the fill (None: not ours, or a stop not mapped yet)."""
+        """Our orderLinkId of an exchange order (None: not the lifecycle's, e.g. a stop the exchange made
+        from an entry's attached stopLoss)."""
         wire = row.get("orderLinkId") or ""
-        if wire in self._exec.orders:
-            return wire
-        return self.state.get("tpsl", {}).get(str(row.get("orderId", "")))
+        return wire if wire in self._exec.orders else None
 
     def _external(self, what: str) -> None:
         if what not in self.health.external:

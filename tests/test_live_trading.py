@@ -43,20 +43,25 @@ def scripted(market, tmp_path_factory):
     return cwd, orders, final
 
 
+def own_stop(orders, entry) -> object:
+    """The position's own stop: a reduce-only conditional market order of the entry's leg with a link id."""
+    return next(o for o in orders if o.link_id and o.stop_order_type == "Stop" and o.reduce_only
+                and o.position_idx == entry.position_idx)
+
+
 def test_breakout_market_entry_carries_its_stop_from_the_fill(scripted):
     cwd, orders, _ = scripted
     entry = next(o for o in orders if o.order_type == "Market" and not o.reduce_only and o.link_id)
     assert entry.tpsl_mode == "Partial" and entry.stop_loss > 0, "stopLoss must be attached on create"
     fill = next(r for r in trades(cwd, kind="entry", event="filled") if r["reason"] == "breakout")
-    stops = [o for o in orders if o.stop_order_type == "PartialStopLoss" and o.position_idx == 1]
-    first_fill = min(o.created for o in stops)
-    assert first_fill <= fill["ts"], "the exchange stop exists from the moment of the (first partial) fill"
-    moved = [o for o in stops if o.trigger_price * 0.01 == pytest.approx(fill["sl"], abs=1e-9)]
-    assert len(moved) == 1, "one stop moved to fill - SL distance"
-    accepted = trades(cwd, kind="sl", event="accepted", position_id=entry.link_id)
-    assert accepted and accepted[0]["qty"] * 1000 == pytest.approx(entry.cum_qty), "...covering the whole fill"
-    assert all(o.status in ("Deactivated", "Cancelled") and o.updated == fill["ts"] for o in stops
-               if o is not moved[0]), "the other partial stops are cancelled at once (none may close another position)"
+    attached = [o for o in orders if o.stop_order_type == "PartialStopLoss" and o.position_idx == 1]
+    assert attached and min(o.created for o in attached) <= fill["ts"], \
+        "the exchange stop exists from the moment of the (first partial) fill"
+    own = own_stop(orders, entry)
+    assert own.trigger_price * 0.01 == pytest.approx(fill["sl"], abs=1e-9) and own.qty == entry.cum_qty, \
+        "the position's own stop: fill - SL distance, whole size"
+    assert all(not o.is_open and o.updated == own.created for o in attached), \
+        "the attached partial stops are cancelled as soon as the own stop stands (none may close another position)"
 
 
 def test_maker_entry_fill_gets_a_maker_tp_and_a_stop_moved_to_the_fill(scripted):
@@ -67,8 +72,9 @@ def test_maker_entry_fill_gets_a_maker_tp_and_a_stop_moved_to_the_fill(scripted)
     tp = next(o for o in orders if o.position_idx == 2 and o.order_type == "Limit" and o.reduce_only
               and o.link_id)
     assert tp.side == "Buy" and tp.tif == "GTC" and tp.price * 0.01 == pytest.approx(fill["tp"], abs=1e-9)
-    stop = next(o for o in orders if o.position_idx == 2 and o.stop_order_type == "PartialStopLoss")
-    assert stop.trigger_price * 0.01 == pytest.approx(fill["sl"], abs=1e-9), "stop moved to fill + SL distance"
+    stop = own_stop(orders, entry)
+    assert stop.side == "Buy" and stop.trigger_price * 0.01 == pytest.approx(fill["sl"], abs=1e-9), \
+        "stop at fill + SL distance"
 
 
 def test_time_exit_closes_and_cancels_the_positions_own_tp_and_sl(scripted):
