@@ -584,13 +584,13 @@ class Engine:
         self.sim = None
         self.sim_lock = threading.RLock()
         self._exec: Any = None
-        self._heartbeat_thread: threading.Thread | None = None
+        self._last_beat = -math.inf
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
         """Startup, loop, shutdown; the exit code of DESIGN §3."""
         self._install_signals()
-        self._start_heartbeat()
+        self.beat("starting")
         self.journals.event("startup", f"{self.symbol} {self.mode} engine starting (model "
                                        f"{self.setup.model_dir or 'scripted probabilities'})",
                             model=str(self.setup.model_dir))
@@ -600,16 +600,18 @@ class Engine:
         try:
             self._load_model()
             self._connect()
+            self.beat("starting")
             self._warm_up()
+            self.beat("starting")
             self._start_streams()
-            self.phase = "reconciling"
+            self.beat("reconciling")
             self._exec = None if self.args.signal_only else self._load_execution()
             if self.args.signal_only:
                 self.health.reconciled = True
             elif not self.reconcile("startup"):
                 self.journals.event("reconcile_failed", "startup reconciliation could not complete", "critical")
                 return EXIT_RECONCILE
-            self.phase = "trading"
+            self.beat("trading")
             self._loop()
             return EXIT_OK
         except Refusal as err:
@@ -634,7 +636,7 @@ class Engine:
         self.stop_event.set()
 
     def _shutdown(self) -> None:
-        self.phase = "stopping"
+        self.beat("stopping")
         try:
             if self.client is not None and self.health.reconciled and not self.args.keep_orders:
                 self._cancel_resting_entries()
@@ -651,13 +653,15 @@ class Engine:
         self.journals.close()
 
     # ------------------------------------------------------------ heartbeat
-    def _start_heartbeat(self) -> None:
-        def beat() -> None:
-            while not self.stop_event.wait(HEARTBEAT_S):
-                self._write_heartbeat()
-        self._write_heartbeat()
-        self._heartbeat_thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-        self._heartbeat_thread.start()
+    def beat(self, phase: str | None = None) -> None:
+        """Rewrite the heartbeat from the main thread (the watchdog reads its age as main-loop progress):
+        on every phase change and at least every HEARTBEAT_S while the loop runs."""
+        if phase is not None:
+            self.phase = phase
+        now = self.clock.monotonic()
+        if phase is not None or now - self._last_beat >= HEARTBEAT_S:
+            self._last_beat = now
+            self._write_heartbeat()
 
     def _write_heartbeat(self) -> None:
         positions = [p for p in self._exchange_positions().values() if p]
@@ -707,7 +711,6 @@ class Engine:
 
     def _warm_up(self) -> None:
         """Window of history before the first live bar: files, own recordings, then REST klines."""
-        self.phase = "starting"
         now = self._market_now()
         first_live = now // self.bar_ms * self.bar_ms
         need = max(self.cfg.live.window_bars, feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS)
@@ -809,6 +812,8 @@ class Engine:
         next_reconcile = self.clock.monotonic() + parse_duration(self.cfg.live.reconcile_interval)
         next_equity = next_stop_check = 0.0
         while not self.stop_event.is_set():
+            self.beat("settling" if self.state.get("unsettled") else
+                      "halted" if self.state.get("halted_day") == self._day() else "trading")
             if self.args.lockstep:
                 if not self._lockstep_step():
                     break
@@ -869,6 +874,7 @@ class Engine:
             if (self.recv["book"] >= want_book and self.recv["trade"] >= want_trade
                     and (self.private is None or self.recv["private"] >= st.get("private_sent", 0))):
                 break
+            self.beat()
             if self._stream_generations() != links:
                 log.warning("lockstep: a stream reconnected; what it missed is settled by reconciliation")
                 break
@@ -1353,15 +1359,15 @@ class Engine:
         self.journals.event("kill_switch", f"daily loss {equity - start:.2f} reached the "
                                            f"{self.cfg.strategy.daily_loss_limit:.1%} limit: flattening, halted "
                                            "until the next UTC day", "critical", equity=equity, day_start=start)
-        self.phase = "flattening"
+        self.beat("flattening")
         number = self._bars.open_ms // self.bar_ms
         atr = float(self.state.get("last_atr") or math.nan)
         requests = self._exec.on_bar_close(strategy.Bar(index=number, time=self._bars.open_ms / 1000.0,
                                                         close=self.last_price, atr=atr, probs={}),
                                            strategy.EntryGate(allowed=False, reason="kill-switch"))
         self.send(requests)
-        self.phase = "halted"
         self._save()
+        self.beat("halted")
 
     def _journal_equity(self) -> None:
         if self._exec is None:
@@ -1373,7 +1379,8 @@ class Engine:
             "day_pnl": equity - start, "kill_switch": "halted" if self.state.get("halted_day") == self._day()
             else "armed", "positions": [vars(p) for p in self._exec.positions()],
             "data_lag_s": self.health.data_lag_s,
-            "streams": {s.channel: {"state": s.health(), "age_s": round(s.silence(), 1)}
+            "streams": {s.channel: {"state": s.health(), "age_s": round(s.silence(), 1),
+                                    "dropped": {"/".join(k): v for k, v in getattr(s, "dropped", {}).items()}}
                         for s in (self.market, self.private) if s is not None},
             "reconciled": self.health.reconciled, "api_errors": self.health.api_errors,
             "drift": self.health.drift, "late_trades": self._bars.late_trades})
