@@ -556,10 +556,13 @@ class BinanceRest:
 
 # -------------------------------------------------------------------------------------------- Bybit
 class BybitSymbol(SymbolRecorder):
-    """Bybit linear: orderbook.200 messages checked with OrderBook.apply_bybit, publicTrade rows."""
+    """Bybit linear: orderbook.N messages checked with OrderBook.apply_bybit, publicTrade rows.
 
-    def __init__(self, settings: CollectorSettings, symbol: str):
-        super().__init__(settings, symbol, BYBIT_DEPTH)
+    Also the live engine's recorder: `BybitSymbol(CollectorSettings([sym], "bybit", out), sym, depth)`
+    writes the same files from messages it already received (no connection, no CLI)."""
+
+    def __init__(self, settings: CollectorSettings, symbol: str, levels: int = BYBIT_DEPTH):
+        super().__init__(settings, symbol, levels)
         self.had_snapshot = False
         self.waiting_snapshot = True
 

@@ -38,7 +38,8 @@ def main() -> None:
     import orjson
     import pandas as pd
     from orderbook import OrderBook
-    from paper_exchange import MarketReplay, MatchingEngine, load_instrument, trade_prints
+    from matching import MatchingEngine, load_instrument
+    from paper_exchange import MarketReplay, trade_prints
 
     out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_paper_"))
     folder = market_sim.simulate(days=args.days, out=out, levels=50, book_interval="1s")

@@ -22,7 +22,8 @@ from pybit.unified_trading import HTTP
 import pybit.unified_trading as ut
 
 from config import InstrumentConfig, StrategyConfig
-from paper_exchange import ExchangeThread, MarketReplay, MatchingEngine, build_exchange, load_instrument, trade_prints
+from matching import ExchangeError, MatchingEngine, load_instrument
+from paper_exchange import ExchangeThread, MarketReplay, build_exchange, trade_prints
 from paper_market import START_MS, SYMBOL, write_market
 
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
@@ -918,7 +919,6 @@ def test_pybit_default_dispatcher_merges_our_deltas_into_the_rest_book(venue, ws
 
 def test_engine_caps_active_orders_at_500(tmp_path):
     import data_loader
-    from paper_exchange import ExchangeError
     folder = write_market(tmp_path, FLAT)
     engine = MatchingEngine(load_instrument(folder, SYMBOL))
     MarketReplay(engine, data_loader.iter_book_messages(folder), trade_prints(data_loader.iter_trades(folder)))
