@@ -294,7 +294,8 @@ class TuneConfig(_Section):
     aggressive_top: list = _f([0.002, 0.05], _range, "search range (log) of the top fraction of out-of-fold "
                               "direction scores that enter as taker; stored as strategy.aggressive_threshold")
     aggressive_tp_mult: list = _f([1.0, 10.0], _range, "search range")
-    boosting_types: list = _f(["gbdt", "dart"], help="boosting types searched")
+    boosting_types: list = _f(["gbdt"], help="boosting types searched (gbdt and/or dart; a dart trial takes "
+                              "several times longer)")
     n_estimators: list = _f([50, 300], _range, "search range")
     learning_rate: list = _f([0.01, 0.2], _range, "search range (log)")
     num_leaves: list = _f([4, 64], _range, "search range")
