@@ -55,6 +55,8 @@ MIN_SEGMENT_BARS = 24
 DEMO_DAYS = 14
 DEMO_TRIALS = 12
 DEMO_SEED = 7
+INDEPENDENT_SEED_OFFSET = 1000  # the demo's independent market: seed + this
+INDEPENDENT_DAYS = 3
 
 
 class TrainError(Exception):
@@ -764,7 +766,7 @@ def candidate_params(c: Candidate, rank: int, data: TrainData, stats: dict | Non
 
 
 def save_ranked(candidates: list[Candidate], data: TrainData, study: optuna.Study, stats: dict,
-                text: str, code: str, model_dir: Path) -> list[Path]:
+                text: str, code: str, model_dir: Path, extra_sections: list[str] = ()) -> list[Path]:
     """Write rank_1..rank_K atomically (temp folder, then rename) and remove stale ranks of older runs."""
     root = model_dir / candidates[0].cfg.symbol
     root.mkdir(parents=True, exist_ok=True)
@@ -775,7 +777,8 @@ def save_ranked(candidates: list[Candidate], data: TrainData, study: optuna.Stud
         shutil.rmtree(tmp, ignore_errors=True)
         cand.bundle.save(tmp)
         atomic_write_text(tmp / "params.json", json.dumps(params, indent=2, allow_nan=False))
-        write_report(tmp / "report.html", cand, data, study, stats if rank == 1 else None, params)
+        write_report(tmp / "report.html", cand, data, study, stats if rank == 1 else None, params,
+                     extra_sections if rank == 1 else [])
         final = root / f"rank_{rank}"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -852,6 +855,28 @@ def demo_config(args: argparse.Namespace, cfg: GlobalConfig) -> GlobalConfig:
     return cfg
 
 
+def independent_market_sections(winner: Candidate, cfg: GlobalConfig, seed: int, alpha: float) -> list[str]:
+    """The champion on a new synthetic market from the same simulator settings (another seed): shows what the
+    planted edge does out of sample, as a property of the simulator, never as evidence about real markets."""
+    import report
+    folder = demo_data_dir(cfg.symbol, seed, alpha, INDEPENDENT_DAYS)
+    if not folder.is_dir():
+        make_demo_data(folder, cfg.symbol, seed, alpha, INDEPENDENT_DAYS, cfg.data.ob_levels)
+    market = copy.deepcopy(cfg)
+    market.data.data_dir = str(folder)
+    bars = data_loader.load_bars(market)
+    feats = feature_engine.compute_features(bars, market)
+    frame = bars[["open", "high", "low", "close"]].join(feats[["atr", "is_warm", *winner.bundle.feature_names]])
+    frame = frame.iloc[int(np.argmax(frame["is_warm"].to_numpy(bool))):]
+    fine = data_loader.load_bars(market, "1m") if market.data.timeframe != "1m" else None
+    probs = predict_span(winner.bundle, frame, winner.bundle.feature_names)
+    result = backtest.run_backtest(frame[PRICE_COLUMNS], probs, winner.cfg, fine=fine)
+    title = f"Independent synthetic market (seed {seed}, alpha {alpha:g}, same simulator settings)"
+    note = ("<p><b>A property of the simulator, not evidence about real markets:</b> the champion, unchanged, "
+            "trading a market the simulator generated independently of the training data.</p>")
+    return [note, *segment_sections(report, title, frame, result, "the final model on data from another seed")]
+
+
 def fresh_demo_study(storage: optuna.storages.BaseStorage, name: str, model_dir: Path, symbol: str) -> None:
     """A demo re-run starts over: drop the previous demo study and its ranked models, saying so."""
     if name in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}:
@@ -902,15 +927,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.demo:
             cfg = demo_config(args, cfg)
-        return train(cfg, Path(args.model_dir), args.resume, args.tune_only, demo=args.demo)
+        market = (args.demo_seed + INDEPENDENT_SEED_OFFSET, args.demo_alpha) if args.demo and not args.cfg_data_dir \
+            else None
+        return train(cfg, Path(args.model_dir), args.resume, args.tune_only, demo=args.demo, demo_market=market)
     except (TrainError, ConfigError, data_loader.DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
 def train(cfg: GlobalConfig, model_dir: Path, resume: bool = False, tune_only: bool = False,
-          demo: bool = False) -> int:
-    """Run the whole pipeline; returns the process exit code. A demo without `resume` starts a fresh study."""
+          demo: bool = False, demo_market: tuple[int, float] | None = None) -> int:
+    """Run the whole pipeline; returns the process exit code. A demo without `resume` starts a fresh study;
+    `demo_market` = (seed, alpha) of an independent synthetic market the champion is also shown on."""
     shared = bool(cfg.tune.storage)
     storage_url = cfg.tune.storage or default_storage(cfg, model_dir)
     storage = open_storage(storage_url)
@@ -944,7 +972,8 @@ def train(cfg: GlobalConfig, model_dir: Path, resume: bool = False, tune_only: b
     final_exam(winner, data, timer)
     stats = study_statistics(study, winner)
     code, text = verdict(winner, stats, 1.0 - cfg.tune.dev_fraction - cfg.tune.oos1_fraction)
-    paths = save_ranked(candidates, data, study, stats, text, code, model_dir)
+    extra = independent_market_sections(winner, cfg, *demo_market) if demo_market else []
+    paths = save_ranked(candidates, data, study, stats, text, code, model_dir, extra)
     print(text)
     print(f"models: {', '.join(str(p) for p in paths)}")
     print(f"report: {paths[0] / 'report.html'}")

@@ -147,6 +147,23 @@ def test_backtest_cli_reproduces_the_super_oos_numbers_exactly(alpha_run, tmp_pa
     assert metrics == params["metrics"]["super_oos"]
 
 
+def test_backtest_cli_trades_the_requested_days_and_warns_inside_the_training_span(alpha_run, tmp_path) -> None:
+    root, _ = alpha_run
+    params = read_params(root / "rank_1")
+    day = (pd.Timestamp(params["splits"]["dev"][0]) + pd.Timedelta(days=2)).strftime("%Y-%m-%d")
+    out = tmp_path / "bt"
+    proc = run_cli("backtest.py", ["--config", str(root / "rank_1" / "params.json"), "--out", str(out),
+                                   "--start", day, "--end", day], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "overlaps the data this model was tuned and trained on" in proc.stderr
+    equity = pd.read_csv(out / "equity.csv", index_col="time", parse_dates=True)
+    assert equity.index[0] == pd.Timestamp(day, tz="UTC")           # warm-up loaded before, not traded
+    assert equity.index[-1] == pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1, minutes=-1)
+    exam = run_cli("backtest.py", ["--config", str(root / "rank_1" / "params.json"), "--out", str(tmp_path / "x")],
+                   tmp_path)
+    assert exam.returncode == 0 and "overlaps" not in exam.stderr  # the Super-OOS slice is not in-sample
+
+
 def _complete_trials(storage, name: str) -> list[optuna.trial.FrozenTrial]:
     study = optuna.load_study(study_name=name, storage=storage)
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -305,3 +322,27 @@ def test_verdicts_follow_the_minimum_track_record_length(case, exam_ret, oos1_re
     if code == "INCONCLUSIVE":   # the exam needs MinTRL - length more days; data needs that / Super-OOS share
         more = stats["min_track_record_days"] - periods / 96
         assert f"need ≈ {more:.1f} more days of exam" in text and f"≈ {more / 0.05:.0f} more days of data" in text
+
+
+def test_demo_flags_name_the_market_and_honour_the_symbol(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for args, folder, symbol in [([], "data/DEMOUSDT_Sim_s7_a1", "DEMOUSDT"),
+                                 (["--demo-seed", "12", "--demo-alpha", "0"], "data/DEMOUSDT_Sim_s12_a0", "DEMOUSDT"),
+                                 (["--symbol", "FOOUSDT", "--demo-alpha", "0.5", "--days", "30"],
+                                  "data/FOOUSDT_Sim_s7_a0.5_d30", "FOOUSDT")]:
+        (tmp_path / folder).mkdir(parents=True)          # present: nothing is generated
+        parsed = train.build_parser().parse_args(["--demo", *args])
+        cfg = train.demo_config(parsed, train.config_from_args(parsed))
+        assert (cfg.data.data_dir, cfg.symbol, cfg.data.timeframe) == (folder, symbol, "1m")
+    help_text = train.build_parser().format_help()
+    assert "CFG_" not in help_text and "(default: 20)" in help_text and ") (default" not in help_text
+
+
+def test_a_demo_rerun_starts_a_fresh_study_and_says_so(tmp_path, capsys) -> None:
+    storage = train.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    optuna.create_study(study_name="DEMOUSDT_1m", storage=storage).optimize(lambda t: 0.0, n_trials=2)
+    (tmp_path / "DEMOUSDT" / "rank_1").mkdir(parents=True)
+    train.fresh_demo_study(storage, "DEMOUSDT_1m", tmp_path, "DEMOUSDT")
+    out = capsys.readouterr().out
+    assert "fresh study 'DEMOUSDT_1m'" in out and "will be replaced" in out
+    assert "DEMOUSDT_1m" not in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
