@@ -55,6 +55,7 @@ MIN_SEGMENT_BARS = 24
 DEMO_DAYS = 14
 DEMO_TRIALS = 12
 DEMO_SEED = 7
+DEMO_SPLIT = (0.6, 0.15)  # development, OOS-1 shares: a 25% exam (3.5 of 14 days) can outlast its MinTRL
 INDEPENDENT_SEED_OFFSET = 1000  # the demo's independent market: seed + this
 INDEPENDENT_DAYS = 3
 
@@ -168,20 +169,22 @@ def span_score(result: "backtest.BacktestResult", returns: pd.Series, cfg: Globa
     """A bounded, trade-aware score of one out-of-sample run, in annualised Sharpe units.
 
     The annualised Sharpe of the RETURN_PERIOD returns (0 when flat), softly bounded to ±SCORE_BOUND
-    (SCORE_BOUND·tanh(Sharpe / SCORE_BOUND): about the Sharpe itself below 5, never beyond the bound); a positive
-    score is shrunk by trades / (tune.min_trades_per_day × days) when the span trades less often than that,
-    so a lucky handful of trades cannot top the study; a span without a trade scores NO_TRADES, below every
+    (SCORE_BOUND·tanh(Sharpe / SCORE_BOUND): about the Sharpe itself below 5, never beyond the bound). A positive
+    score is shrunk by trades / (tune.min_trades_per_day × days) when the span trades less often than that, and
+    by the rarer leg's trades / half that number when one leg (maker or taker) is rarer, so a lucky handful of
+    trades or a one-legged hybrid cannot top the study; a span without a trade scores NO_TRADES, below every
     span that traded ("no strategy").
     """
-    n_trades = len(result.trades)
-    if n_trades == 0:
+    legs = trade_counts(result)
+    if legs["trades"] == 0:
         return NO_TRADES
     sharpe = metrics.sharpe(returns.to_numpy(), PERIODS_PER_YEAR)
     score = SCORE_BOUND * float(np.tanh(sharpe / SCORE_BOUND)) if np.isfinite(sharpe) else 0.0
     days = (result.equity.index[-1] - result.equity.index[0]).total_seconds() / 86400.0
     needed = cfg.tune.min_trades_per_day * days
-    if score > 0 and n_trades < needed:
-        score *= n_trades / needed
+    rarer_leg = min(legs["maker_trades"], legs["taker_trades"])
+    if score > 0 and needed > 0:
+        score *= min(1.0, legs["trades"] / needed) * min(1.0, rarer_leg / (needed / 2.0))
     return score
 
 
@@ -623,7 +626,8 @@ TRAIN_ASSUMPTIONS = [
     f"Scores are annualised Sharpe ratios of {RETURN_PERIOD} mark-to-market returns, softly bounded to "
     f"±{SCORE_BOUND:g} "
     "(bound·tanh(Sharpe/bound)); "
-    "a positive score is shrunk when a span trades less than tune.min_trades_per_day; a span without trades "
+    "a positive score is shrunk when a span trades less than tune.min_trades_per_day, or when one leg (maker or "
+    "taker) trades less than half that; a span without trades "
     f"scores {NO_TRADES:g} ('no strategy'). Trial score: median over CPCV paths.",
     "OOS-1 ranks the top candidates (retrained on all development data) by the mean of their OOS-1 and CPCV "
     "scores; only the winner sees Super-OOS, once, retrained on development + OOS-1 with the same model family "
@@ -802,8 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = parser.add_argument_group(
         "demo", f"--demo trains on synthetic market_sim data: {DEMO_DAYS} days of 1m bars with a planted edge "
         f"(generated on first use into data/<SYM>_Sim_s<SEED>_a<ALPHA>), {DEMO_TRIALS} trials, 5 candidates, "
-        "4-group CPCV and small models; flags given explicitly still win. A demo run without --resume starts a "
-        "fresh study and replaces the previous demo's models.")
+        f"4-group CPCV, small models and a {1 - sum(DEMO_SPLIT):.0%} Super-OOS exam; flags given explicitly still "
+        "win. A demo run without --resume starts a fresh study and replaces the previous demo's models.")
     demo.add_argument("--demo", action="store_true", help="train the demo (see above)")
     demo.add_argument("--demo-seed", type=int, default=DEMO_SEED, metavar="N",
                       help="seed of the synthetic market (default: %(default)s)")
@@ -849,6 +853,7 @@ def demo_config(args: argparse.Namespace, cfg: GlobalConfig) -> GlobalConfig:
     if not args.set_values:
         cfg.tune.cpcv_groups, cfg.tune.cpcv_test_groups = 4, 1
         cfg.tune.n_estimators, cfg.tune.num_leaves = [30, 80], [4, 16]
+        cfg.tune.dev_fraction, cfg.tune.oos1_fraction = DEMO_SPLIT
     if "cfg_data_dir" not in given and not folder.is_dir():
         make_demo_data(folder, cfg.symbol, args.demo_seed, args.demo_alpha, args.days, cfg.data.ob_levels)
     cfg.validate("demo config")

@@ -23,10 +23,12 @@ from postgres_server import postgres_server
 import validation
 
 SIM_DAYS = 14
-# 1m bars: the planted signal leads by 15-60 minutes, and two weeks give a Super-OOS slice of ~11 hours.
-# Small models and 4-group CPCV keep a trial to a few seconds; the search logic is the default one.
+# 1m bars: the planted signal leads by 15-60 minutes. The demo's split (development 60%, OOS-1 15%) leaves a
+# Super-OOS exam of 3.5 days, longer than the MinTRL of the planted edge. Small models and 4-group CPCV keep a
+# trial to a few seconds; the search logic is the default one.
 FAST = ["--timeframe", "1m", "--set", "tune.n_estimators=[30,80]", "--set", "tune.num_leaves=[4,16]",
-        "--set", "tune.cpcv_groups=4", "--set", "tune.cpcv_test_groups=1"]
+        "--set", "tune.cpcv_groups=4", "--set", "tune.cpcv_test_groups=1",
+        "--set", f"tune.dev_fraction={train.DEMO_SPLIT[0]}", "--set", f"tune.oos1_fraction={train.DEMO_SPLIT[1]}"]
 MODEL_FILES = ["exec_long.txt", "exec_short.txt", "dir_long.txt", "dir_short.txt", "features.json",
                "params.json", "report.html"]
 
@@ -346,3 +348,29 @@ def test_a_demo_rerun_starts_a_fresh_study_and_says_so(tmp_path, capsys) -> None
     out = capsys.readouterr().out
     assert "fresh study 'DEMOUSDT_1m'" in out and "will be replaced" in out
     assert "DEMOUSDT_1m" not in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+
+
+def _span(returns: list[float], n_trades: int) -> tuple[SimpleNamespace, pd.Series]:
+    """A two-day span's 15-minute returns and a run with n_trades trades."""
+    index = pd.date_range("2026-01-01", periods=192, freq="15min", tz="UTC")
+    r = pd.Series((returns * 192)[:192], index=index)
+    result = SimpleNamespace(trades=pd.DataFrame({"regime": (["maker", "taker"] * n_trades)[:n_trades]}),
+                             equity=pd.DataFrame({"equity": 10_000 * (1 + r).cumprod()}))
+    return result, r
+
+
+def test_scores_are_bounded_trade_aware_and_never_reward_not_trading() -> None:
+    cfg = GlobalConfig()
+    cfg.tune.min_trades_per_day = 5.0
+    idle = train.span_score(*_span([0.0], 0), cfg)
+    loser = train.span_score(*_span([-0.01, 0.002], 40), cfg)
+    assert idle == train.NO_TRADES and -train.SCORE_BOUND <= loser < 0 and idle < loser  # a loser outranks idle
+    lucky = train.span_score(*_span([0.01, 0.0099], 40), cfg)   # an absurd Sharpe stays under the bound
+    assert 0.99 * train.SCORE_BOUND < lucky <= train.SCORE_BOUND
+    steady, r = _span([0.002, -0.001], 40)
+    few, _ = _span([0.002, -0.001], 2)                            # same returns, 2 trades in 2 days (< 5/day)
+    full = train.span_score(steady, r, cfg)
+    # 2 trades where 10 are due: shrunk by 2/10, and by the rarer leg's 1 trade where 5 per leg are due
+    assert 0 < full < train.SCORE_BOUND and train.span_score(few, r, cfg) == pytest.approx(full * 0.2 * 0.2, rel=0.03)
+    one_legged = SimpleNamespace(trades=pd.DataFrame({"regime": ["taker"] * 40}), equity=steady.equity)
+    assert train.span_score(one_legged, r, cfg) == 0.0          # a hybrid whose maker half never fires
