@@ -22,6 +22,7 @@ from numba import njit
 import metrics as metrics_mod
 import strategy as st
 from config import ConfigError, GlobalConfig, add_config_args, config_from_args, timeframe_seconds
+from grid import snap_round
 
 log = logging.getLogger("backtest")
 
@@ -62,7 +63,8 @@ ASSUMPTIONS = [
     "moved against us by the slippage; taker fee.",
     "When one bar reaches both take-profit and stop, finer bars decide if given; otherwise the stop is assumed.",
     "On the bar a position opens only its stop can trigger unless finer bars show the take-profit came later.",
-    "Take-profit and stop are set from the fill price with the ATR at the decision.",
+    "Take-profit and stop are set from the fill price with the ATR at the decision, on the tick grid: the "
+    "take-profit rounded away from the fill, the stop towards it.",
     "Sizing: risk_per_trade x equity / stop distance, capped so positions plus resting entries stay within "
     "max_leverage x equity, rounded down to the quantity step; orders below min quantity or notional are skipped.",
     "max_positions counts open positions plus resting entries; at most one resting entry per side.",
@@ -149,10 +151,14 @@ def _close(k: int, px: float, fee_rate: float, reason: int, when: float, bar: in
 
 
 @njit(cache=True)
-def _open(s: int, px: float, qty_: float, tp_dist: float, sl_dist: float, regime: int, fee_rate: float,
-          when: float, bar: int, fine_k: int, pos: np.ndarray, side: np.ndarray, qty: np.ndarray,
+def _open(s: int, px: float, qty_: float, tp_dist: float, sl_dist: float, tick: float, regime: int,
+          fee_rate: float, when: float, bar: int, fine_k: int, pos: np.ndarray, side: np.ndarray, qty: np.ndarray,
           fill_bar: np.ndarray) -> float:
-    """Open a position in a free slot; returns the entry fee (to take from cash)."""
+    """Open a position in a free slot; returns the entry fee (to take from cash).
+
+    TP and SL go on the tick grid, both rounded in the position's direction (grid.snap_round): the
+    take-profit away from the fill, the stop towards it, so the loss at the stop never exceeds the sizing.
+    """
     for k in range(qty.shape[0]):
         if qty[k] == 0.0:
             fee = qty_ * px * fee_rate
@@ -160,8 +166,8 @@ def _open(s: int, px: float, qty_: float, tp_dist: float, sl_dist: float, regime
             qty[k] = qty_
             fill_bar[k] = bar
             pos[k, PS_ENTRY] = px
-            pos[k, PS_TP] = px + s * tp_dist
-            pos[k, PS_SL] = px - s * sl_dist
+            pos[k, PS_TP] = snap_round(px + s * tp_dist, tick, s)
+            pos[k, PS_SL] = snap_round(px - s * sl_dist, tick, s)
             pos[k, PS_FINE_K] = fine_k
             pos[k, PS_REGIME] = regime
             pos[k, PS_ENTRY_FEE] = fee
@@ -177,13 +183,16 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                   ft: np.ndarray, fo: np.ndarray, fh: np.ndarray, fl: np.ndarray,
                   fstart: np.ndarray, fend: np.ndarray, lat_steps: int,
                   params: np.ndarray, maker_fee: float, taker_fee: float, slip: float, funding_rate: float,
-                  touch: bool, initial_equity: float, bar_seconds: float, record_intents: bool) -> tuple:
+                  touch: bool, initial_equity: float, bar_seconds: float, record_intents: bool,
+                  allowed: np.ndarray) -> tuple:
     """Run the whole simulation; returns (trades, n_trades, equity_rows, intents_log, n_intents, counters).
 
-    t/ft are bar open times in epoch seconds; fstart/fend index each bar's fine bars (empty = none).
+    t/ft are bar open times in epoch seconds; fstart/fend index each bar's fine bars (empty = none);
+    allowed[i] is the entry gate at bar i's close (strategy.EntryGate).
     """
     n = t.shape[0]
     cap = int(params[st.P_MAX_POS])
+    tick = params[st.P_TICK]
     pos = np.zeros((cap, N_POS_COLS))
     side = np.zeros(cap)
     qty = np.zeros(cap)
@@ -236,7 +245,7 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                     nt += 1
             elif kind == st.MARKET:
                 cash -= _open(s, ref_px * (1.0 + s * slip), pend[j, st.K_QTY], pend[j, st.K_TP],
-                              pend[j, st.K_SL], TAKER, taker_fee, ref_t, i, k0, pos, side, qty, fill_bar)
+                              pend[j, st.K_SL], tick, TAKER, taker_fee, ref_t, i, k0, pos, side, qty, fill_bar)
             else:
                 price = pend[j, st.K_PRICE]
                 r = int(pend[j, st.K_REF])
@@ -258,12 +267,12 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                     m0 = int(rest[r, RS_FINE_K]) if rbar[r] == i - 1 and rest[r, RS_FINE_K] >= 0 else fstart[i]
                     for m in range(m0, fend[i]):
                         if _limit_hit(s, rp[r], fh[m], fl[m], touch):
-                            cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], MAKER, maker_fee,
+                            cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], tick, MAKER, maker_fee,
                                           float(ft[m]), i, m, pos, side, qty, fill_bar)
                             rq[r] = 0.0
                             break
                 elif _limit_hit(s, rp[r], h[i], lo_[i], touch):
-                    cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], MAKER, maker_fee,
+                    cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], tick, MAKER, maker_fee,
                                   float(t[i]), i, -1, pos, side, qty, fill_bar)
                     rq[r] = 0.0
         # exits: take-profit and stop of every open position
@@ -319,7 +328,7 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                 and st.is_idle(day, equity, pel[i], pes[i], pdl[i], pds[i], day_state, params)):
             continue
         npend = st.decide_core(i, day, c[i], atr[i], pel[i], pes[i], pdl[i], pds[i], equity,
-                               day_state, side, qty, fill_bar, rq, rp, rbar, params, pend)
+                               day_state, side, qty, fill_bar, rq, rp, rbar, params, pend, allowed[i])
         if record_intents:
             while ilog.shape[0] - ni < npend:
                 ilog = _grow(ilog)
@@ -398,13 +407,16 @@ def _fine_arrays(fine: pd.DataFrame | None, t: np.ndarray, bar_s: int, latency_m
 
 
 def run_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg: GlobalConfig,
-                 fine: pd.DataFrame | None = None, record_intents: bool = False) -> BacktestResult:
-    """Simulate the hybrid strategy over `frame` (open/high/low/close/atr) with model probabilities `probs`."""
+                 fine: pd.DataFrame | None = None, record_intents: bool = False,
+                 entries_allowed: np.ndarray | None = None) -> BacktestResult:
+    """Simulate the hybrid strategy over `frame` (open/high/low/close/atr) with model probabilities `probs`.
+
+    entries_allowed: optional bool per bar, the entry gate at its close (default: always open)."""
     _check_frame(frame, PRICE_COLUMNS + ["atr"], "bars")
     missing = [col for col in PROB_COLUMNS if col not in probs.columns]
     if missing:
         raise ValueError(f"probabilities lack column(s) {', '.join(missing)}")
-    sc = cfg.strategy
+    sc, venue = cfg.strategy, cfg.venue
     bar_s = timeframe_seconds(cfg.data.timeframe)
     t = _epoch_seconds(frame.index)
     if t.size > 1 and int(np.min(np.diff(t))) != bar_s:
@@ -415,24 +427,35 @@ def run_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg: GlobalConfig,
         fine = fine.loc[(fine.index >= frame.index[0]) & (fine.index < end)]
     p = probs.reindex(frame.index)[PROB_COLUMNS].to_numpy(np.float64)
     arr = {col: np.ascontiguousarray(frame[col].to_numpy(np.float64)) for col in PRICE_COLUMNS + ["atr"]}
-    ft, fo, fh, fl, fstart, fend, lat_steps = _fine_arrays(fine, t, bar_s, sc.latency_ms)
+    ft, fo, fh, fl, fstart, fend, lat_steps = _fine_arrays(fine, t, bar_s, venue.latency_ms)
     trades_raw, nt, eq, ilog, ni, counters = simulate_core(
         t, arr["open"], arr["high"], arr["low"], arr["close"], arr["atr"],
         np.ascontiguousarray(p[:, 0]), np.ascontiguousarray(p[:, 1]), np.ascontiguousarray(p[:, 2]),
         np.ascontiguousarray(p[:, 3]), ft, fo, fh, fl, fstart, fend, lat_steps,
-        st.strategy_params(sc, cfg.instrument), sc.maker_fee, sc.taker_fee, sc.slippage_bps / 1e4,
-        sc.funding_rate_8h, sc.fill_rule == "touch", sc.initial_equity, float(bar_s), record_intents)
+        st.strategy_params(sc, cfg.instrument), venue.maker_fee, venue.taker_fee, venue.slippage_bps / 1e4,
+        venue.funding_rate_8h, venue.fill_rule == "touch", venue.initial_equity, float(bar_s), record_intents,
+        _gate_array(entries_allowed, len(frame)))
     trades = _trades_frame(trades_raw[:nt], frame.index)
     equity = _equity_frame(eq, frame.index)
     result = BacktestResult(
         trades=trades, fills=fills_from_trades(trades), equity=equity, metrics={},
-        initial_equity=sc.initial_equity,
+        initial_equity=venue.initial_equity,
         counters={"rejected_postonly": int(counters[C_REJECTED_POSTONLY]),
                   "funding_events": int(counters[C_FUNDING_EVENTS]),
                   "fine_resolved_exits": int(counters[C_FINE_RESOLVED])},
         intents=_intents_frame(ilog[:ni], frame.index) if record_intents else None)
     result.metrics = metrics_mod.compute_metrics(result)
     return result
+
+
+def _gate_array(entries_allowed: np.ndarray | None, n: int) -> np.ndarray:
+    """The per-bar entry gate as a contiguous bool array (all open by default)."""
+    if entries_allowed is None:
+        return np.ones(n, dtype=np.bool_)
+    gate = np.ascontiguousarray(np.asarray(entries_allowed, dtype=np.bool_))
+    if gate.shape != (n,):
+        raise ValueError(f"entries_allowed has shape {gate.shape}, expected ({n},): one flag per bar")
+    return gate
 
 
 def _to_time(seconds: np.ndarray) -> pd.DatetimeIndex:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 TIMEFRAMES: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14400}
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -164,6 +164,12 @@ class DataConfig(_Section):
     cache: bool = _f(True, help="cache bars as Parquet under <data_dir>/.cache")
     start: str = _f("", help="first UTC day to load (YYYY-MM-DD), empty = all")
     end: str = _f("", help="last UTC day to load (YYYY-MM-DD), empty = all")
+    # 30m: a traded perpetual's book stream pushes every second or faster, so half an hour with neither a
+    # trade nor a book message is a recording outage, not a quiet market. Shorter stalls (reconnects last
+    # seconds to minutes) stay ordinary bars: book features carry at most features.book_ffill (15m) and are
+    # unknown (not warm) beyond it, without restarting the features' multi-day warm-up as a gap does.
+    gap_threshold: str = _f("30m", _duration, "a stretch this long with no trades and no book is a data gap: "
+                            "its bars are marked is_gap, never warm, labelled or traded")
 
 
 @dataclass
@@ -227,6 +233,16 @@ class StrategyConfig(_Section):
     max_positions: int = _f(3, _positive, "concurrent positions plus resting entries")
     max_leverage: float = _f(5.0, _positive, "cap on total notional / equity")
     daily_loss_limit: float = _f(0.03, _probability, "kill-switch: loss fraction of the day's start equity")
+
+    def _cross_checks(self, name: str) -> None:
+        if self.aggressive_threshold < self.direction_threshold:
+            raise ConfigError(f"{name}.aggressive_threshold ({self.aggressive_threshold}) must be >= "
+                              f"direction_threshold ({self.direction_threshold})")
+
+
+@dataclass
+class VenueConfig(_Section):
+    """What trading costs and how orders fill: read alike by backtest, labels, paper exchange and live."""
     maker_fee: float = _f(0.0002, None, "maker fee rate (negative = rebate)")
     taker_fee: float = _f(0.00055, _non_negative, "taker fee rate")
     fill_rule: str = _f("trade_through", _one_of("trade_through", "touch"), "when a resting limit fills")
@@ -234,11 +250,6 @@ class StrategyConfig(_Section):
     latency_ms: float = _f(250.0, _non_negative, "signal-to-order latency")
     funding_rate_8h: float = _f(0.0, None, "funding rate charged every 8h on open notional (longs pay)")
     initial_equity: float = _f(10000.0, _positive, "starting equity in quote currency")
-
-    def _cross_checks(self, name: str) -> None:
-        if self.aggressive_threshold < self.direction_threshold:
-            raise ConfigError(f"{name}.aggressive_threshold ({self.aggressive_threshold}) must be >= "
-                              f"direction_threshold ({self.direction_threshold})")
 
 
 @dataclass
@@ -317,7 +328,7 @@ class TuneConfig(_Section):
 
 @dataclass
 class LiveSettings(_Section):
-    mode: str = _f("dry-run", _one_of("dry-run", "paper", "testnet", "live"), "trading mode")
+    mode: str = _f("dry-run", _one_of("dry-run", "paper", "testnet", "demo", "live"), "trading mode")
     keys_file: str = _f("keys.json", help="keys file with profiles")
     keys_profile: str = _f("default", help="profile inside the keys file")
     rest_url: str = _f("", help="REST base URL override (paper exchange)")
@@ -332,7 +343,8 @@ class LiveSettings(_Section):
     ws_stale_after: str = _f("60s", _duration, "rebuild a WebSocket silent for this long")
     max_time_offset: str = _f("3s", _duration, "refuse to trade with a larger clock offset")
     drift_window: int = _f(200, _positive, "bars in the drift monitor window")
-    drift_z: float = _f(3.0, _positive, "drift alert z-score")
+    drift_psi_alert: float = _f(0.25, _positive, "alert when a feature's PSI against training exceeds this")
+    bar_close_grace: str = _f("2s", _duration, "close a bar this long after its end when no later message came")
     log_dir: str = _f("logs", help="folder for logs and journals")
     state_dir: str = _f("state", help="folder for bot state")
     demo: bool = _f(False, help="use Bybit demo trading (api-demo / stream-demo) instead of mainnet/testnet")
@@ -350,6 +362,7 @@ class GlobalConfig(_Section):
     features: FeatureConfig = field(default_factory=FeatureConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    venue: VenueConfig = field(default_factory=VenueConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     live: LiveSettings = field(default_factory=LiveSettings)
@@ -369,7 +382,8 @@ class GlobalConfig(_Section):
 
     @classmethod
     def from_dict(cls, data: dict) -> "GlobalConfig":
-        return _build(cls, data, "GlobalConfig")
+        """Build and validate; a version-1 dict is migrated first (see `migrate`)."""
+        return _build(cls, migrate(data), "GlobalConfig")
 
     @classmethod
     def from_json(cls, text: str) -> "GlobalConfig":
@@ -403,6 +417,21 @@ class GlobalConfig(_Section):
             return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def migrate(data: Any) -> Any:
+    """A config dict in the current layout. Version 1 kept the venue settings (fees, slippage, latency,
+    funding, fill rule, initial equity) inside `strategy`; they move to `venue`. Returns a new dict."""
+    if not isinstance(data, dict) or data.get("version") != 1:
+        return data
+    out = {**data, "version": CONFIG_VERSION}
+    strategy = dict(data.get("strategy") or {})
+    moved = {f.name: strategy.pop(f.name) for f in dataclasses.fields(VenueConfig) if f.name in strategy}
+    if "strategy" in data:
+        out["strategy"] = strategy
+    if moved:
+        out["venue"] = {**moved, **(data.get("venue") or {})}
+    return out
 
 
 def _build(cls: type, data: Any, name: str) -> Any:
@@ -471,7 +500,7 @@ CLI_FLAGS: dict[str, str] = {
     "--n-jobs": "tune.n_jobs",
     "--storage": "tune.storage",
     "--study-name": "tune.study_name",
-    "--fill-rule": "strategy.fill_rule",
+    "--fill-rule": "venue.fill_rule",
     "--mode": "live.mode",
     "--keys-file": "live.keys_file",
     "--keys-profile": "live.keys_profile",

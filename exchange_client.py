@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -35,12 +34,13 @@ from pybit.exceptions import FailedRequestError, InvalidRequestError
 
 from config import (ConfigError, GlobalConfig, InstrumentConfig, LiveSettings, add_config_args, config_from_args,
                     parse_duration)
+import grid
+from execution import is_own_order, order_link_id  # noqa: F401  (the lifecycle names its orders; re-exported)
 from orderbook import BookStats, OrderBook
 
 log = logging.getLogger("exchange_client")
 
 CATEGORY = "linear"
-LINK_ID_PREFIX = "ps-"
 ENV_KEY, ENV_SECRET = "BYBIT_API_KEY", "BYBIT_API_SECRET"
 
 
@@ -335,10 +335,9 @@ class InstrumentRules:
         return cls(symbol=symbol, tick_size=_dec(inst.tick_size), qty_step=_dec(inst.qty_step),
                    min_qty=_dec(inst.min_qty), min_notional=_dec(inst.min_notional))
 
-    def round_price(self, price: Any, rounding: str = ROUND_HALF_UP) -> Decimal:
-        """Price on the tick grid (nearest by default; ROUND_FLOOR / ROUND_CEILING for passive sides)."""
-        p = _dec(price, "price")
-        out = (p / self.tick_size).to_integral_value(rounding=rounding) * self.tick_size
+    def round_price(self, price: Any, direction: int = grid.NEAREST) -> Decimal:
+        """Price on the tick grid by the one rule (grid.snap_round_dec; nearest by default, -1 down, +1 up)."""
+        out = grid.snap_round_dec(_dec(price, "price"), self.tick_size, direction)
         if out <= 0:
             raise InvalidParameterError(f"{self.symbol}: price {price} rounds to {wire(out)} (tick "
                                         f"{wire(self.tick_size)})", code=10001)
@@ -346,12 +345,11 @@ class InstrumentRules:
 
     def passive_price(self, price: Any, side: str) -> Decimal:
         """Tick price on the passive side: buys round down, sells up (a maker order never crosses by rounding)."""
-        return self.round_price(price, ROUND_FLOOR if _side(side) == "Buy" else ROUND_CEILING)
+        return self.round_price(price, grid.DOWN if _side(side) == "Buy" else grid.UP)
 
     def round_qty(self, qty: Any) -> Decimal:
-        """Quantity rounded DOWN to the step: rounding never increases risk."""
-        q = _dec(qty, "qty")
-        return (q / self.qty_step).to_integral_value(rounding=ROUND_FLOOR) * self.qty_step
+        """Quantity rounded DOWN to the step (grid.snap_round_dec): rounding never increases risk."""
+        return grid.snap_round_dec(_dec(qty, "qty"), self.qty_step, grid.DOWN)
 
     def check_order(self, qty: Decimal, price: Decimal | None, *, reduce_only: bool = False,
                     market: bool = False) -> None:
@@ -373,18 +371,6 @@ def _side(side: str) -> str:
     if s not in ("Buy", "Sell"):
         raise ValueError(f"side must be Buy or Sell, got {side!r}")
     return s
-
-
-def order_link_id(intent: str) -> str:
-    """Deterministic orderLinkId for an intent key: the same intent always maps to the same id (≤36 chars)."""
-    if not intent:
-        raise ValueError("an order intent key is required (it makes retries idempotent)")
-    return LINK_ID_PREFIX + hashlib.blake2b(intent.encode("utf-8"), digest_size=16).hexdigest()
-
-
-def is_own_order(link_id: str | None) -> bool:
-    """Whether an order was placed by this system (its orderLinkId carries our prefix)."""
-    return bool(link_id) and str(link_id).startswith(LINK_ID_PREFIX)
 
 
 # ================================================================ records

@@ -11,7 +11,7 @@ trading run the exact code paths the live bot uses, without the internet. Layers
 * `PaperExchange` — the aiohttp app: signed REST (`/v5/...`), public and private WS on one port, rate
   limits, and a fault-injection API (`faults` + `/__admin/...`) for tests.
 
-Fees, fill rule and funding come from StrategyConfig. Server time (`/v5/market/time`, signatures, rate
+Fees, fill rule and funding come from VenueConfig. Server time (`/v5/market/time`, signatures, rate
 limits) is the wall clock; market data, orders and fills carry market time: the recorded times, or with
 `--rebase-time` the data shifted (whole minutes) to start now. WS orderbook `u` counts per depth topic.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import hashlib
 import heapq
 import hmac
@@ -35,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from aiohttp import WSMsgType, web
 
-from config import ConfigError, StrategyConfig, add_config_args, config_from_args
+from config import ConfigError, VenueConfig, add_config_args, config_from_args
 from matching import (FUNDING_INTERVAL_MS, MAX_LEVERAGE, PRICE_LIMIT_RATIO, ExchangeError, MatchingEngine,
                       RateLimited, _int, load_instrument, money)
 
@@ -85,7 +86,7 @@ class MarketReplay:
     """
 
     def __init__(self, engine: MatchingEngine, book_messages: Iterable[dict], trades: Iterable[TradePrint],
-                 book: Any = None, rebase_to_ms: int | None = None):
+                 book: Any = None, rebase_to_ms: int | None = None, start_ms: int | None = None):
         if book is None:
             from orderbook import OrderBook
             book = OrderBook()
@@ -107,18 +108,38 @@ class MarketReplay:
         self._next: tuple | None = next(self._events, None)
         if self._next is None:
             raise ValueError("market replay has no book messages and no trades")
-        first = self._next[0]
+        first = self._next[0] if start_ms is None else max(self._next[0], start_ms)
         self.offset_ms = 0 if rebase_to_ms is None else (rebase_to_ms - first) // 60000 * 60000
         self.now_ms = first + self.offset_ms
         self.start_ms = self.now_ms
-        self._apply_until(self.now_ms)
+        self._apply_until(self.now_ms if start_ms is None else self.now_ms - 1)  # messages at start are replayed
+        self.now_ms = self.start_ms
+        self.unpushed = []
 
     @classmethod
-    def from_dir(cls, engine: MatchingEngine, data_dir: str | Path, rebase_to_ms: int | None = None) -> "MarketReplay":
-        """Replay a data folder (Trade/ and Orderbook/) through the shared loader."""
+    def from_dir(cls, engine: MatchingEngine, data_dir: str | Path, rebase_to_ms: int | None = None,
+                 start_ms: int | None = None) -> "MarketReplay":
+        """Replay a data folder (Trade/ and Orderbook/) through the shared loader.
+
+        start_ms: the replay begins there; everything earlier is applied silently (book state, candles
+        and recent trades for warm-up), never pushed. With rebase_to_ms that moment becomes rebase_to_ms."""
         import data_loader
         return cls(engine, data_loader.iter_book_messages(data_dir), trade_prints(data_loader.iter_trades(data_dir)),
-                   rebase_to_ms=rebase_to_ms)
+                   rebase_to_ms=rebase_to_ms, start_ms=start_ms)
+
+    def next_ms(self) -> int | None:
+        """Market time of the next recorded message (None at the end of the data)."""
+        return None if self._next is None else self._next[0] + self.offset_ms
+
+    def apply_next(self) -> int:
+        """Apply exactly one recorded message (book line or trade), moving market time to it; 0 at the end."""
+        nxt = self.next_ms()
+        if nxt is None:
+            return 0
+        self._apply_one()
+        self.now_ms = max(self.now_ms, nxt)
+        self.engine.now_ms = max(self.engine.now_ms, self.now_ms)
+        return 1
 
     def advance(self, seconds: float) -> int:
         """Move market time forward by `seconds`, applying every message up to it; returns messages applied."""
@@ -126,25 +147,28 @@ class MarketReplay:
 
     def _apply_until(self, target_ms: int) -> int:
         count = 0
-        off = self.offset_ms
-        while self._next is not None and self._next[0] + off <= target_ms:
-            ts, kind, _, item = self._next
-            ts += off
-            self.engine.now_ms = max(self.engine.now_ms, ts)
-            if kind == 0:
-                if off:
-                    item = {**item, "ts": ts, "cts": int(item.get("cts") or item["ts"]) + off}
-                self._on_book(item, ts)
-            else:
-                self._on_trade(TradePrint(ts, item.price, item.size, item.side, item.trade_id) if off else item)
+        while self._next is not None and self._next[0] + self.offset_ms <= target_ms:
+            self._apply_one()
             count += 1
-            self._next = next(self._events, None)
-        if self._next is None and not self.exhausted:
-            self.exhausted = True
-            log.info("market replay reached the end of its data at %d", target_ms)
         self.now_ms = max(self.now_ms, target_ms)
         self.engine.now_ms = max(self.engine.now_ms, self.now_ms)
         return count
+
+    def _apply_one(self) -> None:
+        ts, kind, _, item = self._next
+        off = self.offset_ms
+        ts += off
+        self.engine.now_ms = max(self.engine.now_ms, ts)
+        if kind == 0:
+            if off:
+                item = {**item, "ts": ts, "cts": int(item.get("cts") or item["ts"]) + off}
+            self._on_book(item, ts)
+        else:
+            self._on_trade(TradePrint(ts, item.price, item.size, item.side, item.trade_id) if off else item)
+        self._next = next(self._events, None)
+        if self._next is None and not self.exhausted:
+            self.exhausted = True
+            log.info("market replay reached the end of its data at %d", ts)
 
     def _on_book(self, msg: dict, ts: int) -> None:
         if self.book.apply_bybit(msg):
@@ -256,6 +280,7 @@ class Conn:
     topics: set[str] = field(default_factory=set)
     pending: set[str] = field(default_factory=set)
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sent: int = 0    # data frames (topic pushes) queued to this connection
 
 
 @dataclass
@@ -283,13 +308,16 @@ class PaperExchange:
 
     def __init__(self, engine: MatchingEngine, replay: MarketReplay, api_key: str = "paper",
                  api_secret: str = "paper", speed: float = 0.0, tick_s: float = 0.05,
-                 subscribe_delay_s: float = 0.05):
+                 subscribe_delay_s: float = 0.05, per_message: bool = False):
         self.engine = engine
         self.replay = replay
         self.inst = engine.inst
         self.api_key = api_key
         self.api_secret = api_secret
         self.speed = speed
+        self.per_message = per_message
+        self.last_push_ts: dict[str, int] = {}
+        self._book_updates_sent = 0
         self.tick_s = tick_s
         self.subscribe_delay_s = subscribe_delay_s
         self.rate_window_s = 1.0
@@ -358,7 +386,17 @@ class PaperExchange:
             last = now
 
     def advance(self, seconds: float) -> None:
-        """Move market time forward, pushing market data at most every market second while clients listen."""
+        """Move market time forward, pushing market data at most every market second while clients listen
+        (per_message: every recorded book message and trade as its own push, in recorded order)."""
+        if self.per_message and self.conns:
+            target = self.replay.now_ms + int(round(seconds * 1000))
+            while (nxt := self.replay.next_ms()) is not None and nxt <= target:
+                self.replay.apply_next()
+                self.publish()
+            self.replay.advance((target - self.replay.now_ms) / 1000.0)
+            self.publish()
+            self.replay.prune()
+            return
         step = 1.0 if self.conns else seconds
         remaining = seconds
         while remaining > 1e-9:
@@ -793,12 +831,14 @@ class PaperExchange:
                                       or self.server_ms(), "data": [record]})
                     for out in self._apply_push_faults(name, msg):
                         frames.extend((conn, out) for conn in listeners)
-        for topic, msg in self._market_frames(trades):
+        for topic, msg, ts in self._market_frames(trades):
+            self.last_push_ts[topic] = ts
             for out in self._apply_push_faults(topic, msg):
                 for conn in self.conns:
                     if not conn.private and topic in conn.topics:
                         frames.append((conn, out))
         for conn, msg in frames:
+            conn.sent += 1
             self._send(conn, msg)
 
     def _subscribed(self) -> set[str]:
@@ -808,10 +848,11 @@ class PaperExchange:
                 topics |= conn.topics | conn.pending
         return topics
 
-    def _market_frames(self, trades: list[TradePrint]) -> list[tuple[str, str]]:
-        """The public pushes due now: trades, book deltas per depth, tickers, candles."""
+    def _market_frames(self, trades: list[TradePrint]) -> list[tuple[str, str, int]]:
+        """The public pushes due now as (topic, frame, market ms): trades, book deltas per depth, tickers,
+        candles. In per-message mode a recorded book line that changes nothing still gets its (empty) delta."""
         subscribed = self._subscribed()
-        out: list[tuple[str, str]] = []
+        out: list[tuple[str, str, int]] = []
         sym = self.inst.symbol
         topic = f"publicTrade.{sym}"
         if trades and topic in subscribed:
@@ -819,15 +860,18 @@ class PaperExchange:
                 rows = [{"T": t.ts_ms, "s": sym, "S": t.side, "v": self.inst.qty_str(self.inst.to_lots_floor(t.size + 1e-12)),
                          "p": self.inst.price_str(self.inst.to_ticks(t.price)), "L": "ZeroPlusTick", "i": t.trade_id,
                          "BT": False, "RPI": False, "seq": self.replay.book_seq} for t in trades[i:i + 1024]]
-                out.append((topic, json.dumps({"topic": topic, "type": "snapshot", "ts": rows[-1]["T"], "data": rows})))
+                out.append((topic, json.dumps({"topic": topic, "type": "snapshot", "ts": rows[-1]["T"], "data": rows}),
+                            rows[-1]["T"]))
         reset = self.faults.book_reset
         self.faults.book_reset = False
+        force = self.per_message and self.replay.book_updates != self._book_updates_sent
+        self._book_updates_sent = self.replay.book_updates
         for depth in BOOK_DEPTHS:
             topic = f"orderbook.{depth}.{sym}"
             if topic in subscribed or depth in self.book_topics:
-                msg = self._book_update(topic, depth, reset)
+                msg = self._book_update(topic, depth, reset, force)
                 if msg is not None:
-                    out.append((topic, json.dumps(msg)))
+                    out.append((topic, json.dumps(msg), msg["ts"]))
         topic = f"tickers.{sym}"
         if topic in subscribed:
             ticker = self._ticker()
@@ -836,15 +880,17 @@ class PaperExchange:
             if self.ticker_sent.get(topic) != key:
                 self.ticker_sent[topic] = key
                 out.append((topic, json.dumps({"topic": topic, "type": "delta", "data": ticker,
-                                               "cs": self.replay.book_seq, "ts": self.replay.now_ms})))
+                                               "cs": self.replay.book_seq, "ts": self.replay.now_ms}),
+                            self.replay.now_ms))
         for interval, secs in KLINE_INTERVALS.items():
             topic = f"kline.{interval}.{sym}"
             if topic in subscribed:
-                out.extend((topic, m) for m in self._kline_frames(topic, interval, secs))
+                out.extend((topic, m, self.replay.now_ms) for m in self._kline_frames(topic, interval, secs))
         return out
 
-    def _book_update(self, topic: str, depth: int, reset: bool) -> dict | None:
-        """The delta (depth 1: snapshot) between the last levels sent and the book now; u=1 on a reset."""
+    def _book_update(self, topic: str, depth: int, reset: bool, force: bool = False) -> dict | None:
+        """The delta (depth 1: snapshot) between the last levels sent and the book now; u=1 on a reset;
+        force: an empty delta rather than nothing when the levels did not change."""
         state = self._book_topic(depth)
         bids, asks = self._levels_str(depth)
         new_b, new_a = dict((p, q) for p, q in bids), dict((p, q) for p, q in asks)
@@ -852,7 +898,7 @@ class PaperExchange:
             state.u, state.bids, state.asks = 1, new_b, new_a
             return self._book_msg(topic, state, "snapshot", bids, asks)
         if depth == 1:
-            if new_b == state.bids and new_a == state.asks:
+            if new_b == state.bids and new_a == state.asks and not force:
                 return None
             state.u += 1
             state.bids, state.asks = new_b, new_a
@@ -861,7 +907,7 @@ class PaperExchange:
              [[p, "0"] for p in state.bids if p not in new_b]
         da = [[p, q] for p, q in new_a.items() if state.asks.get(p) != q] + \
              [[p, "0"] for p in state.asks if p not in new_a]
-        if not db and not da:
+        if not db and not da and not force:
             return None
         state.u += 1
         state.bids, state.asks = new_b, new_a
@@ -945,8 +991,13 @@ class PaperExchange:
         return web.json_response(self.state())
 
     def state(self) -> dict:
-        """A summary for tests and operators."""
+        """A summary for tests and operators; `last_push_ts` (public topic -> market ms of its last push) and
+        `private_sent` (data frames queued to the newest private connection) let a lockstep client wait
+        until it has received everything an advance produced."""
+        private = [c.sent for c in self.conns if c.private]
         return {"market_ms": self.replay.now_ms, "exhausted": self.replay.exhausted,
+                "next_ms": self.replay.next_ms(), "last_push_ts": dict(self.last_push_ts),
+                "private_sent": max(private, default=0),
                 "equity": self.engine.equity(), "wallet": self.engine.wallet,
                 "open_orders": sum(o.is_open for o in self.engine.orders.values()),
                 "positions": {i: self.inst.qty(p.size) for i, p in self.engine.positions.items()},
@@ -981,20 +1032,35 @@ ACK_PATHS = {"/v5/order/create", "/v5/order/amend", "/v5/order/cancel", "/v5/ord
 
 # ---------------------------------------------------------------- running
 def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float = 0.0, api_key: str = "paper",
-                   api_secret: str = "paper", symbol: str | None = None, strategy: StrategyConfig | None = None,
-                   leverage: float = 10.0, rebase_time: bool = False) -> PaperExchange:
+                   api_secret: str = "paper", symbol: str | None = None, venue: VenueConfig | None = None,
+                   leverage: float = 10.0, rebase_time: bool = False, start: str = "",
+                   per_message: bool = False) -> PaperExchange:
     """An exchange replaying a data folder, with the instrument rules and fees of the config
-    (rebase_time: shift the data so it starts now, see MarketReplay)."""
+    (start: 'YYYY-MM-DD[THH:MM]' UTC where the replay begins; rebase_time: shift the data so it starts now,
+    see MarketReplay; per_message: push every recorded message, see PaperExchange.advance)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
-    strat = strategy or StrategyConfig()
+    costs = venue or VenueConfig()
     sym = symbol or data_dir.name.split("_")[0]
     inst = load_instrument(data_dir, sym)
-    engine = MatchingEngine(inst, balance=balance, maker_fee=strat.maker_fee, taker_fee=strat.taker_fee,
-                            fill_rule=strat.fill_rule, leverage=leverage, funding_rate=strat.funding_rate_8h)
-    replay = MarketReplay.from_dir(engine, data_dir, int(time.time() * 1000) if rebase_time else None)
-    return PaperExchange(engine, replay, api_key=api_key, api_secret=api_secret, speed=speed)
+    engine = MatchingEngine(inst, balance=balance, maker_fee=costs.maker_fee, taker_fee=costs.taker_fee,
+                            fill_rule=costs.fill_rule, leverage=leverage, funding_rate=costs.funding_rate_8h)
+    replay = MarketReplay.from_dir(engine, data_dir, int(time.time() * 1000) if rebase_time else None,
+                                   parse_start(start) if start else None)
+    return PaperExchange(engine, replay, api_key=api_key, api_secret=api_secret, speed=speed,
+                         per_message=per_message)
+
+
+def parse_start(text: str) -> int:
+    """'YYYY-MM-DD' or 'YYYY-MM-DDTHH:MM' (UTC) as epoch ms; ValueError names the expected form."""
+    for fmt in ("%Y-%m-%dT%H:%M", "%Y-%m-%d"):
+        try:
+            moment = datetime.datetime.strptime(text, fmt).replace(tzinfo=datetime.timezone.utc)
+        except ValueError:
+            continue
+        return int(moment.timestamp() * 1000)
+    raise ValueError(f"--start {text!r}: expected YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)")
 
 
 class ExchangeThread:
@@ -1059,16 +1125,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--symbol", default=None, help="symbol (default: from instrument.json or the folder name)")
     parser.add_argument("--leverage", type=float, default=10.0, help="initial leverage")
     parser.add_argument("--rebase-time", action="store_true",
-                        help="shift market timestamps (whole minutes) so the data starts now; use with --speed 1")
+                        help="shift market timestamps (whole minutes) so the data (or --start) is now; use with --speed 1")
+    parser.add_argument("--start", default="", help="YYYY-MM-DD[THH:MM] UTC: the replay begins there (earlier "
+                                                    "data only builds the book, candles and recent trades)")
+    parser.add_argument("--publish", choices=("per-second", "per-message"), default="per-second",
+                        help="push book/trades at most once per market second, or every recorded message")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="market time moves only on POST /__admin/advance (the client acknowledges by "
+                             "advancing when it has processed what it was sent); implies --speed 0 --publish per-message")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
-        exchange = build_exchange(cfg.data.data_dir, balance=args.balance, speed=args.speed, api_key=args.api_key,
-                                  api_secret=args.api_secret, symbol=args.symbol, strategy=cfg.strategy,
-                                  leverage=args.leverage, rebase_time=args.rebase_time)
+        exchange = build_exchange(cfg.data.data_dir, balance=args.balance, speed=0.0 if args.lockstep else args.speed,
+                                  api_key=args.api_key,
+                                  api_secret=args.api_secret, symbol=args.symbol, venue=cfg.venue,
+                                  leverage=args.leverage, rebase_time=args.rebase_time, start=args.start,
+                                  per_message=args.lockstep or args.publish == "per-message")
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
 

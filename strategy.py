@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 from config import InstrumentConfig, StrategyConfig
+from grid import DOWN, snap_round
 
 LONG, SHORT = 1, -1
 
@@ -77,19 +78,9 @@ def new_day_state() -> np.ndarray:
 
 
 @njit(cache=True)
-def round_down(value: float, step: float) -> float:
-    """Largest multiple of step not above value, robust to float noise (1e-9 of a step)."""
-    return math.floor(value / step + 1e-9) * step
-
-
-@njit(cache=True)
 def limit_price(close: float, atr: float, side: int, params: np.ndarray) -> float:
-    """PostOnly entry price close ∓ offset·ATR, rounded to the tick away from the market."""
-    tick = params[P_TICK]
-    raw = close - side * params[P_OFFSET] * atr
-    if side == 1:
-        return math.floor(raw / tick + 1e-9) * tick
-    return math.ceil(raw / tick - 1e-9) * tick
+    """PostOnly entry price close ∓ offset·ATR on the tick grid away from the market (grid.snap_round)."""
+    return snap_round(close - side * params[P_OFFSET] * atr, params[P_TICK], -side)
 
 
 @njit(cache=True)
@@ -102,7 +93,7 @@ def position_size(equity: float, price: float, sl_dist: float, notional_used: fl
     if room <= 0.0:
         return 0.0
     qty = min(qty, room / price)
-    qty = round_down(qty, params[P_QTY_STEP])
+    qty = snap_round(qty, params[P_QTY_STEP], DOWN)
     if qty < params[P_MIN_QTY] - 1e-12 or qty * price < params[P_MIN_NOTIONAL]:
         return 0.0
     return qty
@@ -130,11 +121,13 @@ def decide_core(bar: int, day: int, close: float, atr: float,
                 equity: float, day_state: np.ndarray,
                 pos_side: np.ndarray, pos_qty: np.ndarray, pos_fill_bar: np.ndarray,
                 rest_qty: np.ndarray, rest_price: np.ndarray, rest_placed_bar: np.ndarray,
-                params: np.ndarray, out: np.ndarray) -> int:
+                params: np.ndarray, out: np.ndarray, allowed: bool) -> int:
     """All rules of DESIGN §1 at one bar close; writes intents into `out`, returns how many.
 
     Positions are slots with pos_qty > 0; resting entries are indexed 0 = long, 1 = short with
     rest_qty > 0. `day` is the UTC day number of the bar's open; day_state is updated in place.
+    allowed = False (an entry gate is closed, see EntryGate) stops new entries only: the kill-switch,
+    time exits and expiries still act.
     """
     n = 0
     if day != day_state[D_DAY]:
@@ -178,7 +171,7 @@ def decide_core(bar: int, day: int, close: float, atr: float,
                 count += 1
                 notional += rest_qty[s] * rest_price[s]
 
-    if day_state[D_HALTED] != 0.0 or not (atr > 0.0) or not (close > 0.0):
+    if day_state[D_HALTED] != 0.0 or not allowed or not (atr > 0.0) or not (close > 0.0):
         return n
     sl_dist = params[P_SL] * atr
     for s in range(2):
@@ -287,6 +280,14 @@ class DayState:
 
 
 @dataclass
+class EntryGate:
+    """Whether new entries are allowed at this bar close, and why not (spread above live.max_spread_pct,
+    book invalid, stale data, too many API errors ...). A closed gate blocks entries only."""
+    allowed: bool = True
+    reason: str = ""
+
+
+@dataclass
 class Bar:
     """The closed bar a decision is made on (time = bar open, epoch seconds)."""
     index: int
@@ -297,8 +298,11 @@ class Bar:
 
 
 def decide(bar: Bar, positions: list[Position], resting: list[RestingOrder], equity: float,
-           day: DayState, strategy: StrategyConfig, instrument: InstrumentConfig) -> list[Intent]:
-    """Order intents for one bar close; updates `day` in place. Exit intents' ref indexes `positions`."""
+           day: DayState, strategy: StrategyConfig, instrument: InstrumentConfig,
+           gate: EntryGate | None = None) -> list[Intent]:
+    """Order intents for one bar close; updates `day` in place. Exit intents' ref indexes `positions`.
+
+    gate (default: open) closes new entries while exits, expiries and the kill-switch still act."""
     slots = max(len(positions), 1)
     pos_side = np.zeros(slots)
     pos_qty = np.zeros(slots)
@@ -318,7 +322,7 @@ def decide(bar: Bar, positions: list[Position], resting: list[RestingOrder], equ
                     float(pr.get("p_exec_long", math.nan)), float(pr.get("p_exec_short", math.nan)),
                     float(pr.get("p_dir_long", math.nan)), float(pr.get("p_dir_short", math.nan)),
                     equity, state, pos_side, pos_qty, pos_fill, rest_qty, rest_price, rest_bar,
-                    strategy_params(strategy, instrument), out)
+                    strategy_params(strategy, instrument), out, gate is None or gate.allowed)
     day.update(state)
     return [intent_from_row(out[j]) for j in range(n)]
 

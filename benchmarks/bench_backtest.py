@@ -55,17 +55,18 @@ def main() -> None:
     cfg = GlobalConfig()
     cfg.data.timeframe = "1m"
     frame, probs = market(args.bars)
-    s = cfg.strategy
+    s = cfg.venue
     arr = [np.ascontiguousarray(frame[c].to_numpy(np.float64)) for c in ("open", "high", "low", "close", "atr")]
     p = [np.ascontiguousarray(probs[c].to_numpy(np.float64)) for c in backtest.PROB_COLUMNS]
     t = backtest._epoch_seconds(frame.index)
     ft, fo, fh, fl, fstart, fend, lat = backtest._fine_arrays(None, t, 60, s.latency_ms)
-    params = st.strategy_params(s, cfg.instrument)
+    params = st.strategy_params(cfg.strategy, cfg.instrument)
+    allowed = np.ones(args.bars, dtype=np.bool_)
 
     def core() -> tuple:
         return backtest.simulate_core(t, *arr, *p, ft, fo, fh, fl, fstart, fend, lat, params, s.maker_fee,
                                       s.taker_fee, s.slippage_bps / 1e4, s.funding_rate_8h, False,
-                                      s.initial_equity, 60.0, False)
+                                      s.initial_equity, 60.0, False, allowed)
 
     t0 = time.perf_counter()
     _, n_trades, *_ = core()

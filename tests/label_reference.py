@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 
+from reference_sim import on_grid
+
 
 def _real_limit(close, atr, side, offset_atr, tick):
     raw = close - side * offset_atr * atr
     if tick <= 0:
         return raw
-    if side == 1:
-        return math.floor(raw / tick + 1e-9) * tick
-    return math.ceil(raw / tick - 1e-9) * tick
+    return on_grid(raw, tick, math.floor if side == 1 else math.ceil)
 
 
 def reference_labels(open_, high, low, close, atr, side, offset_atr, tp_atr, sl_atr,
@@ -38,13 +38,15 @@ def reference_labels(open_, high, low, close, atr, side, offset_atr, tp_atr, sl_
             ends.append(-1)
             continue
         limit = _real_limit(c_r[t], a, side, offset_atr, tick_size)
-        if side == -1:
-            limit = -limit
+        take, stop = limit + side * tp_atr * a, limit - side * sl_atr * a
+        if tick_size > 0:                       # on the grid: TP away from the fill, SL towards it
+            way = math.ceil if side == 1 else math.floor
+            take, stop = on_grid(take, tick_size, way), on_grid(stop, tick_size, way)
+        limit, take, stop = side * limit, side * take, side * stop
         if limit >= o[t + 1]:  # PostOnly would cross at placement: rejected
             labels.append(0)
             ends.append(t + 1)
             continue
-        stop, take = limit - sl_atr * a, limit + tp_atr * a
         state, fill_bar = "resting", -1
         result, decided = -1, -1
         j = t

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from decimal import Decimal
 
 import pandas as pd
 
@@ -40,6 +41,15 @@ class Order:
     fine_k: int
 
 
+def on_grid(value, step, direction):
+    """Grid point for value (the double nearest the decimal): the nearest one when within a millionth of a
+    step, else direction(value / step), with direction math.floor or math.ceil."""
+    q = value / step
+    n = round(q)
+    n = n if abs(q - n) <= 1e-6 else direction(q)
+    return round(n * step, max(0, -Decimal(repr(step)).as_tuple().exponent))
+
+
 def size(equity, price, sl_dist, used, s, inst):
     """Risk-based quantity within the leverage cap, rounded down to the step; 0 if too small."""
     if equity <= 0 or price <= 0 or sl_dist <= 0:
@@ -49,7 +59,7 @@ def size(equity, price, sl_dist, used, s, inst):
     if room <= 0:
         return 0.0
     qty = min(qty, room / price)
-    qty = math.floor(qty / inst.qty_step + 1e-9) * inst.qty_step
+    qty = on_grid(qty, inst.qty_step, math.floor)
     if qty < inst.min_qty - 1e-12 or qty * price < inst.min_notional:
         return 0.0
     return qty
@@ -119,7 +129,7 @@ def ref_decide(i, day, close, atr, probs, equity, state, slots, resting, s, inst
                 continue
             raw = close - side * s.limit_offset_atr * atr
             tick = inst.tick_size
-            price = (math.floor(raw / tick + 1e-9) if side == 1 else math.ceil(raw / tick - 1e-9)) * tick
+            price = on_grid(raw, tick, math.floor if side == 1 else math.ceil)
             if price <= 0:
                 continue
             qty = size(equity, price, sl_dist, used, s, inst)
@@ -165,10 +175,10 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
     check_decide(i, bar_time, close, atr, probs, equity, day_state, slots, resting, own_intents) is
     called at every decision so a test can compare another decision function with this one.
     """
-    s, inst = cfg.strategy, cfg.instrument
+    s, inst, v = cfg.strategy, cfg.instrument, cfg.venue
     bar_s = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14400}[cfg.data.timeframe]
-    touch = s.fill_rule == "touch"
-    slip = s.slippage_bps / 1e4
+    touch = v.fill_rule == "touch"
+    slip = v.slippage_bps / 1e4
     times = [int(ts.timestamp()) for ts in frame.index]
     rows = frame.to_dict("records")
     prob_rows = probs.reindex(frame.index).to_dict("records")
@@ -178,14 +188,14 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
         ftimes = [int(ts.timestamp()) for ts in fine.index]
         frows = fine.to_dict("records")
         fine_s = min(b - a for a, b in zip(ftimes, ftimes[1:]))
-        lat_steps = int(s.latency_ms / 1000.0 // fine_s)
+        lat_steps = int(v.latency_ms / 1000.0 // fine_s)
         for j, ft in enumerate(ftimes):
             fine_bars.setdefault(ft - ft % bar_s, []).append((ft, frows[j]))
     slots = [None] * s.max_positions
     resting = {1: None, -1: None}
     pending = []
     state = {"day": -1, "start": math.nan, "halted": False, "last": math.nan}
-    cash = s.initial_equity
+    cash = v.initial_equity
     trades, equity_rows, intents, rejected = [], [], [], 0
 
     def close_pos(k, px, fee_rate, reason, when, bar):
@@ -205,16 +215,18 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
         k = slots.index(None)
         fee = qty * px * fee_rate
         cash -= fee
-        slots[k] = Pos(side, qty, px, px + side * tp_dist, px - side * sl_dist, bar, fine_k, regime, fee, when)
+        way = math.ceil if side == 1 else math.floor          # TP away from the fill, SL towards it
+        slots[k] = Pos(side, qty, px, on_grid(px + side * tp_dist, inst.tick_size, way),
+                       on_grid(px - side * sl_dist, inst.tick_size, way), bar, fine_k, regime, fee, when)
 
     n = len(rows)
     for i in range(n):
         bar, t = rows[i], times[i]
         fb = fine_bars.get(t, [])
-        if s.funding_rate_8h != 0 and t % (8 * 3600) == 0:
+        if v.funding_rate_8h != 0 and t % (8 * 3600) == 0:
             for p in slots:
                 if p is not None:
-                    pay = p.side * p.qty * bar["open"] * s.funding_rate_8h
+                    pay = p.side * p.qty * bar["open"] * v.funding_rate_8h
                     cash -= pay
                     p.funding += pay
         if fb:
@@ -228,10 +240,10 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
             elif kind == "exit":
                 if slots[ref] is not None:
                     p = slots[ref]
-                    close_pos(ref, ref_px * (1 - p.side * slip), s.taker_fee,
+                    close_pos(ref, ref_px * (1 - p.side * slip), v.taker_fee,
                               "kill_switch" if reason == "kill_switch" else "time", ref_t, i)
             elif kind == "market":
-                open_pos(side, ref_px * (1 + side * slip), qty, tp_d, sl_d, "taker", s.taker_fee, ref_t, i, k0)
+                open_pos(side, ref_px * (1 + side * slip), qty, tp_d, sl_d, "taker", v.taker_fee, ref_t, i, k0)
             elif (side == 1 and price >= ref_px) or (side == -1 and price <= ref_px):
                 rejected += 1
             else:
@@ -245,12 +257,12 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
                 first = o.fine_k if (o.placed == i - 1 and o.fine_k >= 0) else 0
                 for m in range(first, len(fb)):
                     if _hit(side, o.price, fb[m][1]["high"], fb[m][1]["low"], touch):
-                        open_pos(side, o.price, o.qty, o.tp_dist, o.sl_dist, "maker", s.maker_fee,
+                        open_pos(side, o.price, o.qty, o.tp_dist, o.sl_dist, "maker", v.maker_fee,
                                  float(fb[m][0]), i, m)
                         resting[side] = None
                         break
             elif _hit(side, o.price, bar["high"], bar["low"], touch):
-                open_pos(side, o.price, o.qty, o.tp_dist, o.sl_dist, "maker", s.maker_fee, float(t), i, -1)
+                open_pos(side, o.price, o.qty, o.tp_dist, o.sl_dist, "maker", v.maker_fee, float(t), i, -1)
                 resting[side] = None
         for k in range(len(slots)):
             p = slots[k]
@@ -271,9 +283,9 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
             else:
                 what, px = _exit(p, bar["open"], bar["high"], bar["low"], new, touch)
             if what == "stop":
-                close_pos(k, px * (1 - p.side * slip), s.taker_fee, "stop_loss", when, i)
+                close_pos(k, px * (1 - p.side * slip), v.taker_fee, "stop_loss", when, i)
             elif what == "tp":
-                close_pos(k, px, s.maker_fee, "take_profit", when, i)
+                close_pos(k, px, v.maker_fee, "take_profit", when, i)
         upnl = sum(p.side * p.qty * (bar["close"] - p.entry) for p in slots if p is not None)
         equity_rows.append({"equity": cash + upnl, "cash": cash, "upnl": upnl,
                             "positions": sum(p is not None for p in slots)})
@@ -290,7 +302,7 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
         for k in range(len(slots)):
             if slots[k] is not None:
                 p = slots[k]
-                close_pos(k, last["close"] * (1 - p.side * slip), s.taker_fee, "end_of_data",
+                close_pos(k, last["close"] * (1 - p.side * slip), v.taker_fee, "end_of_data",
                           float(times[-1] + bar_s), n - 1)
         equity_rows[-1] = {"equity": cash, "cash": cash, "upnl": 0.0, "positions": equity_rows[-1]["positions"]}
     return trades, equity_rows, intents, rejected

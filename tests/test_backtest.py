@@ -17,11 +17,12 @@ MAKER, TAKER = 0.0002, 0.00055
 
 
 # ---------------------------------------------------------------- helpers
-def make_cfg(**strategy) -> GlobalConfig:
+def make_cfg(**settings) -> GlobalConfig:
+    """Defaults with zero slippage and latency; each setting goes to cfg.venue or cfg.strategy by name."""
     cfg = GlobalConfig()
     base = {"slippage_bps": 0.0, "latency_ms": 0.0}
-    for key, value in {**base, **strategy}.items():
-        setattr(cfg.strategy, key, value)
+    for key, value in {**base, **settings}.items():
+        setattr(cfg.venue if hasattr(cfg.venue, key) else cfg.strategy, key, value)
     cfg.validate()
     return cfg
 
@@ -51,10 +52,10 @@ def random_market(n_fine: int, seed: int, per_bar: int = 5, start: str = "2026-0
 
 def check_invariants(result: backtest.BacktestResult, cfg: GlobalConfig) -> None:
     """What must hold on every run: accounting identity, caps, fee arithmetic, stop and TP prices."""
-    s = cfg.strategy
+    s = cfg.venue
     eq = result.equity
     np.testing.assert_allclose(eq["equity"], eq["cash"] + eq["upnl"], rtol=0, atol=1e-7)
-    assert eq["positions"].max() <= s.max_positions
+    assert eq["positions"].max() <= cfg.strategy.max_positions
     tr = result.trades
     if len(tr):
         entry_rate = np.where(tr["regime"] == "maker", s.maker_fee, s.taker_fee)
@@ -204,6 +205,18 @@ def test_gap_through_stop_fills_at_the_open():
     assert t.pnl == pytest.approx(50 * (97.0 - 99.5) - 50 * 99.5 * MAKER - 50 * 97.0 * TAKER)
 
 
+def test_closed_entry_gate_blocks_the_entry_and_only_at_its_bar():
+    frame = bars([FLAT, (100.0, 100.1, 99.4, 99.8), FLAT, FLAT])
+    p = probs_for(frame, b0=LONG_BREAKOUT)
+    gate = np.array([False, True, True, True])
+    assert len(backtest.run_backtest(frame, p, make_cfg()).trades) == 1
+    assert len(backtest.run_backtest(frame, p, make_cfg(), entries_allowed=gate).trades) == 0
+    later = probs_for(frame, b1=LONG_BREAKOUT)
+    assert len(backtest.run_backtest(frame, later, make_cfg(), entries_allowed=gate).trades) == 1
+    with pytest.raises(ValueError, match="one flag per bar"):
+        backtest.run_backtest(frame, p, make_cfg(), entries_allowed=gate[:3])
+
+
 def test_same_bar_tp_and_stop_assumes_the_stop_without_finer_bars():
     frame = bars([FLAT, (100.0, 100.1, 99.4, 99.8), (99.6, 101.0, 97.0, 99.0), FLAT])
     r = backtest.run_backtest(frame, probs_for(frame, b0=LONG_LIMIT), make_cfg())
@@ -271,7 +284,8 @@ def test_breakout_market_entry_fee_slippage_and_end_of_data_close():
     exit_ = 100.5 * 0.9999
     assert t.regime == "taker" and t.exit_reason == "end_of_data"
     assert t.entry_price == pytest.approx(entry) and t.exit_price == pytest.approx(exit_)
-    assert t.take_profit == pytest.approx(entry + 1.2 * 10.0) and t.qty == pytest.approx(50.0)
+    assert t.take_profit == 112.22 and t.qty == pytest.approx(50.0)   # fill + 1.2·10 ATR = 112.21002, tick away
+    assert t.stop_loss == 98.22                                         # fill - 2 ATR = 98.21002, tick towards
     assert t.fees == pytest.approx(50 * entry * TAKER + 50 * exit_ * TAKER)
     assert t.exit_time == frame.index[-1] + pd.Timedelta("5min")
     assert r.equity["upnl"].iloc[-1] == 0.0
@@ -465,7 +479,9 @@ def test_cli_reports_a_missing_data_folder_cleanly(tmp_path, capsys):
     assert code == 2 and "nowhere" in err and "Traceback" not in err
 
 
-def test_core_agrees_with_reference_on_real_btcusdt_trades(realdata):
+def btc_market(realdata):
+    """Two hours of real Binance BTCUSDT trades as 1m bars with ATR, random probabilities, 10s fine bars,
+    and a config that trades them often (1m timeframe, tick 0.01, 15 s latency)."""
     trades = pd.read_csv(realdata / "binance_usdm" / "tardis_BTCUSDT_trades_2020-02-22.csv.gz")
     price = pd.Series(trades["price"].to_numpy(float),
                       index=pd.to_datetime(trades["timestamp"], unit="us", utc=True))
@@ -480,6 +496,11 @@ def test_core_agrees_with_reference_on_real_btcusdt_trades(realdata):
                    daily_loss_limit=0.5, latency_ms=15_000, slippage_bps=1.0)
     cfg.data.timeframe = "1m"
     cfg.instrument.tick_size = 0.01
+    return coarse, probs, fine, cfg
+
+
+def test_core_agrees_with_reference_on_real_btcusdt_trades(realdata):
+    coarse, probs, fine, cfg = btc_market(realdata)
     for fine_bars in (None, fine):
         result, ref_trades, ref_eq, _, rejected = run_both(coarse, probs, cfg, fine=fine_bars)
         assert len(ref_trades) > 15
@@ -512,7 +533,7 @@ def test_single_signal_outcomes_match_execution_labels(fill_rule):
     seen = set()
     for side, name in ((1, "long"), (-1, "short")):
         lab, _ = labels.execution_labels(*cols, side, s.limit_offset_atr, s.take_profit_atr, s.stop_loss_atr,
-                                         s.time_limit_bars, s.max_holding_bars, s.maker_fee, fill_rule,
+                                         s.time_limit_bars, s.max_holding_bars, cfg.venue.maker_fee, fill_rule,
                                          cfg.instrument.tick_size)
         for t in range(0, len(coarse) - 1, 7):
             p = probs_for(coarse, **{f"b{t}": {f"p_exec_{name}": 0.9, f"p_dir_{name}": 0.6}})

@@ -24,7 +24,7 @@ def test_default_config_round_trips_exactly() -> None:
 def test_modified_values_round_trip_bit_for_bit(tmp_path) -> None:
     cfg = GlobalConfig(symbol="BTCUSDT")
     cfg.strategy.take_profit_atr = 0.1 + 0.2          # not representable exactly in decimal
-    cfg.strategy.maker_fee = -0.00025                 # rebates are allowed
+    cfg.venue.maker_fee = -0.00025                    # rebates are allowed
     cfg.features.vwap_windows = ["3h", "36h"]
     cfg.tune.n_estimators = [77, 333]
     path = tmp_path / "cfg.json"
@@ -50,7 +50,7 @@ def test_params_json_with_config_key_loads(tmp_path) -> None:
     ("data", "timeframe", "7m", "data.timeframe"),
     ("data", "ob_levels", "fifty", "data.ob_levels"),
     ("model", "boosting_type", "goss", "model.boosting_type"),
-    ("strategy", "fill_rule", "magic", "strategy.fill_rule"),
+    ("venue", "fill_rule", "magic", "venue.fill_rule"),
     ("tune", "embargo", "soon", "tune.embargo"),
 ])
 def test_invalid_values_name_the_field(section, key, value, needle) -> None:
@@ -164,3 +164,27 @@ def test_atomic_write_gives_files_the_users_umask(tmp_path, mask) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~mask
+
+
+V1_PARAMS = os.path.join(os.path.dirname(__file__), "data", "params_v1.json")
+
+
+def test_version_1_params_json_written_before_venueconfig_loads_with_venue_settings_moved() -> None:
+    """tests/data/params_v1.json was written by GlobalConfig of version 1 (venue settings inside strategy)."""
+    with open(V1_PARAMS, encoding="utf-8") as fh:
+        raw = json.load(fh)["config"]
+    assert raw["version"] == 1 and raw["strategy"]["fill_rule"] == "touch" and "venue" not in raw
+    cfg = GlobalConfig.load(V1_PARAMS)
+    assert cfg.version == config.CONFIG_VERSION == 2
+    assert (cfg.venue.maker_fee, cfg.venue.taker_fee, cfg.venue.fill_rule) == (-0.00025, 0.0006, "touch")
+    assert (cfg.venue.slippage_bps, cfg.venue.latency_ms, cfg.venue.funding_rate_8h) == (2.5, 400.0, 0.0001)
+    assert cfg.venue.initial_equity == 2500.0
+    assert cfg.strategy.take_profit_atr == 1.7 and not hasattr(cfg.strategy, "maker_fee")
+    assert GlobalConfig.from_json(cfg.to_json()) == cfg          # saved again as version 2
+
+
+def test_current_version_rejects_venue_keys_inside_strategy() -> None:
+    data = GlobalConfig().to_dict()
+    data["strategy"]["maker_fee"] = 0.0
+    with pytest.raises(ConfigError, match="maker_fee"):
+        GlobalConfig.from_dict(data)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from pybit import _websocket_stream, unified_trading
 
 import exchange_client as ec
+import grid
 import paper_exchange as pe
 from config import GlobalConfig, InstrumentConfig
 from paper_market import START_MS, SYMBOL, write_market
@@ -51,7 +52,7 @@ def test_passive_rounding_never_moves_a_maker_price_toward_the_market():
        step=st.sampled_from([Decimal("0.001"), Decimal("0.01"), Decimal("1"), Decimal("0.5"), Decimal("100")]))
 def test_quantity_rounds_down_to_a_step_multiple(q, step):
     out = rules(qty_step=step, min_qty=step).round_qty(q)
-    assert out <= q
+    assert out <= q + step * Decimal(str(grid.GRID_EPS))     # the one rule snaps within a millionth of a step
     assert q - out < step
     assert out % step == 0
 
@@ -350,6 +351,12 @@ def test_full_order_lifecycle_postonly_tpsl_fill_exit_and_close(paper, client):
         assert private.orders[crossing.order_link_id]["rejectReason"] == "EC_PostOnlyWillTakeLiquidity"
     finally:
         private.close()
+
+
+def test_a_sell_postonly_a_hair_off_the_grid_rests_on_its_own_tick(client):
+    """10057 * 0.01 = 100.57000000000001 (the old strategy.limit_price result) used to rest at 100.58."""
+    ack = client.place_order("hair", "Sell", "0.1", price=10057 * 0.01, time_in_force="PostOnly")
+    assert client.find_order(ack.order_link_id)["price"] == "100.57"
 
 
 def test_reduce_only_conditional_stop_triggers_on_the_fall(paper, client):

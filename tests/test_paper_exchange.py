@@ -21,7 +21,7 @@ from pybit.exceptions import FailedRequestError, InvalidRequestError
 from pybit.unified_trading import HTTP
 import pybit.unified_trading as ut
 
-from config import InstrumentConfig, StrategyConfig
+from config import InstrumentConfig, VenueConfig
 from matching import ExchangeError, MatchingEngine, load_instrument
 from paper_exchange import ExchangeThread, MarketReplay, build_exchange, trade_prints
 from paper_market import START_MS, SYMBOL, write_market
@@ -872,7 +872,7 @@ def test_liquidation_closes_everything_when_equity_reaches_maintenance_margin(ve
 
 
 def test_funding_is_settled_every_eight_hours_on_position_value(venue):
-    ex = venue([100.0] * 6 * 10 + [102.0] * 60, step_s=600, strategy=StrategyConfig(funding_rate_8h=0.0001))
+    ex = venue([100.0] * 6 * 10 + [102.0] * 60, step_s=600, venue=VenueConfig(funding_rate_8h=0.0001))
     s = client(ex)
     s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Market", qty="2")
     after_fee = float(wallet(s)["totalWalletBalance"])

@@ -17,11 +17,11 @@ def cfg(**kw) -> StrategyConfig:
 
 
 def decide(probs, positions=(), resting=(), equity=10_000.0, close=100.0, atr=1.0, index=10, time=DAY0 + 3600,
-           day=None, strategy=None, instrument=None):
+           day=None, strategy=None, instrument=None, gate=None):
     day = day if day is not None else st.DayState()
     bar = st.Bar(index=index, time=time, close=close, atr=atr, probs=probs)
     return st.decide(bar, list(positions), list(resting), equity, day, strategy or cfg(),
-                     instrument or InstrumentConfig())
+                     instrument or InstrumentConfig(), gate)
 
 
 def kinds(intents):
@@ -192,7 +192,7 @@ def test_is_idle_only_when_decide_core_would_do_nothing():
         p = np.where(rng.random(4) < 0.8, rng.choice([0.0, 0.49, 0.5, 0.59, 0.6, 0.86, 0.87, math.nan], 4), 0.0)
         idle = st.is_idle(day, equity, *p, state, params)
         before = state.copy()
-        n = st.decide_core(bar, day, 100.0, 1.0, *p, equity, state, empty, empty, empty, rest, rest, rest, params, out)
+        n = st.decide_core(bar, day, 100.0, 1.0, *p, equity, state, empty, empty, empty, rest, rest, rest, params, out, True)
         if idle:
             assert n == 0 and np.array_equal(state, before, equal_nan=True), (bar, p)
             idle_seen += 1
@@ -204,7 +204,7 @@ def test_is_idle_is_false_on_a_new_day_a_new_equity_or_any_entry_signal():
     params = st.strategy_params(cfg(), InstrumentConfig())
     state = st.new_day_state()
     st.decide_core(0, 5, 100.0, 1.0, 0.0, 0.0, 0.0, 0.0, 10_000.0, state, np.zeros(3), np.zeros(3), np.zeros(3),
-                   np.zeros(2), np.zeros(2), np.zeros(2), params, np.zeros((8, st.N_INTENT_COLS)))
+                   np.zeros(2), np.zeros(2), np.zeros(2), params, np.zeros((8, st.N_INTENT_COLS)), True)
     assert st.is_idle(5, 10_000.0, 0.0, 0.0, 0.0, 0.0, state, params)
     assert not st.is_idle(6, 10_000.0, 0.0, 0.0, 0.0, 0.0, state, params)
     assert not st.is_idle(5, 9_999.0, 0.0, 0.0, 0.0, 0.0, state, params)
@@ -212,3 +212,20 @@ def test_is_idle_is_false_on_a_new_day_a_new_equity_or_any_entry_signal():
         assert not st.is_idle(5, 10_000.0, *p, state, params), p
     for p in ([0.59, 0.59, 0.86, 0.86], [1.0, 1.0, 0.49, 0.49]):
         assert st.is_idle(5, 10_000.0, *p, state, params), p
+
+
+# ------------------------------------------------------------ entry gate
+def test_closed_entry_gate_blocks_entries_but_not_exits_or_expiries():
+    closed = st.EntryGate(allowed=False, reason="spread 0.5% > max_spread_pct")
+    signal = probs(el=0.9, dl=0.9, es=0.9, ds=0.6)
+    assert kinds(decide(signal, gate=st.EntryGate())) == [("market", 1, "breakout"), ("limit", -1, "chop")]
+    assert decide(signal, gate=closed) == []
+    out = decide(signal, positions=[pos(fill_bar=-100)], resting=[order(-1, placed=-100, price=100.5)], gate=closed)
+    assert kinds(out) == [("exit", 1, "time"), ("cancel", -1, "expired")]
+
+
+def test_closed_entry_gate_still_lets_the_kill_switch_flatten():
+    day = st.DayState()
+    decide(probs(), equity=10_000.0, day=day)
+    out = decide(probs(dl=0.9), positions=[pos()], equity=9_000.0, day=day, gate=st.EntryGate(False, "stale data"))
+    assert kinds(out) == [("exit", 1, "kill_switch")] and day.halted

@@ -1,0 +1,1327 @@
+"""The live engine: streams -> bars -> features -> models -> strategy (via execution.py) -> exchange.
+
+A thin I/O shell around the research code. Modes come only from flags (DESIGN §3):
+
+    python live_trading_v2.py --symbol BTCUSDT                                  # dry-run (default)
+    python live_trading_v2.py --symbol BTCUSDT --paper http://127.0.0.1:8099    # paper_exchange.py
+    python live_trading_v2.py --symbol BTCUSDT --keys-file keys.json --testnet  # or --demo
+    python live_trading_v2.py --symbol BTCUSDT --keys-file keys.json --live     # real money
+
+What happens, in order: arguments, keys file, model folder and state file are checked before any network
+access (exit 2); startup checks (clock, key permissions, instrument, hedge mode; exit 3); warm-up from
+`--data-dir`, the engine's own recordings and REST klines (book and taker-flow columns missing there, so
+nothing trades until enough real bars passed); the public stream and (not dry-run) the private stream;
+reconciliation with the exchange (exit 4 when it cannot complete at startup); then the loop. Bars close
+on exchange time (a later-stamped message, or the exchange clock past the boundary plus
+`live.bar_close_grace`) and are built by `data_loader.bar_frame` from the same book-sampling kernel as
+research, so live bars equal `data_loader`'s. Each closed bar: `feature_engine.compute_features` on the
+window, `ModelBundle` probabilities (or a `--probabilities` file), `execution.Execution.on_bar_close`
+(the only decider: `strategy.decide` inside), orders through `exchange_client` (hedge mode,
+deterministic orderLinkId, stopLoss attached on create with tpslMode=Partial). Journals and heartbeat
+follow DESIGN §3. Every clock read and random draw goes through `Clock`. Exit codes: 0 clean stop,
+2 bad arguments/config/keys/model/state, 3 startup checks refused, 4 reconciliation failed, else crash.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import math
+import os
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+import data_loader
+import exchange_client as exc
+import feature_engine
+import orderbook as ob
+from config import (ConfigError, GlobalConfig, LiveSettings, add_config_args, atomic_write_text, config_from_args,
+                    parse_duration, timeframe_seconds)
+
+log = logging.getLogger("live_trading_v2")
+
+EXIT_OK, EXIT_CONFIG, EXIT_STARTUP, EXIT_RECONCILE = 0, 2, 3, 4
+STATE_VERSION = 1
+HEARTBEAT_S = 5.0               # state/heartbeat_<SYM>.json rewrite period (contract: at least every 10 s)
+WARM_MARGIN_BARS = 50           # feature window beyond the model's warm-up
+BYBIT_DEPTHS = (1, 50, 200, 500)
+PROB_COLUMNS = ("p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short")
+
+
+class Refusal(Exception):
+    """A reason not to run, with the exit code the watchdog contract gives it."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- clock and randomness
+class Clock:
+    """The one source of time and random draws on the live path (tests inject their own).
+
+    `exchange_ms()` is the engine's estimate of exchange time: the local clock plus the measured offset,
+    never behind the latest exchange stamp seen; in paper mode it is the market clock alone (the latest
+    stamp seen, moving on with the wall clock between messages unless the clock is in lockstep)."""
+
+    def __init__(self, seed: int = 0, market: bool = False, lockstep: bool = False):
+        self.random = random.Random(seed)
+        self.market = market
+        self.lockstep = lockstep
+        self.offset_ms = 0.0
+        self.seen_ms = 0
+        self._seen_mono = self.monotonic()
+
+    def wall_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def saw(self, ts_ms: int) -> None:
+        """An exchange timestamp arrived (message, response, advance)."""
+        if ts_ms > self.seen_ms:
+            self.seen_ms = int(ts_ms)
+            self._seen_mono = self.monotonic()
+
+    def exchange_ms(self) -> int:
+        if self.market:
+            if self.lockstep:
+                return self.seen_ms
+            return self.seen_ms + int((self.monotonic() - self._seen_mono) * 1000)
+        return max(self.seen_ms, int(self.wall_ms() + self.offset_ms))
+
+
+def iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000.0, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+# ---------------------------------------------------------------- journals (DESIGN §3 live files)
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    return str(x)
+
+
+def _clean(x: Any) -> Any:
+    """NaN/inf as null (JSON has no NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+class Journals:
+    """Append-only JSON-lines files `logs/<name>_<SYM>.jsonl`; each record is one write() of one line
+    (O_APPEND), so a reader never sees half a record. Every record carries ts, time, symbol and mode."""
+
+    def __init__(self, log_dir: Path, symbol: str, mode: str, clock: Clock):
+        self.dir, self.symbol, self.mode, self.clock = log_dir, symbol, mode, clock
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fds: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}_{self.symbol}.jsonl"
+
+    def write(self, name: str, record: dict) -> dict:
+        ms = self.clock.exchange_ms() or self.clock.wall_ms()
+        rec = {"ts": ms, "time": iso(ms), "symbol": self.symbol, "mode": self.mode, **_clean(record)}
+        line = (json.dumps(rec, default=_json_default, allow_nan=False) + "\n").encode()
+        with self.lock:
+            fd = self._fds.get(name)
+            if fd is None:
+                fd = self._fds[name] = os.open(self.path(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(fd, line)
+        return rec
+
+    def event(self, event: str, message: str, level: str = "info", **details: Any) -> None:
+        """events_<SYM>.jsonl (what the notifier sends) and the human log."""
+        getattr(log, "warning" if level == "warning" else "error" if level in ("error", "critical") else "info")(
+            "%s: %s", event, message)
+        self.write("events", {"event": event, "level": level, "message": message, **details})
+
+    def close(self) -> None:
+        with self.lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def setup_logging(log_dir: Path, verbose: bool) -> None:
+    """Console plus the rotating `logs/live_trading_v2.log`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in (RotatingFileHandler(log_dir / "live_trading_v2.log", maxBytes=20 << 20, backupCount=5,
+                                        encoding="utf-8"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+# ---------------------------------------------------------------- state file
+def state_path(cfg: GlobalConfig, mode: str) -> Path:
+    """`state/bot_state_<SYM>.json`; dry-run keeps its own file so it never touches live state."""
+    suffix = "_dry-run" if mode == "dry-run" else ""
+    return Path(cfg.live.state_dir) / f"bot_state_{cfg.symbol}{suffix}.json"
+
+
+def load_state(path: Path, symbol: str) -> dict:
+    """The saved state, or {} for a first start. Refusal(2) for an unreadable file, another symbol, or a
+    newer version than this engine knows (never guess at a future format)."""
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise Refusal(EXIT_CONFIG, f"state file {path} is unreadable ({err}); fix or move it") from None
+    if not isinstance(state, dict) or not isinstance(state.get("version"), int):
+        raise Refusal(EXIT_CONFIG, f"state file {path} has no integer 'version'")
+    if state["version"] > STATE_VERSION:
+        raise Refusal(EXIT_CONFIG, f"state file {path} is version {state['version']}, newer than this engine's "
+                                   f"{STATE_VERSION}: run the newer engine or move the file")
+    if state.get("symbol") not in (None, symbol):
+        raise Refusal(EXIT_CONFIG, f"state file {path} belongs to {state.get('symbol')}, not {symbol}")
+    return state
+
+
+def save_state(path: Path, state: dict) -> None:
+    atomic_write_text(path, json.dumps({**state, "version": STATE_VERSION}, indent=1, default=_json_default))
+
+
+# ---------------------------------------------------------------- setup (no network)
+@dataclass
+class Setup:
+    """Everything checked before the first network call."""
+    cfg: GlobalConfig
+    mode: str
+    creds: exc.Credentials | None
+    model_dir: Path | None
+    edge: bool
+    probabilities: pd.DataFrame | None
+    state_file: Path
+    state: dict
+    args: argparse.Namespace
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="PurpleSky live engine (dry-run by default; real money needs keys "
+                                            "AND --live).")
+    add_config_args(p, ["--symbol", "--data-dir", "--keys-file", "--keys-profile", "--seed"])
+    p.add_argument("--model-dir", default="models_v9", help="models_v9, models_v9/SYM or a rank_N folder")
+    p.add_argument("--paper", metavar="URL", default="", help="trade on a running paper_exchange.py")
+    p.add_argument("--testnet", action="store_true", help="Bybit testnet (needs keys)")
+    p.add_argument("--demo", action="store_true", help="Bybit demo trading (needs keys)")
+    p.add_argument("--live", action="store_true", help="real money (needs keys and passing startup checks)")
+    p.add_argument("--rest-url", default="", help="REST endpoint override")
+    p.add_argument("--ws-url", default="", help="WebSocket endpoint override (ws://host:port)")
+    p.add_argument("--allow-no-edge", action="store_true", help="trade a model whose verdict is not EDGE")
+    p.add_argument("--signal-only", action="store_true", help="predict and journal; no orders")
+    p.add_argument("--log-features", action="store_true", help="journal each bar's feature vector")
+    p.add_argument("--probabilities", default="", help="CSV/JSONL of bar_time + p_* columns used instead of "
+                                                       "the models (scripted tests and parity)")
+    p.add_argument("--lockstep", action="store_true", help="paper only: drive the exchange's market clock "
+                                                           "(POST /__admin/advance) one step at a time")
+    p.add_argument("--lockstep-step", default="", help="market time per lockstep advance (default: one bar)")
+    p.add_argument("--max-bars", type=int, default=0, help="stop cleanly after this many closed bars (0 = run)")
+    p.add_argument("--keep-orders", action="store_true", help="on stop, leave resting entries on the exchange")
+    p.add_argument("--drift-halt", action="store_true", help="pause entries while a drift alert is active")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
+
+
+def select_mode(args: argparse.Namespace) -> str:
+    """dry-run unless a mode flag says otherwise; two mode flags are refused."""
+    chosen = [m for m, on in (("paper", bool(args.paper)), ("testnet", args.testnet), ("demo", args.demo),
+                              ("live", args.live)) if on]
+    if len(chosen) > 1:
+        raise Refusal(EXIT_CONFIG, f"pick one mode: {' and '.join('--' + m for m in chosen)} were both given")
+    return chosen[0] if chosen else "dry-run"
+
+
+def resolve_model_dir(path: str, symbol: str) -> Path | None:
+    """A rank folder from `models_v9`, `models_v9/SYM` or `.../rank_N` (default rank_1); None if absent."""
+    base = Path(path)
+    for cand in (base, base / "rank_1", base / symbol / "rank_1"):
+        if (cand / "params.json").is_file():
+            return cand
+    return None
+
+
+def load_probabilities(path: str) -> pd.DataFrame:
+    """bar_time (ISO or ms) -> p_* columns, from CSV or JSON lines; Refusal(2) naming what is wrong."""
+    file = Path(path)
+    try:
+        frame = pd.read_json(file, lines=True) if file.suffix in (".jsonl", ".json") else pd.read_csv(file)
+    except (OSError, ValueError) as err:
+        raise Refusal(EXIT_CONFIG, f"--probabilities {file}: unreadable ({err})") from None
+    missing = [c for c in ("bar_time",) + PROB_COLUMNS if c not in frame.columns]
+    if missing:
+        raise Refusal(EXIT_CONFIG, f"--probabilities {file}: missing column(s) {', '.join(missing)}")
+    times = frame["bar_time"]
+    ms = (times.astype("int64") if pd.api.types.is_numeric_dtype(times)
+          else pd.to_datetime(times, utc=True).astype("int64") // 1_000_000)
+    return frame.set_index(pd.Index(ms.to_numpy(), name="bar_ms"))[list(PROB_COLUMNS)].astype(float)
+
+
+def prepare(args: argparse.Namespace, env: dict | None = None) -> Setup:
+    """Arguments, config, keys, model and state, all checked before any network access (Refusal(2))."""
+    mode = select_mode(args)
+    try:
+        base = GlobalConfig()
+        model_dir = resolve_model_dir(args.model_dir, args.cfg_symbol or base.symbol)
+        edge = False
+        if model_dir is not None:
+            params = json.loads((model_dir / "params.json").read_text(encoding="utf-8"))
+            base = GlobalConfig.from_dict(params.get("config") or {})
+            edge = bool(params.get("edge", False))
+        base.live = LiveSettings()  # a live section inside params.json never changes the mode or endpoints
+        cfg = config_from_args(args, base)
+    except (ConfigError, ValueError, OSError) as err:
+        raise Refusal(EXIT_CONFIG, f"config: {err}") from None
+    if any(s.split("=", 1)[0].strip() == "live.mode" for s in args.set_values):
+        raise Refusal(EXIT_CONFIG, "the mode comes only from --paper/--testnet/--demo/--live, not --set live.mode")
+    live = cfg.live
+    live.mode = mode
+    live.demo = mode == "demo"
+    live.position_mode = "hedge"  # a long and a short can be open together (DESIGN §1)
+    live.rest_url = args.paper.rstrip("/") if args.paper else (args.rest_url or live.rest_url)
+    live.ws_url = args.ws_url or live.ws_url
+    if mode == "paper" and args.cfg_keys_profile is None:
+        live.keys_profile = "paper"
+    probabilities = load_probabilities(args.probabilities) if args.probabilities else None
+    if model_dir is None and probabilities is None:
+        raise Refusal(EXIT_CONFIG, f"no model at {args.model_dir} (looked for params.json in it, rank_1 and "
+                                   f"{cfg.symbol}/rank_1); train one or pass --probabilities")
+    if mode in ("testnet", "demo", "live") and not edge and not args.allow_no_edge:
+        raise Refusal(EXIT_CONFIG, f"the model at {model_dir} has no EDGE verdict: refusing {mode} trading "
+                                   "(use --allow-no-edge to trade it anyway)")
+    if args.lockstep and mode != "paper":
+        raise Refusal(EXIT_CONFIG, "--lockstep drives a paper exchange's clock: it needs --paper")
+    creds = None
+    if mode != "dry-run":
+        try:
+            creds = exc.load_credentials(live.keys_file, live.keys_profile, env)
+        except exc.KeysError as err:
+            if mode != "paper" or Path(live.keys_file).exists():
+                raise Refusal(EXIT_CONFIG, f"keys: {err}") from None
+            creds = exc.Credentials("paper", "paper", profile="paper", source="paper default")
+    if mode == "live" and creds is not None and creds.testnet:
+        raise Refusal(EXIT_CONFIG, f"--live with the testnet key profile {live.keys_profile!r}: pick one")
+    path = state_path(cfg, mode)
+    return Setup(cfg=cfg, mode=mode, creds=creds, model_dir=model_dir, edge=edge, probabilities=probabilities,
+                 state_file=path, state=load_state(path, cfg.symbol), args=args)
+
+
+# ---------------------------------------------------------------- bars from the stream
+class LiveBars:
+    """Closed bars from stream messages, by `data_loader.bar_frame` (the research bar rule).
+
+    Trades are kept per bar until it closes; book samples come from the stream's sampling `OrderBook`
+    (the same compiled clock as `data_loader.BookReplay`), drained at each close and bucketed by bar.
+    A bar closes when a message stamped at or after its end arrives, or `tick(now)` passes end + grace.
+    Trades stamped inside an already closed bar are counted (`late_trades`) and logged, never applied."""
+
+    def __init__(self, bar_ms: int, book: ob.OrderBook, lock: threading.RLock, grace_ms: int):
+        self.bar_ms, self.book, self.lock, self.grace_ms = bar_ms, book, lock, grace_ms
+        self.open_ms: int | None = None       # open of the bar being built
+        self.first_ms: int | None = None      # first bar seen live (incomplete: it began before we listened)
+        self.trades: list[tuple[int, str, float, float]] = []
+        self.book_parts: dict[int, list[pd.DataFrame]] = {}
+        self.prev_close = math.nan
+        self.late_trades = 0
+        self.seen_ids: deque[str] = deque(maxlen=20000)
+        self._seen_set: set[str] = set()
+
+    def start(self, ms: int) -> None:
+        if self.open_ms is None:
+            self.open_ms = self.first_ms = ms // self.bar_ms * self.bar_ms
+
+    def on_trade(self, ts_ms: int, side: str, size: float, price: float, trade_id: str) -> list[pd.DataFrame]:
+        """Add one trade; returns bars this message closed. Duplicated pushes (same id) are dropped."""
+        if trade_id in self._seen_set:
+            return []
+        if len(self.seen_ids) == self.seen_ids.maxlen:
+            self._seen_set.discard(self.seen_ids[0])
+        self.seen_ids.append(trade_id)
+        self._seen_set.add(trade_id)
+        self.start(ts_ms)
+        if ts_ms < self.open_ms:
+            self.late_trades += 1
+            log.warning("late trade %s stamped %s inside the closed bar %s: counted, not applied (%d so far)",
+                        trade_id, iso(ts_ms), iso(ts_ms // self.bar_ms * self.bar_ms), self.late_trades)
+            return []
+        closed = self.close_until(ts_ms)
+        self.trades.append((ts_ms, side, size, price))
+        return closed
+
+    def on_book_ts(self, ts_ms: int) -> list[pd.DataFrame]:
+        self.start(ts_ms)
+        return self.close_until(ts_ms)
+
+    def tick(self, now_ms: int) -> list[pd.DataFrame]:
+        """Close bars whose end + grace lies before exchange time now_ms."""
+        return self.close_until(now_ms - self.grace_ms)
+
+    def close_until(self, ts_ms: int) -> list[pd.DataFrame]:
+        out = []
+        while self.open_ms is not None and ts_ms >= self.open_ms + self.bar_ms:
+            out.append(self._close())
+        return out
+
+    def _close(self) -> pd.DataFrame:
+        start, end = self.open_ms, self.open_ms + self.bar_ms
+        with self.lock:
+            self.book.advance(end)
+            self.book.flush_samples()
+            samples = self.book.drain_samples()
+        if len(samples):
+            part = ob.partial_book_bars(samples, self.bar_ms)
+            for bar, rows in part.groupby(level=0):
+                self.book_parts.setdefault(int(bar), []).append(rows)
+        mine = [t for t in self.trades if t[0] < end]
+        self.trades = [t for t in self.trades if t[0] >= end]
+        trade_parts = []
+        if mine:
+            chunk = pd.DataFrame({"timestamp": np.array([t[0] for t in mine], dtype=float) / 1000.0,
+                                  "side": [t[1] for t in mine], "size": [t[2] for t in mine],
+                                  "price": [t[3] for t in mine]})
+            trade_parts.append(data_loader.partial_trade_bars(chunk, self.bar_ms * 1000))
+        bar = data_loader.bar_frame(trade_parts, self.book_parts.pop(start, []), self.bar_ms, (start, start),
+                                    self.prev_close)
+        self.book_parts = {k: v for k, v in self.book_parts.items() if k > start}
+        self.prev_close = float(bar["close"].iloc[0])
+        self.open_ms = end
+        bar.attrs["partial"] = start == self.first_ms
+        return bar
+
+
+# ---------------------------------------------------------------- warm-up
+def file_bars(cfg: GlobalConfig, folders: list[Path], before_ms: int) -> pd.DataFrame:
+    """Bars from recorded folders (data contract), complete bars opening before `before_ms`; later folders
+    only fill bars the earlier ones lack."""
+    frames = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        try:
+            files = data_loader.list_files(folder)
+            bars, _ = data_loader.build_bars(files, cfg.data.timeframe, cfg.data.ob_levels,
+                                             cfg.data.book_sample_interval, gap_threshold=cfg.data.gap_threshold)
+        except data_loader.DataError as err:
+            log.warning("warm-up: %s skipped (%s)", folder, err)
+            continue
+        frames.append(bars[bars.index < pd.Timestamp(before_ms, unit="ms", tz="UTC")])
+    if not frames:
+        return pd.DataFrame(columns=data_loader.BAR_COLUMNS)
+    out = frames[0]
+    for more in frames[1:]:
+        out = pd.concat([out, more[~more.index.isin(out.index)]]).sort_index()
+    return out
+
+
+def kline_bars(rows: list[list[str]], bar_ms: int) -> pd.DataFrame:
+    """REST klines [start, o, h, l, c, volume, turnover] as bars whose taker-flow and book columns are
+    unknown (taker split set neutral, ob_* NaN); the caller counts them as missing for warm-up."""
+    if not rows:
+        return pd.DataFrame(columns=data_loader.BAR_COLUMNS)
+    a = np.array([[float(x) for x in r[:7]] for r in rows])
+    a = a[np.argsort(a[:, 0])]
+    vol = a[:, 5]
+    frame = pd.DataFrame({"open": a[:, 1], "high": a[:, 2], "low": a[:, 3], "close": a[:, 4], "volume": vol,
+                          "vol_buy": vol / 2, "vol_sell": vol / 2, "trade_count": (vol > 0).astype(np.int64),
+                          "dollar_val": a[:, 6], "vwap": np.where(vol > 0, a[:, 6] / np.maximum(vol, 1e-300), a[:, 4]),
+                          "taker_buy_ratio": 0.5, "is_empty": vol <= 0, "is_gap": False},
+                         index=pd.DatetimeIndex(pd.to_datetime(a[:, 0].astype(np.int64), unit="ms", utc=True),
+                                                name="time"))
+    for col in ob.BOOK_BAR_COLUMNS:
+        frame[col] = 0 if col == "ob_samples" else np.nan
+    return frame[data_loader.BAR_COLUMNS]
+
+
+def complete_grid(bars: pd.DataFrame, first_ms: int, last_ms: int, bar_ms: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Reindex to a continuous grid [first_ms, last_ms]; returns (bars, missing mask) where bars nobody had
+    carry the last close with zero volume."""
+    idx = pd.DatetimeIndex(pd.to_datetime(np.arange(first_ms, last_ms + 1, bar_ms), unit="ms", utc=True),
+                           name="time")
+    out = bars.reindex(idx)
+    missing = out["close"].isna().to_numpy()
+    close = out["close"].ffill().bfill()
+    for col in ("open", "high", "low", "close", "vwap"):
+        out[col] = out[col].where(~missing, close)
+    for col in ("volume", "vol_buy", "vol_sell", "dollar_val", "trade_count", "ob_samples"):
+        out[col] = out[col].fillna(0)
+    out["taker_buy_ratio"] = out["taker_buy_ratio"].fillna(0.5)
+    out["is_empty"] = out["is_empty"].where(~missing, True).astype(bool)
+    out["is_gap"] = out["is_gap"].where(~missing, False).astype(bool)
+    out["trade_count"] = out["trade_count"].astype(np.int64)
+    out["ob_samples"] = out["ob_samples"].astype(np.int64)
+    return out, missing
+
+
+# ---------------------------------------------------------------- drift (PSI against training)
+def psi(values: np.ndarray, edges: list[float]) -> float:
+    """Population stability index of `values` against training deciles `edges` (each bin holds an equal
+    share in training): sum (a - e) ln(a / e), shares floored at 1e-4 (Siddiqi, Credit Risk Scorecards)."""
+    x = values[np.isfinite(values)]
+    if x.size == 0 or len(edges) < 3:
+        return math.nan
+    inner = np.asarray(edges[1:-1], dtype=float)
+    counts = np.bincount(np.searchsorted(inner, x, side="right"), minlength=len(inner) + 1)
+    actual = np.maximum(counts / x.size, 1e-4)
+    expected = np.full(actual.size, 1.0 / actual.size)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def drift_report(feats: pd.DataFrame, quantiles: dict[str, list[float]], window: int) -> dict[str, float]:
+    """feature -> PSI over the last `window` bars, worst first (features without training quantiles skipped)."""
+    tail = feats.iloc[-window:]
+    out = {n: psi(tail[n].to_numpy(float), q) for n, q in quantiles.items() if n in tail.columns}
+    return dict(sorted(((k, v) for k, v in out.items() if math.isfinite(v)), key=lambda kv: -kv[1]))
+
+
+# ---------------------------------------------------------------- dry-run venue (matching.py in process)
+SIM_METHODS = {"place_order": "place_order", "cancel_order": "cancel_order", "cancel_all_orders": "cancel_all",
+               "get_open_orders": "open_orders", "get_order_history": "order_history",
+               "get_positions": "position_list", "switch_position_mode": "switch_mode",
+               "set_leverage": "set_leverage", "set_trading_stop": "trading_stop",
+               "get_wallet_balance": "wallet_balance", "get_executions": "execution_list",
+               "get_closed_pnl": "closed_pnl_list"}
+
+
+class SimHTTP:
+    """pybit HTTP look-alike for dry-run: account and order calls go to an in-process
+    `matching.MatchingEngine` (real simulated fills, fees, positions), market data to the real endpoint.
+    So dry-run runs the same ExchangeClient code paths as paper and live."""
+
+    def __init__(self, public: Any, engine: Any, lock: threading.RLock):
+        self._public, self.engine, self.lock = public, engine, lock
+
+    def __getattr__(self, name: str) -> Any:
+        target = SIM_METHODS.get(name)
+        if target is None:
+            return getattr(self._public, name)
+
+        def call(**params: Any) -> dict:
+            from matching import ExchangeError as SimError
+            from pybit.exceptions import InvalidRequestError
+            with self.lock:
+                try:
+                    result = getattr(self.engine, target)(dict(params))
+                except SimError as err:
+                    raise InvalidRequestError(request=name, message=err.msg, status_code=err.code, time="",
+                                              resp_headers={}) from None
+            return {"retCode": 0, "retMsg": "OK", "result": result or {}, "time": self.engine.now_ms}
+        return call
+
+
+# ---------------------------------------------------------------- the engine
+@dataclass
+class Health:
+    """What gates entries besides the strategy, and what the heartbeat reports."""
+    reconciled: bool = False
+    api_errors: int = 0
+    external: list[str] = field(default_factory=list)
+    drift: dict[str, float] = field(default_factory=dict)
+    drift_alert: bool = False
+    data_lag_s: float = math.inf
+    unprotected: int = 0
+
+
+class Engine:
+    """One symbol's live loop. `run()` returns the process exit code."""
+
+    def __init__(self, setup: Setup, clock: Clock | None = None):
+        self.setup, self.cfg, self.mode, self.args = setup, setup.cfg, setup.mode, setup.args
+        self.symbol = self.cfg.symbol
+        self.clock = clock or Clock(seed=self.cfg.seed, market=self.mode == "paper", lockstep=self.args.lockstep)
+        self.journals = Journals(Path(self.cfg.live.log_dir), self.symbol, self.mode, self.clock)
+        self.bar_ms = timeframe_seconds(self.cfg.data.timeframe) * 1000
+        self.health = Health()
+        self.phase = "starting"
+        self.stop_event = threading.Event()
+        self.events: queue.Queue = queue.Queue()
+        self.state = dict(setup.state)
+        self.links: dict[str, str] = dict(self.state.get("links", {}))   # wire orderLinkId -> request id
+        self.window = pd.DataFrame(columns=data_loader.BAR_COLUMNS)
+        self.missing_until = 0         # bar number before which the window holds bars with unknown columns
+        self.bars_closed = 0
+        self.last_stop_check = 0
+        self.last_price = math.nan
+        self.recv = {"book": 0, "trade": 0, "private": 0}
+        self.quantiles: dict[str, list[float]] = {}
+        self.bundle = None
+        self.client: exc.ExchangeClient | None = None
+        self.market: exc.MarketStream | None = None
+        self.private: exc.PrivateStream | None = None
+        self.watchdog: exc.StreamWatchdog | None = None
+        self.sim = None
+        self.sim_lock = threading.RLock()
+        self._exec: Any = None
+        self._heartbeat_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        """Startup, loop, shutdown; the exit code of DESIGN §3."""
+        self._install_signals()
+        self._start_heartbeat()
+        self.journals.event("startup", f"{self.symbol} {self.mode} engine starting (model "
+                                       f"{self.setup.model_dir or 'scripted probabilities'})",
+                            model=str(self.setup.model_dir))
+        if self.mode == "dry-run" and not self.args.signal_only:
+            log.info("dry-run: orders are simulated in process. To trade on Bybit add --keys-file keys.json and "
+                     "--testnet / --demo, or --live for real money")
+        try:
+            self._load_model()
+            self._connect()
+            self._warm_up()
+            self._start_streams()
+            self.phase = "reconciling"
+            self._exec = None if self.args.signal_only else self._load_execution()
+            if self.args.signal_only:
+                self.health.reconciled = True
+            elif not self.reconcile("startup"):
+                self.journals.event("reconcile_failed", "startup reconciliation could not complete", "critical")
+                return EXIT_RECONCILE
+            self.phase = "trading"
+            self._loop()
+            return EXIT_OK
+        except Refusal as err:
+            self.journals.event("error", str(err), "critical")
+            return err.code
+        except (exc.StartupCheckError, exc.AuthenticationError) as err:
+            self.journals.event("error", f"startup checks refused: {err}", "critical")
+            return EXIT_STARTUP
+        finally:
+            self._shutdown()
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        names = ["SIGINT", "SIGTERM", "SIGBREAK"]
+        for name in names:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), lambda signum, _frame: self.request_stop(signum))
+
+    def request_stop(self, signum: int = 0) -> None:
+        log.info("stop requested (signal %s): no new orders, saving state", signum)
+        self.stop_event.set()
+
+    def _shutdown(self) -> None:
+        self.phase = "stopping"
+        try:
+            if self.client is not None and self.health.reconciled and not self.args.keep_orders:
+                self._cancel_resting_entries()
+        except exc.ExchangeError as err:
+            self.journals.event("error", f"cancelling resting entries on stop failed: {err}", "error")
+        self._save()
+        for stream in (self.watchdog, self.market, self.private):
+            if stream is not None:
+                (stream.stop if stream is self.watchdog else stream.close)()
+        self.journals.event("shutdown", f"{self.symbol} engine stopped", bars=self.bars_closed,
+                            late_trades=self._bars.late_trades if hasattr(self, "_bars") else 0)
+        self.stop_event.set()
+        self._write_heartbeat()
+        self.journals.close()
+
+    # ------------------------------------------------------------ heartbeat
+    def _start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self.stop_event.wait(HEARTBEAT_S):
+                self._write_heartbeat()
+        self._write_heartbeat()
+        self._heartbeat_thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self._heartbeat_thread.start()
+
+    def _write_heartbeat(self) -> None:
+        positions = [p for p in self._exchange_positions().values() if p]
+        atomic_write_text(Path(self.cfg.live.state_dir) / f"heartbeat_{self.symbol}.json", json.dumps({
+            "ts": self.clock.wall_ms(), "pid": os.getpid(), "phase": self.phase, "symbol": self.symbol,
+            "mode": self.mode, "open_positions": len(positions), "last_stop_check": self.last_stop_check,
+            "model": str(self.setup.model_dir or ""), "bars": self.bars_closed}))
+
+    def _exchange_positions(self) -> dict[int, float]:
+        return dict(self.state.get("exchange_positions", {}))
+
+    # ------------------------------------------------------------ startup
+    def _load_model(self) -> None:
+        """ModelBundle (unless --probabilities) and the training quantiles the drift monitor compares with."""
+        folder = self.setup.model_dir
+        if folder is None:
+            return
+        meta = json.loads((folder / "features.json").read_text(encoding="utf-8")) \
+            if (folder / "features.json").is_file() else {}
+        self.quantiles = dict(meta.get("quantiles") or {})
+        if self.setup.probabilities is None:
+            from models import ModelBundle, ModelFileError
+            try:
+                self.bundle = ModelBundle.load(folder, feature_engine.feature_names(self.cfg))
+            except ModelFileError as err:
+                raise Refusal(EXIT_CONFIG, f"model: {err}") from None
+        self.journals.event("model_loaded", f"model {folder} ({'EDGE' if self.setup.edge else 'no edge'})",
+                            model=str(folder), edge=self.setup.edge)
+
+    def _connect(self) -> None:
+        """REST client and startup checks (clock, instrument, key permissions, hedge mode)."""
+        self.client = exc.ExchangeClient(self.cfg, self.setup.creds)
+        trading = self.mode != "dry-run" and not self.args.signal_only
+        report = self.client.startup_checks(trading=trading)
+        self.clock.offset_ms = report.time_offset_ms
+        if self.mode == "dry-run":
+            from matching import Instrument, MatchingEngine
+            rules = report.rules
+            inst = Instrument(self.symbol, rules.tick_size, rules.qty_step, rules.min_qty, rules.min_notional)
+            s = self.cfg.strategy
+            self.sim = MatchingEngine(inst, balance=s.initial_equity, maker_fee=s.maker_fee, taker_fee=s.taker_fee,
+                                      fill_rule=s.fill_rule, funding_rate=s.funding_rate_8h)
+            self.client.http = SimHTTP(self.client.http, self.sim, self.sim_lock)
+            self.client.set_position_mode("hedge")
+        server_ms = int(self.client.request("get_server_time").get("time") or 0)
+        self.clock.saw(server_ms if self.mode != "paper" else 0)
+
+    def _warm_up(self) -> None:
+        """Window of history before the first live bar: files, own recordings, then REST klines."""
+        self.phase = "starting"
+        now = self._market_now()
+        first_live = now // self.bar_ms * self.bar_ms
+        need = max(self.cfg.live.window_bars, feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS)
+        first = first_live - need * self.bar_ms
+        folders = [Path(self.args.cfg_data_dir)] if self.args.cfg_data_dir else []
+        folders.append(self.own_recordings())
+        files = file_bars(self.cfg, folders, first_live)
+        files = files[files.index >= pd.Timestamp(first, unit="ms", tz="UTC")]
+        have_until = int(files.index[-1].value // 1_000_000) + self.bar_ms if len(files) else first
+        klines = self._klines(max(have_until, first), first_live - self.bar_ms) if have_until < first_live else []
+        merged = pd.concat([files, kline_bars(klines, self.bar_ms)]) if klines else files
+        merged = merged[~merged.index.duplicated(keep="first")].sort_index()
+        start = int(merged.index[0].value // 1_000_000) if len(merged) else first_live - self.bar_ms
+        grid, missing = complete_grid(merged, start, first_live - self.bar_ms, self.bar_ms)
+        unknown = missing | ~grid.index.isin(files.index)
+        self.window = grid
+        self.missing_until = 0
+        if unknown.any():
+            last_unknown = int(grid.index[np.flatnonzero(unknown)[-1]].value // 1_000_000) // self.bar_ms
+            self.missing_until = last_unknown + 1 + feature_engine.warmup_bars(self.cfg)
+        wait = max(0, self.missing_until - first_live // self.bar_ms)
+        log.info("warm-up: %d bars from files, %d from klines; %s", len(files), len(klines),
+                 "warm now" if wait == 0 else f"warm in {wait} bars ({wait * self.bar_ms / 60000:.0f} min)")
+
+    def own_recordings(self) -> Path:
+        return Path("data") / f"{self.symbol}_Bybit"
+
+    def _klines(self, start_ms: int, end_ms: int) -> list[list[str]]:
+        """REST klines [start_ms, end_ms] (bar opens), paged 1000 at a time."""
+        interval = str(self.bar_ms // 60000) if self.bar_ms < 86_400_000 else "D"
+        rows: list[list[str]] = []
+        cursor = start_ms
+        while cursor <= end_ms:
+            env = self.client.request("get_kline", {"category": "linear", "symbol": self.symbol,
+                                                    "interval": interval, "start": cursor,
+                                                    "end": min(end_ms, cursor + 999 * self.bar_ms), "limit": 1000})
+            got = (env.get("result") or {}).get("list") or []
+            rows.extend(r for r in got if start_ms <= int(r[0]) <= end_ms)
+            cursor += 1000 * self.bar_ms
+        return rows
+
+    def _market_now(self) -> int:
+        """Exchange time now: the paper exchange's market clock, else server time."""
+        if self.mode == "paper":
+            st = self._admin("state")
+            self.clock.saw(int(st["market_ms"]))
+            return int(st["market_ms"])
+        return self.clock.exchange_ms()
+
+    def _admin(self, action: str, body: dict | None = None) -> dict:
+        import requests
+        resp = requests.post(f"{self.cfg.live.rest_url}/__admin/{action}", json=body or {}, timeout=60)
+        resp.raise_for_status()
+        return resp.json()
+
+    def _start_streams(self) -> None:
+        depth = min([d for d in BYBIT_DEPTHS if d >= self.cfg.data.ob_levels] or [BYBIT_DEPTHS[-1]])
+        engine = self
+
+        class Stream(exc.MarketStream):
+            def _on_topic(self, msg: dict) -> None:
+                super()._on_topic(msg)
+                if msg.get("topic") == self.book_topic:
+                    engine.events.put(("book", int(msg.get("ts") or 0), msg))
+
+        self.market = Stream(self.client.endpoints, self.symbol, depth=depth,
+                             stale_after=parse_duration(self.cfg.live.ws_stale_after),
+                             on_trades=lambda rows: self.events.put(("trades", rows)))
+        self.market.book = ob.OrderBook(capacity=4096, sample_interval_ms=int(
+            parse_duration(self.cfg.data.book_sample_interval) * 1000), levels=self.cfg.data.ob_levels)
+        self._bars = LiveBars(self.bar_ms, self.market.book, self.market.lock,
+                              0 if self.args.lockstep else int(parse_duration(self.cfg.live.bar_close_grace) * 1000))
+        self._recorder = self._make_recorder(depth)
+        self.market.start()
+        streams: list = [self.market]
+        if self.mode != "dry-run":
+            self.private = self.client.private_stream(
+                on_message=lambda topic, rows: self.events.put(("private", topic, rows)))
+            self.private.start()
+            streams.append(self.private)
+        deadline = self.clock.monotonic() + 15
+        while not all(s.ready for s in streams) and self.clock.monotonic() < deadline:
+            self.clock.sleep(0.05)
+        self.watchdog = exc.StreamWatchdog(streams).start()
+
+    def _make_recorder(self, depth: int) -> Any:
+        """The collector's file writer for what the engine receives (data/<SYM>_Bybit)."""
+        from data_collector import BybitSymbol, CollectorSettings
+        return BybitSymbol(CollectorSettings([self.symbol], "bybit", Path("data")), self.symbol, depth)
+
+    # ------------------------------------------------------------ main loop
+    def _loop(self) -> None:
+        next_reconcile = self.clock.monotonic() + parse_duration(self.cfg.live.reconcile_interval)
+        next_equity = 0.0
+        while not self.stop_event.is_set():
+            if self.args.lockstep:
+                if not self._lockstep_step():
+                    break
+            else:
+                self._drain(timeout=0.2)
+                for bar in self._bars.tick(self.clock.exchange_ms()):
+                    self.on_bar(bar)
+            now = self.clock.monotonic()
+            if now >= next_reconcile and self._exec is not None:
+                self.reconcile("periodic")
+                next_reconcile = now + parse_duration(self.cfg.live.reconcile_interval)
+            if now >= next_equity:
+                self._journal_equity()
+                next_equity = now + parse_duration(self.cfg.live.heartbeat_interval)
+            if self.args.max_bars and self.bars_closed >= self.args.max_bars:
+                log.info("--max-bars %d reached", self.args.max_bars)
+                break
+
+    def _lockstep_step(self) -> bool:
+        """Advance the paper exchange one step and wait until everything it pushed has been processed;
+        False at the end of its data."""
+        step = parse_duration(self.args.lockstep_step) if self.args.lockstep_step else self.bar_ms / 1000
+        st = self._admin("advance", {"seconds": step})
+        pushed = st.get("last_push_ts", {})
+        want_book = max([v for k, v in pushed.items() if k.startswith("orderbook.")] or [0])
+        want_trade = pushed.get(f"publicTrade.{self.symbol}", 0)
+        deadline = self.clock.monotonic() + 60
+        while self.clock.monotonic() < deadline and not self.stop_event.is_set():
+            if (self.recv["book"] >= want_book and self.recv["trade"] >= want_trade
+                    and (self.private is None or self.recv["private"] >= st.get("private_sent", 0))):
+                break
+            self._drain(timeout=0.05)
+        self._drain(timeout=0)
+        self.clock.saw(int(st["market_ms"]))
+        for bar in self._bars.tick(int(st["market_ms"])):
+            self.on_bar(bar)
+        return not (st.get("exhausted") and st.get("next_ms") is None)
+
+    def _drain(self, timeout: float) -> None:
+        """Handle queued stream messages in arrival order."""
+        try:
+            item = self.events.get(timeout=timeout) if timeout > 0 else self.events.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(item)
+            try:
+                item = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "trades":
+            for row in item[1]:
+                ts = int(row["T"])
+                self.recv["trade"] = max(self.recv["trade"], ts)
+                self.clock.saw(ts)
+                self.last_price = float(row["p"])
+                self._record_trade(row)
+                if self.sim is not None:
+                    with self.sim_lock:
+                        self.sim.on_trade(float(row["p"]), float(row["v"]), row["S"], ts)
+                for bar in self._bars.on_trade(ts, row["S"], float(row["v"]), float(row["p"]), str(row["i"])):
+                    self.on_bar(bar)
+            self._after_market_update()
+        elif kind == "book":
+            ts, msg = item[1], item[2]
+            self.recv["book"] = max(self.recv["book"], ts)
+            self.clock.saw(ts)
+            self._recorder_book(msg)
+            if self.sim is not None:
+                with self.sim_lock, self.market.lock:
+                    self.sim.on_book(self.market.book, ts)
+            for bar in self._bars.on_book_ts(ts):
+                self.on_bar(bar)
+        elif kind == "private":
+            self.recv["private"] += 1
+            self._on_private(item[1], item[2])
+
+    def _after_market_update(self) -> None:
+        """Simulated fills (dry-run) and the intrabar kill-switch check on the latest price."""
+        if self.sim is not None:
+            with self.sim_lock:
+                events = self.sim.drain()
+            for topic, record in events:
+                self._on_private(topic, [record])
+        self._check_kill_switch()
+
+    def _record_trade(self, row: dict) -> None:
+        try:
+            self._recorder.write_trade(int(row["T"]), row["S"], str(row["v"]), str(row["p"]), str(row["i"]),
+                                       int(row.get("RPI") in (True, 1, "1", "true")), row.get("L") or "ZeroPlusTick")
+        except (OSError, KeyError, ValueError) as err:
+            log.warning("recording trade failed: %s", err)
+
+    def _recorder_book(self, msg: dict) -> None:
+        try:
+            self._recorder.on_book(msg, json.dumps(msg).encode())
+        except (OSError, KeyError, ValueError) as err:
+            log.warning("recording book message failed: %s", err)
+
+    # ------------------------------------------------------------ bar close
+    def on_bar(self, bar: pd.DataFrame) -> None:
+        """One closed bar: window, features, probabilities, decisions, orders, signals journal."""
+        t0 = time.perf_counter()
+        bar_ms = int(bar.index[0].value // 1_000_000)
+        number = bar_ms // self.bar_ms
+        if bar.attrs.get("partial") and bar.index[0] in self.window.index:
+            return  # began before we listened; the warm-up already holds it complete
+        self.bars_closed += 1
+        if bar.attrs.get("partial"):
+            self.missing_until = max(self.missing_until, number + 1 + feature_engine.warmup_bars(self.cfg))
+        self.window = pd.concat([self.window, bar]).iloc[-max(self.cfg.live.window_bars,
+                                                               feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS):]
+        self.window = self.window[~self.window.index.duplicated(keep="last")].copy()
+        data_loader.mark_gaps(self.window, self.bar_ms // 1000, self.cfg.data.gap_threshold,
+                              self.window["is_gap"].to_numpy(bool))   # the research gap rule, on the window
+        feats = feature_engine.compute_features(self.window, self.cfg)
+        row = feats.iloc[-1]
+        atr = float(row["atr"])
+        warm = bool(row["is_warm"]) and number >= self.missing_until
+        probs = self._probabilities(bar_ms, feats) if warm else {c: math.nan for c in PROB_COLUMNS}
+        if self.quantiles and number % 10 == 0:
+            self._drift(feats)
+        allowed, reason = self._entry_gate(warm, bar)
+        close = float(bar["close"].iloc[0])
+        requests: list = []
+        if not self.args.signal_only and self._exec is not None:
+            import strategy
+            requests = self._exec.on_bar_close(strategy.Bar(index=number, time=bar_ms / 1000.0, close=close,
+                                                            atr=atr, probs=probs),
+                                               strategy.EntryGate(allowed=allowed, reason=reason))
+        latency = (time.perf_counter() - t0) * 1000.0
+        s = self.cfg.strategy
+        self.journals.write("signals", {
+            "bar_time": iso(bar_ms), "bar_ms": bar_ms, **{c: float(bar[c].iloc[0]) for c in
+                                                          ("open", "high", "low", "close", "volume")},
+            "bar": {c: bar[c].iloc[0].item() if hasattr(bar[c].iloc[0], "item") else bar[c].iloc[0]
+                    for c in data_loader.BAR_COLUMNS},
+            "atr": atr, "warm": warm, **probs, "exec_threshold": s.exec_threshold,
+            "direction_threshold": s.direction_threshold, "aggressive_threshold": s.aggressive_threshold,
+            "entries_allowed": allowed, "reason": reason, "latency_ms": latency,
+            "intents": [{"kind": r.kind, "side": r.side, "price": r.price, "qty": r.qty, "reason": r.reason,
+                         "action": r.action, "order_link_id": r.order_link_id} for r in requests],
+            **({"features": {k: float(v) for k, v in row.items() if k != "is_warm"}} if self.args.log_features else {})})
+        self.send(requests)
+        self._save()
+
+    def _probabilities(self, bar_ms: int, feats: pd.DataFrame) -> dict[str, float]:
+        table = self.setup.probabilities
+        if table is not None:
+            if bar_ms not in table.index:
+                return {c: math.nan for c in PROB_COLUMNS}
+            row = table.loc[bar_ms]
+            row = row.iloc[-1] if isinstance(row, pd.DataFrame) else row
+            return {c: float(row[c]) for c in PROB_COLUMNS}
+        pred = self.bundle.predict(feats.iloc[-1:][self.bundle.feature_names])
+        return {c: float(pred[c.replace("p_", "")].iloc[0]) if c.replace("p_", "") in pred.columns
+                else float(pred[c].iloc[0]) for c in PROB_COLUMNS}
+
+    def _drift(self, feats: pd.DataFrame) -> None:
+        self.health.drift = drift_report(feats, self.quantiles, self.cfg.live.drift_window)
+        worst = next(iter(self.health.drift.items()), None)
+        alert = worst is not None and worst[1] > self.cfg.live.drift_psi_alert
+        if alert and not self.health.drift_alert:
+            self.journals.event("drift", f"feature {worst[0]} drifted from training: PSI {worst[1]:.3f} > "
+                                         f"{self.cfg.live.drift_psi_alert}", "warning", drift=self.health.drift)
+        self.health.drift_alert = alert
+
+    def _entry_gate(self, warm: bool, bar: pd.DataFrame) -> tuple[bool, str]:
+        """Live-only conditions the strategy receives as input (DESIGN §1)."""
+        lag = (self.clock.exchange_ms() - max(self.recv["trade"], self.recv["book"])) / 1000.0
+        self.health.data_lag_s = lag
+        checks = [(not warm, "not warm"), (not self.health.reconciled, "not reconciled"),
+                  (bool(self.health.external), "external position/order: " + ",".join(self.health.external[:3])),
+                  (lag > parse_duration(self.cfg.live.ws_stale_after), f"stale data ({lag:.0f}s)"),
+                  (self.market is not None and not self.market.book_valid, "book invalid"),
+                  (self.health.api_errors >= self.cfg.live.max_api_errors, "API errors"),
+                  (self.args.drift_halt and self.health.drift_alert, "drift halt"),
+                  (bool(self.state.get("halted_day")) and self.state.get("halted_day") == self._day(), "kill-switch")]
+        spread = float(bar["ob_spread_mean"].iloc[0]) if "ob_spread_mean" in bar else math.nan
+        mid = float(bar["ob_mid_last"].iloc[0]) if "ob_mid_last" in bar else math.nan
+        if math.isfinite(spread) and math.isfinite(mid) and mid > 0:
+            checks.append((spread / mid > self.cfg.live.max_spread_pct, f"wide spread ({spread / mid:.4%})"))
+        for failed, why in checks:
+            if failed:
+                if why.startswith("stale"):
+                    self.journals.event("stale_data", f"no market data for {lag:.0f}s: entries paused", "warning")
+                return False, why
+        return True, ""
+
+    def _day(self) -> int:
+        return self.clock.exchange_ms() // 86_400_000
+
+    # ------------------------------------------------------------ orders
+    def _load_execution(self) -> Any:
+        """The order lifecycle (execution.py), restored losslessly from the state file."""
+        import execution
+        text = self.state.get("execution")
+        return execution.Execution.from_json(text, self.cfg) if text else execution.Execution(self.cfg, self.symbol)
+
+    def send(self, requests: list) -> None:
+        """Send order requests; each wire orderLinkId is written to the state file BEFORE it is sent
+        (a crash between the two leaves a known id to settle by lookup, never an orphan)."""
+        for req in requests:
+            wire = exc.order_link_id(req.order_link_id)
+            if req.action == "create":
+                self.links[wire] = req.order_link_id
+                self.state.setdefault("unsettled", {})[wire] = self.clock.exchange_ms()
+                self._save()
+            self.journals.write("trades", {"event": "placed" if req.action == "create" else "cancel_sent",
+                                           "order_link_id": wire, "side": req.side, "kind": req.kind,
+                                           "price": req.price, "qty": req.qty, "position_id": req.position_id,
+                                           "reason": req.reason})
+            try:
+                if req.action == "create":
+                    self._create(req)
+                else:
+                    self.client.cancel_order(order_link_id=wire)
+                self.health.api_errors = 0
+            except exc.OrderNotFoundError:
+                self._settle(wire)
+            except exc.RejectedError as err:
+                self._rejected(req, wire, err)
+            except exc.ExchangeError as err:
+                self.health.api_errors += 1
+                self.journals.event("error", f"{req.action} {wire} outcome unknown ({err}): settling by lookup",
+                                    "warning", order_link_id=wire)
+
+    def _create(self, req: Any) -> None:
+        market = req.order_type == "Market"
+        kwargs: dict[str, Any] = dict(price=None if market else req.price, order_type=req.order_type,
+                                      time_in_force=None if market else req.time_in_force,
+                                      reduce_only=req.reduce_only)
+        if req.kind == "sl":
+            kwargs.update(order_type="Market", price=None, time_in_force=None, trigger_price=req.price,
+                          trigger_direction=2 if req.side == "Sell" else 1)
+        if req.stop_loss is not None and not req.reduce_only:
+            kwargs.update(stop_loss=req.stop_loss, tpsl_mode="Partial")
+        self.client.place_order(req.order_link_id, req.side, req.qty, **kwargs)
+
+    def _rejected(self, req: Any, wire: str, err: exc.ExchangeError) -> None:
+        """A refusal is final: the lifecycle hears it; a refused stop on a live position means an immediate
+        reduce-only market exit of that position."""
+        self.state.get("unsettled", {}).pop(wire, None)
+        self.journals.write("trades", {"event": "rejected", "order_link_id": wire, "side": req.side,
+                                       "kind": req.kind, "price": req.price, "qty": req.qty,
+                                       "position_id": req.position_id, "reason": str(err)})
+        self._feed("order", {"orderLinkId": wire, "orderStatus": "Rejected", "rejectReason": str(err),
+                             "updatedTime": str(self.clock.exchange_ms())})
+        if req.kind == "sl" and stop_refused(err):
+            self._emergency_exit(req)
+
+    def _emergency_exit(self, req: Any) -> None:
+        side_idx = req.position_idx
+        size = self._exchange_positions().get(str(side_idx), 0.0)
+        if size <= 0:
+            return
+        link = f"{req.order_link_id}:stop-refused-exit"
+        self.journals.event("error", f"stop refused for {req.position_id}: closing {size} at market", "error")
+        try:
+            self.client.place_order(link, req.side, size, order_type="Market", reduce_only=True)
+        except exc.ExchangeError as err:
+            self.journals.event("error", f"emergency exit failed: {err}", "critical")
+
+    def _settle(self, wire: str) -> None:
+        """Settle an order of unknown outcome by lookup; it is never re-sent under a new id."""
+        found = self.client.find_order(wire)
+        if found is None:
+            return
+        self.state.get("unsettled", {}).pop(wire, None)
+        self._on_private("order", [found])
+
+    def _settle_unknown(self) -> None:
+        for wire in list(self.state.get("unsettled", {})):
+            try:
+                found = self.client.find_order(wire)
+            except exc.ExchangeError as err:
+                log.warning("lookup of %s failed: %s", wire, err)
+                continue
+            if found is not None:
+                self.state["unsettled"].pop(wire, None)
+                self._on_private("order", [found])
+            elif self.clock.exchange_ms() - self.state["unsettled"][wire] > 10_000:
+                self.state["unsettled"].pop(wire, None)
+                self._feed("order", {"orderLinkId": wire, "orderStatus": "Rejected",
+                                     "rejectReason": "never reached the exchange (lookup found nothing)",
+                                     "updatedTime": str(self.clock.exchange_ms())})
+
+    def _cancel_resting_entries(self) -> None:
+        for order in self.client.open_orders():
+            if order.get("orderLinkId") in self.links and not order.get("reduceOnly"):
+                try:
+                    self.client.cancel_order(order_link_id=order["orderLinkId"])
+                except exc.OrderNotFoundError:
+                    pass
+
+    # ------------------------------------------------------------ exchange events
+    def _on_private(self, topic: str, rows: list) -> None:
+        for row in rows:
+            if topic == "position":
+                self._position_update(row)
+            elif topic == "wallet":
+                continue
+            else:
+                self._feed(topic, row)
+        self._after_events()
+
+    def _feed(self, topic: str, row: dict) -> None:
+        """One order/execution record (WS push, REST lookup or simulator) as an ExecEvent."""
+        import execution
+        if self._exec is None:
+            return
+        link = self._request_id(row)
+        if link is None:
+            if topic == "order" and row.get("orderStatus") in ("New", "PartiallyFilled", "Untriggered"):
+                self._external(f"order {row.get('orderId')}")
+            return
+        ts = int(row.get("execTime") or row.get("updatedTime") or self.clock.exchange_ms())
+        if topic == "execution":
+            if row.get("execType", "Trade") != "Trade":
+                return
+            self.state["last_exec_ms"] = max(int(self.state.get("last_exec_ms", 0)), ts)
+            ev = execution.ExecEvent("fill", link, ts, exec_id=str(row["execId"]), qty=float(row["execQty"]),
+                                     price=float(row["execPrice"]), fee=float(row.get("execFee") or 0),
+                                     is_maker=row.get("isMaker") in (True, "true"))
+        else:
+            status = row.get("orderStatus")
+            kind = {"New": "accepted", "Untriggered": "accepted", "Rejected": "rejected", "Cancelled": "cancelled",
+                    "Deactivated": "cancelled", "PartiallyFilledCanceled": "cancelled"}.get(status)
+            if kind is None:
+                return
+            self.state.get("unsettled", {}).pop(row.get("orderLinkId", ""), None)
+            ev = execution.ExecEvent(kind, link, ts, reason=str(row.get("rejectReason") or row.get("cancelType")
+                                                                   or ""))
+        result = self._exec.on_event(ev)
+        for rec in result.journal:
+            self.journals.write("trades", rec)
+        if result.status in ("invalid",):
+            log.warning("event %s %s: %s", ev.type, link, result.message)
+        self.send(result.requests)
+
+    def _request_id(self, row: dict) -> str | None:
+        """Our request id of an exchange order: by orderLinkId, or for an exchange-created stop/TP of a
+        Partial entry, by the entry it protects (same leg, trigger at that entry's stop)."""
+        wire = row.get("orderLinkId") or ""
+        if wire in self.links:
+            return self.links[wire]
+        tpsl = self.state.setdefault("tpsl", {})
+        oid = str(row.get("orderId", ""))
+        if oid in tpsl:
+            return tpsl[oid]
+        if wire or "Stop" not in str(row.get("stopOrderType", "")):
+            return None
+        for pos in self._exec.positions():
+            sl = getattr(pos, "sl", math.nan)
+            link = getattr(pos, "link", None) or getattr(pos, "position_id", None)
+            if link and math.isclose(float(row.get("triggerPrice") or 0), sl, rel_tol=1e-9, abs_tol=1e-9):
+                tpsl[oid] = f"{link}:sl"
+                return tpsl[oid]
+        return None
+
+    def _external(self, what: str) -> None:
+        if what not in self.health.external:
+            self.health.external.append(what)
+            self.journals.event("external", f"{what} is not this engine's: entries paused", "warning")
+            self.journals.write("trades", {"event": "external", "reason": what})
+
+    def _position_update(self, row: dict) -> None:
+        idx = str(int(row.get("positionIdx", 0)))
+        self.state.setdefault("exchange_positions", {})[idx] = float(row.get("size") or 0)
+        self.clock.saw(int(row.get("updatedTime") or 0) if self.mode == "paper" else 0)
+
+    def _after_events(self) -> None:
+        self._journal_open_orders()
+        self._save()
+
+    def _journal_open_orders(self) -> None:
+        resting = [vars(r) if hasattr(r, "__dict__") else r for r in self._exec.resting()]
+        key = json.dumps(resting, default=_json_default, sort_keys=True)
+        if key != self.state.get("_open_orders_key"):
+            self.state["_open_orders_key"] = key
+            self.journals.write("open_orders", {"orders": resting})
+
+    # ------------------------------------------------------------ reconciliation
+    def reconcile(self, why: str) -> bool:
+        """Compare with the exchange: executions since the last seen, open orders (all pages), both hedge
+        rows, wallet. Unknown orders/positions are external and block entries; an own position without a
+        full stop gets one. False when it could not complete (a missing answer never means flat)."""
+        try:
+            executions = self.client._paged("get_executions", {"category": "linear", "symbol": self.symbol,
+                                                               "startTime": int(self.state.get("last_exec_ms", 0)),
+                                                               "limit": 100})
+            orders = self.client.open_orders()
+            rows = self.client.positions()
+            wallet = self.client.wallet()
+        except exc.ExchangeError as err:
+            self.health.reconciled = False
+            self.journals.event("reconcile_failed", f"{why} reconciliation failed: {err}", "error")
+            return False
+        for row in sorted(executions, key=lambda r: int(r.get("execTime", 0))):
+            self._feed("execution", row)
+        for wire in list(self.state.get("unsettled", {})):
+            self._settle(wire)
+        self.health.external = []
+        for order in orders:
+            self._feed("order", order)
+        positions = {str(int(r.get("positionIdx", 0))): float(r.get("size") or 0) for r in rows}
+        self.state["exchange_positions"] = positions
+        own = {"1": 0.0, "2": 0.0}
+        for pos in self._exec.positions():
+            own["1" if pos.side > 0 else "2"] += pos.qty
+        for idx, size in positions.items():
+            if size > own.get(idx, 0.0) + 1e-12:
+                self._external(f"position idx {idx} size {size} (own {own.get(idx, 0.0)})")
+        self.check_stops(orders)
+        self.state["wallet_equity"] = wallet.get("equity")
+        self.health.reconciled = True
+        self._save()
+        self.journals.event("reconciled", f"{why}: {len(orders)} open orders, positions {positions}",
+                            orders=len(orders), positions=positions, external=self.health.external)
+        return True
+
+    def check_stops(self, orders: list[dict] | None = None) -> int:
+        """Every own position leg must be covered by reduce-only stop orders for its full size; an
+        uncovered remainder gets a stop at the position's own SL (or, without one, a market exit).
+        Returns the number of legs found unprotected."""
+        orders = self.client.open_orders() if orders is None else orders
+        positions = self._exchange_positions()
+        bad = 0
+        for idx in ("1", "2"):
+            size = positions.get(idx, 0.0)
+            if size <= 0:
+                continue
+            covered = sum(float(o.get("qty") or 0) for o in orders if str(o.get("positionIdx")) == idx
+                          and "Stop" in str(o.get("stopOrderType", "")) and o.get("reduceOnly") in (True, "true"))
+            if covered + 1e-12 < size:
+                bad += 1
+                self._protect(idx, size - covered)
+        self.health.unprotected = bad
+        self.last_stop_check = self.clock.exchange_ms()
+        return bad
+
+    def _protect(self, idx: str, qty: float) -> None:
+        long = idx == "1"
+        own = [p for p in self._exec.positions() if (p.side > 0) == long]
+        side = "Sell" if long else "Buy"
+        link = f"protect-{idx}-{self.clock.exchange_ms()}"
+        self.journals.event("error", f"position leg {idx} has {qty} without a stop: protecting it", "error")
+        try:
+            if own and math.isfinite(own[0].sl):
+                self.client.place_order(link, side, qty, order_type="Market", reduce_only=True,
+                                        trigger_price=own[0].sl, trigger_direction=2 if long else 1)
+            else:
+                self.client.place_order(link, side, qty, order_type="Market", reduce_only=True)
+        except exc.RejectedError as err:
+            if stop_refused(err):
+                self.client.place_order(link + "-x", side, qty, order_type="Market", reduce_only=True)
+            else:
+                self.journals.event("error", f"protecting leg {idx} failed: {err}", "critical")
+
+    # ------------------------------------------------------------ risk and journals
+    def _check_kill_switch(self) -> None:
+        """Daily loss incl. unrealised PnL, on every price update: entries stop at once (the halt survives a
+        restart); the flatten itself is the strategy's kill rule at the next decision."""
+        if self._exec is None or not math.isfinite(self.last_price):
+            return
+        day = self._day()
+        equity = self._exec.mark(self.last_price)
+        if self.state.get("day") != day:
+            self.state.update(day=day, day_start_equity=equity)
+        start = float(self.state.get("day_start_equity") or equity)
+        if self.state.get("halted_day") != day and equity <= (1 - self.cfg.strategy.daily_loss_limit) * start:
+            self.state["halted_day"] = day
+            self.journals.event("kill_switch", f"daily loss {equity - start:.2f} reached the "
+                                               f"{self.cfg.strategy.daily_loss_limit:.1%} limit: halted until "
+                                               "the next UTC day", "critical", equity=equity, day_start=start)
+            self._save()
+
+    def _journal_equity(self) -> None:
+        if self._exec is None:
+            return
+        equity = self._exec.mark(self.last_price) if math.isfinite(self.last_price) else self._exec.equity()
+        start = float(self.state.get("day_start_equity") or equity)
+        self.journals.write("equity", {
+            "equity": equity, "unrealised": equity - self._exec.equity(), "day_start_equity": start,
+            "day_pnl": equity - start, "kill_switch": "halted" if self.state.get("halted_day") == self._day()
+            else "armed", "positions": [vars(p) for p in self._exec.positions()],
+            "data_lag_s": self.health.data_lag_s,
+            "streams": {s.channel: {"state": s.health(), "age_s": round(s.silence(), 1)}
+                        for s in (self.market, self.private) if s is not None},
+            "reconciled": self.health.reconciled, "api_errors": self.health.api_errors,
+            "drift": self.health.drift, "late_trades": self._bars.late_trades})
+
+    def _save(self) -> None:
+        if getattr(self, "_exec", None) is not None:
+            self.state["execution"] = self._exec.to_json()
+        self.state.update(symbol=self.symbol, mode=self.mode, links=self.links, saved_ms=self.clock.wall_ms())
+        save_state(self.setup.state_file, {k: v for k, v in self.state.items() if not k.startswith("_")})
+
+
+def stop_refused(err: exc.ExchangeError) -> bool:
+    """Whether the exchange refused a stop because price is already beyond it (by class and wording, not
+    one retCode: Bybit answers 10001/110092/110093/30208 with texts naming the stop or trigger price)."""
+    text = str(err).lower()
+    return isinstance(err, exc.RejectedError) and any(w in text for w in ("stoploss", "stop loss", "stop_loss",
+                                                                          "triggerprice", "trigger price",
+                                                                          "wrong side", "loss side"))
+
+
+def main(argv: list[str] | None = None, env: dict | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        setup = prepare(args, env)
+    except Refusal as err:
+        print(f"refused: {err}", file=sys.stderr)
+        return err.code
+    setup_logging(Path(setup.cfg.live.log_dir), args.verbose)
+    return Engine(setup).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

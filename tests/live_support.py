@@ -1,0 +1,108 @@
+"""Shared pieces of the live-engine tests: a synthetic market, a paper exchange on 127.0.0.1, a model folder
+or scripted probabilities, and the engine as a real child process (so signals, SIGKILL and exit codes are
+the real thing)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from config import GlobalConfig, set_path
+
+ROOT = Path(__file__).resolve().parents[1]
+SYMBOL = "LIVEUSDT"
+START = "2026-01-01T03:00"
+START_MS = int(pd.Timestamp(START, tz="UTC").value // 1_000_000)
+# 1-minute bars and short feature windows: warm after 135 bars, so 3 h of files warm the engine up.
+TEST_SETS = {"data.timeframe": "1m", "features.macro_window": "2h", "features.day_window": "1h",
+             "features.vwap_windows": "30m,1h", "features.z_window": "30m", "features.ema_spans": "10m,20m,40m",
+             "features.atr_span": "10m", "features.rsi_span": "10m", "features.htf_span": "2",
+             "features.ewm_tolerance": "0.05", "features.htf_timeframes": "5m,15m"}
+
+
+def make_market(root: Path) -> Path:
+    """One simulated day (1 s book steps) of LIVEUSDT in the collector's files."""
+    from market_sim import simulate
+    simulate(symbol=SYMBOL, days=1, seed=5, out=root, book_interval="1s")
+    return root / f"{SYMBOL}_Sim"
+
+
+def live_config(**sets: str) -> GlobalConfig:
+    cfg = GlobalConfig()
+    cfg.symbol = SYMBOL
+    for key, value in {**TEST_SETS, **sets}.items():
+        set_path(cfg, key, value)
+    cfg.validate("test")
+    return cfg
+
+
+def write_model_dir(root: Path, edge: bool = True, **sets: str) -> Path:
+    """A rank folder with params.json only (tests drive the engine with --probabilities)."""
+    folder = root / "models_v9" / SYMBOL / "rank_1"
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {"edge": edge, "verdict": "EDGE" if edge else "NO EDGE", "config": live_config(**sets).to_dict()}
+    (folder / "params.json").write_text(json.dumps(params))
+    return folder
+
+
+def write_probabilities(path: Path, rows: dict[str, dict[str, float]]) -> Path:
+    """bar_time (ISO) -> p_exec_long, p_exec_short, p_dir_long, p_dir_short (missing ones = 0)."""
+    cols = ("p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short")
+    lines = ["bar_time," + ",".join(cols)]
+    for when, probs in rows.items():
+        lines.append(when + "," + ",".join(str(probs.get(c, 0.0)) for c in cols))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def exchange(folder: Path, start: str = START, **kw):
+    """A per-message paper exchange over `folder` starting at `start`, clock driven by the engine."""
+    from paper_exchange import ExchangeThread, build_exchange
+    return ExchangeThread(build_exchange(folder, start=start, per_message=True, **kw))
+
+
+def engine_cmd(url: str, model: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "live_trading_v2.py"), "--symbol", SYMBOL, "--paper", url, "--lockstep",
+            "--model-dir", str(model), "--data-dir", str(data), *extra]
+
+
+def spawn(cmd: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 120) -> tuple[int, str]:
+    proc = spawn(cmd, cwd)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"engine did not finish in {timeout}s:\n{out[-4000:]}") from None
+    return proc.returncode, out
+
+
+def journal(cwd: Path, name: str) -> list[dict]:
+    path = cwd / "logs" / f"{name}_{SYMBOL}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
