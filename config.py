@@ -419,9 +419,17 @@ class GlobalConfig(_Section):
             raise ConfigError(f"{path}: {exc}") from None
 
 
+LEGACY_TUNE_KEYS = ("exec_threshold", "direction_threshold", "aggressive_threshold")
+
+
 def migrate(data: Any) -> Any:
     """A config dict in the current layout. Version 1 kept the venue settings (fees, slippage, latency,
-    funding, fill rule, initial equity) inside `strategy`; they move to `venue`. Returns a new dict."""
+    funding, fill rule, initial equity) inside `strategy`; they move to `venue`. Older configs also searched
+    absolute threshold ranges (`tune.exec_threshold` ...), replaced by top fractions (`tune.exec_top` ...):
+    those ranges are dropped (the thresholds a model uses live in `strategy`). Returns a new dict."""
+    if isinstance(data, dict) and isinstance(data.get("tune"), dict) and \
+            any(k in data["tune"] for k in LEGACY_TUNE_KEYS):
+        data = {**data, "tune": {k: v for k, v in data["tune"].items() if k not in LEGACY_TUNE_KEYS}}
     if not isinstance(data, dict) or data.get("version") != 1:
         return data
     out = {**data, "version": CONFIG_VERSION}

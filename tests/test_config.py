@@ -188,3 +188,10 @@ def test_current_version_rejects_venue_keys_inside_strategy() -> None:
     data["strategy"]["maker_fee"] = 0.0
     with pytest.raises(ConfigError, match="maker_fee"):
         GlobalConfig.from_dict(data)
+
+
+def test_absolute_threshold_search_ranges_of_older_configs_are_dropped_on_load() -> None:
+    data = GlobalConfig().to_dict()
+    data["tune"].update(exec_threshold=[0.3, 0.8], direction_threshold=[0.3, 0.7], aggressive_threshold=[0.55, 0.95])
+    cfg = GlobalConfig.from_dict(data)
+    assert cfg == GlobalConfig() and not hasattr(cfg.tune, "exec_threshold")
