@@ -567,7 +567,7 @@ def study_statistics(study: optuna.Study, winner: Candidate) -> dict:
     stats = {"return_period": RETURN_PERIOD, "super_oos_sharpe": sr, "super_oos_periods": int(len(returns)),
              "super_oos_days": len(returns) * period_days, "skew": skew, "kurtosis": kurt,
              "n_trials": n_trials, "trial_sharpe_var": sr_var, "expected_max_sharpe": sr0,
-             "deflated_sharpe": validation.probabilistic_sharpe(sr, sr0, n_obs, skew, kurt),
+             "deflated_sharpe": validation.deflated_sharpe(sr, n_obs, skew, kurt, n_trials, sr_var),
              "min_track_record_periods": validation.min_track_record_length(sr, sr0, skew, kurt, DSR_CUTOFF),
              "pbo": float("nan"), "pbo_logits": []}
     stats["min_track_record_days"] = stats["min_track_record_periods"] * period_days
