@@ -48,7 +48,6 @@ RETURN_PERIOD = "15min"        # the one return frequency of every Sharpe: CPCV 
 PERIODS_PER_YEAR = 4 * 24 * 365
 SCORE_BOUND = 10.0             # scores are annualised Sharpe ratios, softly bounded to +-SCORE_BOUND
 NO_TRADES = -SCORE_BOUND - 1.0  # the score of a span without a trade: "no strategy", below every trader
-SKETCH_POINTS = 1001           # quantiles kept of a trial's out-of-fold scores (for the final model's thresholds)
 TOPS = ("exec_top", "direction_top", "aggressive_top")
 DSR_CUTOFF = 0.95
 MIN_SEGMENT_BARS = 24
@@ -214,57 +213,27 @@ def family_scores(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return exec_[np.isfinite(exec_)], dir_[np.isfinite(dir_)]
 
 
-def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs: Any) -> np.ndarray:
-    """The smallest values whose weighted empirical CDF reaches each q (numpy's 'inverted_cdf', with weights)."""
-    if values.size == 0:
-        raise TrainError("no out-of-fold scores to set a threshold from")
-    order = np.argsort(values, kind="stable")
-    cum = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
-    at = np.minimum(np.searchsorted(cum, np.asarray(qs, dtype=np.float64) * cum[-1], side="left"), values.size - 1)
-    return values[order][at]
-
-
 @dataclass
 class ScoreReference:
-    """Out-of-fold scores that thresholds are read from, per model family, with a weight per value."""
+    """Out-of-fold scores that thresholds are read from, per model family (long and short pooled)."""
     exec_values: np.ndarray
-    exec_weights: np.ndarray
     dir_values: np.ndarray
-    dir_weights: np.ndarray
 
     @classmethod
     def of(cls, probs: np.ndarray) -> "ScoreReference":
-        e, d = family_scores(probs)
-        return cls(e, np.ones(e.size), d, np.ones(d.size))
-
-    def sketch(self) -> dict:
-        """SKETCH_POINTS quantiles per family and the weight they stand for (a compact JSON trial attribute)."""
-        grid = np.linspace(0.0, 1.0, SKETCH_POINTS)
-        out = {}
-        for name, v, w in (("exec", self.exec_values, self.exec_weights), ("dir", self.dir_values, self.dir_weights)):
-            out[name] = [round(float(x), 7) for x in weighted_quantiles(v, w, grid)]
-            out[f"{name}_weight"] = float(w.sum())
-        return out
-
-    @classmethod
-    def from_sketch(cls, sketch: dict) -> "ScoreReference":
-        e, d = np.asarray(sketch["exec"]), np.asarray(sketch["dir"])
-        return cls(e, np.full(e.size, sketch["exec_weight"] / e.size),
-                   d, np.full(d.size, sketch["dir_weight"] / d.size))
-
-    def plus(self, other: "ScoreReference") -> "ScoreReference":
-        return ScoreReference(np.concatenate([self.exec_values, other.exec_values]),
-                              np.concatenate([self.exec_weights, other.exec_weights]),
-                              np.concatenate([self.dir_values, other.dir_values]),
-                              np.concatenate([self.dir_weights, other.dir_weights]))
+        exec_, dir_ = family_scores(probs)
+        if exec_.size == 0 or dir_.size == 0:
+            raise TrainError("no out-of-fold scores to set a threshold from")
+        return cls(exec_, dir_)
 
     def thresholds(self, tops: dict[str, float]) -> dict[str, float]:
-        """Probabilities above which the top fractions of this reference's scores lie (the live thresholds)."""
-        exec_thr = float(weighted_quantiles(self.exec_values, self.exec_weights, 1.0 - tops["exec_top"]))
-        dir_thr, aggr_thr = map(float, weighted_quantiles(self.dir_values, self.dir_weights,
-                                                          [1.0 - tops["direction_top"], 1.0 - tops["aggressive_top"]]))
-        return {"exec_threshold": exec_thr, "direction_threshold": dir_thr,
-                "aggressive_threshold": max(dir_thr, aggr_thr)}
+        """Probabilities above which the top fractions of this reference's scores lie (the live thresholds):
+        numpy's 'inverted_cdf' quantile at 1 - top, so `p >= threshold` selects that top fraction."""
+        exec_thr = float(np.quantile(self.exec_values, 1.0 - tops["exec_top"], method="inverted_cdf"))
+        dir_thr, aggr_thr = np.quantile(self.dir_values, [1.0 - tops["direction_top"], 1.0 - tops["aggressive_top"]],
+                                        method="inverted_cdf")
+        return {"exec_threshold": exec_thr, "direction_threshold": float(dir_thr),
+                "aggressive_threshold": float(max(dir_thr, aggr_thr))}
 
     def ranks(self, probs: np.ndarray) -> np.ndarray:
         """Each score's empirical CDF value in this reference (same family; NaN stays NaN): comparing a rank
@@ -340,7 +309,6 @@ class CpcvOutcome:
     skew: float                    # skewness and Pearson kurtosis of all paths' period returns
     kurt: float
     dev_thresholds: dict[str, float]  # the probabilities the top fractions select in the dev span's out-of-fold scores
-    sketch: dict                   # ScoreReference.sketch of those out-of-fold scores
 
 
 def evaluate_cpcv(data: TrainData, cfg: GlobalConfig, tops: dict[str, float], timer: Timer) -> CpcvOutcome:
@@ -378,8 +346,7 @@ def evaluate_cpcv(data: TrainData, cfg: GlobalConfig, tops: dict[str, float], ti
     _, skew, kurt = validation.sharpe_stats(pd.concat(returns).to_numpy())
     reference = ScoreReference.of(np.concatenate([p for _, p in split_probs]))
     return CpcvOutcome(float(np.median(scores)), scores, trades, sharpes, curves,
-                       pd.concat(returns, axis=1).mean(axis=1), skew, kurt, reference.thresholds(tops),
-                       reference.sketch())
+                       pd.concat(returns, axis=1).mean(axis=1), skew, kurt, reference.thresholds(tops))
 
 
 # ---------------------------------------------------------------- the study
@@ -444,7 +411,6 @@ def make_objective(data: TrainData, base: GlobalConfig, budget: int, worker: str
                  "trades": int(np.median([t["trades"] for t in outcome.path_trades])),
                  "path_sharpes": outcome.path_sharpes, "sharpe": float(np.median(outcome.path_sharpes)),
                  "skew": outcome.skew, "kurtosis": outcome.kurt, "dev_thresholds": outcome.dev_thresholds,
-                 "score_sketch": outcome.sketch,
                  "period_returns": [round(float(x), 9) for x in outcome.mean_returns],
                  "path_equity": [[round(float(x), 2) for x in c] for c in outcome.path_equity],
                  "path_times": [t.isoformat() for t in outcome.path_equity[0].index]}
@@ -526,17 +492,16 @@ def qualify(study: optuna.Study, data: TrainData, base: GlobalConfig, timer: Tim
     return sorted(candidates, key=lambda c: (c.rank_score, c.trial.value), reverse=True)
 
 
-def final_exam(winner: Candidate, data: TrainData, timer: Timer) -> None:
-    """Retrain the winner on development + OOS-1 and backtest it once on the untouched Super-OOS slice.
+def final_exam(winner: Candidate, data: TrainData) -> None:
+    """Backtest the qualified winner once on the untouched Super-OOS slice, as it ships.
 
-    Its thresholds are its top fractions of the out-of-fold scores of development (the trial's CPCV) and
-    OOS-1 (the development model's), data it is not scored on.
+    The exam model is the development-trained model OOS-1 qualified, not a retrained one: retraining shifts a
+    model's score distribution away from any threshold read before, which can silence a leg. Its thresholds
+    are its top fractions of its own scores on OOS-1, data it was not fitted on and is not examined on.
     """
     seg = data.segments
-    reference = ScoreReference.from_sketch(winner.trial.user_attrs["score_sketch"]).plus(
-        ScoreReference.of(winner.extra["oos1_probs"].to_numpy()))
+    reference = ScoreReference.of(winner.extra["oos1_probs"].to_numpy())
     winner.cfg = with_thresholds(winner.cfg, reference.thresholds(trial_tops(winner.trial.params)))
-    winner.bundle = fit_bundle(data.frame.iloc[: seg.oos1.stop], data.features, winner.cfg, timer)
     final = data.frame.iloc[seg.super_oos]
     winner.final = run_segment(data, final, predict_span(winner.bundle, final, data.features), winner.cfg)
 
@@ -622,7 +587,7 @@ TRAIN_ASSUMPTIONS = [
     "Thresholds are top fractions of each model family's own out-of-fold scores (trial parameters exec_top, "
     "direction_top, aggressive_top), stored and used as probabilities. CPCV split: read from the out-of-fold "
     "scores on its training groups; OOS-1 candidate: from the trial's CPCV out-of-fold development scores; "
-    "final model: from development + OOS-1 out-of-fold scores. Never from the rows they are scored on.",
+    "shipped (exam) model: from its own OOS-1 scores. Never from the rows they are scored on.",
     f"Scores are annualised Sharpe ratios of {RETURN_PERIOD} mark-to-market returns, softly bounded to "
     f"±{SCORE_BOUND:g} "
     "(bound·tanh(Sharpe/bound)); "
@@ -630,7 +595,8 @@ TRAIN_ASSUMPTIONS = [
     "taker) trades less than half that; a span without trades "
     f"scores {NO_TRADES:g} ('no strategy'). Trial score: median over CPCV paths.",
     "OOS-1 ranks the top candidates (retrained on all development data) by the mean of their OOS-1 and CPCV "
-    "scores; only the winner sees Super-OOS, once, retrained on development + OOS-1 with the same model family "
+    "scores; only the winner sees Super-OOS, once, as it ships: the development-trained model, with "
+    "thresholds from its own OOS-1 scores, and the model family "
     "and round count that CPCV scored.",
     f"Deflated Sharpe: the Super-OOS {RETURN_PERIOD} Sharpe against the expected maximum of the distinct trials' "
     "single-path Sharpe ratios (median over each trial's CPCV paths, same frequency); skewness and kurtosis from "
@@ -648,7 +614,7 @@ def write_report(path: Path, cand: Candidate, data: TrainData, study: optuna.Stu
     sections = [report.banner_html(params["verdict"], params["edge"])]
     if cand.final is not None and stats is not None:
         sections += segment_sections(report, "Super-OOS final exam", data.frame.iloc[seg.super_oos], cand.final,
-                                     "the winner retrained on development + OOS-1, trading the Super-OOS slice it "
+                                     "the winner (trained on the development span, thresholds from its OOS-1 scores), trading the Super-OOS slice it "
                                      "never saw, once")
         sections.append(report.metrics_table_html({k: v for k, v in stats.items() if k != "pbo_logits"},
                                                   f"Deflated Sharpe, MinTRL and PBO of the study ({RETURN_PERIOD} "
@@ -753,7 +719,7 @@ def candidate_params(c: Candidate, rank: int, data: TrainData, stats: dict | Non
                  "first_bar": data.frame.index[0].isoformat(), "last_bar": data.frame.index[-1].isoformat()},
         "splits": {"dev": span(data.frame, seg.dev), "oos1": span(data.frame, seg.oos1),
                    "super_oos": span(data.frame, seg.super_oos), "gap_bars": seg.gap},
-        "trained_on": span(data.frame, slice(0, seg.oos1.stop) if c.final is not None else seg.dev),
+        "trained_on": span(data.frame, seg.dev),
         "metrics": {"cpcv_score": c.trial.value, "cpcv_path_scores": c.trial.user_attrs.get("path_scores"),
                     "oos1": c.oos1.metrics, "oos1_score": c.oos1_score, "rank_score": c.rank_score},
         "versions": library_versions(),
@@ -974,7 +940,7 @@ def train(cfg: GlobalConfig, model_dir: Path, resume: bool = False, tune_only: b
     timer = Timer()
     candidates = qualify(study, data, cfg, timer)
     winner = candidates[0]
-    final_exam(winner, data, timer)
+    final_exam(winner, data)
     stats = study_statistics(study, winner)
     code, text = verdict(winner, stats, 1.0 - cfg.tune.dev_fraction - cfg.tune.oos1_fraction)
     extra = independent_market_sections(winner, cfg, *demo_market) if demo_market else []
