@@ -164,6 +164,12 @@ class DataConfig(_Section):
     cache: bool = _f(True, help="cache bars as Parquet under <data_dir>/.cache")
     start: str = _f("", help="first UTC day to load (YYYY-MM-DD), empty = all")
     end: str = _f("", help="last UTC day to load (YYYY-MM-DD), empty = all")
+    # 30m: a traded perpetual's book stream pushes every second or faster, so half an hour with neither a
+    # trade nor a book message is a recording outage, not a quiet market. Shorter stalls (reconnects last
+    # seconds to minutes) stay ordinary bars: book features carry at most features.book_ffill (15m) and are
+    # unknown (not warm) beyond it, without restarting the features' multi-day warm-up as a gap does.
+    gap_threshold: str = _f("30m", _duration, "a stretch this long with no trades and no book is a data gap: "
+                            "its bars are marked is_gap, never warm, labelled or traded")
 
 
 @dataclass
@@ -411,7 +417,9 @@ class GlobalConfig(_Section):
 
 def migrate(data: Any) -> Any:
     """A config dict in the current layout. Version 1 kept the venue settings (fees, slippage, latency,
-    funding, fill rule, initial equity) inside `strategy`; they move to `venue`. Returns a new dict."""
+    funding, fill rule, initial equity) inside `strategy`; they move to `venue`. Its `live.drift_z` (a
+    z-score alert) has no counterpart in the PSI drift monitor (`live.drift_psi_alert`) and is dropped.
+    Returns a new dict."""
     if not isinstance(data, dict) or data.get("version") != 1:
         return data
     out = {**data, "version": CONFIG_VERSION}
@@ -421,6 +429,8 @@ def migrate(data: Any) -> Any:
         out["strategy"] = strategy
     if moved:
         out["venue"] = {**moved, **(data.get("venue") or {})}
+    if isinstance(data.get("live"), dict):
+        out["live"] = {k: v for k, v in data["live"].items() if k != "drift_z"}
     return out
 
 

@@ -5,6 +5,11 @@ large byte chunks (plain or gzip), applies them to the array book and samples st
 exchange-time clock in one compiled loop; any line it rejects goes through an exact per-line path that
 names the file and line. Trades are read in chunks and reduced to mergeable per-bar partials, so memory
 does not grow with file size. Bars are cached as Parquet keyed by everything that changes them.
+
+Data gaps are never silent: a day missing its Trade or Orderbook file is warned about by name, and every
+bar of a stretch with no trades and no book lasting `DataConfig.gap_threshold` (or of a day without its
+Trade file, whose prices would only be the last close carried) is marked `is_gap` by `mark_gaps`, which
+the live engine calls on its own bar window too.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import argparse
 import gzip
 import hashlib
 import logging
+import math
 import os
 import re
 import sys
@@ -27,11 +33,11 @@ import pandas as pd
 from tqdm import tqdm
 
 import orderbook as ob
-from config import ConfigError, GlobalConfig, add_config_args, config_from_args, parse_duration, timeframe_seconds
+from config import ConfigError, DataConfig, GlobalConfig, add_config_args, config_from_args, parse_duration, timeframe_seconds
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "bars-1"          # bump whenever bar output changes for the same input
+CODE_VERSION = "bars-2"          # bump whenever bar output changes for the same input
 CHUNK_BYTES = 4 << 20
 TRADE_CHUNK_ROWS = 1_000_000
 SAMPLE_BATCH = 200_000
@@ -39,7 +45,7 @@ MAX_WARNINGS_PER_FILE = 10
 TRADE_COLUMNS = ["timestamp", "symbol", "side", "size", "price", "tickDirection", "trdMatchID",
                  "grossValue", "homeNotional", "foreignNotional"]
 BAR_COLUMNS = ["open", "high", "low", "close", "volume", "vol_buy", "vol_sell", "trade_count", "dollar_val",
-               "vwap", "taker_buy_ratio", "is_empty"] + ob.BOOK_BAR_COLUMNS
+               "vwap", "taker_buy_ratio", "is_empty"] + ob.BOOK_BAR_COLUMNS + ["is_gap"]
 _BOOK_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})_([A-Z0-9]+)_ob(\d+)\.data(\.gz)?$")
 _TRADE_RE = re.compile(r"^([A-Z0-9]+?)(\d{4}-\d{2}-\d{2})\.csv(\.gz)?$")
 
@@ -66,6 +72,8 @@ class LoadReport:
     slow_path_lines: int = 0
     book: dict[str, int] = field(default_factory=dict)
     samples: int = 0
+    missing_days: dict[str, list[str]] = field(default_factory=dict)
+    gaps: list["DataGap"] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ files
@@ -136,6 +144,21 @@ def list_files(data_dir: str | Path, start: str = "", end: str = "") -> DataFile
             keep[kind].append(p)
         keep[kind].sort(key=lambda p: (_date_of(p), p.name))
     return DataFiles(root, symbol, keep["trades"], keep["books"], skipped)
+
+
+def missing_days(files: DataFiles) -> dict[str, list[str]]:
+    """UTC days between the first and the last file's day lacking a file of a kind the folder has.
+
+    Returns {"YYYY-MM-DD": ["Trade", "Orderbook"]} (the kinds missing that day), in day order.
+    """
+    kinds = {"Trade": {_date_of(p) for p in files.trades}, "Orderbook": {_date_of(p) for p in files.books}}
+    kinds = {k: days - {""} for k, days in kinds.items() if days - {""}}
+    seen = sorted(set().union(*kinds.values())) if kinds else []
+    if not seen:
+        return {}
+    span = pd.date_range(seen[0], seen[-1], freq="D").strftime("%Y-%m-%d")
+    out = {day: [k for k, days in kinds.items() if day not in days] for day in span}
+    return {day: lack for day, lack in out.items() if lack}
 
 
 # ------------------------------------------------------------------ exact per-line path
@@ -504,7 +527,9 @@ def bar_frame(trade_parts: list[pd.DataFrame], book_parts: list[pd.DataFrame], b
 
 def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int, span_ms: tuple[int, int] | None = None,
           prev_close: float = np.nan) -> pd.DataFrame:
-    """Continuous bar grid over the trade span; empty bars carry the last close; book columns joined."""
+    """Continuous bar grid over the trade span; empty bars carry the last close; book columns joined.
+
+    is_gap is False here: gaps are runs across bars, marked on a whole frame or window by mark_gaps."""
     first, last = span_ms or (trade.index.min() // 1000, trade.index.max() // 1000)
     idx_ms = np.arange(first, last + bar_ms, bar_ms, dtype=np.int64)
     trade = trade.copy()
@@ -526,13 +551,62 @@ def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int, span_ms: tuple[i
     bars = bars.join(book.reindex(idx_ms)) if len(book) else bars.assign(
         **{c: np.nan for c in ob.BOOK_BAR_COLUMNS})
     bars["ob_samples"] = bars["ob_samples"].fillna(0).astype(np.int64)
+    bars["is_gap"] = False
     bars.index = pd.DatetimeIndex(pd.to_datetime(idx_ms, unit="ms", utc=True), name="time")
     return bars[BAR_COLUMNS]
 
 
+@dataclass(frozen=True)
+class DataGap:
+    """A stretch of bars without market data: bar open times [start, end) UTC and how many bars."""
+    start: pd.Timestamp
+    end: pd.Timestamp
+    bars: int
+
+    def __str__(self) -> str:
+        minutes = int((self.end - self.start).total_seconds()) // 60
+        return (f"{self.start:%Y-%m-%d %H:%M} -> {self.end:%Y-%m-%d %H:%M} UTC "
+                f"({minutes // 60}h{minutes % 60:02d}m, {self.bars} bars)")
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) indices of the runs of True in a bool array."""
+    edges = np.diff(np.r_[0, mask.astype(np.int8), 0])
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+
+
+def mark_gaps(bars: pd.DataFrame, bar_seconds: int, gap_threshold: str | float,
+              unknown: np.ndarray | None = None) -> list[DataGap]:
+    """Set the bool column bars["is_gap"] in place and return the gaps, in time order.
+
+    A bar is a gap bar when it lies in a run of consecutive bars with no trade (is_empty) and no book
+    sample (ob_samples == 0) at least `gap_threshold` long (whole bars, at least one), or where the
+    optional bool array `unknown` (one per bar, e.g. a day without its Trade file) is True. The whole run
+    is marked, so a window that ends inside a run marks it from the bar where it reaches the threshold:
+    the live engine calls this on its bar window at every close with (bar seconds, cfg.data.gap_threshold,
+    unknown = the window's is_gap so far), the rule the loader applies to files.
+    """
+    need = max(1, math.ceil(parse_duration(gap_threshold) / bar_seconds))
+    quiet = bars["is_empty"].to_numpy(bool) & (bars["ob_samples"].to_numpy() == 0)
+    gap = np.zeros(len(bars), dtype=bool) if unknown is None else np.asarray(unknown, dtype=bool).copy()
+    for lo, hi in zip(*_runs(quiet)):
+        if hi - lo >= need:
+            gap[lo:hi] = True
+    bars["is_gap"] = gap
+    return gaps_in(bars, bar_seconds)
+
+
+def gaps_in(bars: pd.DataFrame, bar_seconds: int) -> list[DataGap]:
+    """The runs of is_gap bars as DataGap records, in time order."""
+    step = pd.Timedelta(seconds=bar_seconds)
+    return [DataGap(bars.index[lo], bars.index[hi - 1] + step, int(hi - lo))
+            for lo, hi in zip(*_runs(bars["is_gap"].to_numpy(bool)))]
+
+
 def build_bars(files: DataFiles, timeframe: str, levels: int, sample_interval: str,
-               stale_after: str = "60s") -> tuple[pd.DataFrame, LoadReport]:
-    """Read every file once, streaming, and return (bars, integrity report)."""
+               stale_after: str = "60s",
+               gap_threshold: str = DataConfig.gap_threshold) -> tuple[pd.DataFrame, LoadReport]:
+    """Read every file once, streaming, and return (bars, integrity report); data gaps warned and marked."""
     bar_s = timeframe_seconds(timeframe)
     budget = _WarnBudget()
     report = LoadReport(symbol=files.symbol, skipped_files=list(files.skipped))
@@ -553,8 +627,26 @@ def build_bars(files: DataFiles, timeframe: str, levels: int, sample_interval: s
         replay.run(tqdm(files.books, desc="book files", unit="file", disable=None),
                    on_samples=lambda s: book_parts.append(ob.partial_book_bars(s, bar_s * 1000)))
     bars = bar_frame(parts, book_parts, bar_s * 1000)
+    report.missing_days = missing_days(files)
+    no_trades = [day for day, kinds in report.missing_days.items() if "Trade" in kinds]
+    report.gaps = mark_gaps(bars, bar_s, gap_threshold, bars.index.strftime("%Y-%m-%d").isin(no_trades))
     _log_summary(report)
+    _log_gaps(report, files.symbol, timeframe, gap_threshold)
     return bars, report
+
+
+def _log_gaps(report: LoadReport, symbol: str, timeframe: str, gap_threshold: str) -> None:
+    """One warning per missing day (naming the files expected) and per data gap (the first few, then a count)."""
+    expected = {"Trade": "Trade/{s}{d}.csv[.gz]", "Orderbook": "Orderbook/{d}_{s}_ob<N>.data[.gz]"}
+    for day, kinds in report.missing_days.items():
+        names = " and ".join(expected[k].format(s=symbol, d=day) for k in kinds)
+        log.warning("%s %s: missing %s; %s", symbol, day, names,
+                    "the day is a data gap" if "Trade" in kinds else "book features are unknown that day")
+    for gap in report.gaps[:MAX_WARNINGS_PER_FILE]:
+        log.warning("%s: data gap %s with no trades and no book for >= %s (or no Trade file): %s bars marked "
+                    "is_gap, never warm, labelled or traded", symbol, gap, gap_threshold, timeframe)
+    if len(report.gaps) > MAX_WARNINGS_PER_FILE:
+        log.warning("%s: %d data gaps in all (data_loader.py inspect lists them)", symbol, len(report.gaps))
 
 
 def _log_summary(report: LoadReport) -> None:
@@ -567,10 +659,11 @@ def _log_summary(report: LoadReport) -> None:
         log.warning("%s: %s", report.symbol, ", ".join(f"{v} {k}" for k, v in bad.items()))
 
 
-def _cache_key(files: DataFiles, timeframe: str, levels: int, interval: str, start: str, end: str) -> str:
+def _cache_key(files: DataFiles, timeframe: str, d: DataConfig) -> str:
     """Hash of everything that changes the bars: files (size, mtime), settings and the code version."""
     h = hashlib.sha256()
-    h.update(f"{CODE_VERSION}|{timeframe}|{levels}|{parse_duration(interval)}|{start}|{end}|{files.symbol}".encode())
+    h.update(f"{CODE_VERSION}|{timeframe}|{d.ob_levels}|{parse_duration(d.book_sample_interval)}|{d.start}|{d.end}|"
+             f"{parse_duration(d.gap_threshold)}|{files.symbol}".encode())
     for p in files.trades + files.books:
         st = p.stat()
         h.update(f"|{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -582,13 +675,17 @@ def load_bars(cfg: GlobalConfig, timeframe: str | None = None) -> pd.DataFrame:
     d = cfg.data
     tf = timeframe or d.timeframe
     files = list_files(d.data_dir, d.start, d.end)
-    cache = files.root / ".cache" / f"bars_{tf}_{_cache_key(files, tf, d.ob_levels, d.book_sample_interval, d.start, d.end)}.parquet"
+    cache = files.root / ".cache" / f"bars_{tf}_{_cache_key(files, tf, d)}.parquet"
     if d.cache and cache.is_file():
         try:
-            return pd.read_parquet(cache)
+            bars = pd.read_parquet(cache)
         except (OSError, ValueError) as exc:
             log.warning("cache %s unreadable (%s); rebuilding", cache, exc)
-    bars, _ = build_bars(files, tf, d.ob_levels, d.book_sample_interval)
+        else:
+            known = LoadReport(missing_days=missing_days(files), gaps=gaps_in(bars, timeframe_seconds(tf)))
+            _log_gaps(known, files.symbol, tf, d.gap_threshold)  # cached bars keep their gaps loud
+            return bars
+    bars, _ = build_bars(files, tf, d.ob_levels, d.book_sample_interval, gap_threshold=d.gap_threshold)
     bars = _clip_days(bars, d.start, d.end)
     if d.cache:
         _write_cache(bars, cache)
@@ -619,11 +716,13 @@ def _write_cache(bars: pd.DataFrame, path: Path) -> None:
 
 # ------------------------------------------------------------------ CLI
 def _inspect(cfg: GlobalConfig, data_dir: str) -> str:
-    """Integrity report text: span, counts, gaps/resets/crossed, empty-bar share, coverage per day."""
+    """Integrity report text: span, counts, gaps/resets/crossed, missing days, data gaps, empty-bar share,
+    coverage per day."""
     files = list_files(data_dir, cfg.data.start, cfg.data.end)
     per_sample = parse_duration(cfg.data.book_sample_interval)
     if files.trades:
-        bars, rep = build_bars(files, "1m", cfg.data.ob_levels, cfg.data.book_sample_interval)
+        bars, rep = build_bars(files, "1m", cfg.data.ob_levels, cfg.data.book_sample_interval,
+                               gap_threshold=cfg.data.gap_threshold)
     else:
         replay = BookReplay(files.symbol, int(per_sample * 1000), cfg.data.ob_levels)
         rep = replay.run(files.books)
@@ -637,12 +736,15 @@ def _inspect(cfg: GlobalConfig, data_dir: str) -> str:
              f"{b.get('crossed', 0)} crossed, {b.get('time_reversals', 0)} time reversals, "
              f"{b.get('skipped_invalid', 0)} deltas while invalid",
              f"samples      {rep.samples} valid book samples every {cfg.data.book_sample_interval}"]
+    lines += [f"missing      {day}: {', '.join(kinds)} file" for day, kinds in missing_days(files).items()]
     if bars is None:
         return "\n".join(lines + ["no trade files: no bars, span or coverage"])
     day = bars.groupby(bars.index.floor("D"))
     cover = pd.DataFrame({"trades": day["is_empty"].apply(lambda s: 1.0 - s.mean()),
                           "book": day["ob_samples"].sum() / (day.size() * 60 / per_sample)})
     lines[1:1] = [f"span         {bars.index[0]} -> {bars.index[-1] + pd.Timedelta(minutes=1)}"]
+    lines += [f"data gaps    {len(rep.gaps)} (>= {cfg.data.gap_threshold} with no trades and no book, or no Trade "
+              f"file), {int(bars['is_gap'].sum())} 1m bars"] + [f"  gap        {gap}" for gap in rep.gaps]
     lines += [f"empty 1m bars {bars['is_empty'].mean():.2%}",
               "coverage per UTC day within the span (1m bars with trades, book sample ticks with a valid book):"]
     for ts, row in cover.iterrows():

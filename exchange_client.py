@@ -5,16 +5,17 @@ What it adds on top of pybit 5.17.0:
 - instrument rules and `Decimal` rounding (prices to the tick, quantities DOWN to the step), strings on the wire;
 - a deterministic `orderLinkId` per intent, so a create retried after a lost ack can never double an order;
 - retries with backoff for transient errors only, and an error taxonomy (`ErrorKind` + exception classes);
+- a clock resync and one resend (same orderLinkId) on 10002 for every signed request;
 - startup checks (clock offset, instrument, position mode, leverage, API-key permissions);
 - keys from `keys.json` profiles or `BYBIT_API_KEY`/`BYBIT_API_SECRET`, never echoed in logs or errors;
-- raw-mode WebSockets with guarded callbacks, our own sequence-checked book (`orderbook.OrderBook`) and a
-  watchdog that rebuilds connections pybit gave up on.
+- raw-mode WebSockets with guarded callbacks, our own sequence-checked book (`orderbook.OrderBook`), a private
+  stream that applies each push once and never lets a late one overwrite newer state, and a watchdog that
+  rebuilds connections pybit gave up on.
 """
 from __future__ import annotations
 
 import argparse
 import enum
-import hashlib
 import json
 import logging
 import os
@@ -34,12 +35,12 @@ from pybit.exceptions import FailedRequestError, InvalidRequestError
 from config import (ConfigError, GlobalConfig, InstrumentConfig, LiveSettings, add_config_args, config_from_args,
                     parse_duration)
 import grid
+from execution import is_own_order, order_link_id  # noqa: F401  (the lifecycle names its orders; re-exported)
 from orderbook import BookStats, OrderBook
 
 log = logging.getLogger("exchange_client")
 
 CATEGORY = "linear"
-LINK_ID_PREFIX = "ps-"
 ENV_KEY, ENV_SECRET = "BYBIT_API_KEY", "BYBIT_API_SECRET"
 
 
@@ -372,18 +373,6 @@ def _side(side: str) -> str:
     return s
 
 
-def order_link_id(intent: str) -> str:
-    """Deterministic orderLinkId for an intent key: the same intent always maps to the same id (≤36 chars)."""
-    if not intent:
-        raise ValueError("an order intent key is required (it makes retries idempotent)")
-    return LINK_ID_PREFIX + hashlib.blake2b(intent.encode("utf-8"), digest_size=16).hexdigest()
-
-
-def is_own_order(link_id: str | None) -> bool:
-    """Whether an order was placed by this system (its orderLinkId carries our prefix)."""
-    return bool(link_id) and str(link_id).startswith(LINK_ID_PREFIX)
-
-
 # ================================================================ records
 @dataclass(frozen=True)
 class OrderAck:
@@ -522,22 +511,39 @@ class ExchangeClient:
 
     # ------------------------------------------------------------ low level
     def request(self, method: str, params: Mapping[str, Any] | None = None, *, retry: bool = True) -> dict:
-        """Call a pybit HTTP method; retry transient failures with backoff; raise the taxonomy's class."""
+        """Call a pybit HTTP method: a 10002 resyncs the clock and resends once (`_send_synced`); other
+        transient failures retry with backoff when `retry`; failures raise the taxonomy's class."""
         attempts = self.retry.max_attempts if retry else 1
         for attempt in range(1, attempts + 1):
             try:
-                return getattr(self.http, method)(**dict(params or {}))
-            except (InvalidRequestError, FailedRequestError, requests.exceptions.RequestException) as exc:
-                err = self._translate(exc, method)
-            self.error_counts[type(err).__name__] += 1
-            if err.kind is not ErrorKind.RETRYABLE or attempt == attempts:
-                raise err
-            if isinstance(err, TimestampError):
-                self.sync_clock()
-            wait = self.retry.delay(attempt, err)
-            log.warning("%s failed (%s); retry %d/%d in %.2fs", method, err, attempt, attempts - 1, wait)
-            time.sleep(wait)
+                return self._send_synced(method, params)
+            except ExchangeError as err:
+                if err.kind is not ErrorKind.RETRYABLE or attempt == attempts:
+                    raise
+                wait = self.retry.delay(attempt, err)
+                log.warning("%s failed (%s); retry %d/%d in %.2fs", method, err, attempt, attempts - 1, wait)
+                time.sleep(wait)
         raise AssertionError("unreachable")
+
+    def _send_synced(self, method: str, params: Mapping[str, Any] | None) -> dict:
+        """`_send`; on 10002 (request time outside the receive window) measure the clock offset and resend the
+        same params once, at once: a 10002 is refused before matching, so the same orderLinkId cannot double
+        an order. Raises ClockSkewError, without resending, when the offset exceeds live.max_time_offset."""
+        try:
+            return self._send(method, params)
+        except TimestampError as err:
+            offset = self.sync_clock()
+            log.warning("%s: %s; clock resynced (offset %+.0f ms), resending once", method, err, offset)
+        return self._send(method, params)
+
+    def _send(self, method: str, params: Mapping[str, Any] | None) -> dict:
+        """One pybit call; a failure is counted in `error_counts` and raised as the taxonomy's class."""
+        try:
+            return getattr(self.http, method)(**dict(params or {}))
+        except (InvalidRequestError, FailedRequestError, requests.exceptions.RequestException) as exc:
+            err = self._translate(exc, method)
+        self.error_counts[type(err).__name__] += 1
+        raise err
 
     def _translate(self, exc: Exception, endpoint: str) -> ExchangeError:
         """Map a pybit/requests exception to the taxonomy, with secrets removed from the text."""
@@ -1216,11 +1222,88 @@ class MarketStream(_Stream):
         return "ok"
 
 
+# Bybit V5 orderStatus (exchange_apis.md 2.7): a final status never turns open again. Triggered is the
+# instant a conditional order goes live (it is followed by New), so it ranks as open.
+FINAL_ORDER_STATUSES = frozenset({"Filled", "Cancelled", "Rejected", "Deactivated", "PartiallyFilledCanceled"})
+_OPEN_STATUS_RANK = {"Untriggered": 0, "Triggered": 1, "New": 2, "PartiallyFilled": 3}
+
+
+def _status_rank(status: Any) -> int:
+    """Lifecycle order of an orderStatus: Untriggered < Triggered < New < PartiallyFilled < any final one."""
+    return 4 if status in FINAL_ORDER_STATUSES else _OPEN_STATUS_RANK.get(str(status), 2)
+
+
+def _repeat_or_back(old: Mapping[str, Any], new: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    """'duplicate: …' for a row equal to the stored one, 'stale: …' when one of the numeric fields `keys` (each
+    monotonic on the exchange) decreased, else '' (a missing or non-numeric field is not compared)."""
+    if new == old:
+        return "duplicate: this row is already applied"
+    for key in keys:
+        try:
+            before, after = Decimal(str(old[key])), Decimal(str(new[key]))
+        except (KeyError, InvalidOperation, ValueError):
+            continue
+        if after < before:
+            return f"stale: {key} {new[key]} < stored {old[key]}"
+    return ""
+
+
+def order_drop_reason(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> str:
+    """Why an `order` push must not replace the stored row of its order ('' = apply it).
+
+    Bybit never moves an order back: updatedTime (ms) and cumExecQty never decrease, a final status
+    (FINAL_ORDER_STATUSES) is never followed by an open one, and within one millisecond the status only
+    advances (Untriggered → Triggered → New → PartiallyFilled → final).
+    """
+    if old is None:
+        return ""
+    reason = _repeat_or_back(old, new, ("updatedTime", "cumExecQty"))
+    if reason:
+        return reason
+    old_status, new_status = old.get("orderStatus"), new.get("orderStatus")
+    if old_status in FINAL_ORDER_STATUSES and new_status not in FINAL_ORDER_STATUSES:
+        return f"stale: {new_status} after the final status {old_status}"
+    if new.get("updatedTime") == old.get("updatedTime") and _status_rank(new_status) < _status_rank(old_status):
+        return f"stale: {new_status} after {old_status} in the same millisecond"
+    return ""
+
+
+def position_drop_reason(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> str:
+    """Why a `position` push must not replace the stored row of its positionIdx ('' = apply it).
+
+    `seq` (the cross sequence of the last fill) and updatedTime (ms) never decrease; Bybit re-pushes the
+    position on every order create/amend/cancel, so an identical row is a duplicate, not news.
+    """
+    return "" if old is None else _repeat_or_back(old, new, ("seq", "updatedTime"))
+
+
+def wallet_drop_reason(old: tuple[int, Mapping[str, Any]] | None, new: tuple[int, Mapping[str, Any]]) -> str:
+    """Why a `wallet` push, as (envelope creationTime ms, row), must not replace the stored one ('' = apply).
+
+    Wallet rows carry no time or sequence of their own, so the envelope's creationTime orders them.
+    """
+    if old is None:
+        return ""
+    if new == old:
+        return "duplicate: this push is already applied"
+    if new[0] < old[0]:
+        return f"stale: creationTime {new[0]} < stored {old[0]}"
+    return ""
+
+
 class PrivateStream(_Stream):
-    """Authenticated order/execution/position/wallet pushes; keeps the latest order state per orderLinkId."""
+    """Authenticated order/execution/position/wallet pushes, applied idempotently and monotonically.
+
+    State: `orders` (orderLinkId, else orderId → latest row), `executions` (row dicts in arrival order,
+    each execId once), `positions` (positionIdx → latest row), `wallet` (latest row). A push row that was
+    already applied, or is older than the state it would overwrite (order_drop_reason, position_drop_reason,
+    wallet_drop_reason), is dropped, counted in `dropped[(topic, 'duplicate'|'stale')]` and logged; the
+    on_message callback sees only the applied rows. A late execution is still a fill: it is kept.
+    """
 
     channel = "private"
     subscriptions = 4
+    seen_exec_ids = 50_000  # execIds remembered for de-duplication (10x the executions kept)
 
     def __init__(self, endpoints: Endpoints, creds: Credentials, *,
                  on_message: Callable[[str, list], None] | None = None, auth_timeout: float = 10.0,
@@ -1232,6 +1315,9 @@ class PrivateStream(_Stream):
         self.executions: deque[dict] = deque(maxlen=5000)
         self.positions: dict[int, dict] = {}
         self.wallet: dict = {}
+        self.dropped: Counter[tuple[str, str]] = Counter()
+        self._exec_ids: dict[str, None] = {}
+        self._wallet_time = 0
         self.updated = threading.Condition(self.lock)
         self.authenticated = False
         self.auth_timeout = auth_timeout
@@ -1262,20 +1348,59 @@ class PrivateStream(_Stream):
 
     def _on_topic(self, msg: dict) -> None:
         topic = str(msg["topic"]).split(".")[0]
-        data = msg.get("data") or []
+        if topic not in ("order", "execution", "position", "wallet"):
+            return
+        created = int(msg.get("creationTime") or 0)
         with self.updated:
-            for row in data:
-                if topic == "order":
-                    key = row.get("orderLinkId") or row.get("orderId")
-                    self.orders[key] = row
-                elif topic == "execution":
-                    self.executions.append(row)
-                elif topic == "position":
-                    self.positions[int(row.get("positionIdx", 0))] = row
-                elif topic == "wallet":
-                    self.wallet = row
-            self.updated.notify_all()
-        self._user(topic, data)
+            applied = [row for row in msg.get("data") or [] if self._kept(topic, row, self._apply(topic, row, created))]
+            if applied:
+                self.updated.notify_all()
+        if applied:
+            self._user(topic, applied)
+
+    def _apply(self, topic: str, row: dict, created: int) -> str:
+        """Apply one row of `topic` (pushed at `created` ms) to the state; returns why not ('' = applied)."""
+        if topic == "execution":
+            return self._apply_execution(row)
+        if topic == "wallet":
+            reason = wallet_drop_reason((self._wallet_time, self.wallet) if self.wallet else None, (created, row))
+            if not reason:
+                self.wallet, self._wallet_time = row, created
+            return reason
+        store: dict[Any, dict]
+        if topic == "order":
+            store, key, rule = self.orders, row.get("orderLinkId") or row.get("orderId"), order_drop_reason
+        else:
+            store, key, rule = self.positions, int(row.get("positionIdx", 0)), position_drop_reason
+        reason = rule(store.get(key), row)
+        if not reason:
+            store[key] = row
+        return reason
+
+    def _apply_execution(self, row: dict) -> str:
+        """Append a fill unless its execId was applied before (the oldest remembered ids are forgotten)."""
+        exec_id = row.get("execId")
+        if exec_id in self._exec_ids:
+            return "duplicate: execId already applied"
+        if exec_id:
+            self._exec_ids[exec_id] = None
+            if len(self._exec_ids) > self.seen_exec_ids:
+                del self._exec_ids[next(iter(self._exec_ids))]
+        self.executions.append(row)
+        return ""
+
+    def _kept(self, topic: str, row: dict, reason: str) -> bool:
+        """Count and log a dropped row (what and why); True when the row was applied."""
+        if not reason:
+            return True
+        kind = reason.split(":")[0]
+        self.dropped[(topic, kind)] += 1
+        what = " ".join(f"{k}={row[k]}" for k in ("orderLinkId", "orderId", "execId", "positionIdx", "accountType",
+                                                   "orderStatus", "cumExecQty", "seq", "updatedTime")
+                        if row.get(k) not in (None, ""))
+        log.log(logging.INFO if kind == "duplicate" else logging.WARNING, "private stream: dropped %s row %s (%s)",
+                topic, what or "without ids", reason)
+        return False
 
     def wait_for(self, predicate: Callable[["PrivateStream"], bool], timeout: float) -> bool:
         """Block until predicate(self) holds (re-checked on every push) or the timeout passes."""

@@ -15,6 +15,11 @@ Conventions every feature keeps:
   zero volume and zero range count as what they are. Bars without book samples (ob_samples == 0): book state (spread, depth, imbalance, ...)
   carries the last valid value for at most `book_ffill`, book flow (OFI) counts as 0 over that
   span; beyond it book features are NaN and the row is not warm.
+- Data gaps (is_gap bars, see data_loader.mark_gaps) are fabricated, not market data: a gap bar is never
+  warm, and the bar after a gap restarts the warm-up count exactly as the first bar of data does, so a row
+  is warm only once the longest warm-up has elapsed since the last gap bar. A warm-up is, by its
+  definition, the bars after which a feature no longer depends on what came before them (rolling windows
+  have left it, EWM start weights are below ewm_tolerance), so no warm value leans on a gap bar.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ TRADE_COLUMNS = ("open", "high", "low", "close", "volume", "vol_buy", "trade_cou
 BOOK_STATE_COLUMNS = ("ob_spread_mean", "ob_micro_dev_mean", "ob_micro_dev_std", "ob_imbalance_mean",
                       "ob_bid_depth_mean", "ob_ask_depth_mean", "ob_bid_slope_mean", "ob_ask_slope_mean",
                       "ob_bid_integrity_mean", "ob_ask_integrity_mean")
-REQUIRED_COLUMNS = TRADE_COLUMNS + BOOK_STATE_COLUMNS + ("ob_ofi_sum", "ob_samples")
+REQUIRED_COLUMNS = TRADE_COLUMNS + BOOK_STATE_COLUMNS + ("ob_ofi_sum", "ob_samples", "is_gap")
 _MICRO_EXCLUDE = ("ema_", "rsi", "atr", "natr")
 _RATIO_FLOOR = 0.01  # std floor of z-scores of bounded ratios (taker share, imbalance, OFI per top size)
 _REL_FLOOR = 0.01  # std floor of z-scores of positive quantities, as a fraction of their rolling mean
@@ -161,6 +166,12 @@ def _carry(x: np.ndarray, valid: np.ndarray, limit: int) -> tuple[np.ndarray, np
     return filled, age
 
 
+def _bars_of_data(is_gap: np.ndarray) -> np.ndarray:
+    """Bars before each bar since the start of data or the last gap bar (-1 on a gap bar): the warm-up clock."""
+    idx = np.arange(is_gap.shape[0])
+    return idx - np.maximum.accumulate(np.where(is_gap, idx, -1)) - 1
+
+
 def _rsi(close: np.ndarray, alpha: float) -> np.ndarray:
     """RSI as 100 * gain / (gain + loss) of Wilder-style EWMs: 50 on a flat series, never a division by 0."""
     diff = close - _lag(close, 1)
@@ -270,7 +281,7 @@ def _validate(bars: pd.DataFrame, cfg: GlobalConfig) -> np.ndarray:
     """Reject frames the features would silently misread; return bar open times in seconds."""
     missing = [c for c in REQUIRED_COLUMNS if c not in bars.columns]
     if missing:
-        raise ValueError(f"bars frame lacks column(s) {', '.join(missing)} (see data_loader.load_bars)")
+        raise ValueError(f"bars frame lacks column(s) {', '.join(missing)} (see data_loader.load_bars; live windows: data_loader.mark_gaps adds is_gap)")
     if not isinstance(bars.index, pd.DatetimeIndex) or bars.index.tz is None:
         raise ValueError("bars index must be a tz-aware DatetimeIndex of bar open times")
     tf = timeframe_seconds(cfg.data.timeframe)
@@ -479,7 +490,7 @@ def compute_features(bars: pd.DataFrame, cfg: GlobalConfig) -> pd.DataFrame:
     if infinite.any():
         raise RuntimeError(f"feature(s) {[columns[i] for i in np.flatnonzero(infinite)]} produced +-inf: a bug")
     longest = max(warmups[n] for n in columns)
-    warm = (np.arange(len(bars)) >= longest) & np.isfinite(rows).all(axis=0)
+    warm = (_bars_of_data(bars["is_gap"].to_numpy(bool)) >= longest) & np.isfinite(rows).all(axis=0)
     frame = pd.DataFrame(rows.T, index=bars.index, columns=columns, copy=False)
     frame["is_warm"] = warm
     return frame

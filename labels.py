@@ -6,13 +6,16 @@ Execution label (the "sniper"), per side, for a signal at the close of bar t, wi
   * it rests on bars t+1 … t+time_limit_bars and fills at its own price (never better, even on a gap) on the
     first bar that trades through it (`trade_through`: low < limit for a long) or reaches it (`touch`);
   * after the fill, TP = fill ± tp·ATR_t (a maker limit, same fill rule) and SL = fill ∓ sl·ATR_t (a stop,
-    triggered when the price reaches it);
+    triggered when the price reaches it), on the tick grid as the backtester sets them (TP away from the
+    fill, SL towards it);
   * on the fill bar only the stop can trigger (the bar cannot tell whether its extreme came before the fill);
     on later bars an open beyond a level decides first, and a bar reaching both levels counts as the stop;
   * no exit within max_holding_bars after the fill bar is a time exit.
   Label 1 only when the take-profit is reached first and the trade is profitable after maker fees on entry
   and exit; 0 otherwise; -1 when the data ends before the outcome is known (callers drop those rows).
 Direction label (the "trend filter"): 1 when close[t+h] is beyond close_t ± move·ATR_t.
+Data gaps: a label whose path t … t1 touches a gap bar (`is_gap`, fabricated by the loader, see
+data_loader.mark_gaps) is unknown (-1, t1 NaT): no label is decided inside a gap or across one.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from config import GlobalConfig, timeframe_seconds
-from grid import DOWN, snap_round
+from grid import DOWN, UP, snap_round
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,9 @@ def _execution_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close:
             continue
         take = limit + tp_atr * a
         stop = limit - sl_atr * a
+        if tick > 0.0:
+            take = snap_round(take, tick, UP)
+            stop = snap_round(stop, tick, UP)
         if sign * low[fill] <= stop:
             label[t] = 0
             t1[t] = fill
@@ -112,6 +118,22 @@ def _execution_core(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close:
             label[t] = 0
             t1[t] = end
     return label, t1
+
+
+@numba.njit(cache=True)
+def crosses_gap(t1: np.ndarray, is_gap: np.ndarray) -> np.ndarray:
+    """Bool per signal bar t: its decided path t … t1[t] holds a gap bar (t1 = -1, unknown, never crosses).
+
+    One backward pass carrying the next gap bar at or after t; t1 and is_gap have the same length n.
+    """
+    n = t1.shape[0]
+    out = np.zeros(n, np.bool_)
+    next_gap = n
+    for t in range(n - 1, -1, -1):
+        if is_gap[t]:
+            next_gap = t
+        out[t] = t1[t] >= next_gap
+    return out
 
 
 def _as_float_array(name: str, values: object, n: int | None = None) -> np.ndarray:
@@ -173,10 +195,11 @@ def direction_labels(close: np.ndarray, atr: np.ndarray, horizon: int,
 def make_labels(frame: pd.DataFrame, cfg: GlobalConfig) -> pd.DataFrame:
     """All four labels for a bar frame plus t1_exec / t1_dir: UTC close time of the bar deciding them (NaT = unknown).
 
-    t1_exec is the later of the long and short execution labels' decision times, so purging by it
-    covers every execution label the row carries.
+    frame: OHLC, atr and the loader's bool is_gap per bar. t1_exec is the later of the long and short
+    execution labels' decision times, so purging by it covers every execution label the row carries.
+    Labels whose path crosses a gap bar are unknown (-1) with t1 unknown.
     """
-    missing = [c for c in _BAR_COLUMNS if c not in frame.columns]
+    missing = [c for c in _BAR_COLUMNS + ("is_gap",) if c not in frame.columns]
     if missing:
         raise ValueError(f"make_labels: frame lacks column(s) {', '.join(missing)}")
     if not isinstance(frame.index, pd.DatetimeIndex):
@@ -184,16 +207,21 @@ def make_labels(frame: pd.DataFrame, cfg: GlobalConfig) -> pd.DataFrame:
                          f"got {type(frame.index).__name__}")
     s, lab, venue = cfg.strategy, cfg.labels, cfg.venue
     bars = {c: frame[c].to_numpy(np.float64) for c in _BAR_COLUMNS}
+    gap = frame["is_gap"].to_numpy(np.bool_)
     out = pd.DataFrame(index=frame.index)
     t1_exec = []
     for name, side in (("exec_long", 1), ("exec_short", -1)):
         y, t1 = execution_labels(bars["open"], bars["high"], bars["low"], bars["close"], bars["atr"], side,
                                  s.limit_offset_atr, s.take_profit_atr, s.stop_loss_atr, s.time_limit_bars,
                                  s.max_holding_bars, venue.maker_fee, venue.fill_rule, cfg.instrument.tick_size)
+        across = crosses_gap(t1, gap)
+        y[across], t1[across] = -1, -1
         out[name] = y
         t1_exec.append(t1)
     d_long, d_short, t1_dir = direction_labels(bars["close"], bars["atr"], lab.direction_horizon_bars,
                                                lab.direction_move_atr)
+    across = crosses_gap(t1_dir, gap)
+    d_long[across], d_short[across], t1_dir[across] = -1, -1, -1
     out["dir_long"] = d_long
     out["dir_short"] = d_short
     close_times = frame.index + pd.Timedelta(seconds=timeframe_seconds(cfg.data.timeframe))

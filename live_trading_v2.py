@@ -457,7 +457,7 @@ def kline_bars(rows: list[list[str]], bar_ms: int) -> pd.DataFrame:
     frame = pd.DataFrame({"open": a[:, 1], "high": a[:, 2], "low": a[:, 3], "close": a[:, 4], "volume": vol,
                           "vol_buy": vol / 2, "vol_sell": vol / 2, "trade_count": (vol > 0).astype(np.int64),
                           "dollar_val": a[:, 6], "vwap": np.where(vol > 0, a[:, 6] / np.maximum(vol, 1e-300), a[:, 4]),
-                          "taker_buy_ratio": 0.5, "is_empty": vol <= 0},
+                          "taker_buy_ratio": 0.5, "is_empty": vol <= 0, "is_gap": False},
                          index=pd.DatetimeIndex(pd.to_datetime(a[:, 0].astype(np.int64), unit="ms", utc=True),
                                                 name="time"))
     for col in ob.BOOK_BAR_COLUMNS:
@@ -479,6 +479,7 @@ def complete_grid(bars: pd.DataFrame, first_ms: int, last_ms: int, bar_ms: int) 
         out[col] = out[col].fillna(0)
     out["taker_buy_ratio"] = out["taker_buy_ratio"].fillna(0.5)
     out["is_empty"] = out["is_empty"].where(~missing, True).astype(bool)
+    out["is_gap"] = out["is_gap"].where(~missing, False).astype(bool)
     out["trade_count"] = out["trade_count"].astype(np.int64)
     out["ob_samples"] = out["ob_samples"].astype(np.int64)
     return out, missing
@@ -949,7 +950,9 @@ class Engine:
             self.missing_until = max(self.missing_until, number + 1 + feature_engine.warmup_bars(self.cfg))
         self.window = pd.concat([self.window, bar]).iloc[-max(self.cfg.live.window_bars,
                                                                feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS):]
-        self.window = self.window[~self.window.index.duplicated(keep="last")]
+        self.window = self.window[~self.window.index.duplicated(keep="last")].copy()
+        data_loader.mark_gaps(self.window, self.bar_ms // 1000, self.cfg.data.gap_threshold,
+                              self.window["is_gap"].to_numpy(bool))   # the research gap rule, on the window
         feats = feature_engine.compute_features(self.window, self.cfg)
         row = feats.iloc[-1]
         atr = float(row["atr"])

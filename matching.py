@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+import grid
 from config import InstrumentConfig
 
 log = logging.getLogger("matching")
@@ -85,11 +85,12 @@ class Instrument:
         return float(Decimal(lots) * self.qty_step)
 
     def to_ticks(self, price: float) -> int:
-        """Nearest tick of a float price from the replayed book or trades."""
-        return int(round(price / float(self.tick_size)))
+        """Nearest tick of a float price from the replayed book or trades (grid.py's one rule)."""
+        return int(grid.grid_index(price, float(self.tick_size), grid.NEAREST))
 
     def to_lots_floor(self, qty: float) -> int:
-        return int(math.floor(qty / float(self.qty_step) + 1e-9))
+        """Whole lots in a float quantity, rounded down by grid.py's one rule."""
+        return int(grid.grid_index(qty, float(self.qty_step), grid.DOWN))
 
 
 def load_instrument(data_dir: str | Path | None, symbol: str, defaults: InstrumentConfig | None = None) -> Instrument:

@@ -66,7 +66,7 @@ class Segments:
 
 @dataclass
 class TrainData:
-    frame: pd.DataFrame          # contiguous bars from the first warm one: OHLC, atr, is_warm, features
+    frame: pd.DataFrame          # contiguous bars from the first warm one: OHLC, is_gap, atr, is_warm, features
     fine: pd.DataFrame | None    # 1m bars that settle same-bar TP/SL races (None at 1m)
     features: list[str]
     segments: Segments
@@ -118,7 +118,7 @@ def load_training_data(cfg: GlobalConfig) -> TrainData:
     if not warm.any():
         raise TrainError(f"{len(bars)} bars in {cfg.data.data_dir} are all inside the features' warm-up "
                          f"({feature_engine.warmup_bars(cfg)} bars): record more data")
-    frame = bars[["open", "high", "low", "close"]].join(features[["atr", "is_warm", *names]])
+    frame = bars[["open", "high", "low", "close", "is_gap"]].join(features[["atr", "is_warm", *names]])
     frame = frame.iloc[int(np.argmax(warm)):]
     fine = data_loader.load_bars(cfg, "1m") if cfg.data.timeframe != "1m" else None
     return TrainData(frame, fine, names, split_segments(len(frame), cfg), data_fingerprint(bars),
@@ -183,7 +183,7 @@ class Timer:
 def labelled(frame: pd.DataFrame, cfg: GlobalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Training samples: warm rows whose four labels are known (rows whose outcome lies past the data's end
     are dropped, never labelled 0), with those labels."""
-    lab = labels_mod.make_labels(frame[PRICE_COLUMNS], cfg)
+    lab = labels_mod.make_labels(frame[PRICE_COLUMNS + ["is_gap"]], cfg)
     keep = (lab[LABEL_COLUMNS].to_numpy() >= 0).all(axis=1) & frame["is_warm"].to_numpy(bool)
     return frame[keep], lab[keep]
 

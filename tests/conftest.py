@@ -18,3 +18,20 @@ def realdata() -> Path:
         pytest.fail(f"real recordings not found at {REALDATA}: these tests need ../shared/realdata "
                     "beside the project (it is there in CI and in the developers' checkout)")
     return REALDATA
+
+
+MISSING_DAY = "2026-01-03"
+
+
+@pytest.fixture(scope="session")
+def missing_day_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Issue 17's reproduction: a 7-day simulated folder (thin market: few trades, 30 s book steps, 20 levels,
+    so it is quick) with the Trade and Orderbook files of MISSING_DAY removed."""
+    import market_sim
+
+    params = market_sim.MarketParams()._replace(hawkes_mu=0.02)
+    folder = market_sim.simulate_run(days=7, seed=5, out=tmp_path_factory.mktemp("gap"), levels=20,
+                                     book_interval="30s", params=params, progress=False).folder
+    for path in [*folder.glob(f"Trade/*{MISSING_DAY}*"), *folder.glob(f"Orderbook/{MISSING_DAY}_*")]:
+        path.unlink()
+    return folder

@@ -38,13 +38,15 @@ def reference_labels(open_, high, low, close, atr, side, offset_atr, tp_atr, sl_
             ends.append(-1)
             continue
         limit = _real_limit(c_r[t], a, side, offset_atr, tick_size)
-        if side == -1:
-            limit = -limit
+        take, stop = limit + side * tp_atr * a, limit - side * sl_atr * a
+        if tick_size > 0:                       # on the grid: TP away from the fill, SL towards it
+            way = math.ceil if side == 1 else math.floor
+            take, stop = on_grid(take, tick_size, way), on_grid(stop, tick_size, way)
+        limit, take, stop = side * limit, side * take, side * stop
         if limit >= o[t + 1]:  # PostOnly would cross at placement: rejected
             labels.append(0)
             ends.append(t + 1)
             continue
-        stop, take = limit - sl_atr * a, limit + tp_atr * a
         state, fill_bar = "resting", -1
         result, decided = -1, -1
         j = t

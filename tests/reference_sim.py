@@ -215,7 +215,9 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
         k = slots.index(None)
         fee = qty * px * fee_rate
         cash -= fee
-        slots[k] = Pos(side, qty, px, px + side * tp_dist, px - side * sl_dist, bar, fine_k, regime, fee, when)
+        way = math.ceil if side == 1 else math.floor          # TP away from the fill, SL towards it
+        slots[k] = Pos(side, qty, px, on_grid(px + side * tp_dist, inst.tick_size, way),
+                       on_grid(px - side * sl_dist, inst.tick_size, way), bar, fine_k, regime, fee, when)
 
     n = len(rows)
     for i in range(n):

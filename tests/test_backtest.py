@@ -284,7 +284,8 @@ def test_breakout_market_entry_fee_slippage_and_end_of_data_close():
     exit_ = 100.5 * 0.9999
     assert t.regime == "taker" and t.exit_reason == "end_of_data"
     assert t.entry_price == pytest.approx(entry) and t.exit_price == pytest.approx(exit_)
-    assert t.take_profit == pytest.approx(entry + 1.2 * 10.0) and t.qty == pytest.approx(50.0)
+    assert t.take_profit == 112.22 and t.qty == pytest.approx(50.0)   # fill + 1.2·10 ATR = 112.21002, tick away
+    assert t.stop_loss == 98.22                                         # fill - 2 ATR = 98.21002, tick towards
     assert t.fees == pytest.approx(50 * entry * TAKER + 50 * exit_ * TAKER)
     assert t.exit_time == frame.index[-1] + pd.Timedelta("5min")
     assert r.equity["upnl"].iloc[-1] == 0.0
@@ -478,7 +479,9 @@ def test_cli_reports_a_missing_data_folder_cleanly(tmp_path, capsys):
     assert code == 2 and "nowhere" in err and "Traceback" not in err
 
 
-def test_core_agrees_with_reference_on_real_btcusdt_trades(realdata):
+def btc_market(realdata):
+    """Two hours of real Binance BTCUSDT trades as 1m bars with ATR, random probabilities, 10s fine bars,
+    and a config that trades them often (1m timeframe, tick 0.01, 15 s latency)."""
     trades = pd.read_csv(realdata / "binance_usdm" / "tardis_BTCUSDT_trades_2020-02-22.csv.gz")
     price = pd.Series(trades["price"].to_numpy(float),
                       index=pd.to_datetime(trades["timestamp"], unit="us", utc=True))
@@ -493,6 +496,11 @@ def test_core_agrees_with_reference_on_real_btcusdt_trades(realdata):
                    daily_loss_limit=0.5, latency_ms=15_000, slippage_bps=1.0)
     cfg.data.timeframe = "1m"
     cfg.instrument.tick_size = 0.01
+    return coarse, probs, fine, cfg
+
+
+def test_core_agrees_with_reference_on_real_btcusdt_trades(realdata):
+    coarse, probs, fine, cfg = btc_market(realdata)
     for fine_bars in (None, fine):
         result, ref_trades, ref_eq, _, rejected = run_both(coarse, probs, cfg, fine=fine_bars)
         assert len(ref_trades) > 15

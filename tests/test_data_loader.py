@@ -408,3 +408,77 @@ def test_timestamps_far_from_the_files_day_are_rejected(tmp_path: Path, caplog: 
     assert "2026-01-01_DEMOUSDT_ob50.data:51: bad book line skipped: field ts = 9000000000000" in caplog.text
     assert bars.index[0] >= pd.Timestamp("2026-01-01", tz="UTC") and len(bars) < 40
     assert rep.bad_trade_rows == 1 and rep.bad_book_lines == 1 and rep.book["time_reversals"] == 0
+
+
+# ------------------------------------------------------------------ data gaps (issue 17, item 4)
+def test_missing_day_is_warned_by_name_and_its_bars_are_gaps(missing_day_folder: Path,
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    from conftest import MISSING_DAY
+
+    with caplog.at_level(logging.WARNING, logger="data_loader"):
+        bars = dl.load_bars(config(missing_day_folder, cache=False), "5m")
+    warned = [r.getMessage() for r in caplog.records if MISSING_DAY in r.getMessage()]
+    assert any(f"Trade/DEMOUSDT{MISSING_DAY}.csv" in m and f"Orderbook/{MISSING_DAY}_DEMOUSDT" in m for m in warned)
+    assert any(f"data gap {MISSING_DAY} 00:00 -> 2026-01-04 00:00 UTC (24h00m, 288 bars)" in m for m in warned)
+    day = bars.index.strftime("%Y-%m-%d") == MISSING_DAY
+    assert len(bars) == 7 * 288 and list(bars.columns) == dl.BAR_COLUMNS and bars["is_gap"].dtype == bool
+    assert bars["is_gap"].to_numpy().tolist() == day.tolist()  # exactly the 288 bars of the day, nothing else
+    assert dl.main(["inspect", str(missing_day_folder)]) == 0
+    report = capsys.readouterr().out
+    assert f"missing      {MISSING_DAY}: Trade, Orderbook file" in report
+    assert f"gap        {MISSING_DAY} 00:00 -> 2026-01-04 00:00 UTC (24h00m, 1440 bars)" in report
+
+
+def quiet_hole_folder(root: Path, hole: tuple[float, float]) -> Path:
+    """Three hours of trades and book with neither a trade nor a book message in [hole) (seconds after T0)."""
+    rows = trade_rows(3000, span=3 * 3600)
+    rows = rows[(rows["timestamp"] < T0 + hole[0]) | (rows["timestamp"] >= T0 + hole[1])]
+    msgs = [m for m in book_messages(3 * 3600 // 2, step_ms=2000)
+            if not T0 + hole[0] <= m["ts"] / 1000 < T0 + hole[1]]
+    return make_folder(root, rows, msgs)
+
+
+def test_long_quiet_stretch_inside_a_file_is_a_gap_by_the_configured_threshold(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = quiet_hole_folder(tmp_path, (3600, 7200))
+    cfg = config(folder)
+    with caplog.at_level(logging.WARNING, logger="data_loader"):
+        bars = dl.load_bars(cfg, "5m")
+    # the book goes stale 60 s after its last message, so the quiet bars are 01:05 .. 01:55 (11 bars, 55 min)
+    quiet = (bars.index >= pd.Timestamp("2026-01-01 01:05", tz="UTC")) & (bars.index < pd.Timestamp(
+        "2026-01-01 02:00", tz="UTC"))
+    assert bars["is_gap"].to_numpy().tolist() == quiet.tolist()
+    assert "data gap 2026-01-01 01:05 -> 2026-01-01 02:00 UTC (0h55m, 11 bars) with no trades and no book for " \
+           ">= 30m" in caplog.text
+    assert "missing" not in caplog.text
+    caplog.clear()
+    cached = {p: p.stat().st_mtime_ns for p in (folder / ".cache").glob("*.parquet")}
+    with caplog.at_level(logging.WARNING, logger="data_loader"):
+        pd.testing.assert_frame_equal(dl.load_bars(cfg, "5m"), bars, check_freq=False)
+    assert len(cached) == 1 and {p: p.stat().st_mtime_ns for p in cached} == cached   # served, not rebuilt
+    assert "data gap 2026-01-01 01:05 -> 2026-01-01 02:00 UTC (0h55m, 11 bars)" in caplog.text  # cached, still loud
+    cfg.data.gap_threshold = "1h"   # the cached 30m bars must not be served for another threshold
+    assert not dl.load_bars(cfg, "5m")["is_gap"].any()
+
+
+def test_short_stalls_and_trade_only_holes_are_not_gaps(tmp_path: Path) -> None:
+    """A 25-minute stall of both streams, and trades pausing while the book lives, stay ordinary bars."""
+    bars = dl.load_bars(config(quiet_hole_folder(tmp_path / "a", (3600, 3600 + 25 * 60)), cache=False), "5m")
+    assert bars["is_empty"].sum() >= 4 and (bars["ob_samples"] == 0).sum() >= 4 and not bars["is_gap"].any()
+    rows = trade_rows(3000, span=3 * 3600)
+    rows = rows[(rows["timestamp"] < T0 + 3600) | (rows["timestamp"] >= T0 + 7200)]
+    bars = dl.load_bars(config(make_folder(tmp_path / "b", rows, book_messages(5400, step_ms=2000)), cache=False),
+                        "5m")
+    assert bars["is_empty"].sum() >= 11 and not bars["is_gap"].any()
+
+
+def test_mark_gaps_on_a_live_window_marks_a_run_once_it_reaches_the_threshold(tmp_path: Path) -> None:
+    bars = dl.load_bars(config(quiet_hole_folder(tmp_path, (3600, 7200)), cache=False), "5m")
+    first = bars.index.get_loc(pd.Timestamp("2026-01-01 01:05", tz="UTC"))
+    short = bars.iloc[:first + 5].copy()          # 5 quiet bars (25 min) so far: not yet a gap
+    assert dl.mark_gaps(short, 300, "30m") == [] and not short["is_gap"].any()
+    reached = bars.iloc[:first + 6].copy().drop(columns="is_gap")   # the 6th quiet bar: the whole run is a gap
+    gaps = dl.mark_gaps(reached, 300, "30m")
+    assert [(g.start, g.bars) for g in gaps] == [(bars.index[first], 6)]
+    assert reached["is_gap"].tolist() == bars["is_gap"].iloc[:first + 6].tolist()

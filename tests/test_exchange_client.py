@@ -1,6 +1,8 @@
 """exchange_client: rounding, taxonomy, keys and permissions (pure), then the real pybit against paper_exchange."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import re
@@ -10,6 +12,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pybit import _websocket_stream, unified_trading
 
 import exchange_client as ec
 import grid
@@ -350,6 +353,12 @@ def test_full_order_lifecycle_postonly_tpsl_fill_exit_and_close(paper, client):
         private.close()
 
 
+def test_a_sell_postonly_a_hair_off_the_grid_rests_on_its_own_tick(client):
+    """10057 * 0.01 = 100.57000000000001 (the old strategy.limit_price result) used to rest at 100.58."""
+    ack = client.place_order("hair", "Sell", "0.1", price=10057 * 0.01, time_in_force="PostOnly")
+    assert client.find_order(ack.order_link_id)["price"] == "100.57"
+
+
 def test_reduce_only_conditional_stop_triggers_on_the_fall(paper, client):
     client.place_order("cond-entry", "Buy", 0.1, order_type="Market")
     ack = client.place_order("cond-stop", "Sell", 0.1, order_type="Market", reduce_only=True,
@@ -423,6 +432,48 @@ def test_timestamp_error_with_a_clock_beyond_the_limit_is_fatal(paper, client):
         client.positions()
     assert exc.value.kind is ec.ErrorKind.FATAL
     assert client.error_counts["TimestampError"] == 1
+
+
+def test_order_through_a_drifted_clock_resyncs_once_and_lands_once(paper, client):
+    set_fault(paper, time_skew_ms=-1500)  # the exchange clock falls 1.5 s behind: inside the 3 s limit
+    ack = client.place_order("drift-entry", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    assert client.error_counts["TimestampError"] == 1  # one 10002, one resync, one resend
+    assert client.time_offset_ms == pytest.approx(-1500, abs=300)
+    orders = engine_orders(paper)
+    assert [(o.order_id, o.link_id) for o in orders] == [(ack.order_id, ec.order_link_id("drift-entry"))]
+
+
+# every signed path: each call meets its own fresh drift, so each must resync by itself
+SIGNED_CALLS = {
+    "stop order": lambda c: c.place_order("drift-stop", "Sell", 0.1, order_type="Market", reduce_only=True,
+                                          trigger_price=99.0, trigger_direction=2),
+    "amend": lambda c: c.amend_order(order_link_id=ec.order_link_id("resting"), price=98.5),
+    "cancel": lambda c: c.cancel_order(order_link_id=ec.order_link_id("resting")),
+    "position stop": lambda c: c.set_trading_stop(side="Buy", stop_loss=98.0),
+    "cancel all": lambda c: c.cancel_all(),
+    "wallet": lambda c: c.wallet(),
+}
+
+
+@pytest.mark.parametrize("name", list(SIGNED_CALLS))
+def test_every_signed_call_resyncs_the_clock_on_10002(paper, client, name):
+    client.place_order("drift-long", "Buy", 0.1, order_type="Market")
+    client.place_order("resting", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    set_fault(paper, time_skew_ms=-1500)
+    SIGNED_CALLS[name](client)
+    assert client.error_counts["TimestampError"] == 1
+    assert client.time_offset_ms == pytest.approx(-1500, abs=300)
+
+
+def test_order_through_a_clock_beyond_the_limit_raises_clock_skew_and_sends_nothing(paper, client):
+    set_fault(paper, time_skew_ms=-5000)
+    with pytest.raises(ec.ClockSkewError, match="max_time_offset") as exc:
+        client.place_order("skewed", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    assert exc.value.kind is ec.ErrorKind.FATAL
+    assert client.error_counts["TimestampError"] == 1 and engine_orders(paper) == []
+    set_fault(paper, time_skew_ms=-1500)  # the clock comes back within the limit: the same intent lands once
+    ack = client.place_order("skewed", "Buy", 0.1, price=99.0, time_in_force="PostOnly")
+    assert [o.link_id for o in engine_orders(paper)] == [ack.order_link_id]
 
 
 def test_rate_limit_burst_backs_off_until_the_reset_header(paper, client):
@@ -702,3 +753,246 @@ def test_check_cli_reports_rules_and_masks_the_key(paper, tmp_path, capsys):
     assert ec.main(args) == 1
     out = capsys.readouterr().out
     assert out.startswith("check failed:") and "Wallet:Withdraw" in out and SECRET not in out
+
+
+# ---------------------------------------------------------------- private stream: duplicated and late pushes
+def order_row(status: str, updated: int, cum: str = "0", **kw) -> dict:
+    return {"orderLinkId": "ps-a", "orderId": "o-1", "orderStatus": status, "updatedTime": str(updated),
+            "cumExecQty": cum, **kw}
+
+
+@pytest.mark.parametrize("old,new,verdict", [
+    (None, order_row("New", 1), ""),
+    (order_row("New", 1), order_row("New", 1), "duplicate"),
+    (order_row("New", 1), order_row("New", 2, price="98.50"), ""),                   # an amend
+    (order_row("New", 2, price="98.50"), order_row("New", 1), "stale: updatedTime"),
+    (order_row("PartiallyFilled", 5, "0.2"), order_row("PartiallyFilled", 5, "0.1"), "stale: cumExecQty"),
+    (order_row("Cancelled", 5, "0.1"), order_row("PartiallyFilled", 5, "0.1"), "stale: PartiallyFilled after"),
+    (order_row("Cancelled", 5), order_row("New", 6), "stale: New after the final status Cancelled"),
+    (order_row("Filled", 5, "0.1"), order_row("New", 5), "stale: cumExecQty"),
+    (order_row("PartiallyFilled", 5, "0.1"), order_row("Cancelled", 5, "0.1"), ""),
+    (order_row("Filled", 5, "0.1"), order_row("Filled", 6, "0.1", cancelType="CancelByUser"), ""),  # cancel/fill race
+    (order_row("Filled", 5, "0.1"), order_row("Filled", 4, "0.1"), "stale: updatedTime"),
+    (order_row("Triggered", 5), order_row("New", 5), ""),
+    (order_row("New", 5), order_row("Triggered", 5), "stale: Triggered after New in the same millisecond"),
+    (order_row("New", 5), order_row("Untriggered", 5), "stale: Untriggered after New"),
+])
+def test_order_rule_drops_repeats_and_anything_older_than_the_stored_row(old, new, verdict):
+    reason = ec.order_drop_reason(old, new)
+    assert reason.startswith(verdict) and bool(reason) == bool(verdict)
+
+
+def position_row(seq: int, updated: int, size: str = "0.1") -> dict:
+    return {"positionIdx": 0, "seq": seq, "updatedTime": str(updated), "size": size}
+
+
+@pytest.mark.parametrize("old,new,verdict", [
+    (None, position_row(1, 1), ""),
+    (position_row(3, 7), position_row(3, 7), "duplicate"),
+    (position_row(3, 7, "0.1"), position_row(4, 8, "0"), ""),
+    (position_row(4, 8, "0"), position_row(3, 7, "0.1"), "stale: seq 3 < stored 4"),
+    (position_row(4, 8, "0"), position_row(4, 6, "0.1"), "stale: updatedTime 6 < stored 8"),
+    (position_row(4, 8, "0"), position_row(4, 9, "0"), ""),  # a stop set: same seq, newer time
+])
+def test_position_rule_orders_by_seq_then_updated_time(old, new, verdict):
+    reason = ec.position_drop_reason(old, new)
+    assert reason.startswith(verdict) and bool(reason) == bool(verdict)
+
+
+@pytest.mark.parametrize("old,new,verdict", [
+    (None, (5, {"totalEquity": "1"}), ""),
+    ((5, {"totalEquity": "1"}), (5, {"totalEquity": "1"}), "duplicate"),
+    ((5, {"totalEquity": "1"}), (4, {"totalEquity": "2"}), "stale: creationTime 4 < stored 5"),
+    ((5, {"totalEquity": "1"}), (5, {"totalEquity": "2"}), ""),
+    ((5, {"totalEquity": "1"}), (6, {"totalEquity": "1"}), ""),
+])
+def test_wallet_rule_orders_by_creation_time(old, new, verdict):
+    reason = ec.wallet_drop_reason(old, new)
+    assert reason.startswith(verdict) and bool(reason) == bool(verdict)
+
+
+def offline_private(**kw) -> ec.PrivateStream:
+    """A private stream that never connects: pushes are fed to it by hand."""
+    return ec.PrivateStream(ec.Endpoints(), ec.Credentials(KEY, SECRET), stale_after=30.0, **kw)
+
+
+def push(stream: ec.PrivateStream, topic: str, rows: list, created: int = 1) -> None:
+    stream._on_topic({"id": "x", "topic": topic, "creationTime": created, "data": rows})
+
+
+def test_stream_applies_each_row_once_and_tells_what_it_dropped_and_why(caplog):
+    caplog.set_level(logging.INFO)
+    seen: list[tuple[str, list]] = []
+    stream = offline_private(on_message=lambda topic, rows: seen.append((topic, rows)))
+    fill = {"execId": "e1", "orderLinkId": "ps-a", "execQty": "0.1", "seq": 7}
+    late = {"execId": "e0", "orderLinkId": "ps-a", "execQty": "0.05", "seq": 6}
+    push(stream, "execution", [fill])
+    push(stream, "execution", [dict(fill), late])
+    assert [e["execId"] for e in stream.executions] == ["e1", "e0"]  # a late fill is still a fill
+    push(stream, "order.linear", [order_row("Filled", 9, "0.15")])
+    push(stream, "order", [order_row("PartiallyFilled", 8, "0.05")])
+    push(stream, "position", [position_row(7, 9)])
+    push(stream, "position", [position_row(6, 8, "0.05")])
+    push(stream, "wallet", [{"accountType": "UNIFIED", "totalEquity": "10"}], created=9)
+    push(stream, "wallet", [{"accountType": "UNIFIED", "totalEquity": "11"}], created=8)
+    assert stream.orders["ps-a"]["orderStatus"] == "Filled" and stream.positions[0]["seq"] == 7
+    assert stream.wallet["totalEquity"] == "10"
+    assert stream.dropped == {("execution", "duplicate"): 1, ("order", "stale"): 1, ("position", "stale"): 1,
+                              ("wallet", "stale"): 1}
+    assert seen == [("execution", [fill]), ("execution", [late]), ("order", [order_row("Filled", 9, "0.15")]),
+                    ("position", [position_row(7, 9)]), ("wallet", [stream.wallet])]
+    assert "dropped execution row orderLinkId=ps-a execId=e1 seq=7 (duplicate: execId already applied)" in caplog.text
+    assert ("dropped order row orderLinkId=ps-a orderId=o-1 orderStatus=PartiallyFilled cumExecQty=0.05 "
+            "updatedTime=8 (stale: updatedTime 8 < stored 9)") in caplog.text
+    assert "dropped wallet row accountType=UNIFIED (stale: creationTime 8 < stored 9)" in caplog.text
+
+
+def test_remembered_exec_ids_are_bounded():
+    stream = offline_private()
+    stream.seen_exec_ids = 2
+    push(stream, "execution", [{"execId": f"e{i}", "execQty": "0.1"} for i in range(3)])
+    push(stream, "execution", [{"execId": "e2"}, {"execId": "e1"}])
+    assert len(stream._exec_ids) == 2 and [e["execId"] for e in stream.executions] == ["e0", "e1", "e2"]
+
+
+def own_rows(stream: ec.PrivateStream, link: str) -> list:
+    with stream.lock:
+        return [e for e in stream.executions if e["orderLinkId"] == link]
+
+
+def test_duplicated_pushes_leave_one_execution_per_fill(paper, client):
+    rows: list = []
+    private = client.private_stream(on_message=lambda topic, data: rows.extend(data if topic == "execution" else []))
+    private.start()
+    try:
+        assert wait_until(lambda: private.ready and private.authenticated)
+        set_fault(paper, duplicate_pushes=1000)  # every private push arrives twice
+        ack = client.place_order("dup-mkt", "Buy", 0.1, order_type="Market")
+        assert private.wait_for(lambda s: s.dropped[("wallet", "duplicate")] == 1, 5)  # the fill's last push
+        fills = own_rows(private, ack.order_link_id)
+        assert len(fills) == 1 and sum(Decimal(e["execQty"]) for e in fills) == Decimal("0.1")
+        assert rows == fills  # the callback saw the fill once too
+        assert private.dropped[("execution", "duplicate")] == 1 and private.dropped[("order", "duplicate")] == 1
+        assert private.orders[ack.order_link_id]["orderStatus"] == "Filled" and pos_size(private) == 0.1
+    finally:
+        private.close()
+
+
+def test_late_order_and_position_pushes_never_overwrite_newer_state(paper, client):
+    private = client.private_stream().start()
+    try:
+        assert wait_until(lambda: private.ready and private.authenticated)
+        set_fault(paper, reorder_pushes=2)  # the create's order (New) and position (flat) pushes come late
+        ack = client.place_order("late-entry", "Buy", 0.1, price=99.60, time_in_force="PostOnly")
+        paper.advance(6)  # the dip fills it: Filled and the 0.1 position arrive, then the held older pushes
+        assert private.wait_for(lambda s: s.dropped[("order", "stale")] == 1 and
+                                s.dropped[("position", "stale")] == 1, 5)
+        assert private.orders[ack.order_link_id]["orderStatus"] == client.find_order(ack.order_link_id)["orderStatus"]
+        assert private.orders[ack.order_link_id]["orderStatus"] == "Filled"
+        assert pos_size(private) == float(client.positions()[0]["size"]) == 0.1
+    finally:
+        private.close()
+
+
+# ---------------------------------------------------------------- pybit internals we rely on (pinned 5.17.0)
+# Each override of a private pybit method, and each pybit internal our code reads or calls. A pybit upgrade
+# that renames, re-signs or stops calling one of them fails here by name: re-check the override, then update.
+OVERRIDES = {ec._SyncedHTTP: {"_prepare_headers"},
+             ec._GuardedWebSocket: {"__init__", "_connect", "_reset", "_on_message", "_on_pong"}}
+
+
+def test_every_override_of_a_pybit_method_is_listed_here():
+    for cls, guarded in OVERRIDES.items():
+        base = cls.__mro__[1]
+        assert {name for name in vars(cls) if hasattr(base, name) and callable(vars(cls)[name])} == guarded
+
+
+@pytest.mark.parametrize("cls,name", [(c, n) for c, names in OVERRIDES.items() for n in sorted(names - {"__init__"})])
+def test_overrides_keep_the_signature_pybit_calls_them_with(cls, name):
+    ours, theirs = inspect.signature(getattr(cls, name)), inspect.signature(getattr(cls.__mro__[1], name))
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+
+
+def flat(code: str) -> str:
+    return " ".join(code.split())
+
+
+# (pybit function, code it must still contain): the call sites and state our overrides depend on
+PYBIT_CALL_SITES = [
+    (unified_trading.HTTP._submit_request, "headers = self._prepare_headers(req_params, recv_window) if auth else {}"),
+    (unified_trading.HTTP._submit_request, "response = self.client.send(request, timeout=self.timeout)"),
+    (unified_trading.HTTP._submit_request, "retries_attempted = self.max_retries"),
+    (unified_trading.HTTP._handle_response, "if error_code in self.retry_codes:"),
+    (unified_trading.HTTP._auth, "param_str = str(timestamp) + self.api_key + str(recv_window) + payload"),
+    (unified_trading.WebSocket.__init__, "self._connect(self.WS_URL)"),
+    (unified_trading.WebSocket._connect, "self.endpoint = url.format(SUBDOMAIN=subdomain, DOMAIN=domain, TLD=tld)"),
+    (unified_trading.WebSocket._connect, "on_message=lambda ws, msg: self._on_message(msg)"),
+    (unified_trading.WebSocket._connect, "on_pong=lambda ws, *args: self._on_pong()"),
+    (unified_trading.WebSocket._on_error, "self._reset() self._connect(self.endpoint)"),
+    (unified_trading.WebSocket._on_message, "self.callback(message)"),
+    (unified_trading.WebSocket._on_message, "if self._is_custom_pong(message):"),
+    (unified_trading.WebSocket.exit, "self.exited = True"),
+]
+
+
+@pytest.mark.parametrize("fn,code", PYBIT_CALL_SITES, ids=[f"{f.__qualname__}-{i}" for i, (f, _) in
+                                                          enumerate(PYBIT_CALL_SITES)])
+def test_pybit_still_calls_our_overrides_and_keeps_the_state_they_use(fn, code):
+    assert flat(code) in flat(inspect.getsource(fn)), f"pybit changed {fn.__qualname__}: re-check exchange_client"
+
+
+# every pybit HTTP method exchange_client calls by name: each builds its URL from the `endpoint` we set
+CALLED_HTTP_METHODS = sorted(set(re.findall(r'"((?:get|place|amend|cancel|set|switch)_[a-z_]+)"',
+                                              inspect.getsource(ec))))
+
+
+@pytest.mark.parametrize("name", CALLED_HTTP_METHODS)
+def test_pybit_http_methods_build_urls_from_the_endpoint_we_set(name):
+    assert callable(getattr(unified_trading.HTTP, name))
+    assert 'path=f"{self.endpoint}' in flat(inspect.getsource(getattr(unified_trading.HTTP, name)))
+
+
+def test_pybit_constructors_take_the_arguments_we_pass():
+    http_fields = {f.name for f in dataclasses.fields(unified_trading.HTTP)}
+    assert {"testnet", "demo", "timeout", "max_retries", "force_retry", "retry_codes", "recv_window",
+            "api_key", "api_secret"} <= http_fields
+    ws_params = set(inspect.signature(_websocket_stream._WebSocketManager.__init__).parameters)
+    assert {"testnet", "demo", "ping_interval", "ping_timeout", "api_key", "api_secret",
+            "private_auth_expire"} <= ws_params
+    assert "channel_type" in inspect.signature(unified_trading.WebSocket.__init__).parameters
+    assert 'kwargs.pop("callback_function")' in inspect.getsource(_websocket_stream._V5WebSocketManager.__init__)
+    for template in (unified_trading.PUBLIC_WSS, unified_trading.PRIVATE_WSS):  # what _connect rewrites
+        assert template.startswith("wss://{SUBDOMAIN}") and "/v5/" in template
+    assert unified_trading.WebSocket._is_custom_pong({"op": "pong"})
+
+
+def test_requests_are_signed_by_our_prepare_headers(paper, client):
+    positions = {"category": "linear", "symbol": SYMBOL}
+    client.http.time_offset_ms = -60_000.0  # a timestamp a minute old can only come from our override
+    with pytest.raises(ec.TimestampError):
+        client._send("get_positions", positions)
+    client.http.time_offset_ms = 0.0
+    assert client._send("get_positions", positions)["result"]["list"]
+
+
+def test_streams_reach_the_base_url_and_see_frames_and_pongs_through_our_hooks(paper, client):
+    stream = client.market_stream(ping_interval=0.5, ping_timeout=0.4).start()
+    ws = stream._ws
+    our_on_pong, silences = ws._on_pong, []
+
+    def on_pong() -> None:  # websocket-client calls pybit's lambda, which looks _on_pong up on the instance
+        stream._last_frame -= 100.0  # pretend 100 s of silence: only our hook's touch can undo it
+        our_on_pong()
+        silences.append(stream.silence())
+    ws._on_pong = on_pong
+    try:
+        assert ws.endpoint == paper.url.replace("http", "ws") + "/v5/public/linear"  # _connect rewrote the host
+        assert wait_until(lambda: stream.ready and stream.book_valid)          # frames reached _on_message
+        assert wait_until(lambda: len(silences) >= 2, timeout=5)                # pong frames reach _on_pong
+        assert max(silences) < 50.0                                             # and count as liveness
+        paper.call(paper.exchange.drop_ws, "public", "abort")
+        assert wait_until(lambda: stream.reconnects >= 1 and stream.ready)  # pybit's reconnect → _reset
+    finally:
+        stream.close()
+    assert not ws.is_connected() and ws.handle_error is False  # shutdown: pybit will not reconnect

@@ -46,6 +46,7 @@ def make_bars(n: int, seed: int = 1, timeframe: str = "5m", start: str = "2026-0
         "ob_bid_slope_mean": rng.gamma(5.0, 0.0005, n), "ob_ask_slope_mean": rng.gamma(5.0, 0.0005, n),
         "ob_bid_integrity_mean": rng.uniform(0.01, 0.1, n), "ob_ask_integrity_mean": rng.uniform(0.01, 0.1, n),
         "ob_mid_last": close, "ob_ofi_sum": rng.normal(0, 5, n), "ob_samples": np.full(n, 300.0),
+        "is_gap": np.zeros(n, bool),
     }, index=index)
 
 
@@ -376,6 +377,7 @@ def test_microstructure_only_drops_indicator_inputs() -> None:
 
 @pytest.mark.parametrize("breakage, message", [
     (lambda b: b.drop(columns=["ob_ofi_sum"]), "ob_ofi_sum"),
+    (lambda b: b.drop(columns=["is_gap"]), "is_gap.*mark_gaps"),
     (lambda b: b.drop(index=b.index[10]), "continuous 5m grid"),
     (lambda b: b.assign(close=np.where(np.arange(len(b)) == 7, 0.0, b["close"])), "00:35.*close = 0.0, expected"),
     (lambda b: b.assign(volume=np.where(np.arange(len(b)) == 3, np.nan, b["volume"])), "volume = nan"),
@@ -419,3 +421,51 @@ def test_cli_writes_the_features_of_a_simulated_data_folder(tmp_path, capsys) ->
     with pytest.raises(SystemExit):
         fe.main([*args, "-o", str(tmp_path / "x.json")])
     assert ".parquet or .csv" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- data gaps (issue 17, item 4)
+def test_gap_bars_are_never_warm_and_features_rewarm_after_the_gap(missing_day_folder) -> None:
+    """The missing day's 288 fabricated bars: none warm, none of the next warm-up warm; once warm again the
+    features equal a fresh start right after the gap, so no window treats the fabricated bars as data."""
+    import data_loader
+
+    cfg = small_cfg()
+    set_path(cfg, "data.data_dir", str(missing_day_folder))
+    bars = data_loader.load_bars(cfg)
+    out = fe.compute_features(bars, cfg)
+    gap = np.flatnonzero(bars["is_gap"].to_numpy())
+    assert len(gap) == 288 and gap[-1] - gap[0] == 287
+    after, warmup = gap[-1] + 1, fe.warmup_bars(cfg)
+    assert gap[0] > warmup and out["is_warm"].iloc[warmup:gap[0]].all()  # warm right up to the hole
+    assert not out["is_warm"].iloc[gap[0]:after + warmup].any()
+    assert out["is_warm"].iloc[after + warmup:].all()
+    fresh = fe.compute_features(bars.iloc[after:], cfg)
+    assert fresh["is_warm"].tolist() == out["is_warm"].iloc[after:].tolist()
+    rewarmed = out.iloc[after + warmup:]
+    for name in fe.feature_names(cfg) + ["atr"]:
+        a, b = fresh[name].iloc[warmup:].to_numpy(), rewarmed[name].to_numpy()
+        worst = np.max(np.abs(a - b) / np.maximum(1.0, np.abs(a)))
+        assert worst < 5e-3, f"{name}: still leans on the gap {warmup} bars after it (differs by {worst})"
+    for t in (gap[0], gap[0] + 3, after, after + warmup - 1, after + warmup, after + warmup + 7):
+        assert_rows_equal(fe.compute_features(bars.iloc[:t + 1], cfg).iloc[-1], out.iloc[t])
+
+
+def test_backtest_makes_no_entry_decision_on_a_gap_bar(missing_day_folder) -> None:
+    """Probabilities exist only where features are warm (as ModelBundle.predict_where gives them), so the
+    backtest's strategy decides no entry inside the missing day nor in the re-warm-up after it."""
+    import backtest
+    import data_loader
+
+    cfg = small_cfg()
+    set_path(cfg, "data.data_dir", str(missing_day_folder))
+    bars = data_loader.load_bars(cfg)
+    feats = fe.compute_features(bars, cfg)
+    frame = bars[backtest.PRICE_COLUMNS].assign(atr=feats["atr"])
+    sure = pd.DataFrame(0.99, index=bars.index, columns=backtest.PROB_COLUMNS)  # breakout entries whenever free
+    gap = np.flatnonzero(bars["is_gap"].to_numpy())
+    cold = np.arange(gap[0], gap[-1] + 1 + fe.warmup_bars(cfg))
+    for probs, entries_in_gap in ((sure, True), (sure.where(feats["is_warm"], axis=0), False)):
+        intents = backtest.run_backtest(frame, probs, cfg, record_intents=True).intents
+        bars_with_entries = intents.loc[intents["kind"].isin(["market", "limit"]), "bar"].to_numpy()
+        assert np.isin(bars_with_entries, cold).any() == entries_in_gap
+        assert len(bars_with_entries) > 0

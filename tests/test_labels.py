@@ -7,7 +7,7 @@ import pytest
 
 from config import GlobalConfig
 from label_reference import reference_labels
-from labels import direction_labels, execution_labels, make_labels
+from labels import crosses_gap, direction_labels, execution_labels, make_labels
 
 # Signal at bar 0: close 100, ATR 2. Long limit 99 (offset 0.5); TP = entry + 2, SL = entry - 2 (1 ATR each).
 P = dict(offset_atr=0.5, tp_atr=1.0, sl_atr=1.0, time_limit_bars=3, max_holding_bars=4, maker_fee=0.0)
@@ -227,7 +227,7 @@ def test_make_labels_columns_times_and_consistency():
     cfg.strategy.time_limit_bars, cfg.strategy.max_holding_bars = 4, 10
     b = random_bars(5, 400, on_grid=False)
     idx = pd.date_range("2026-01-01", periods=400, freq="5min", tz="UTC", name="time")
-    frame = pd.DataFrame(b, index=idx)
+    frame = pd.DataFrame(b, index=idx).assign(is_gap=False)
     out = make_labels(frame, cfg)
     assert list(out.columns) == ["exec_long", "exec_short", "dir_long", "dir_short", "t1_exec", "t1_dir"]
     assert all(out[c].dtype == np.int8 for c in ["exec_long", "exec_short", "dir_long", "dir_short"])
@@ -251,6 +251,9 @@ def test_make_labels_names_missing_columns():
     idx = pd.date_range("2026-01-01", periods=3, freq="5min", tz="UTC")
     with pytest.raises(ValueError, match="atr"):
         make_labels(pd.DataFrame({"open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0}, index=idx), GlobalConfig())
+    with pytest.raises(ValueError, match="is_gap"):
+        make_labels(pd.DataFrame({"open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0, "atr": 1.0}, index=idx),
+                    GlobalConfig())
 
 
 @pytest.mark.parametrize("side,rule", [(1, "trade_through"), (-1, "touch")])
@@ -266,3 +269,38 @@ def test_each_label_is_known_at_its_t1_from_bars_up_to_t1_only(side, rule):
             short = {k: v[: t1[t]] for k, v in b.items()}
             assert execution_labels(short["open"], short["high"], short["low"], short["close"], short["atr"],
                                     side, fill_rule=rule, **P)[0][t] == -1
+
+
+# ---------------------------------------------------------------- data gaps (issue 17, item 4)
+def test_crosses_gap_flags_paths_that_touch_a_gap_bar():
+    is_gap = np.array([0, 0, 0, 1, 1, 0, 0, 0], bool)
+    t1 = np.array([2, 3, -1, 4, 6, 7, -1, -1])
+    assert crosses_gap(t1, is_gap).tolist() == [False, True, False, True, True, False, False, False]
+
+
+def test_no_label_inside_or_across_the_missing_day(missing_day_folder):
+    """Issue 17: labels were decided inside the missing day and across it; now neither, and no other changes."""
+    import data_loader
+    import feature_engine
+
+    cfg = GlobalConfig()
+    cfg.data.data_dir = str(missing_day_folder)
+    bars = data_loader.load_bars(cfg)
+    frame = bars[["open", "high", "low", "close", "is_gap"]].assign(
+        atr=feature_engine.compute_features(bars, cfg)["atr"])
+    out = make_labels(frame, cfg)
+    blind = make_labels(frame.assign(is_gap=False), cfg)
+    gap = np.flatnonzero(bars["is_gap"].to_numpy())
+    assert len(gap) == 288
+    gap_open, gap_close = bars.index[gap[0]], bars.index[gap[-1]] + pd.Timedelta(minutes=5)
+    starts = bars.index
+    for name, t1_col in [("exec_long", "t1_exec"), ("exec_short", "t1_exec"), ("dir_long", "t1_dir"),
+                         ("dir_short", "t1_dir")]:
+        known, was_known = out[name].to_numpy() >= 0, blind[name].to_numpy() >= 0
+        assert not known[gap].any() and was_known[gap].sum() > 0, f"{name}: decided inside the gap"
+        crossing = (starts < gap_close) & (out[t1_col] > gap_open).to_numpy()
+        assert not (known & crossing).any(), f"{name}: a label's path crosses the gap"
+        was_crossing = (starts < gap_close) & (blind[t1_col] > gap_open).to_numpy()
+        assert (was_known & was_crossing)[:gap[0]].any(), f"{name}: no label before the gap reached into it"
+        clear = was_known & ~was_crossing
+        assert known[clear].all() and (out[name][known] == blind[name][known]).all()

@@ -1,0 +1,396 @@
+"""execution.py: the proof that it plus strategy.decide reproduces the backtest core, and every event kind.
+
+The proof replays a backtest bar by bar: this file plays the exchange, feeding the Execution the core's own
+fills (from `BacktestResult.trades`) in the core's order of work within a bar (orders sent at the last close,
+resting entries, then every position's TP/SL in slot order), and rejecting a PostOnly that would cross at
+its arrival price as the exchange does. The intents the Execution decides, the TP/SL it derives from each
+fill, its equity at every close and its journal must equal the core's intent log, trades and equity exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
+
+import backtest
+import strategy as st
+from execution import ExecEvent, Execution, OrderRequest, is_own_order, order_link_id
+from test_backtest import btc_market, make_cfg, random_market
+
+SYMBOL = "BTCUSDT"
+EXIT_REASON = {"tp": "take_profit", "sl": "stop_loss", "time_exit": "time", "kill_exit": "kill_switch"}
+
+
+# ---------------------------------------------------------------- the exchange side of the replay
+class CoreReplay:
+    """Plays the exchange for an Execution from a backtest result: fills are the core's, acks are immediate."""
+
+    def __init__(self, frame: pd.DataFrame, cfg, result: backtest.BacktestResult, fine: pd.DataFrame | None):
+        self.ex = Execution(cfg, SYMBOL)
+        self.cfg = cfg
+        self.journal: list[dict] = []
+        self.n_exec = 0
+        self.rejected = 0
+        tr = result.trades
+        sides = np.where(tr["side"] == "long", 1, -1)
+        self.trades = {(int(s), int(b)): row for s, b, row in zip(sides, tr["entry_bar"], tr.itertuples())}
+        assert len(self.trades) == len(tr), "two trades share a side and entry bar: the replay cannot tell them apart"
+        t = backtest._epoch_seconds(frame.index)
+        bar_s = t[1] - t[0]
+        if fine is not None:
+            fine = fine.loc[(fine.index >= frame.index[0]) & (fine.index < frame.index[-1] + pd.Timedelta(seconds=bar_s))]
+        ft, fo, _, _, fstart, fend, lat = backtest._fine_arrays(fine, t, bar_s, cfg.venue.latency_ms)
+        opens = frame["open"].to_numpy(float)
+        self.arrival = [fo[min(fstart[i] + lat, fend[i] - 1)] if fend[i] > fstart[i] else opens[i]
+                        for i in range(len(t))]
+        self.open_ms = [int(x) * 1000 for x in t]
+
+    def send(self, ev: ExecEvent) -> None:
+        """Feed one event; it must apply, and its follow-ups are acknowledged at once."""
+        res = self.ex.on_event(ev)
+        assert res.status == "applied", res.message
+        self.journal += res.journal
+        for req in res.requests:
+            self.ack(req, ev.ts_ms)
+
+    def ack(self, req: OrderRequest, ts_ms: int) -> None:
+        self.send(ExecEvent("cancelled" if req.action == "cancel" else "accepted", req.order_link_id, ts_ms))
+
+    def fill(self, link: str, ts, qty: float, price: float, fee: float, maker: bool) -> None:
+        self.n_exec += 1
+        self.send(ExecEvent("fill", link, int(round(ts.timestamp() * 1000)), exec_id=f"e{self.n_exec}", qty=qty,
+                            price=price, fee=fee, is_maker=maker))
+
+    def position(self, position_id: str):
+        return next(p for p in self.ex.slots if p is not None and p.position_id == position_id)
+
+    def bar_open(self, i: int, sent: list[OrderRequest]) -> None:
+        """Bar i in the core's order: the orders sent at the last close, resting entries, then TP/SL by slot."""
+        ms = self.open_ms[i]
+        for req in sent:
+            if req.action == "cancel":
+                self.send(ExecEvent("cancelled", req.order_link_id, ms))
+            elif req.kind == "exit":
+                pos = self.position(req.position_id)
+                row = self.trades[(pos.side, pos.fill_bar)]
+                assert row.exit_bar == i and row.exit_reason == req.reason, (i, req)
+                self.fill(req.order_link_id, row.exit_time, row.qty, row.exit_price, row.exit_fee, False)
+            elif req.order_type == "Market":
+                row = self.trades[(st.LONG if req.side == "Buy" else st.SHORT, i)]
+                self.fill(req.order_link_id, row.entry_time, row.qty, row.entry_price, row.entry_fee, False)
+            else:
+                crosses = req.price >= self.arrival[i] if req.side == "Buy" else req.price <= self.arrival[i]
+                self.rejected += crosses
+                self.send(ExecEvent("rejected" if crosses else "accepted", req.order_link_id, ms,
+                                    reason="EC_PostOnlyWillTakeLiquidity" if crosses else ""))
+        for side in (st.LONG, st.SHORT):
+            for order in [o for o in self.ex.orders.values() if o.status == "accepted" and o.request.kind == "entry"
+                          and o.request.side == ("Buy" if side == st.LONG else "Sell")]:
+                row = self.trades.get((side, i))
+                if row is not None and row.regime == "maker":
+                    self.fill(order.request.order_link_id, row.entry_time, row.qty, row.entry_price, row.entry_fee, True)
+        for pos in [p for p in self.ex.slots if p is not None]:
+            row = self.trades[(pos.side, pos.fill_bar)]
+            if row.exit_bar == i and row.exit_reason in ("take_profit", "stop_loss"):
+                link = pos.tp_link if row.exit_reason == "take_profit" else pos.sl_link
+                self.fill(link, row.exit_time, row.qty, row.exit_price, row.exit_fee, row.exit_reason == "take_profit")
+
+
+def replay(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.DataFrame | None = None,
+           gate: np.ndarray | None = None,
+           restart: bool = False) -> tuple[backtest.BacktestResult, CoreReplay, pd.DataFrame, list[float]]:
+    """Run the core, then the Execution + strategy.decide on the core's fills; returns both sides' records.
+
+    restart: after every bar close the Execution is rebuilt from its own JSON state (a restart)."""
+    result = backtest.run_backtest(frame, probs, cfg, fine=fine, record_intents=True, entries_allowed=gate)
+    rep = CoreReplay(frame, cfg, result, fine)
+    t = backtest._epoch_seconds(frame.index)
+    cols = {c: frame[c].to_numpy(float) for c in ("close", "atr")}
+    p = probs.reindex(frame.index)[backtest.PROB_COLUMNS]
+    rows, equity, sent = [], [], []
+    for i in range(len(frame)):
+        if i > 0:
+            rep.bar_open(i, sent)
+        if i == len(frame) - 1:
+            break
+        bar = st.Bar(index=i, time=float(t[i]), close=cols["close"][i], atr=cols["atr"][i], probs=p.iloc[i].to_dict())
+        sent = rep.ex.on_bar_close(bar, st.EntryGate(bool(gate[i]) if gate is not None else True, "test gate"))
+        if restart:
+            text = rep.ex.to_json()
+            rep.ex = Execution.from_json(text, cfg)
+            assert rep.ex.to_json() == text
+        equity.append(rep.ex.equity())
+        rows += [{"bar": i, "time": frame.index[i], **it.__dict__} for it in rep.ex.last_intents]
+    intents = pd.DataFrame(rows, columns=result.intents.columns)
+    return result, rep, intents, equity
+
+
+def journal_trades(journal: list[dict]) -> pd.DataFrame:
+    """Closed trades rebuilt from the Execution's journal (entry 'filled' + the exit fill), core columns."""
+    entries = {r["position_id"]: r for r in journal if r["kind"] == "entry" and r["event"] == "filled"}
+    rows = []
+    for r in journal:
+        if r["event"] in EXIT_REASON:
+            e = entries[r["position_id"]]
+            rows.append({"entry_time": e["ts"], "exit_time": r["ts"], "side": "long" if e["side"] == "Buy" else "short",
+                         "qty": r["qty"], "entry_price": e["price"], "exit_price": r["price"], "take_profit": e["tp"],
+                         "stop_loss": e["sl"], "exit_reason": EXIT_REASON[r["event"]], "entry_fee": e["fee"],
+                         "exit_fee": r["fee"], "pnl": r["pnl"]})
+    return pd.DataFrame(rows)
+
+
+def assert_reproduces(frame, probs, cfg, fine=None, gate=None, min_trades=20, restart=False) -> None:
+    result, rep, intents, equity = replay(frame, probs, cfg, fine, gate, restart)
+    pd.testing.assert_frame_equal(intents, result.intents, check_exact=True)
+    core = result.trades.loc[result.trades["exit_reason"] != "end_of_data"]
+    assert len(core) >= min_trades
+    cols = ["side", "qty", "entry_price", "exit_price", "take_profit", "stop_loss", "exit_reason", "entry_fee",
+            "exit_fee", "pnl"]
+    ms = {c: (core[c].astype("int64") // 1_000_000).to_numpy() for c in ("entry_time", "exit_time")}
+    mine = journal_trades(rep.journal).sort_values(["exit_time", "entry_time", "side"], kind="stable")
+    core = core.assign(**ms).sort_values(["exit_time", "entry_time", "side"], kind="stable")
+    pd.testing.assert_frame_equal(mine[cols + ["entry_time", "exit_time"]].reset_index(drop=True),
+                                  core[cols + ["entry_time", "exit_time"]].reset_index(drop=True), check_exact=True)
+    assert equity == result.equity["equity"].iloc[:-1].tolist()
+    assert rep.rejected == result.counters["rejected_postonly"]
+    still_open = result.trades.loc[result.trades["exit_reason"] == "end_of_data"]
+    assert sorted((p.qty, p.entry_price) for p in rep.ex.positions()) == \
+        sorted(zip(still_open["qty"], still_open["entry_price"]))
+
+
+# ---------------------------------------------------------------- the proof
+@pytest.mark.parametrize("seed,settings_", [
+    (1, {}),
+    (2, {"fill_rule": "touch", "slippage_bps": 3.0, "daily_loss_limit": 0.015, "max_positions": 2,
+         "risk_per_trade": 0.02}),
+    (3, {"max_leverage": 1.0, "max_holding_bars": 40, "time_limit_bars": 3, "aggressive_threshold": 0.95,
+         "exec_threshold": 0.5, "limit_offset_atr": 0.1, "latency_ms": 250.0}),
+    (4, {"limit_offset_atr": 1.5, "maker_fee": -0.0001, "take_profit_atr": 3.0, "stop_loss_atr": 0.8,
+         "max_positions": 5, "max_holding_bars": 6}),
+])
+def test_execution_and_decide_reproduce_the_core_on_random_markets(seed, settings_):
+    frame, probs, fine = random_market(6000, seed=seed)
+    assert_reproduces(frame, probs, make_cfg(**settings_), fine=fine if seed % 2 else None)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=hst.integers(0, 10_000), gate_rate=hst.sampled_from([0.0, 0.3]), tick=hst.sampled_from([0.01, 0.05]))
+def test_execution_reproduces_the_core_for_any_seed_gate_and_tick(seed, gate_rate, tick):
+    frame, probs, _ = random_market(2500, seed=seed)
+    cfg = make_cfg(daily_loss_limit=0.02, time_limit_bars=4, max_holding_bars=15)
+    cfg.instrument.tick_size = tick
+    gate = np.random.default_rng(seed).random(len(frame)) >= gate_rate
+    assert_reproduces(frame, probs, cfg, gate=gate, min_trades=5)
+
+
+def test_execution_reproduces_the_core_on_real_btcusdt_trades(realdata):
+    frame, probs, fine, cfg = btc_market(realdata)
+    for fine_bars in (None, fine):
+        assert_reproduces(frame, probs, cfg, fine=fine_bars, min_trades=15)
+
+
+def test_a_restart_from_the_json_state_at_every_bar_changes_nothing():
+    frame, probs, _ = random_market(1000, seed=8)
+    assert_reproduces(frame, probs, make_cfg(daily_loss_limit=0.02), min_trades=10, restart=True)
+
+
+# ---------------------------------------------------------------- every event kind, one by one
+DAY = 1_767_225_600          # 2026-01-01 00:00 UTC
+CHOP_LONG = {"p_exec_long": 0.9, "p_dir_long": 0.6, "p_exec_short": 0.0, "p_dir_short": 0.0}
+BREAKOUT_LONG = {"p_exec_long": 0.0, "p_dir_long": 0.9, "p_exec_short": 0.0, "p_dir_short": 0.0}
+QUIET = {"p_exec_long": 0.0, "p_dir_long": 0.0, "p_exec_short": 0.0, "p_dir_short": 0.0}
+
+
+def close(ex: Execution, i: int, probs=QUIET, price=100.0, gate=None) -> list[OrderRequest]:
+    return ex.on_bar_close(st.Bar(index=i, time=DAY + 300 * i, close=price, atr=1.0, probs=probs), gate)
+
+
+def ms(i: int) -> int:
+    return (DAY + 300 * i) * 1000
+
+
+def filled_long(qty_fraction: float = 1.0):
+    """An Execution whose PostOnly long from bar 0 (limit 99.5, qty 50) was accepted and filled in bar 1."""
+    ex = Execution(make_cfg(), SYMBOL)
+    (entry,) = close(ex, 0, CHOP_LONG)
+    assert ex.on_event(ExecEvent("accepted", entry.order_link_id, ms(1))).status == "applied"
+    res = ex.on_event(ExecEvent("fill", entry.order_link_id, ms(1) + 5, exec_id="x1", qty=entry.qty * qty_fraction,
+                                price=99.5, fee=0.99, is_maker=True))
+    return ex, entry, res
+
+
+def test_entry_request_is_a_postonly_with_its_own_stop_and_a_deterministic_link_id():
+    ex = Execution(make_cfg(), SYMBOL)
+    (req,) = close(ex, 0, CHOP_LONG)
+    assert (req.action, req.kind, req.side, req.order_type, req.time_in_force) == ("create", "entry", "Buy", "Limit",
+                                                                                   "PostOnly")
+    assert (req.price, req.qty, req.reduce_only, req.position_idx, req.stop_loss) == (99.5, 50.0, False, 1, 97.5)
+    assert req.order_link_id == order_link_id(req.intent_key) and len(req.order_link_id) <= 36
+    assert is_own_order(req.order_link_id) and req.intent_key == f"{SYMBOL}|{DAY}|entry|Buy"
+    again = Execution(make_cfg(), SYMBOL)
+    assert close(again, 0, CHOP_LONG) == [req]                         # the same decision is the same order
+    assert ex.pending() == [req]                                      # until the exchange answers
+    assert ex.resting() == [st.RestingOrder(st.LONG, 99.5, 50.0, 0, 1.2, 2.0)]
+
+
+def test_market_entry_fill_sets_tp_and_sl_from_the_fill_on_the_tick_grid():
+    ex = Execution(make_cfg(), SYMBOL)
+    (req,) = close(ex, 0, BREAKOUT_LONG)
+    assert (req.order_type, req.time_in_force, req.price, req.stop_loss) == ("Market", "IOC", None, 98.0)
+    res = ex.on_event(ExecEvent("fill", req.order_link_id, ms(1), exec_id="m1", qty=req.qty, price=100.013, fee=1.0))
+    tp, sl = res.requests
+    assert (tp.action, tp.kind, tp.side, tp.order_type, tp.time_in_force, tp.reduce_only) == \
+        ("create", "tp", "Sell", "Limit", "GTC", True)
+    assert tp.price == 112.02 and tp.qty == req.qty                    # 100.013 + 12: up, away from the fill
+    assert (sl.action, sl.kind, sl.order_type, sl.price, sl.reduce_only, sl.position_idx) == \
+        ("create", "sl", "Market", 98.02, True, 1)                    # the trigger; 98.013 rounded up, towards it
+    (pos,) = ex.positions()
+    assert (pos.side, pos.qty, pos.entry_price, pos.tp, pos.sl, pos.fill_bar, pos.regime) == \
+        (st.LONG, req.qty, 100.013, 112.02, 98.02, 1, "taker")
+    (rec,) = res.journal
+    assert {k: rec[k] for k in ("event", "kind", "side", "price", "qty", "fee", "tp", "sl", "ts")} == \
+        {"event": "filled", "kind": "entry", "side": "Buy", "price": 100.013, "qty": req.qty, "fee": 1.0,
+         "tp": 112.02, "sl": 98.02, "ts": ms(1)}
+    assert ex.mark(101.013) == 10_000.0 - 1.0 + req.qty * 1.0
+
+
+def test_take_profit_fill_closes_the_position_books_pnl_and_cancels_the_stop():
+    ex, entry, _ = filled_long()
+    pos = ex.slots[0]
+    res = ex.on_event(ExecEvent("fill", pos.tp_link, ms(3), exec_id="x2", qty=50.0, price=100.7, fee=1.007,
+                                is_maker=True))
+    assert res.status == "applied" and ex.positions() == []
+    (cancel,) = res.requests
+    assert (cancel.action, cancel.order_link_id) == ("cancel", pos.sl_link)
+    (rec,) = res.journal
+    assert rec["event"] == "tp" and rec["pnl"] == pytest.approx(50 * 1.2 - 0.99 - 1.007)
+    assert ex.cash == pytest.approx(10_000.0 + 50 * 1.2 - 0.99 - 1.007)
+    assert ex.on_event(ExecEvent("cancelled", pos.sl_link, ms(3))).status == "applied"
+    assert ex.pending() == []
+
+
+def test_stop_triggers_then_fills_as_sl():
+    ex, _, _ = filled_long()
+    pos = ex.slots[0]
+    assert ex.on_event(ExecEvent("accepted", pos.sl_link, ms(1) + 6)).status == "applied"
+    assert ex.on_event(ExecEvent("triggered", pos.sl_link, ms(4))).status == "applied"
+    res = ex.on_event(ExecEvent("fill", pos.sl_link, ms(4) + 1, exec_id="x3", qty=50.0, price=97.49, fee=2.68))
+    assert res.journal[0]["event"] == "sl" and res.requests[0].order_link_id == pos.tp_link
+    assert ex.positions() == []
+
+
+def test_time_exit_is_a_reduce_only_market_that_cancels_tp_and_sl_and_is_not_sent_twice():
+    ex, _, _ = filled_long()
+    pos = ex.slots[0]
+    for i in range(1, 48):
+        assert close(ex, i) == []
+    exit_, c1, c2 = close(ex, 49)
+    assert (exit_.kind, exit_.side, exit_.order_type, exit_.reduce_only, exit_.qty, exit_.reason) == \
+        ("exit", "Sell", "Market", True, 50.0, "time")
+    assert {c1.order_link_id, c2.order_link_id} == {pos.tp_link, pos.sl_link} and c1.action == c2.action == "cancel"
+    assert close(ex, 50) == []                        # the exit is under way: no second exit order
+    assert ex.last_intents[0].kind == "exit"          # (the strategy still asks for it)
+    res = ex.on_event(ExecEvent("fill", exit_.order_link_id, ms(51), exec_id="x4", qty=50.0, price=100.2, fee=2.75))
+    assert res.journal[0]["event"] == "time_exit" and res.requests == [] and ex.positions() == []
+
+
+def test_rejected_and_cancelled_entries_stop_resting_and_repeats_are_reported():
+    ex = Execution(make_cfg(), SYMBOL)
+    (req,) = close(ex, 0, CHOP_LONG)
+    res = ex.on_event(ExecEvent("rejected", req.order_link_id, ms(1), reason="EC_PostOnlyWillTakeLiquidity"))
+    assert res.status == "applied" and res.journal[0]["event"] == "rejected" and ex.resting() == []
+    assert ex.on_event(ExecEvent("rejected", req.order_link_id, ms(1))).status == "duplicate"
+    assert ex.on_event(ExecEvent("accepted", req.order_link_id, ms(2))).status == "stale"
+    (req2,) = close(ex, 1, CHOP_LONG)
+    assert req2.order_link_id != req.order_link_id
+    assert ex.on_event(ExecEvent("accepted", req2.order_link_id, ms(2))).status == "applied"
+    assert ex.on_event(ExecEvent("cancelled", req2.order_link_id, ms(3))).status == "applied"
+    assert ex.resting() == [] and ex.pending() == []
+    assert ex.on_event(ExecEvent("expired", req2.order_link_id, ms(4))).status == "stale"
+
+
+def test_expiry_cancels_the_resting_entry_and_keeps_asking_until_the_exchange_confirms():
+    ex = Execution(make_cfg(time_limit_bars=2), SYMBOL)
+    (req,) = close(ex, 0, CHOP_LONG)
+    ex.on_event(ExecEvent("accepted", req.order_link_id, ms(1)))
+    close(ex, 1)
+    (cancel,) = close(ex, 2)
+    assert (cancel.action, cancel.order_link_id, cancel.reason) == ("cancel", req.order_link_id, "expired")
+    assert ex.resting() == [] and [r.action for r in ex.pending()] == ["cancel"]
+
+
+def test_duplicate_exec_id_is_not_applied_twice():
+    ex, entry, _ = filled_long()
+    cash = ex.cash
+    dup = ex.on_event(ExecEvent("fill", entry.order_link_id, ms(1) + 5, exec_id="x1", qty=1.0, price=99.5, fee=0.99))
+    assert dup.status == "duplicate" and "x1" in dup.message and ex.cash == cash and ex.positions()[0].qty == 50.0
+
+
+def test_fill_larger_than_the_order_or_the_position_is_invalid():
+    ex, entry, _ = filled_long(0.5)
+    over = ex.on_event(ExecEvent("fill", entry.order_link_id, ms(2), exec_id="x9", qty=26.0, price=99.5))
+    assert over.status == "invalid" and "exceeds the order" in over.message and ex.positions()[0].qty == 25.0
+    for bad in (0.0, -1.0, math.nan):
+        assert ex.on_event(ExecEvent("fill", entry.order_link_id, ms(2), exec_id="y", qty=bad,
+                                     price=99.5)).status == "invalid"
+    assert ex.on_event(ExecEvent("filled", entry.order_link_id, ms(2))).status == "invalid"
+
+
+def test_partial_entry_then_cancel_protects_the_filled_part():
+    ex, entry, res = filled_long(0.4)
+    assert res.requests == [] and res.journal[0]["event"] == "partially_filled" and ex.positions()[0].qty == 20.0
+    assert ex.resting()[0].qty == 30.0
+    res = ex.on_event(ExecEvent("cancelled", entry.order_link_id, ms(2)))
+    tp, sl = res.requests
+    assert tp.qty == sl.qty == 20.0 and tp.price == 100.7 and sl.price == 97.5
+    late = ex.on_event(ExecEvent("fill", entry.order_link_id, ms(3), exec_id="late", qty=1.0, price=99.5))
+    assert late.status == "stale" and ex.positions()[0].qty == 20.0
+    early = ex.on_event(ExecEvent("fill", entry.order_link_id, ms(2) - 1, exec_id="early", qty=1.0, price=99.5))
+    assert early.status == "applied" and ex.positions()[0].qty == 21.0      # it happened before the cancel
+
+
+def test_unknown_and_stale_events_are_reported_with_the_link_id():
+    ex, entry, _ = filled_long()
+    foreign = ex.on_event(ExecEvent("fill", "manual-123", ms(2), exec_id="z", qty=1.0, price=100.0))
+    assert foreign.status == "unknown" and "manual-123" in foreign.message and "not placed" in foreign.message
+    ours = ex.on_event(ExecEvent("cancelled", order_link_id("somewhere else"), ms(2)))
+    assert ours.status == "unknown" and "ours" in ours.message
+    stale = ex.on_event(ExecEvent("cancelled", entry.order_link_id, ms(0)))
+    assert stale.status == "stale" and entry.order_link_id in stale.message
+    assert ex.on_event(ExecEvent("accepted", entry.order_link_id, ms(2))).status == "stale"   # filled already
+    assert ex.on_event(ExecEvent("bogus", entry.order_link_id, ms(2))).status == "invalid"
+
+
+def test_funding_is_shared_by_the_legs_positions_and_counted_in_pnl():
+    ex, _, _ = filled_long()
+    res = ex.on_event(ExecEvent("funding", "", ms(2), exec_id="f1", fee=0.5, side="Buy"))
+    assert res.status == "applied" and ex.cash == pytest.approx(10_000.0 - 0.99 - 0.5)
+    assert ex.on_event(ExecEvent("funding", "", ms(2), exec_id="f1", fee=0.5, side="Buy")).status == "duplicate"
+    assert ex.on_event(ExecEvent("funding", "", ms(2), exec_id="f2", fee=0.5, side="Sell")).status == "unknown"
+    pos = ex.slots[0]
+    res = ex.on_event(ExecEvent("fill", pos.tp_link, ms(3), exec_id="x2", qty=50.0, price=100.7, fee=1.0))
+    assert res.journal[0]["pnl"] == pytest.approx(60.0 - 0.99 - 1.0 - 0.5)
+
+
+def test_closed_gate_blocks_the_entry_and_is_passed_to_decide():
+    ex = Execution(make_cfg(), SYMBOL)
+    assert close(ex, 0, CHOP_LONG, gate=st.EntryGate(False, "spread too wide")) == []
+    assert len(close(ex, 1, CHOP_LONG, gate=st.EntryGate())) == 1
+
+
+def test_state_json_is_strict_and_bad_state_is_refused_with_a_reason():
+    ex, _, _ = filled_long()
+    text = ex.to_json()
+    assert "NaN" not in text and json.loads(text)["day"]["day"] == DAY // 86400
+    fresh = Execution(make_cfg(), SYMBOL)
+    back = Execution.from_json(fresh.to_json(), make_cfg())
+    assert math.isnan(back.day.start_equity) and back.to_json() == fresh.to_json()
+    with pytest.raises(ValueError, match="state version"):
+        Execution.from_json(text.replace('"version": 1', '"version": 9'), make_cfg())
+    with pytest.raises(ValueError, match="not readable"):
+        Execution.from_json('{"version": 1, "symbol": "BTCUSDT"}', make_cfg())
