@@ -358,8 +358,10 @@ class LiveBars:
         self._seen_set: set[str] = set()
 
     def start(self, ms: int) -> None:
+        """The first message fixes the first bar; it is incomplete unless we listened from its open on."""
         if self.open_ms is None:
-            self.open_ms = self.first_ms = ms // self.bar_ms * self.bar_ms
+            self.open_ms = ms // self.bar_ms * self.bar_ms
+            self.first_ms = self.open_ms if ms > self.open_ms else None
 
     def on_trade(self, ts_ms: int, side: str, size: float, price: float, trade_id: str) -> list[pd.DataFrame]:
         """Add one trade; returns bars this message closed. Duplicated pushes (same id) are dropped."""
@@ -422,16 +424,16 @@ class LiveBars:
 
 # ---------------------------------------------------------------- warm-up
 def file_bars(cfg: GlobalConfig, folders: list[Path], before_ms: int) -> pd.DataFrame:
-    """Bars from recorded folders (data contract), complete bars opening before `before_ms`; later folders
-    only fill bars the earlier ones lack."""
+    """Bars from recorded folders (data contract, through data_loader.load_bars and its Parquet cache),
+    complete bars opening before `before_ms`; later folders only fill bars the earlier ones lack."""
     frames = []
     for folder in folders:
         if not folder.is_dir():
             continue
+        one = GlobalConfig.from_dict(cfg.to_dict())
+        one.data.data_dir, one.data.start, one.data.end = str(folder), "", ""
         try:
-            files = data_loader.list_files(folder)
-            bars, _ = data_loader.build_bars(files, cfg.data.timeframe, cfg.data.ob_levels,
-                                             cfg.data.book_sample_interval, gap_threshold=cfg.data.gap_threshold)
+            bars = data_loader.load_bars(one)
         except data_loader.DataError as err:
             log.warning("warm-up: %s skipped (%s)", folder, err)
             continue
@@ -582,13 +584,13 @@ class Engine:
         self.sim = None
         self.sim_lock = threading.RLock()
         self._exec: Any = None
-        self._heartbeat_thread: threading.Thread | None = None
+        self._last_beat = -math.inf
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
         """Startup, loop, shutdown; the exit code of DESIGN §3."""
         self._install_signals()
-        self._start_heartbeat()
+        self.beat("starting")
         self.journals.event("startup", f"{self.symbol} {self.mode} engine starting (model "
                                        f"{self.setup.model_dir or 'scripted probabilities'})",
                             model=str(self.setup.model_dir))
@@ -598,16 +600,18 @@ class Engine:
         try:
             self._load_model()
             self._connect()
+            self.beat("starting")
             self._warm_up()
+            self.beat("starting")
             self._start_streams()
-            self.phase = "reconciling"
+            self.beat("reconciling")
             self._exec = None if self.args.signal_only else self._load_execution()
             if self.args.signal_only:
                 self.health.reconciled = True
             elif not self.reconcile("startup"):
                 self.journals.event("reconcile_failed", "startup reconciliation could not complete", "critical")
                 return EXIT_RECONCILE
-            self.phase = "trading"
+            self.beat("trading")
             self._loop()
             return EXIT_OK
         except Refusal as err:
@@ -632,7 +636,7 @@ class Engine:
         self.stop_event.set()
 
     def _shutdown(self) -> None:
-        self.phase = "stopping"
+        self.beat("stopping")
         try:
             if self.client is not None and self.health.reconciled and not self.args.keep_orders:
                 self._cancel_resting_entries()
@@ -649,13 +653,15 @@ class Engine:
         self.journals.close()
 
     # ------------------------------------------------------------ heartbeat
-    def _start_heartbeat(self) -> None:
-        def beat() -> None:
-            while not self.stop_event.wait(HEARTBEAT_S):
-                self._write_heartbeat()
-        self._write_heartbeat()
-        self._heartbeat_thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-        self._heartbeat_thread.start()
+    def beat(self, phase: str | None = None) -> None:
+        """Rewrite the heartbeat from the main thread (the watchdog reads its age as main-loop progress):
+        on every phase change and at least every HEARTBEAT_S while the loop runs."""
+        if phase is not None:
+            self.phase = phase
+        now = self.clock.monotonic()
+        if phase is not None or now - self._last_beat >= HEARTBEAT_S:
+            self._last_beat = now
+            self._write_heartbeat()
 
     def _write_heartbeat(self) -> None:
         positions = [p for p in self._exchange_positions().values() if p]
@@ -705,7 +711,6 @@ class Engine:
 
     def _warm_up(self) -> None:
         """Window of history before the first live bar: files, own recordings, then REST klines."""
-        self.phase = "starting"
         now = self._market_now()
         first_live = now // self.bar_ms * self.bar_ms
         need = max(self.cfg.live.window_bars, feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS)
@@ -782,8 +787,14 @@ class Engine:
         self.market.start()
         streams: list = [self.market]
         if self.mode != "dry-run":
-            self.private = self.client.private_stream(
-                on_message=lambda topic, rows: self.events.put(("private", topic, rows)))
+            class Private(exc.PrivateStream):
+                def _on_topic(self, msg: dict) -> None:
+                    super()._on_topic(msg)
+                    engine.events.put(("frame",))   # after its rows: lockstep counts frames processed
+
+            self.private = Private(self.client.endpoints, self.setup.creds,
+                                   stale_after=parse_duration(self.cfg.live.ws_stale_after),
+                                   on_message=lambda topic, rows: self.events.put(("private", topic, rows)))
             self.private.start()
             streams.append(self.private)
         deadline = self.clock.monotonic() + 15
@@ -801,6 +812,8 @@ class Engine:
         next_reconcile = self.clock.monotonic() + parse_duration(self.cfg.live.reconcile_interval)
         next_equity = next_stop_check = 0.0
         while not self.stop_event.is_set():
+            self.beat("settling" if self.state.get("unsettled") else
+                      "halted" if self.state.get("halted_day") == self._day() else "trading")
             if self.args.lockstep:
                 if not self._lockstep_step():
                     break
@@ -824,6 +837,9 @@ class Engine:
             if self.args.max_bars and self.bars_closed >= self.args.max_bars:
                 log.info("--max-bars %d reached", self.args.max_bars)
                 break
+
+    def _stream_generations(self) -> tuple:
+        return tuple((s.rebuilds, s.reconnects) for s in (self.market, self.private) if s is not None)
 
     def _private_rebuilt(self) -> bool:
         """Whether the private stream was rebuilt or reconnected since the last look (pushes may be lost)."""
@@ -852,10 +868,15 @@ class Engine:
         pushed = st.get("last_push_ts", {})
         want_book = max([v for k, v in pushed.items() if k.startswith("orderbook.")] or [0])
         want_trade = pushed.get(f"publicTrade.{self.symbol}", 0)
-        deadline = self.clock.monotonic() + 60
+        deadline = self.clock.monotonic() + 20
+        links = self._stream_generations()
         while self.clock.monotonic() < deadline and not self.stop_event.is_set():
             if (self.recv["book"] >= want_book and self.recv["trade"] >= want_trade
                     and (self.private is None or self.recv["private"] >= st.get("private_sent", 0))):
+                break
+            self.beat()
+            if self._stream_generations() != links:
+                log.warning("lockstep: a stream reconnected; what it missed is settled by reconciliation")
                 break
             self._drain(timeout=0.05)
         self._drain(timeout=0)
@@ -903,8 +924,9 @@ class Engine:
             for bar in self._bars.on_book_ts(ts):
                 self.on_bar(bar)
         elif kind == "private":
-            self.recv["private"] += 1
             self._on_private(item[1], item[2])
+        elif kind == "frame":
+            self.recv["private"] += 1
 
     def _after_market_update(self) -> None:
         """Simulated fills (dry-run) and the intrabar kill-switch check on the latest price."""
@@ -1053,8 +1075,8 @@ class Engine:
                 if req.action == "create":
                     self._create(req)
                     self.state["unsettled"].pop(wire, None)
-                elif req.action == "amend":
-                    self._amend_stop(req)
+                    if req.kind == "sl":
+                        self._drop_attached_stops(req)
                 else:
                     self._cancel(req)
                 self.health.api_errors = 0
@@ -1068,7 +1090,18 @@ class Engine:
                 self.journals.event("error", f"{req.action} {wire} outcome unknown ({err}): settling by lookup",
                                     "warning", order_link_id=wire)
 
+    def _own(self, intent_key: str, kind: str) -> None:
+        """Record an engine-made order (outside the lifecycle) as ours before it is sent."""
+        self.links[exc.order_link_id(intent_key)] = kind
+        self._save()
+
     def _create(self, req: Any) -> None:
+        """An entry (stop attached, tpslMode=Partial), a TP limit, an exit, or the position's own stop: a
+        reduce-only conditional market order triggering at `price`."""
+        if req.kind == "sl":
+            self.client.place_order(req.intent_key, req.side, req.qty, order_type="Market", reduce_only=True,
+                                    trigger_price=req.price, trigger_direction=2 if req.side == "Sell" else 1)
+            return
         market = req.order_type == "Market"
         kwargs: dict[str, Any] = dict(price=None if market else req.price, order_type=req.order_type,
                                       time_in_force=None if market else req.time_in_force,
@@ -1078,51 +1111,23 @@ class Engine:
         self.client.place_order(req.intent_key, req.side, req.qty, **kwargs)
 
     def _cancel(self, req: Any) -> None:
-        oid = self.state.get("tpsl_ids", {}).get(req.order_link_id)
-        if req.kind == "sl":
-            if oid is None:
-                return
-            self.client.cancel_order(order_id=oid)
-        else:
-            self.client.cancel_order(order_link_id=req.order_link_id)
+        self.client.cancel_order(order_link_id=req.order_link_id)
 
-    def _amend_stop(self, req: Any) -> None:
-        """Move the entry's exchange-side stop (created by the exchange from stopLoss, tpslMode=Partial) to
-        the fill-based trigger for the position's size; the stop then answers to the request's link id."""
-        stop = self._entry_stop(req)
-        if stop is None:
-            self._protect(str(req.position_idx), req.qty, req.trigger_price)
-            return
-        oid = str(stop["orderId"])
-        self.state.setdefault("tpsl", {})[oid] = req.order_link_id
-        self.state.setdefault("tpsl_ids", {})[req.order_link_id] = oid
-        params = {"category": "linear", "symbol": self.symbol, "orderId": oid,
-                  "triggerPrice": exc.wire(self.client.rules.round_price(req.trigger_price)),
-                  "qty": exc.wire(self.client.rules.round_qty(req.qty))}
-        try:
-            self.client.request("amend_order", params)
-        except exc.RejectedError as err:
-            if "unchanged" not in str(err).lower():
-                raise
-        self._feed("order", {**stop, "orderLinkId": "", "orderStatus": "Untriggered",
-                             "updatedTime": str(self.clock.exchange_ms())})
-
-    def _entry_stop(self, req: Any) -> dict | None:
-        """The exchange's stop order protecting the entry `req.position_id` (same leg, trigger at the stop
-        the entry was sent with, or already mapped to this request)."""
+    def _drop_attached_stops(self, req: Any) -> None:
+        """Once the position's own stop stands, cancel the stops the exchange made from the entry's attached
+        stopLoss (one per partial fill), so none is left to close another position on the same leg."""
         entry = self._exec.orders.get(req.position_id)
-        mapped = self.state.get("tpsl_ids", {}).get(req.order_link_id)
+        if entry is None or entry.request.stop_loss is None:
+            return
         for order in self.client.open_orders():
-            if mapped is not None and str(order.get("orderId")) == mapped:
-                return order
-            if (order.get("orderLinkId") or "") or "StopLoss" not in str(order.get("stopOrderType")):
-                continue
-            if str(order.get("orderId")) in self.state.get("tpsl", {}):
-                continue
-            if entry is not None and int(order.get("positionIdx", 0)) == req.position_idx and math.isclose(
-                    float(order.get("triggerPrice") or 0), entry.request.stop_loss, rel_tol=0, abs_tol=1e-9):
-                return order
-        return None
+            if (not order.get("orderLinkId") and "StopLoss" in str(order.get("stopOrderType"))
+                    and int(order.get("positionIdx", 0)) == req.position_idx
+                    and math.isclose(float(order.get("triggerPrice") or 0), entry.request.stop_loss,
+                                     rel_tol=0, abs_tol=1e-9)):
+                try:
+                    self.client.cancel_order(order_id=str(order["orderId"]))
+                except exc.OrderNotFoundError:
+                    pass
 
     def _rejected(self, req: Any, wire: str, err: exc.ExchangeError) -> None:
         """A refusal is final: the lifecycle hears it; a refused stop on a live position means an immediate
@@ -1140,6 +1145,7 @@ class Engine:
         """Reduce-only market exit when the exchange refuses a stop (price already beyond it)."""
         key = f"{position_id}|stop-refused-exit"
         self.journals.event("error", f"stop refused for {position_id}: closing {qty} at market", "error")
+        self._own(key, "exit")
         try:
             self.client.place_order(key, side, qty, order_type="Market", reduce_only=True)
         except exc.ExchangeError as err:
@@ -1226,12 +1232,10 @@ class Engine:
         self.send(result.requests)
 
     def _request_id(self, row: dict) -> str | None:
-        """Our orderLinkId of an exchange order: its own, or for an exchange-created stop the stop request
-        it was mapped to when it was moved to the fill (None: not ours, or a stop not mapped yet)."""
+        """Our orderLinkId of an exchange order (None: not the lifecycle's, e.g. a stop the exchange made
+        from an entry's attached stopLoss)."""
         wire = row.get("orderLinkId") or ""
-        if wire in self._exec.orders:
-            return wire
-        return self.state.get("tpsl", {}).get(str(row.get("orderId", "")))
+        return wire if wire in self._exec.orders else None
 
     def _external(self, what: str) -> None:
         if what not in self.health.external:
@@ -1326,6 +1330,7 @@ class Engine:
         if not math.isfinite(trigger):
             self._emergency_exit(f"leg-{idx}", side, qty)
             return
+        self._own(key, "sl")
         try:
             self.client.place_order(key, side, qty, order_type="Market", reduce_only=True,
                                     trigger_price=trigger, trigger_direction=2 if long else 1)
@@ -1354,15 +1359,15 @@ class Engine:
         self.journals.event("kill_switch", f"daily loss {equity - start:.2f} reached the "
                                            f"{self.cfg.strategy.daily_loss_limit:.1%} limit: flattening, halted "
                                            "until the next UTC day", "critical", equity=equity, day_start=start)
-        self.phase = "flattening"
+        self.beat("flattening")
         number = self._bars.open_ms // self.bar_ms
         atr = float(self.state.get("last_atr") or math.nan)
         requests = self._exec.on_bar_close(strategy.Bar(index=number, time=self._bars.open_ms / 1000.0,
                                                         close=self.last_price, atr=atr, probs={}),
                                            strategy.EntryGate(allowed=False, reason="kill-switch"))
         self.send(requests)
-        self.phase = "halted"
         self._save()
+        self.beat("halted")
 
     def _journal_equity(self) -> None:
         if self._exec is None:
@@ -1374,7 +1379,8 @@ class Engine:
             "day_pnl": equity - start, "kill_switch": "halted" if self.state.get("halted_day") == self._day()
             else "armed", "positions": [vars(p) for p in self._exec.positions()],
             "data_lag_s": self.health.data_lag_s,
-            "streams": {s.channel: {"state": s.health(), "age_s": round(s.silence(), 1)}
+            "streams": {s.channel: {"state": s.health(), "age_s": round(s.silence(), 1),
+                                    "dropped": {"/".join(k): v for k, v in getattr(s, "dropped", {}).items()}}
                         for s in (self.market, self.private) if s is not None},
             "reconciled": self.health.reconciled, "api_errors": self.health.api_errors,
             "drift": self.health.drift, "late_trades": self._bars.late_trades})

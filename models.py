@@ -77,6 +77,7 @@ class ModelBundle:
         self.feature_names = names
         self.seed = int(seed)
         self.models: dict[str, FittedModel] = {}
+        self.quantiles: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------ training
     def fit(self, X: pd.DataFrame, labels: pd.DataFrame, valid: pd.DataFrame | None = None) -> "ModelBundle":
@@ -92,6 +93,9 @@ class ModelBundle:
         if valid is not None and not use_valid:
             log.info("DART boosting: early stopping is not valid, the validation set is not used")
         self.models = {}
+        self.quantiles = training_quantiles(X[self.feature_names])
+        params = lgb_params(self.cfg, self.seed)
+        shared: lgb.Dataset | None = None  # rows labelled for every model are binned once, relabelled per model
         for name in MODEL_NAMES:
             if name not in labels.columns:
                 raise ValueError(f"labels lack column {name!r}")
@@ -102,18 +106,27 @@ class ModelBundle:
                 vy = valid[name].to_numpy()
                 if (vy >= 0).any():
                     vset = (self._matrix(valid, "valid")[vy >= 0], vy[vy >= 0].astype(np.float64))
-            self.models[name] = self._fit_one(name, features[rows], y[rows].astype(np.float64), vset)
+            yk = y[rows].astype(np.float64)
+            if yk.size == 0:
+                raise ValueError(f"{name}: no labelled rows to train on")
+            if rows.all():
+                if shared is None:
+                    shared = lgb.Dataset(features, yk, feature_name=self.feature_names, params=params,
+                                         free_raw_data=True).construct()
+                else:
+                    shared.set_label(yk)   # after construct(): a label set before it would be ignored
+                train_set = shared
+            else:
+                train_set = lgb.Dataset(features[rows], yk, feature_name=self.feature_names, params=params,
+                                        free_raw_data=True)
+            self.models[name] = self._fit_one(name, train_set, yk, params, vset)
         return self
 
-    def _fit_one(self, name: str, x: np.ndarray, y: np.ndarray,
+    def _fit_one(self, name: str, train_set: lgb.Dataset, y: np.ndarray, params: dict,
                  valid: tuple[np.ndarray, np.ndarray] | None) -> FittedModel:
-        """One classifier on its own rows; its Dataset (and so its binning) is built from these rows only."""
-        if y.size == 0:
-            raise ValueError(f"{name}: no labelled rows to train on")
+        """One classifier on its own rows; its Dataset (and so its binning) is built from training rows only."""
         n_pos = int(y.sum())
         constant = n_pos in (0, y.size)
-        params = lgb_params(self.cfg, self.seed)
-        train_set = lgb.Dataset(x, y, feature_name=self.feature_names, params=params, free_raw_data=True)
         if constant:
             log.warning("%s: %d training rows all have label %d; shipping a constant probability model",
                         name, y.size, int(y[0]))
@@ -174,6 +187,7 @@ class ModelBundle:
         for name, model in self.models.items():
             atomic_write_text(folder / f"{name}.txt", model.booster.model_to_string())
         meta = {"features": self.feature_names, "models": self.summary(), "seed": self.seed,
+                "quantiles": self.quantiles,
                 "model_config": dataclasses.asdict(self.cfg), "lightgbm_version": lgb.__version__}
         atomic_write_text(folder / FEATURES_FILE, json.dumps(meta, indent=2))
 
@@ -202,6 +216,19 @@ class ModelBundle:
             bundle.models[name] = FittedModel(booster, int(fact["rounds"]), int(fact["n_train"]),
                                               int(fact["n_positive"]), bool(fact["constant"]))
         return bundle
+
+
+def training_quantiles(X: pd.DataFrame, bins: int = 10) -> dict[str, list[float]]:
+    """Per-feature deciles (bins + 1 edges, NaN ignored) of the training rows: the reference distribution
+    the live engine's PSI drift monitor compares with (features.json "quantiles")."""
+    qs = np.linspace(0.0, 1.0, bins + 1)
+    out = {}
+    for name in X.columns:
+        col = X[name].to_numpy(np.float64)
+        col = col[np.isfinite(col)]
+        if col.size:
+            out[name] = [float(v) for v in np.quantile(col, qs)]
+    return out
 
 
 def _feature_mismatch(saved: list[str], given: list[str]) -> str:

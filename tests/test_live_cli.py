@@ -103,3 +103,17 @@ def test_sigterm_stops_cleanly_cancelling_resting_entries(market, tmp_path):
     assert state["version"] == live.STATE_VERSION and "execution" in state
     beat = json.loads((tmp_path / "state" / f"heartbeat_{SYMBOL}.json").read_text())
     assert beat["phase"] == "stopping" and beat["model"].endswith("rank_1")
+
+
+def test_psi_drift_is_zero_on_the_training_distribution_and_alerts_on_a_shift():
+    import numpy as np
+    import pandas as pd
+    from models import training_quantiles
+    rng = np.random.default_rng(3)
+    train = pd.DataFrame({"a": rng.normal(size=20000), "b": rng.normal(size=20000)})
+    q = training_quantiles(train)
+    same = pd.DataFrame({"a": rng.normal(size=2000), "b": rng.normal(size=2000)})
+    shifted = pd.DataFrame({"a": rng.normal(size=2000), "b": rng.normal(loc=1.0, size=2000)})
+    assert max(live.drift_report(same, q, 2000).values()) < 0.05
+    report = live.drift_report(shifted, q, 2000)
+    assert list(report) == ["b", "a"] and report["b"] > 0.25
