@@ -707,8 +707,7 @@ def write_outputs(out: Path, args: argparse.Namespace, layers: list[LayerResult]
     pairs = next((layer.details.get("pairs") for layer in layers if "pairs" in layer.details), None)
     if pairs is not None and len(pairs):
         sections.append(report.table_html(pairs, "Matched trades: live minus backtest"))
-    sections.append(report.metrics_table_html({k: v for layer in layers for k, v in
-                                               {f"{layer.name} first difference": layer.first or "none"}.items()},
+    sections.append(report.metrics_table_html({f"{layer.name}": layer.first or "none" for layer in layers},
                                               "First differences"))
     sections.append(report.assumptions_html([f"Layer 4 tolerance: {k} <= {v}" for k, v in asdict(tol).items()]
                                             + [Tolerance.__doc__.split("\n\n")[0].replace("\n", " ")],

@@ -296,3 +296,26 @@ def st_bar(rec: dict, bar_s: int):
     when = pd.Timestamp(rec["bar_time"])
     return strategy.Bar(index=int(when.timestamp()) // bar_s, time=when.timestamp(), close=rec["close"],
                         atr=rec["atr"], probs={c: rec[c] for c in parity.PROB_COLUMNS})
+
+
+def test_parity_json_counts_every_layer_even_a_run_without_trades(tmp_path) -> None:
+    """parity.json and the HTML report from layer results: counts per layer, the first difference, and
+    zero trades shown as zero, not left out."""
+    import argparse
+    times = pd.date_range("2026-03-02", periods=3, freq="5min", tz="UTC")
+    empty = pd.DataFrame(columns=["time"] + parity.INTENT_FIELDS)
+    no_trades = pd.DataFrame(columns=["side", "entry_time", "exit_time", "qty", "entry_price", "exit_price",
+                                      "fees", "pnl", "exit_reason"])
+    equity = pd.DataFrame({"equity": 10000.0}, index=times)
+    layers = [parity.LayerResult("bars", 3, 1, {"bar": str(times[1]), "column": "volume"}),
+              parity.LayerResult("features", 3, 0), parity.LayerResult("decisions", 0, 0),
+              parity.backtest_vs_live(empty, empty, no_trades, no_trades, equity["equity"], equity, 10000.0, 300,
+                                      pd.Timedelta(minutes=65), parity.Tolerance())]
+    args = argparse.Namespace(start="2026-03-02", end="2026-03-02", model_dir=tmp_path, data_dir=tmp_path)
+    parity.write_outputs(tmp_path, args, layers, equity["equity"], equity, parity.Tolerance(), 1.0)
+    out = json.loads((tmp_path / "parity.json").read_text())
+    assert out["ok"] is False and out["layers"]["bars"]["first"]["column"] == "volume"
+    assert out["layers"]["bars"]["compared"] == 3 and out["layers"]["decisions"]["compared"] == 0
+    four = out["layers"]["backtest_vs_live"]
+    assert four["ok"] and four["trades_live"] == 0 and four["trades_backtest"] == 0
+    assert "PARITY BROKEN: bars" in (tmp_path / "parity_report.html").read_text()
