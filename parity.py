@@ -445,10 +445,11 @@ def match_trades(live: pd.DataFrame, backtest: pd.DataFrame, max_gap: pd.Timedel
     same side whose entry lies within max_gap; columns: both entry times, qty/price/fee/PnL differences (live -
     backtest), the price differences in bps of price and the net return difference in bps of notional."""
     used = np.zeros(len(live), bool)
+    entries = pd.to_datetime(live["entry_time"], utc=True)
     rows = []
     for _, b in backtest.iterrows():
         cand = np.flatnonzero(~used & (live["side"].to_numpy() == b["side"])
-                              & (np.abs((live["entry_time"] - b["entry_time"]).dt.total_seconds().to_numpy())
+                              & (np.abs((entries - b["entry_time"]).dt.total_seconds().to_numpy())
                                  <= max_gap.total_seconds()))
         if not cand.size:
             continue

@@ -194,6 +194,8 @@ def test_backtest_vs_live_reports_the_first_differently_settled_fill_within_tole
     assert ok.details["largest"]["price_bps"] == pytest.approx(3.0, rel=1e-6)
     strict = parity.backtest_vs_live(*args, parity.Tolerance(price_bps=2.0))
     assert strict.mismatches == 1 and strict.first["what"] == "beyond tolerance"
+    silent = parity.backtest_vs_live(args[0], args[1], parity.live_trades([]), *args[3:], parity.Tolerance())
+    assert silent.details["trades_matched"] == 0 and silent.first["checks"]["unmatched_share"] == 1.0
     early = parity.engine_intents(signal_records(coarse, probs, result.intents))
     first_bar = early["time"].iloc[0]
     early.loc[0, "qty"] += 0.001                              # an intent differs before any fill did
