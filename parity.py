@@ -472,9 +472,12 @@ def backtest_vs_live(live_intents: pd.DataFrame, bt_intents: pd.DataFrame, live:
                      bar_s: int, max_gap: pd.Timedelta, tol: Tolerance) -> LayerResult:
     """Layer 4. Intents must agree up to the bar of the first differently settled fill (an earlier intent
     difference is a mismatch); matched trades' differences and the final equity difference must stay within
-    `tol` (each excess counts as a mismatch). details: the divergence with both states, the largest differences,
+    `tol` (each excess counts as a mismatch). Closed trades only: the backtest's positions closed at the end of
+    the data (end_of_data) are still open in the engine, so they are counted apart, not matched. details: the divergence with both states, the largest differences,
     the matched pairs."""
     res = LayerResult("backtest_vs_live")
+    open_at_end = int((bt["exit_reason"] == "end_of_data").sum())
+    bt = bt[bt["exit_reason"] != "end_of_data"].reset_index(drop=True)
     fill = first_fill_divergence(live, bt, bar_s)
     intents = compare_intents(live_intents, bt_intents, "intents")
     res.compared = intents.compared
@@ -499,6 +502,7 @@ def backtest_vs_live(live_intents: pd.DataFrame, bt_intents: pd.DataFrame, live:
         fill["live_equity"] = float(live_eq.loc[:at].iloc[-1]) if len(live_eq.loc[:at]) else None
     res.details = {
         "trades_live": len(live), "trades_backtest": len(bt), "trades_matched": len(pairs),
+        "backtest_open_at_end": open_at_end,
         "intents_live": len(live_intents), "intents_backtest": len(bt_intents),
         "intents_equal_until": intents.first["bar"] if intents.first else "end",
         "first_fill_divergence": fill, "largest": checks, "tolerance": asdict(tol),
