@@ -54,6 +54,7 @@ FILL_EVENTS = ("filled", "partially_filled", "tp", "sl", "time_exit", "kill_exit
 EXEC_EVENT_TYPES = {**{e: "fill" for e in FILL_EVENTS}, "accepted": "accepted", "rejected": "rejected",
                     "cancelled": "cancelled", "expired": "expired", "triggered": "triggered"}
 EXACT = 0.0
+OPEN = "open"                  # a position the data ended on: live still holds it, the backtest closed it
 FEATURE_TOL = 1e-9
 
 
@@ -218,7 +219,8 @@ def live_trades(records: list[dict], source: str = "trades") -> pd.DataFrame:
     """Closed round trips from the trades journal's fill records (execution.py writes one per applied
     execution: entries filled/partially_filled, exits tp/sl/time_exit/kill_exit/partially_filled): per
     position_id the qty-weighted entry and exit prices, fees and net PnL, in the columns of
-    `backtest.BacktestResult.trades` that layer 4 compares."""
+    `backtest.BacktestResult.trades` that layer 4 compares; a position still open has exit_reason "open"
+    and no exit (NaT/NaN)."""
     legs: dict[str, dict] = {}
     for n, rec in enumerate(records, start=1):
         if rec.get("event") not in FILL_EVENTS:
@@ -237,16 +239,17 @@ def live_trades(records: list[dict], source: str = "trades") -> pd.DataFrame:
             leg["reason"] = str(rec.get("event") if rec.get("event") != "partially_filled" else rec.get("kind"))
     rows = []
     for pid, leg in legs.items():
-        if not leg["entry"] or not leg["exit"]:
+        if not leg["entry"]:
             continue
         qty = sum(q for _, q, _, _ in leg["entry"])
         entry_px = sum(q * p for _, q, p, _ in leg["entry"]) / qty
         out_qty = sum(q for _, q, _, _ in leg["exit"])
-        exit_px = sum(q * p for _, q, p, _ in leg["exit"]) / out_qty
+        exit_px = sum(q * p for _, q, p, _ in leg["exit"]) / out_qty if out_qty else math.nan
         fees = sum(f for *_, f in leg["entry"]) + sum(f for *_, f in leg["exit"])
-        rows.append({"position_id": pid, "entry_time": leg["entry"][0][0], "exit_time": leg["exit"][-1][0],
+        rows.append({"position_id": pid, "entry_time": leg["entry"][0][0],
+                     "exit_time": leg["exit"][-1][0] if leg["exit"] else pd.NaT,
                      "side": "long" if leg["side"] == 1 else "short", "qty": qty, "entry_price": entry_px,
-                     "exit_price": exit_px, "fees": fees, "exit_reason": leg["reason"],
+                     "exit_price": exit_px, "fees": fees, "exit_reason": leg["reason"] if leg["exit"] else OPEN,
                      "pnl": leg["side"] * min(qty, out_qty) * (exit_px - entry_px) - fees})
     cols = ["position_id", "entry_time", "exit_time", "side", "qty", "entry_price", "exit_price", "fees",
             "exit_reason", "pnl"]
@@ -413,16 +416,19 @@ def exec_event(execution: Any, rec: dict) -> Any:
 
 # ---------------------------------------------------------------- layer 4: backtest vs live
 def first_fill_divergence(live: pd.DataFrame, backtest: pd.DataFrame, bar_s: int) -> dict | None:
-    """The first round trip the two fill models settle differently: in entry order, the first pair whose
-    side, entry bar, exit bar, quantity or prices differ (or that one side lacks). None when all agree."""
+    """The first position the two fill models settle differently: in entry order, the first pair whose side,
+    entry bar, quantity or entry price differ, or, both closed, whose exit bar or price differ, or of which
+    one is open and the other closed (or that one side lacks). None when all agree."""
     for k in range(max(len(live), len(backtest))):
         a = live.iloc[k] if k < len(live) else None
         b = backtest.iloc[k] if k < len(backtest) else None
         if a is not None and b is not None:
-            same = (a["side"] == b["side"]
+            closed = (a["exit_reason"] != OPEN, b["exit_reason"] != OPEN)
+            same = (a["side"] == b["side"] and closed[0] == closed[1]
                     and _bar_of(a["entry_time"], bar_s) == _bar_of(b["entry_time"], bar_s)
-                    and _bar_of(a["exit_time"], bar_s) == _bar_of(b["exit_time"], bar_s)
-                    and all(_same(a[c], b[c], 1e-12) for c in ("qty", "entry_price", "exit_price")))
+                    and all(_same(a[c], b[c], 1e-12) for c in ("qty", "entry_price"))
+                    and (not closed[0] or (_bar_of(a["exit_time"], bar_s) == _bar_of(b["exit_time"], bar_s)
+                                           and _same(a["exit_price"], b["exit_price"], 1e-12))))
             if same:
                 continue
         first = a if b is None else b if a is None else min(a, b, key=lambda r: r["entry_time"])
@@ -476,9 +482,12 @@ def backtest_vs_live(live_intents: pd.DataFrame, bt_intents: pd.DataFrame, live:
     the data (end_of_data) are still open in the engine, so they are counted apart, not matched. details: the divergence with both states, the largest differences,
     the matched pairs."""
     res = LayerResult("backtest_vs_live")
-    open_at_end = int((bt["exit_reason"] == "end_of_data").sum())
-    bt = bt[bt["exit_reason"] != "end_of_data"].reset_index(drop=True)
-    fill = first_fill_divergence(live, bt, bar_s)
+    ended = bt["exit_reason"] == "end_of_data"
+    every = bt.assign(exit_reason=bt["exit_reason"].where(~ended, OPEN)).sort_values("entry_time", kind="stable")
+    fill = first_fill_divergence(live, every.reset_index(drop=True), bar_s)
+    open_at_end = int(ended.sum())
+    bt = bt[~ended].reset_index(drop=True)
+    live = live[live["exit_reason"] != OPEN].reset_index(drop=True)
     intents = compare_intents(live_intents, bt_intents, "intents")
     res.compared = intents.compared
     if intents.first is not None and (fill is None or pd.Timestamp(intents.first["bar"]) < pd.Timestamp(fill["bar"])):

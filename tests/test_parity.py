@@ -172,6 +172,9 @@ def test_live_fills_become_the_backtest_trades(market) -> None:
     assert len(live) == len(bt)
     for col in ("qty", "entry_price", "exit_price", "fees", "pnl"):
         np.testing.assert_allclose(live[col], bt[col], rtol=1e-12)
+    entry_only = [r for r in trade_records(bt.iloc[:1]) if r["kind"] == "entry"]
+    held = parity.live_trades(entry_only)
+    assert list(held["exit_reason"]) == [parity.OPEN] and held["qty"].iloc[0] == bt["qty"].iloc[0]
 
 
 def test_backtest_vs_live_reports_the_first_differently_settled_fill_within_tolerance(market) -> None:
