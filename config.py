@@ -424,9 +424,11 @@ LEGACY_TUNE_KEYS = ("exec_threshold", "direction_threshold", "aggressive_thresho
 
 def migrate(data: Any) -> Any:
     """A config dict in the current layout. Version 1 kept the venue settings (fees, slippage, latency,
-    funding, fill rule, initial equity) inside `strategy`; they move to `venue`. Older configs also searched
-    absolute threshold ranges (`tune.exec_threshold` ...), replaced by top fractions (`tune.exec_top` ...):
-    those ranges are dropped (the thresholds a model uses live in `strategy`). Returns a new dict."""
+    funding, fill rule, initial equity) inside `strategy`; they move to `venue`. Its `live.drift_z` (a
+    z-score alert) has no counterpart in the PSI drift monitor (`live.drift_psi_alert`) and is dropped.
+    Older configs also searched absolute threshold ranges (`tune.exec_threshold` ...), replaced by top
+    fractions (`tune.exec_top` ...): those ranges are dropped (the thresholds a model uses live in
+    `strategy`). Returns a new dict."""
     if isinstance(data, dict) and isinstance(data.get("tune"), dict) and \
             any(k in data["tune"] for k in LEGACY_TUNE_KEYS):
         data = {**data, "tune": {k: v for k, v in data["tune"].items() if k not in LEGACY_TUNE_KEYS}}
@@ -439,6 +441,8 @@ def migrate(data: Any) -> Any:
         out["strategy"] = strategy
     if moved:
         out["venue"] = {**moved, **(data.get("venue") or {})}
+    if isinstance(data.get("live"), dict):
+        out["live"] = {k: v for k, v in data["live"].items() if k != "drift_z"}
     return out
 
 

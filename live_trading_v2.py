@@ -358,8 +358,10 @@ class LiveBars:
         self._seen_set: set[str] = set()
 
     def start(self, ms: int) -> None:
+        """The first message fixes the first bar; it is incomplete unless we listened from its open on."""
         if self.open_ms is None:
-            self.open_ms = self.first_ms = ms // self.bar_ms * self.bar_ms
+            self.open_ms = ms // self.bar_ms * self.bar_ms
+            self.first_ms = self.open_ms if ms > self.open_ms else None
 
     def on_trade(self, ts_ms: int, side: str, size: float, price: float, trade_id: str) -> list[pd.DataFrame]:
         """Add one trade; returns bars this message closed. Duplicated pushes (same id) are dropped."""
@@ -422,16 +424,16 @@ class LiveBars:
 
 # ---------------------------------------------------------------- warm-up
 def file_bars(cfg: GlobalConfig, folders: list[Path], before_ms: int) -> pd.DataFrame:
-    """Bars from recorded folders (data contract), complete bars opening before `before_ms`; later folders
-    only fill bars the earlier ones lack."""
+    """Bars from recorded folders (data contract, through data_loader.load_bars and its Parquet cache),
+    complete bars opening before `before_ms`; later folders only fill bars the earlier ones lack."""
     frames = []
     for folder in folders:
         if not folder.is_dir():
             continue
+        one = GlobalConfig.from_dict(cfg.to_dict())
+        one.data.data_dir, one.data.start, one.data.end = str(folder), "", ""
         try:
-            files = data_loader.list_files(folder)
-            bars, _ = data_loader.build_bars(files, cfg.data.timeframe, cfg.data.ob_levels,
-                                             cfg.data.book_sample_interval, gap_threshold=cfg.data.gap_threshold)
+            bars = data_loader.load_bars(one)
         except data_loader.DataError as err:
             log.warning("warm-up: %s skipped (%s)", folder, err)
             continue
@@ -582,13 +584,13 @@ class Engine:
         self.sim = None
         self.sim_lock = threading.RLock()
         self._exec: Any = None
-        self._heartbeat_thread: threading.Thread | None = None
+        self._last_beat = -math.inf
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
         """Startup, loop, shutdown; the exit code of DESIGN §3."""
         self._install_signals()
-        self._start_heartbeat()
+        self.beat("starting")
         self.journals.event("startup", f"{self.symbol} {self.mode} engine starting (model "
                                        f"{self.setup.model_dir or 'scripted probabilities'})",
                             model=str(self.setup.model_dir))
@@ -598,16 +600,18 @@ class Engine:
         try:
             self._load_model()
             self._connect()
+            self.beat("starting")
             self._warm_up()
+            self.beat("starting")
             self._start_streams()
-            self.phase = "reconciling"
+            self.beat("reconciling")
             self._exec = None if self.args.signal_only else self._load_execution()
             if self.args.signal_only:
                 self.health.reconciled = True
             elif not self.reconcile("startup"):
                 self.journals.event("reconcile_failed", "startup reconciliation could not complete", "critical")
                 return EXIT_RECONCILE
-            self.phase = "trading"
+            self.beat("trading")
             self._loop()
             return EXIT_OK
         except Refusal as err:
@@ -632,7 +636,7 @@ class Engine:
         self.stop_event.set()
 
     def _shutdown(self) -> None:
-        self.phase = "stopping"
+        self.beat("stopping")
         try:
             if self.client is not None and self.health.reconciled and not self.args.keep_orders:
                 self._cancel_resting_entries()
@@ -649,13 +653,15 @@ class Engine:
         self.journals.close()
 
     # ------------------------------------------------------------ heartbeat
-    def _start_heartbeat(self) -> None:
-        def beat() -> None:
-            while not self.stop_event.wait(HEARTBEAT_S):
-                self._write_heartbeat()
-        self._write_heartbeat()
-        self._heartbeat_thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-        self._heartbeat_thread.start()
+    def beat(self, phase: str | None = None) -> None:
+        """Rewrite the heartbeat from the main thread (the watchdog reads its age as main-loop progress):
+        on every phase change and at least every HEARTBEAT_S while the loop runs."""
+        if phase is not None:
+            self.phase = phase
+        now = self.clock.monotonic()
+        if phase is not None or now - self._last_beat >= HEARTBEAT_S:
+            self._last_beat = now
+            self._write_heartbeat()
 
     def _write_heartbeat(self) -> None:
         positions = [p for p in self._exchange_positions().values() if p]
@@ -695,7 +701,7 @@ class Engine:
             from matching import Instrument, MatchingEngine
             rules = report.rules
             inst = Instrument(self.symbol, rules.tick_size, rules.qty_step, rules.min_qty, rules.min_notional)
-            s = self.cfg.strategy
+            s = self.cfg.venue
             self.sim = MatchingEngine(inst, balance=s.initial_equity, maker_fee=s.maker_fee, taker_fee=s.taker_fee,
                                       fill_rule=s.fill_rule, funding_rate=s.funding_rate_8h)
             self.client.http = SimHTTP(self.client.http, self.sim, self.sim_lock)
@@ -705,7 +711,6 @@ class Engine:
 
     def _warm_up(self) -> None:
         """Window of history before the first live bar: files, own recordings, then REST klines."""
-        self.phase = "starting"
         now = self._market_now()
         first_live = now // self.bar_ms * self.bar_ms
         need = max(self.cfg.live.window_bars, feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS)
@@ -782,8 +787,14 @@ class Engine:
         self.market.start()
         streams: list = [self.market]
         if self.mode != "dry-run":
-            self.private = self.client.private_stream(
-                on_message=lambda topic, rows: self.events.put(("private", topic, rows)))
+            class Private(exc.PrivateStream):
+                def _on_topic(self, msg: dict) -> None:
+                    super()._on_topic(msg)
+                    engine.events.put(("frame",))   # after its rows: lockstep counts frames processed
+
+            self.private = Private(self.client.endpoints, self.setup.creds,
+                                   stale_after=parse_duration(self.cfg.live.ws_stale_after),
+                                   on_message=lambda topic, rows: self.events.put(("private", topic, rows)))
             self.private.start()
             streams.append(self.private)
         deadline = self.clock.monotonic() + 15
@@ -799,8 +810,10 @@ class Engine:
     # ------------------------------------------------------------ main loop
     def _loop(self) -> None:
         next_reconcile = self.clock.monotonic() + parse_duration(self.cfg.live.reconcile_interval)
-        next_equity = 0.0
+        next_equity = next_stop_check = 0.0
         while not self.stop_event.is_set():
+            self.beat("settling" if self.state.get("unsettled") else
+                      "halted" if self.state.get("halted_day") == self._day() else "trading")
             if self.args.lockstep:
                 if not self._lockstep_step():
                     break
@@ -809,15 +822,43 @@ class Engine:
                 for bar in self._bars.tick(self.clock.exchange_ms()):
                     self.on_bar(bar)
             now = self.clock.monotonic()
-            if now >= next_reconcile and self._exec is not None:
-                self.reconcile("periodic")
-                next_reconcile = now + parse_duration(self.cfg.live.reconcile_interval)
+            if self._exec is not None:
+                if self.state.get("unsettled"):
+                    self._settle_unknown()
+                if now >= next_stop_check:
+                    self._guard_stops()
+                    next_stop_check = now + 1.0
+                if now >= next_reconcile or self._private_rebuilt():
+                    self.reconcile("periodic")
+                    next_reconcile = now + parse_duration(self.cfg.live.reconcile_interval)
             if now >= next_equity:
                 self._journal_equity()
                 next_equity = now + parse_duration(self.cfg.live.heartbeat_interval)
             if self.args.max_bars and self.bars_closed >= self.args.max_bars:
                 log.info("--max-bars %d reached", self.args.max_bars)
                 break
+
+    def _stream_generations(self) -> tuple:
+        return tuple((s.rebuilds, s.reconnects) for s in (self.market, self.private) if s is not None)
+
+    def _private_rebuilt(self) -> bool:
+        """Whether the private stream was rebuilt or reconnected since the last look (pushes may be lost)."""
+        if self.private is None:
+            return False
+        count = self.private.rebuilds + self.private.reconnects
+        changed = count != self.state.get("_private_generation", count)
+        self.state["_private_generation"] = count
+        if changed:
+            self.health.reconciled = False
+        return changed
+
+    def _guard_stops(self) -> None:
+        """Check stop coverage whenever a position leg is open (each fill is covered within about a second)."""
+        if any(v > 0 for v in self._exchange_positions().values()):
+            try:
+                self.check_stops()
+            except exc.ExchangeError as err:
+                log.warning("stop check failed: %s", err)
 
     def _lockstep_step(self) -> bool:
         """Advance the paper exchange one step and wait until everything it pushed has been processed;
@@ -827,10 +868,15 @@ class Engine:
         pushed = st.get("last_push_ts", {})
         want_book = max([v for k, v in pushed.items() if k.startswith("orderbook.")] or [0])
         want_trade = pushed.get(f"publicTrade.{self.symbol}", 0)
-        deadline = self.clock.monotonic() + 60
+        deadline = self.clock.monotonic() + 20
+        links = self._stream_generations()
         while self.clock.monotonic() < deadline and not self.stop_event.is_set():
             if (self.recv["book"] >= want_book and self.recv["trade"] >= want_trade
                     and (self.private is None or self.recv["private"] >= st.get("private_sent", 0))):
+                break
+            self.beat()
+            if self._stream_generations() != links:
+                log.warning("lockstep: a stream reconnected; what it missed is settled by reconciliation")
                 break
             self._drain(timeout=0.05)
         self._drain(timeout=0)
@@ -878,8 +924,9 @@ class Engine:
             for bar in self._bars.on_book_ts(ts):
                 self.on_bar(bar)
         elif kind == "private":
-            self.recv["private"] += 1
             self._on_private(item[1], item[2])
+        elif kind == "frame":
+            self.recv["private"] += 1
 
     def _after_market_update(self) -> None:
         """Simulated fills (dry-run) and the intrabar kill-switch check on the latest price."""
@@ -922,6 +969,8 @@ class Engine:
         feats = feature_engine.compute_features(self.window, self.cfg)
         row = feats.iloc[-1]
         atr = float(row["atr"])
+        self.state["last_atr"] = atr
+        self._recorder.flush()
         warm = bool(row["is_warm"]) and number >= self.missing_until
         probs = self._probabilities(bar_ms, feats) if warm else {c: math.nan for c in PROB_COLUMNS}
         if self.quantiles and number % 10 == 0:
@@ -944,8 +993,11 @@ class Engine:
             "atr": atr, "warm": warm, **probs, "exec_threshold": s.exec_threshold,
             "direction_threshold": s.direction_threshold, "aggressive_threshold": s.aggressive_threshold,
             "entries_allowed": allowed, "reason": reason, "latency_ms": latency,
-            "intents": [{"kind": r.kind, "side": r.side, "price": r.price, "qty": r.qty, "reason": r.reason,
-                         "action": r.action, "order_link_id": r.order_link_id} for r in requests],
+            "intents": [{"kind": it.kind, "side": it.side, "price": it.price, "qty": it.qty, "tp_dist": it.tp_dist,
+                         "sl_dist": it.sl_dist, "reason": it.reason}
+                        for it in (self._exec.last_intents if self._exec is not None else [])],
+            "requests": [{"action": r.action, "kind": r.kind, "side": r.side, "price": r.price, "qty": r.qty,
+                          "order_link_id": r.order_link_id} for r in requests],
             **({"features": {k: float(v) for k, v in row.items() if k != "is_warm"}} if self.args.log_features else {})})
         self.send(requests)
         self._save()
@@ -1001,29 +1053,36 @@ class Engine:
         """The order lifecycle (execution.py), restored losslessly from the state file."""
         import execution
         text = self.state.get("execution")
-        return execution.Execution.from_json(text, self.cfg) if text else execution.Execution(self.cfg, self.symbol)
+        try:
+            return execution.Execution.from_json(text, self.cfg) if text else execution.Execution(self.cfg,
+                                                                                                  self.symbol)
+        except ValueError as err:
+            raise Refusal(EXIT_CONFIG, f"state file {self.setup.state_file}: {err}") from None
 
     def send(self, requests: list) -> None:
-        """Send order requests; each wire orderLinkId is written to the state file BEFORE it is sent
-        (a crash between the two leaves a known id to settle by lookup, never an orphan)."""
+        """Send order requests. A create's orderLinkId is written to the state file BEFORE it is sent (a crash
+        in between leaves a known id to settle by lookup, never an orphan); an unknown outcome (timeout, 5xx,
+        lost ack) stays pending and is settled by lookup, never re-sent under a new id."""
         for req in requests:
-            wire = exc.order_link_id(req.order_link_id)
+            wire = req.order_link_id
             if req.action == "create":
-                self.links[wire] = req.order_link_id
+                self.links[wire] = req.kind
                 self.state.setdefault("unsettled", {})[wire] = self.clock.exchange_ms()
                 self._save()
-            self.journals.write("trades", {"event": "placed" if req.action == "create" else "cancel_sent",
-                                           "order_link_id": wire, "side": req.side, "kind": req.kind,
-                                           "price": req.price, "qty": req.qty, "position_id": req.position_id,
-                                           "reason": req.reason})
+            if req.action != "cancel":
+                self.journals.write("trades", self._exec.placed_record(req, self.clock.exchange_ms()))
             try:
                 if req.action == "create":
                     self._create(req)
+                    self.state["unsettled"].pop(wire, None)
+                    if req.kind == "sl":
+                        self._drop_attached_stops(req)
                 else:
-                    self.client.cancel_order(order_link_id=wire)
+                    self._cancel(req)
                 self.health.api_errors = 0
             except exc.OrderNotFoundError:
-                self._settle(wire)
+                if req.action == "cancel":
+                    self._settle(wire)
             except exc.RejectedError as err:
                 self._rejected(req, wire, err)
             except exc.ExchangeError as err:
@@ -1031,17 +1090,44 @@ class Engine:
                 self.journals.event("error", f"{req.action} {wire} outcome unknown ({err}): settling by lookup",
                                     "warning", order_link_id=wire)
 
+    def _own(self, intent_key: str, kind: str) -> None:
+        """Record an engine-made order (outside the lifecycle) as ours before it is sent."""
+        self.links[exc.order_link_id(intent_key)] = kind
+        self._save()
+
     def _create(self, req: Any) -> None:
+        """An entry (stop attached, tpslMode=Partial), a TP limit, an exit, or the position's own stop: a
+        reduce-only conditional market order triggering at `price`."""
+        if req.kind == "sl":
+            self.client.place_order(req.intent_key, req.side, req.qty, order_type="Market", reduce_only=True,
+                                    trigger_price=req.price, trigger_direction=2 if req.side == "Sell" else 1)
+            return
         market = req.order_type == "Market"
         kwargs: dict[str, Any] = dict(price=None if market else req.price, order_type=req.order_type,
                                       time_in_force=None if market else req.time_in_force,
                                       reduce_only=req.reduce_only)
-        if req.kind == "sl":
-            kwargs.update(order_type="Market", price=None, time_in_force=None, trigger_price=req.price,
-                          trigger_direction=2 if req.side == "Sell" else 1)
         if req.stop_loss is not None and not req.reduce_only:
             kwargs.update(stop_loss=req.stop_loss, tpsl_mode="Partial")
-        self.client.place_order(req.order_link_id, req.side, req.qty, **kwargs)
+        self.client.place_order(req.intent_key, req.side, req.qty, **kwargs)
+
+    def _cancel(self, req: Any) -> None:
+        self.client.cancel_order(order_link_id=req.order_link_id)
+
+    def _drop_attached_stops(self, req: Any) -> None:
+        """Once the position's own stop stands, cancel the stops the exchange made from the entry's attached
+        stopLoss (one per partial fill), so none is left to close another position on the same leg."""
+        entry = self._exec.orders.get(req.position_id)
+        if entry is None or entry.request.stop_loss is None:
+            return
+        for order in self.client.open_orders():
+            if (not order.get("orderLinkId") and "StopLoss" in str(order.get("stopOrderType"))
+                    and int(order.get("positionIdx", 0)) == req.position_idx
+                    and math.isclose(float(order.get("triggerPrice") or 0), entry.request.stop_loss,
+                                     rel_tol=0, abs_tol=1e-9)):
+                try:
+                    self.client.cancel_order(order_id=str(order["orderId"]))
+                except exc.OrderNotFoundError:
+                    pass
 
     def _rejected(self, req: Any, wire: str, err: exc.ExchangeError) -> None:
         """A refusal is final: the lifecycle hears it; a refused stop on a live position means an immediate
@@ -1053,19 +1139,17 @@ class Engine:
         self._feed("order", {"orderLinkId": wire, "orderStatus": "Rejected", "rejectReason": str(err),
                              "updatedTime": str(self.clock.exchange_ms())})
         if req.kind == "sl" and stop_refused(err):
-            self._emergency_exit(req)
+            self._emergency_exit(req.position_id, req.side, req.qty)
 
-    def _emergency_exit(self, req: Any) -> None:
-        side_idx = req.position_idx
-        size = self._exchange_positions().get(str(side_idx), 0.0)
-        if size <= 0:
-            return
-        link = f"{req.order_link_id}:stop-refused-exit"
-        self.journals.event("error", f"stop refused for {req.position_id}: closing {size} at market", "error")
+    def _emergency_exit(self, position_id: str, side: str, qty: float) -> None:
+        """Reduce-only market exit when the exchange refuses a stop (price already beyond it)."""
+        key = f"{position_id}|stop-refused-exit"
+        self.journals.event("error", f"stop refused for {position_id}: closing {qty} at market", "error")
+        self._own(key, "exit")
         try:
-            self.client.place_order(link, req.side, size, order_type="Market", reduce_only=True)
+            self.client.place_order(key, side, qty, order_type="Market", reduce_only=True)
         except exc.ExchangeError as err:
-            self.journals.event("error", f"emergency exit failed: {err}", "critical")
+            self.journals.event("error", f"emergency exit of {position_id} failed: {err}", "critical")
 
     def _settle(self, wire: str) -> None:
         """Settle an order of unknown outcome by lookup; it is never re-sent under a new id."""
@@ -1093,7 +1177,7 @@ class Engine:
 
     def _cancel_resting_entries(self) -> None:
         for order in self.client.open_orders():
-            if order.get("orderLinkId") in self.links and not order.get("reduceOnly"):
+            if self.links.get(order.get("orderLinkId")) == "entry" and not order.get("reduceOnly"):
                 try:
                     self.client.cancel_order(order_link_id=order["orderLinkId"])
                 except exc.OrderNotFoundError:
@@ -1117,12 +1201,14 @@ class Engine:
             return
         link = self._request_id(row)
         if link is None:
-            if topic == "order" and row.get("orderStatus") in ("New", "PartiallyFilled", "Untriggered"):
+            protective = row.get("reduceOnly") in (True, "true") and not row.get("orderLinkId")
+            if topic == "order" and row.get("orderStatus") in ("New", "PartiallyFilled", "Untriggered") \
+                    and not protective and not exc.is_own_order(row.get("orderLinkId")):
                 self._external(f"order {row.get('orderId')}")
             return
         ts = int(row.get("execTime") or row.get("updatedTime") or self.clock.exchange_ms())
         if topic == "execution":
-            if row.get("execType", "Trade") != "Trade":
+            if row.get("execType", "Trade") != "Trade" or float(row.get("execQty") or 0) <= 0:
                 return
             self.state["last_exec_ms"] = max(int(self.state.get("last_exec_ms", 0)), ts)
             ev = execution.ExecEvent("fill", link, ts, exec_id=str(row["execId"]), qty=float(row["execQty"]),
@@ -1130,8 +1216,9 @@ class Engine:
                                      is_maker=row.get("isMaker") in (True, "true"))
         else:
             status = row.get("orderStatus")
-            kind = {"New": "accepted", "Untriggered": "accepted", "Rejected": "rejected", "Cancelled": "cancelled",
-                    "Deactivated": "cancelled", "PartiallyFilledCanceled": "cancelled"}.get(status)
+            kind = {"New": "accepted", "Untriggered": "accepted", "Triggered": "triggered", "Rejected": "rejected",
+                    "Cancelled": "cancelled", "Deactivated": "cancelled",
+                    "PartiallyFilledCanceled": "cancelled"}.get(status)
             if kind is None:
                 return
             self.state.get("unsettled", {}).pop(row.get("orderLinkId", ""), None)
@@ -1145,24 +1232,10 @@ class Engine:
         self.send(result.requests)
 
     def _request_id(self, row: dict) -> str | None:
-        """Our request id of an exchange order: by orderLinkId, or for an exchange-created stop/TP of a
-        Partial entry, by the entry it protects (same leg, trigger at that entry's stop)."""
+        """Our orderLinkId of an exchange order (None: not the lifecycle's, e.g. a stop the exchange made
+        from an entry's attached stopLoss)."""
         wire = row.get("orderLinkId") or ""
-        if wire in self.links:
-            return self.links[wire]
-        tpsl = self.state.setdefault("tpsl", {})
-        oid = str(row.get("orderId", ""))
-        if oid in tpsl:
-            return tpsl[oid]
-        if wire or "Stop" not in str(row.get("stopOrderType", "")):
-            return None
-        for pos in self._exec.positions():
-            sl = getattr(pos, "sl", math.nan)
-            link = getattr(pos, "link", None) or getattr(pos, "position_id", None)
-            if link and math.isclose(float(row.get("triggerPrice") or 0), sl, rel_tol=1e-9, abs_tol=1e-9):
-                tpsl[oid] = f"{link}:sl"
-                return tpsl[oid]
-        return None
+        return wire if wire in self._exec.orders else None
 
     def _external(self, what: str) -> None:
         if what not in self.health.external:
@@ -1245,53 +1318,69 @@ class Engine:
         self.last_stop_check = self.clock.exchange_ms()
         return bad
 
-    def _protect(self, idx: str, qty: float) -> None:
+    def _protect(self, idx: str, qty: float, trigger: float | None = None) -> None:
+        """A reduce-only stop for `qty` of leg idx at `trigger` (default: the leg's first own position's SL);
+        a refused or unknown stop means a reduce-only market exit instead."""
         long = idx == "1"
         own = [p for p in self._exec.positions() if (p.side > 0) == long]
+        trigger = trigger if trigger is not None else (own[0].sl if own else math.nan)
         side = "Sell" if long else "Buy"
-        link = f"protect-{idx}-{self.clock.exchange_ms()}"
+        key = f"{self.symbol}|protect|{idx}|{self.clock.exchange_ms()}"
         self.journals.event("error", f"position leg {idx} has {qty} without a stop: protecting it", "error")
+        if not math.isfinite(trigger):
+            self._emergency_exit(f"leg-{idx}", side, qty)
+            return
+        self._own(key, "sl")
         try:
-            if own and math.isfinite(own[0].sl):
-                self.client.place_order(link, side, qty, order_type="Market", reduce_only=True,
-                                        trigger_price=own[0].sl, trigger_direction=2 if long else 1)
-            else:
-                self.client.place_order(link, side, qty, order_type="Market", reduce_only=True)
+            self.client.place_order(key, side, qty, order_type="Market", reduce_only=True,
+                                    trigger_price=trigger, trigger_direction=2 if long else 1)
         except exc.RejectedError as err:
             if stop_refused(err):
-                self.client.place_order(link + "-x", side, qty, order_type="Market", reduce_only=True)
+                self._emergency_exit(f"leg-{idx}", side, qty)
             else:
                 self.journals.event("error", f"protecting leg {idx} failed: {err}", "critical")
 
     # ------------------------------------------------------------ risk and journals
     def _check_kill_switch(self) -> None:
-        """Daily loss incl. unrealised PnL, on every price update: entries stop at once (the halt survives a
-        restart); the flatten itself is the strategy's kill rule at the next decision."""
-        if self._exec is None or not math.isfinite(self.last_price):
+        """Daily loss including unrealised PnL, on every price update: the strategy's own kill rule is run at
+        once on the price now (flatten, cancel, halt until the next UTC day); the halt is kept in the state
+        file so it survives a restart."""
+        if self._exec is None or not math.isfinite(self.last_price) or self._bars.open_ms is None:
             return
         day = self._day()
+        start = self._exec.day.start_equity
+        if self.state.get("halted_day") == day or self._exec.day.day != day or not math.isfinite(start):
+            return
         equity = self._exec.mark(self.last_price)
-        if self.state.get("day") != day:
-            self.state.update(day=day, day_start_equity=equity)
-        start = float(self.state.get("day_start_equity") or equity)
-        if self.state.get("halted_day") != day and equity <= (1 - self.cfg.strategy.daily_loss_limit) * start:
-            self.state["halted_day"] = day
-            self.journals.event("kill_switch", f"daily loss {equity - start:.2f} reached the "
-                                               f"{self.cfg.strategy.daily_loss_limit:.1%} limit: halted until "
-                                               "the next UTC day", "critical", equity=equity, day_start=start)
-            self._save()
+        if equity > (1 - self.cfg.strategy.daily_loss_limit) * start:
+            return
+        import strategy
+        self.state["halted_day"] = day
+        self.journals.event("kill_switch", f"daily loss {equity - start:.2f} reached the "
+                                           f"{self.cfg.strategy.daily_loss_limit:.1%} limit: flattening, halted "
+                                           "until the next UTC day", "critical", equity=equity, day_start=start)
+        self.beat("flattening")
+        number = self._bars.open_ms // self.bar_ms
+        atr = float(self.state.get("last_atr") or math.nan)
+        requests = self._exec.on_bar_close(strategy.Bar(index=number, time=self._bars.open_ms / 1000.0,
+                                                        close=self.last_price, atr=atr, probs={}),
+                                           strategy.EntryGate(allowed=False, reason="kill-switch"))
+        self.send(requests)
+        self._save()
+        self.beat("halted")
 
     def _journal_equity(self) -> None:
         if self._exec is None:
             return
         equity = self._exec.mark(self.last_price) if math.isfinite(self.last_price) else self._exec.equity()
-        start = float(self.state.get("day_start_equity") or equity)
+        start = self._exec.day.start_equity if math.isfinite(self._exec.day.start_equity) else equity
         self.journals.write("equity", {
             "equity": equity, "unrealised": equity - self._exec.equity(), "day_start_equity": start,
             "day_pnl": equity - start, "kill_switch": "halted" if self.state.get("halted_day") == self._day()
             else "armed", "positions": [vars(p) for p in self._exec.positions()],
             "data_lag_s": self.health.data_lag_s,
-            "streams": {s.channel: {"state": s.health(), "age_s": round(s.silence(), 1)}
+            "streams": {s.channel: {"state": s.health(), "age_s": round(s.silence(), 1),
+                                    "dropped": {"/".join(k): v for k, v in getattr(s, "dropped", {}).items()}}
                         for s in (self.market, self.private) if s is not None},
             "reconciled": self.health.reconciled, "api_errors": self.health.api_errors,
             "drift": self.health.drift, "late_trades": self._bars.late_trades})

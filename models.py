@@ -77,6 +77,7 @@ class ModelBundle:
         self.feature_names = names
         self.seed = int(seed)
         self.models: dict[str, FittedModel] = {}
+        self.quantiles: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------ training
     def fit(self, X: pd.DataFrame, labels: pd.DataFrame, valid: pd.DataFrame | None = None) -> "ModelBundle":
@@ -92,6 +93,7 @@ class ModelBundle:
         if valid is not None and not use_valid:
             log.info("DART boosting: early stopping is not valid, the validation set is not used")
         self.models = {}
+        self.quantiles = training_quantiles(X[self.feature_names])
         params = lgb_params(self.cfg, self.seed)
         shared: lgb.Dataset | None = None  # rows labelled for every model are binned once, relabelled per model
         for name in MODEL_NAMES:
@@ -185,6 +187,7 @@ class ModelBundle:
         for name, model in self.models.items():
             atomic_write_text(folder / f"{name}.txt", model.booster.model_to_string())
         meta = {"features": self.feature_names, "models": self.summary(), "seed": self.seed,
+                "quantiles": self.quantiles,
                 "model_config": dataclasses.asdict(self.cfg), "lightgbm_version": lgb.__version__}
         atomic_write_text(folder / FEATURES_FILE, json.dumps(meta, indent=2))
 
@@ -213,6 +216,19 @@ class ModelBundle:
             bundle.models[name] = FittedModel(booster, int(fact["rounds"]), int(fact["n_train"]),
                                               int(fact["n_positive"]), bool(fact["constant"]))
         return bundle
+
+
+def training_quantiles(X: pd.DataFrame, bins: int = 10) -> dict[str, list[float]]:
+    """Per-feature deciles (bins + 1 edges, NaN ignored) of the training rows: the reference distribution
+    the live engine's PSI drift monitor compares with (features.json "quantiles")."""
+    qs = np.linspace(0.0, 1.0, bins + 1)
+    out = {}
+    for name in X.columns:
+        col = X[name].to_numpy(np.float64)
+        col = col[np.isfinite(col)]
+        if col.size:
+            out[name] = [float(v) for v in np.quantile(col, qs)]
+    return out
 
 
 def _feature_mismatch(saved: list[str], given: list[str]) -> str:

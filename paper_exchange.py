@@ -265,6 +265,7 @@ class Faults:
     duplicate_pushes: int = 0
     reorder_pushes: int = 0
     push_topic: str = ""
+    http_path: str = ""         # when set, http_5xx hits only requests whose path starts with it
     book_reset: bool = False
     mute_pushes: bool = False
 
@@ -417,7 +418,7 @@ class PaperExchange:
         if route is None or route[0] != request.method:
             return web.Response(status=404, text="Not Found")
         method, handler_name, signed = route
-        if self.faults.http_5xx > 0:
+        if self.faults.http_5xx > 0 and path.startswith(self.faults.http_path):
             self.faults.http_5xx -= 1
             return web.Response(status=self.faults.http_status, text="Internal Server Error")
         body = await request.read()

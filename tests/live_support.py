@@ -26,10 +26,10 @@ TEST_SETS = {"data.timeframe": "1m", "features.macro_window": "2h", "features.da
              "features.ewm_tolerance": "0.05", "features.htf_timeframes": "5m,15m"}
 
 
-def make_market(root: Path) -> Path:
-    """One simulated day (1 s book steps) of LIVEUSDT in the collector's files."""
+def make_market(root: Path, days: int = 1) -> Path:
+    """Simulated days (5 s book steps) of LIVEUSDT from 2026-01-01 in the collector's files."""
     from market_sim import simulate
-    simulate(symbol=SYMBOL, days=1, seed=5, out=root, book_interval="1s")
+    simulate(symbol=SYMBOL, days=days, seed=5, out=root, book_interval="5s")
     return root / f"{SYMBOL}_Sim"
 
 
@@ -106,3 +106,77 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
+
+
+# ---------------------------------------------------------------- crash test (tests and benchmarks/crash_test.py)
+def busy_probabilities(path: Path, minutes: int = 240, start: str = START) -> Path:
+    """A signal every bar after `start`: breakout longs on even minutes, maker shorts on odd ones."""
+    rows = {}
+    for m in range(1, minutes):
+        when = (pd.Timestamp(start, tz="UTC") + pd.Timedelta(minutes=m)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        rows[when] = {"p_dir_long": 0.95} if m % 2 == 0 else {"p_exec_short": 0.99, "p_dir_short": 0.6}
+    return write_probabilities(path, rows)
+
+
+def audit(ex, cwd: Path) -> dict[str, int]:
+    """After a restart's reconciliation: orphans (open exchange orders the engine neither owns nor knows;
+    link-less stops on a flat leg), unprotected legs (size not covered by reduce-only stops) and duplicates
+    (two entry orders for one intent: same side in the same bar)."""
+    state = json.loads((cwd / "state" / f"bot_state_{SYMBOL}.json").read_text())
+    known = set(state.get("links", {}))
+    known |= {o["request"]["order_link_id"] for o in json.loads(state["execution"])["orders"]}
+    orders = ex.call(lambda: list(ex.exchange.engine.orders.values()))
+    sizes = ex.call(lambda: {i: abs(p.size) for i, p in ex.exchange.engine.positions.items()})
+    orphans = unprotected = duplicates = 0
+    for o in orders:
+        if not o.is_open:
+            continue
+        if o.link_id and o.link_id not in known:
+            orphans += 1
+        elif not o.link_id and o.reduce_only and sizes.get(o.position_idx, 0) == 0:
+            orphans += 1
+    for idx, size in sizes.items():
+        covered = sum(o.qty for o in orders if o.is_open and o.position_idx == idx and o.reduce_only
+                      and "Stop" in o.stop_order_type)
+        unprotected += int(size > 0 and covered < size)
+    seen: dict[tuple, int] = {}
+    for o in orders:
+        if o.link_id and not o.reduce_only:
+            key = (o.side, o.created // 60000)
+            seen[key] = seen.get(key, 0) + 1
+    duplicates = sum(n - 1 for n in seen.values() if n > 1)
+    return {"orphans": orphans, "unprotected": unprotected, "duplicates": duplicates}
+
+
+def reconciled_count(cwd: Path) -> int:
+    return sum(1 for e in journal(cwd, "events") if e["event"] == "reconciled")
+
+
+def crash_test(market: Path, cwd: Path, kills: int, seed: int, max_wait: float = 4.0) -> dict[str, int]:
+    """SIGKILL the trading engine at seeded moments and restart it `kills` times; audit after every
+    restart's reconciliation. Returns the summed counts plus kills, fills and restarts."""
+    import random
+    rng = random.Random(seed)
+    model = write_model_dir(cwd, **{"strategy.max_holding_bars": "3", "strategy.daily_loss_limit": "0.9"})
+    probs = busy_probabilities(cwd / "p.csv")
+    totals = {"orphans": 0, "unprotected": 0, "duplicates": 0, "kills": 0, "audits": 0}
+    with exchange(market) as ex:
+        cmd = engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--lockstep-step", "20s")
+        for k in range(kills + 1):
+            before = reconciled_count(cwd)
+            proc = spawn(cmd, cwd)
+            wait_for(lambda: reconciled_count(cwd) > before or proc.poll() is not None, 120, "reconciliation")
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            for key, value in audit(ex, cwd).items():
+                totals[key] += value
+            totals["audits"] += 1
+            if k == kills:
+                rc, out = stop(proc)
+                assert rc == 0, out[-3000:]
+                break
+            time.sleep(rng.uniform(0.0, max_wait))
+            proc.kill()
+            proc.communicate()
+            totals["kills"] += 1
+        totals["fills"] = ex.call(lambda: len(ex.exchange.engine.executions))
+    return totals

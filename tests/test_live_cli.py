@@ -1,0 +1,119 @@
+"""The engine's exit codes (DESIGN §3 watchdog contract) in their situations: 2 before any network, 3 for
+refused startup checks, 4 for a reconciliation that cannot complete, 0 for SIGTERM (state saved, resting
+entries cancelled). The refusals run in process (no network is reached); the rest as real child processes
+against the paper exchange on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+import live_trading_v2 as live
+from live_support import SYMBOL, engine_cmd, exchange, journal, make_market, run, spawn, stop, wait_for, \
+    write_model_dir, write_probabilities
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    return make_market(tmp_path_factory.mktemp("market"))
+
+
+def refused(tmp_path, monkeypatch, *argv: str) -> str:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(live.Refusal) as info:
+        live.prepare(live.parse_args(["--symbol", SYMBOL, *argv]), env={})
+    assert info.value.code == live.EXIT_CONFIG
+    return str(info.value)
+
+
+def test_bad_arguments_keys_model_and_state_exit_2_before_any_network(tmp_path, monkeypatch):
+    model = write_model_dir(tmp_path, edge=False)
+    m = ["--model-dir", str(model)]
+    assert "pick one mode" in refused(tmp_path, monkeypatch, *m, "--paper", "http://127.0.0.1:1", "--live")
+    assert "keys" in refused(tmp_path, monkeypatch, *m, "--live", "--keys-file", str(tmp_path / "none.json"))
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"profiles": {"default": {"api_key": "k", "api_secret": "SECRETVALUE"}}}))
+    text = refused(tmp_path, monkeypatch, *m, "--testnet", "--keys-file", str(keys))
+    assert "no EDGE verdict" in text and "--allow-no-edge" in text
+    keys.write_text("{not json")
+    text = refused(tmp_path, monkeypatch, *m, "--demo", "--allow-no-edge", "--keys-file", str(keys))
+    assert "invalid JSON" in text and "SECRETVALUE" not in text
+    assert "no model" in refused(tmp_path, monkeypatch, "--model-dir", str(tmp_path / "nowhere"))
+    assert "live.mode" in refused(tmp_path, monkeypatch, *m, "--set", "live.mode=live")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / f"bot_state_{SYMBOL}_dry-run.json").write_text(json.dumps({"version": 99}))
+    assert "newer than this engine" in refused(tmp_path, monkeypatch, *m)
+    assert live.main(["--symbol", SYMBOL, *m], env={}) == live.EXIT_CONFIG
+
+
+def test_dry_run_is_the_default_and_paper_uses_the_paper_profile(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = write_model_dir(tmp_path, edge=False)
+    setup = live.prepare(live.parse_args(["--symbol", SYMBOL, "--model-dir", str(model)]), env={})
+    assert setup.mode == "dry-run" and setup.creds is None and setup.cfg.live.position_mode == "hedge"
+    setup = live.prepare(live.parse_args(["--symbol", SYMBOL, "--model-dir", str(model), "--paper",
+                                          "http://127.0.0.1:9"]), env={})
+    assert setup.mode == "paper" and setup.cfg.live.keys_profile == "paper"
+    assert setup.cfg.live.rest_url == "http://127.0.0.1:9"
+
+
+def test_refused_startup_checks_exit_3(market, tmp_path):
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    with exchange(market) as ex:
+        ex.call(lambda: ex.exchange.permissions.update({"Wallet": ["AccountTransfer"]}))
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs)), tmp_path)
+        assert rc == live.EXIT_STARTUP, out[-2000:]
+        assert "can move funds" in out
+        ex.call(lambda: ex.exchange.permissions.update({"Wallet": []}))
+        ex.call(lambda: setattr(ex.exchange.faults, "time_skew_ms", 60_000))
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs)), tmp_path)
+    assert rc == live.EXIT_STARTUP, out[-2000:]
+    assert "clock offset" in out
+
+
+def test_failed_startup_reconciliation_exits_4(market, tmp_path):
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    with exchange(market) as ex:
+        ex.call(lambda: (setattr(ex.exchange.faults, "http_5xx", 1000),
+                         setattr(ex.exchange.faults, "http_path", "/v5/execution/list")))
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs)), tmp_path)
+    assert rc == live.EXIT_RECONCILE, out[-2000:]
+    assert [e["event"] for e in journal(tmp_path, "events")].count("reconcile_failed") >= 1
+
+
+def test_sigterm_stops_cleanly_cancelling_resting_entries(market, tmp_path):
+    model = write_model_dir(tmp_path)
+    # a maker entry far below the market: it rests until the engine is stopped
+    probs = write_probabilities(tmp_path / "p.csv", {"2026-01-01T03:01:00Z": {"p_exec_long": 0.99, "p_dir_long": 0.6}})
+    with exchange(market) as ex:
+        proc = spawn(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--set",
+                                "strategy.limit_offset_atr=5", "--lockstep-step", "5s"), tmp_path)
+        wait_for(lambda: any(r.get("event") == "accepted" and r.get("kind") == "entry"
+                             for r in journal(tmp_path, "trades")), 90, "a resting entry")
+        assert ex.call(lambda: ex.exchange.state())["open_orders"] == 1
+        rc, out = stop(proc, signal.SIGTERM)
+        left = ex.call(lambda: ex.exchange.state())["open_orders"]
+    assert rc == live.EXIT_OK, out[-2000:]
+    assert left == 0
+    assert journal(tmp_path, "events")[-1]["event"] == "shutdown"
+    state = json.loads((tmp_path / "state" / f"bot_state_{SYMBOL}.json").read_text())
+    assert state["version"] == live.STATE_VERSION and "execution" in state
+    beat = json.loads((tmp_path / "state" / f"heartbeat_{SYMBOL}.json").read_text())
+    assert beat["phase"] == "stopping" and beat["model"].endswith("rank_1")
+
+
+def test_psi_drift_is_zero_on_the_training_distribution_and_alerts_on_a_shift():
+    import numpy as np
+    import pandas as pd
+    from models import training_quantiles
+    rng = np.random.default_rng(3)
+    train = pd.DataFrame({"a": rng.normal(size=20000), "b": rng.normal(size=20000)})
+    q = training_quantiles(train)
+    same = pd.DataFrame({"a": rng.normal(size=2000), "b": rng.normal(size=2000)})
+    shifted = pd.DataFrame({"a": rng.normal(size=2000), "b": rng.normal(loc=1.0, size=2000)})
+    assert max(live.drift_report(same, q, 2000).values()) < 0.05
+    report = live.drift_report(shifted, q, 2000)
+    assert list(report) == ["b", "a"] and report["b"] > 0.25

@@ -1,0 +1,126 @@
+"""The live engine trading scripted probabilities on the paper exchange (real pybit, real WS, lockstep clock):
+breakout and maker entries with their exchange-side stops and maker TPs, time exits that cancel the
+position's own TP/SL, the kill-switch (flattens, holds after a restart), and entries paused by a foreign
+position."""
+from __future__ import annotations
+
+import pytest
+from pybit.unified_trading import HTTP
+
+from live_support import SYMBOL, engine_cmd, exchange, journal, make_market, run, write_model_dir, \
+    write_probabilities
+
+WIDE = ("--set", "strategy.stop_loss_atr=40", "--set", "strategy.take_profit_atr=40",
+        "--set", "strategy.max_holding_bars=3")
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    return make_market(tmp_path_factory.mktemp("market"))
+
+
+def exchange_orders(ex) -> list:
+    return ex.call(lambda: list(ex.exchange.engine.orders.values()))
+
+
+def trades(cwd, **match) -> list[dict]:
+    return [r for r in journal(cwd, "trades") if all(r.get(k) == v for k, v in match.items())]
+
+
+@pytest.fixture(scope="module")
+def scripted(market, tmp_path_factory):
+    """One run: a breakout long at 03:01, a maker short at 03:06; wide TP/SL so both leave by time exit."""
+    cwd = tmp_path_factory.mktemp("scripted")
+    model = write_model_dir(cwd)
+    probs = write_probabilities(cwd / "p.csv", {"2026-01-01T03:01:00Z": {"p_dir_long": 0.95},
+                                                "2026-01-01T03:06:00Z": {"p_exec_short": 0.99, "p_dir_short": 0.6}})
+    with exchange(market) as ex:
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "16", *WIDE),
+                      cwd)
+        orders = exchange_orders(ex)
+        final = ex.call(lambda: ex.exchange.state())
+    assert rc == 0, out[-3000:]
+    return cwd, orders, final
+
+
+def own_stop(orders, entry) -> object:
+    """The position's own stop: a reduce-only conditional market order of the entry's leg with a link id."""
+    return next(o for o in orders if o.link_id and o.stop_order_type == "Stop" and o.reduce_only
+                and o.position_idx == entry.position_idx)
+
+
+def test_breakout_market_entry_carries_its_stop_from_the_fill(scripted):
+    cwd, orders, _ = scripted
+    entry = next(o for o in orders if o.order_type == "Market" and not o.reduce_only and o.link_id)
+    assert entry.tpsl_mode == "Partial" and entry.stop_loss > 0, "stopLoss must be attached on create"
+    fill = next(r for r in trades(cwd, kind="entry", event="filled") if r["reason"] == "breakout")
+    attached = [o for o in orders if o.stop_order_type == "PartialStopLoss" and o.position_idx == 1]
+    assert attached and min(o.created for o in attached) <= fill["ts"], \
+        "the exchange stop exists from the moment of the (first partial) fill"
+    own = own_stop(orders, entry)
+    assert own.trigger_price * 0.01 == pytest.approx(fill["sl"], abs=1e-9) and own.qty == entry.cum_qty, \
+        "the position's own stop: fill - SL distance, whole size"
+    assert all(not o.is_open and o.updated == own.created for o in attached), \
+        "the attached partial stops are cancelled as soon as the own stop stands (none may close another position)"
+
+
+def test_maker_entry_fill_gets_a_maker_tp_and_a_stop_moved_to_the_fill(scripted):
+    cwd, orders, _ = scripted
+    entry = next(o for o in orders if o.tif == "PostOnly" and o.side == "Sell")
+    assert entry.status == "Filled"
+    fill = next(r for r in trades(cwd, kind="entry", event="filled") if r["side"] == "Sell")
+    tp = next(o for o in orders if o.position_idx == 2 and o.order_type == "Limit" and o.reduce_only
+              and o.link_id)
+    assert tp.side == "Buy" and tp.tif == "GTC" and tp.price * 0.01 == pytest.approx(fill["tp"], abs=1e-9)
+    stop = own_stop(orders, entry)
+    assert stop.side == "Buy" and stop.trigger_price * 0.01 == pytest.approx(fill["sl"], abs=1e-9), \
+        "stop at fill + SL distance"
+
+
+def test_time_exit_closes_and_cancels_the_positions_own_tp_and_sl(scripted):
+    cwd, orders, final = scripted
+    exits = trades(cwd, event="time_exit")
+    assert len(exits) == 2
+    for idx in (1, 2):
+        own = [o for o in orders if o.position_idx == idx and o.reduce_only and o.link_id == "" or
+               (o.position_idx == idx and o.reduce_only and o.order_type == "Limit")]
+        assert own and all(not o.is_open for o in own)
+    assert final["open_orders"] == 0 and all(v == 0 for v in final["positions"].values())
+
+
+def test_kill_switch_flattens_on_unrealised_loss_and_holds_after_restart(market, tmp_path):
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {f"2026-01-01T03:{m:02d}:00Z": {"p_dir_long": 0.95}
+                                                     for m in range(1, 12)})
+    kill = ("--set", "strategy.daily_loss_limit=0.002")
+    with exchange(market) as ex:
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "4", *kill),
+                      tmp_path)
+        assert rc == 0, out[-3000:]
+        assert [e for e in journal(tmp_path, "events") if e["event"] == "kill_switch"]
+        assert trades(tmp_path, event="kill_exit")
+        state = ex.call(lambda: ex.exchange.state())
+        assert all(v == 0 for v in state["positions"].values()) and state["open_orders"] == 0
+        entries = len(trades(tmp_path, kind="entry", event="placed"))
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "3", *kill),
+                      tmp_path)
+    assert rc == 0, out[-3000:]
+    assert len(trades(tmp_path, kind="entry", event="placed")) == entries, "halted until the next UTC day"
+    assert journal(tmp_path, "signals")[-1]["reason"] == "kill-switch"
+
+
+def test_foreign_position_pauses_entries(market, tmp_path):
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {"2026-01-01T03:01:00Z": {"p_dir_long": 0.95}})
+    with exchange(market) as ex:
+        http = HTTP(api_key="paper", api_secret="paper")
+        http.endpoint = ex.url
+        http.switch_position_mode(category="linear", symbol=SYMBOL, mode=3)
+        http.place_order(category="linear", symbol=SYMBOL, side="Sell", orderType="Market", qty="1",
+                         positionIdx=2, orderLinkId="manual-1")
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "3"), tmp_path)
+    assert rc == 0, out[-3000:]
+    assert any(e["event"] == "external" for e in journal(tmp_path, "events"))
+    sig = next(s for s in journal(tmp_path, "signals") if s["bar_time"].startswith("2026-01-01T03:01"))
+    assert sig["entries_allowed"] is False and sig["reason"].startswith("external")
+    assert not trades(tmp_path, kind="entry")
