@@ -24,7 +24,7 @@ import validation
 
 SIM_DAYS = 14
 # 1m bars: the planted signal leads by 15-60 minutes. The demo's split (development 60%, OOS-1 15%) leaves a
-# Super-OOS exam of 3.5 days, longer than the MinTRL of the planted edge. Small models and 4-group CPCV keep a
+# Super-OOS exam of ~2.6 days (of 14, after warm-up and gaps). Small models and 4-group CPCV keep a
 # trial to a few seconds; the search logic is the default one.
 FAST = ["--timeframe", "1m", "--set", "tune.n_estimators=[30,80]", "--set", "tune.num_leaves=[4,16]",
         "--set", "tune.cpcv_groups=4", "--set", "tune.cpcv_test_groups=1",
