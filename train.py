@@ -54,7 +54,7 @@ MIN_SEGMENT_BARS = 24
 DEMO_DAYS = 14
 DEMO_TRIALS = 12
 DEMO_SEED = 7
-DEMO_SPLIT = (0.6, 0.15)  # development, OOS-1 shares: a 25% exam (3.5 of 14 days) can outlast its MinTRL
+DEMO_SPLIT = (0.6, 0.15)  # development, OOS-1 shares: a 25% exam (~2.6 of 14 days after warm-up and gaps)
 INDEPENDENT_SEED_OFFSET = 1000  # the demo's independent market: seed + this
 INDEPENDENT_DAYS = 3
 
