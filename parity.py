@@ -495,8 +495,8 @@ def backtest_vs_live(live_intents: pd.DataFrame, bt_intents: pd.DataFrame, live:
         res.first = {"what": "intents differ before any fill did", **intents.first}
     pairs = match_trades(live, bt, max_gap)
     unmatched = max(len(live), len(bt)) - len(pairs)
-    final_diff = (float(live_eq.iloc[-1]) - float(bt_equity["equity"].iloc[-1])
-                  if len(live_eq) and len(bt_equity) else math.nan)
+    final_diff = (float(live_eq.iloc[-1]) - float(bt_equity["equity"].loc[:live_eq.index[-1]].iloc[-1])
+                  if len(live_eq) and len(bt_equity.loc[:live_eq.index[-1]]) else math.nan)
     checks = {"price_bps": float(pairs[["entry_bps", "exit_bps"]].to_numpy().max()) if len(pairs) else 0.0,
               "pnl_bps": float(pairs["pnl_bps"].max()) if len(pairs) else 0.0,
               "unmatched_share": unmatched / max(len(live), len(bt), 1),
@@ -672,7 +672,8 @@ def run_research(cfg: GlobalConfig, params_path: Path, start: str, end: str) -> 
 # ---------------------------------------------------------------- verdict, files
 def judge(work: Path, cfg: GlobalConfig, research: Research, bundle: Any,
           tol: Tolerance) -> tuple[list[LayerResult], pd.Series]:
-    """All four layers over the engine's journals in `work` (DESIGN §3 paths); also the engine's equity per bar."""
+    """All four layers over the engine's journals in `work` (DESIGN §3 paths); also the engine's equity per bar
+    (from the decisions replay, so only up to the first decision difference, after which it no longer follows)."""
     import data_loader
     logs = work / cfg.live.log_dir
     signals = read_jsonl(logs / f"signals_{cfg.symbol}.jsonl")
@@ -690,6 +691,7 @@ def judge(work: Path, cfg: GlobalConfig, research: Research, bundle: Any,
     layers[2].details["replayed_events"] = replayed.attrs["event_statuses"]
     if layers[2].first is not None:
         layers[2].first["replayed_state"] = replayed.attrs["states"].get(layers[2].first["bar"])
+        live_eq = live_eq.loc[live_eq.index < pd.Timestamp(layers[2].first["bar"])]   # the replay follows no more
     bt = research.result
     layers.append(backtest_vs_live(live_intents, bt.intents, live_trades(trades), bt.trades, live_eq, bt.equity,
                                    initial_equity(cfg), bar_s,
