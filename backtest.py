@@ -612,6 +612,33 @@ def _between(df: pd.DataFrame | None, lo: pd.Timestamp, hi: pd.Timestamp) -> pd.
     return None if df is None else df.loc[(df.index >= lo) & (df.index <= hi)]
 
 
+def _with_warmup(cfg: GlobalConfig) -> GlobalConfig:
+    """The config to load data with: --start moved back by the features' warm-up, so the first requested bar
+    already has warm features and the backtest trades the requested span, not the span after warm-up."""
+    import copy
+
+    import feature_engine
+    if not cfg.data.start:
+        return cfg
+    seconds = feature_engine.warmup_bars(cfg) * timeframe_seconds(cfg.data.timeframe)
+    loaded = copy.deepcopy(cfg)
+    loaded.data.start = (pd.Timestamp(cfg.data.start) - pd.Timedelta(seconds=seconds)).strftime("%Y-%m-%d")
+    return loaded
+
+
+def _training_overlap(config_path: Path, frame: pd.DataFrame) -> str:
+    """A warning when the traded bars overlap the spans the model was tuned or trained on (params.json), else ''."""
+    try:
+        params = json.loads(config_path.read_text(encoding="utf-8"))
+        lo, hi = pd.Timestamp(params["splits"]["dev"][0]), pd.Timestamp(params["trained_on"][1])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return ""
+    if len(frame) and frame.index[0] <= hi and frame.index[-1] >= lo:
+        return (f"warning: the backtest span {frame.index[0]} .. {frame.index[-1]} overlaps the data this model "
+                f"was tuned and trained on ({lo} .. {hi}): in-sample numbers, not evidence of an edge")
+    return ""
+
+
 def _slice(df: pd.DataFrame | None, start: str, end: str) -> pd.DataFrame | None:
     """Keep whole UTC days from start to end (inclusive)."""
     if df is None:
@@ -637,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.signals is None and not args.config:
             raise ConfigError("give --signals FILE or --config params.json of a trained model")
         signals = _read_signals(args.signals) if args.signals else None
-        frame, fine, feats = _load_market(cfg, signals)
+        frame, fine, feats = _load_market(_with_warmup(cfg) if signals is None else cfg, signals)
         probs = (signals[PROB_COLUMNS] if signals is not None
                  else _model_probs(cfg, Path(args.config), feats, frame.index))
         span = (_saved_span(Path(args.config)) if args.config and signals is None
@@ -648,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
             frame, probs, fine = (_slice(x, cfg.data.start, cfg.data.end) for x in (frame, probs, fine))
         if frame is None or len(frame) < 2:
             raise ValueError("fewer than two bars to backtest in the chosen span")
+        overlap = _training_overlap(Path(args.config), frame) if args.config and signals is None else ""
+        if overlap:
+            print(overlap, file=sys.stderr)
         result = run_backtest(frame, probs, cfg, fine=fine)
     except (ConfigError, ValueError, OSError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -298,11 +298,15 @@ class TuneConfig(_Section):
     limit_offset_atr: list = _f([0.1, 1.5], _range, "search range")
     take_profit_atr: list = _f([0.5, 3.0], _range, "search range")
     stop_loss_atr: list = _f([0.8, 4.0], _range, "search range")
-    exec_threshold: list = _f([0.3, 0.8], _range, "search range")
-    direction_threshold: list = _f([0.3, 0.7], _range, "search range")
-    aggressive_threshold: list = _f([0.55, 0.95], _range, "search range")
+    exec_top: list = _f([0.02, 0.3], _range, "search range (log) of the top fraction of out-of-fold execution "
+                        "scores that may enter as maker; stored as strategy.exec_threshold")
+    direction_top: list = _f([0.3, 1.0], _range, "search range of the top fraction of out-of-fold direction "
+                             "scores a maker entry needs; stored as strategy.direction_threshold")
+    aggressive_top: list = _f([0.002, 0.05], _range, "search range (log) of the top fraction of out-of-fold "
+                              "direction scores that enter as taker; stored as strategy.aggressive_threshold")
     aggressive_tp_mult: list = _f([1.0, 10.0], _range, "search range")
-    boosting_types: list = _f(["gbdt", "dart"], help="boosting types searched")
+    boosting_types: list = _f(["gbdt"], help="boosting types searched (gbdt and/or dart; a dart trial takes "
+                              "several times longer)")
     n_estimators: list = _f([50, 300], _range, "search range")
     learning_rate: list = _f([0.01, 0.2], _range, "search range (log)")
     num_leaves: list = _f([4, 64], _range, "search range")
@@ -415,9 +419,19 @@ class GlobalConfig(_Section):
             raise ConfigError(f"{path}: {exc}") from None
 
 
+LEGACY_TUNE_KEYS = ("exec_threshold", "direction_threshold", "aggressive_threshold")
+
+
 def migrate(data: Any) -> Any:
     """A config dict in the current layout. Version 1 kept the venue settings (fees, slippage, latency,
-    funding, fill rule, initial equity) inside `strategy`; they move to `venue`. Returns a new dict."""
+    funding, fill rule, initial equity) inside `strategy`; they move to `venue`. Its `live.drift_z` (a
+    z-score alert) has no counterpart in the PSI drift monitor (`live.drift_psi_alert`) and is dropped.
+    Older configs also searched absolute threshold ranges (`tune.exec_threshold` ...), replaced by top
+    fractions (`tune.exec_top` ...): those ranges are dropped (the thresholds a model uses live in
+    `strategy`). Returns a new dict."""
+    if isinstance(data, dict) and isinstance(data.get("tune"), dict) and \
+            any(k in data["tune"] for k in LEGACY_TUNE_KEYS):
+        data = {**data, "tune": {k: v for k, v in data["tune"].items() if k not in LEGACY_TUNE_KEYS}}
     if not isinstance(data, dict) or data.get("version") != 1:
         return data
     out = {**data, "version": CONFIG_VERSION}
@@ -427,6 +441,8 @@ def migrate(data: Any) -> Any:
         out["strategy"] = strategy
     if moved:
         out["venue"] = {**moved, **(data.get("venue") or {})}
+    if isinstance(data.get("live"), dict):
+        out["live"] = {k: v for k, v in data["live"].items() if k != "drift_z"}
     return out
 
 
@@ -456,12 +472,20 @@ def _build(cls: type, data: Any, name: str) -> Any:
     return obj
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so readers see the old or the new content, never a torn one (temp, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file what open() would
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -552,9 +576,10 @@ def add_config_args(parser: argparse.ArgumentParser, flags: list[str]) -> None:
     defaults = GlobalConfig()
     for flag in flags:
         path = CLI_FLAGS[flag]
-        f_help = _field_help(defaults, path)
-        parser.add_argument(flag, dest=_dest(flag), default=None,
-                            help=f"{f_help} (default: {get_path(defaults, path)})")
+        f_help, default = _field_help(defaults, path), get_path(defaults, path)
+        shown = "" if "default" in f_help or default == "" else f" (default: {default})"
+        parser.add_argument(flag, dest=_dest(flag), default=None, metavar=flag.lstrip("-").upper().replace("-", "_"),
+                            help=f"{f_help}{shown}")
     parser.add_argument("--config", default=None, help="start from this config JSON (or a params.json)")
     parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override any config field, e.g. --set strategy.take_profit_atr=1.5")

@@ -43,6 +43,9 @@ Refinements of /work/coord/EXECUTION_CONTRACT.md (names kept):
   * `Execution.last_intents`: the intents of the last `on_bar_close` (exit `ref` = the position's slot;
     slots are kept like the core's: a new position takes the first free one), for signals_<SYM>.jsonl.
   * Bar.index should count bars on the epoch grid (bar open time // timeframe) so ages survive restarts.
+  * What decide sees between a request and its answer: a PostOnly entry counts as resting from the moment
+    it is requested; an entry with a cancel requested no longer does; a market entry counts once it fills
+    (the core fills it at the next open); an exit already under way is not requested again.
   * Journal records (`EventResult.journal`, `placed_record`): DESIGN §3 trades_<SYM>.jsonl fields
     `ts` (ms), `symbol`, `event`, `order_link_id`, `side`, `kind`, `price`, `qty`, `fee`, `pnl` (exit fills:
     net of both fees and funding, as backtest trades), `position_id`, `reason`; the engine adds `mode`

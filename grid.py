@@ -10,7 +10,7 @@ for the exchange boundary (exchange_client.InstrumentRules, which must send exac
 float result is the double nearest to the exact grid value (integer grid index times the step's
 integer mantissa, divided by a power of ten), so float(snap_round_dec(...)) == snap_round(...).
 Directions follow the exchange's rules: a PostOnly buy rounds down and a sell up (a maker never
-crosses by rounding); quantities round down (rounding never adds risk).
+crosses by rounding); quantities round down (rounding adds no risk beyond a millionth of a step).
 """
 from __future__ import annotations
 

@@ -94,6 +94,8 @@ class ModelBundle:
             log.info("DART boosting: early stopping is not valid, the validation set is not used")
         self.models = {}
         self.quantiles = training_quantiles(X[self.feature_names])
+        params = lgb_params(self.cfg, self.seed)
+        shared: lgb.Dataset | None = None  # rows labelled for every model are binned once, relabelled per model
         for name in MODEL_NAMES:
             if name not in labels.columns:
                 raise ValueError(f"labels lack column {name!r}")
@@ -104,18 +106,27 @@ class ModelBundle:
                 vy = valid[name].to_numpy()
                 if (vy >= 0).any():
                     vset = (self._matrix(valid, "valid")[vy >= 0], vy[vy >= 0].astype(np.float64))
-            self.models[name] = self._fit_one(name, features[rows], y[rows].astype(np.float64), vset)
+            yk = y[rows].astype(np.float64)
+            if yk.size == 0:
+                raise ValueError(f"{name}: no labelled rows to train on")
+            if rows.all():
+                if shared is None:
+                    shared = lgb.Dataset(features, yk, feature_name=self.feature_names, params=params,
+                                         free_raw_data=True).construct()
+                else:
+                    shared.set_label(yk)   # after construct(): a label set before it would be ignored
+                train_set = shared
+            else:
+                train_set = lgb.Dataset(features[rows], yk, feature_name=self.feature_names, params=params,
+                                        free_raw_data=True)
+            self.models[name] = self._fit_one(name, train_set, yk, params, vset)
         return self
 
-    def _fit_one(self, name: str, x: np.ndarray, y: np.ndarray,
+    def _fit_one(self, name: str, train_set: lgb.Dataset, y: np.ndarray, params: dict,
                  valid: tuple[np.ndarray, np.ndarray] | None) -> FittedModel:
-        """One classifier on its own rows; its Dataset (and so its binning) is built from these rows only."""
-        if y.size == 0:
-            raise ValueError(f"{name}: no labelled rows to train on")
+        """One classifier on its own rows; its Dataset (and so its binning) is built from training rows only."""
         n_pos = int(y.sum())
         constant = n_pos in (0, y.size)
-        params = lgb_params(self.cfg, self.seed)
-        train_set = lgb.Dataset(x, y, feature_name=self.feature_names, params=params, free_raw_data=True)
         if constant:
             log.warning("%s: %d training rows all have label %d; shipping a constant probability model",
                         name, y.size, int(y[0]))

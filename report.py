@@ -156,14 +156,15 @@ def write_backtest_report(path: str | Path, frame: pd.DataFrame, result: Any, ti
 
 
 # ---------------------------------------------------------------- training report blocks (train.py)
-def path_fan_figure(times: list[str], curves: list[list[float]]) -> go.Figure:
+def path_fan_figure(times: list[str], curves: list[list[float]], labels: list[str] | None = None) -> go.Figure:
     """Every CPCV path's out-of-sample equity: the spread between paths is the uncertainty of the score."""
     fig = go.Figure()
     for i, curve in enumerate(curves):
-        fig.add_trace(go.Scatter(x=times[: len(curve)], y=curve, mode="lines", name=f"path {i + 1}",
-                                 line={"width": 1}))
-    fig.update_layout(title="CPCV paths: out-of-sample equity on the development span", yaxis_title="equity",
-                      height=380)
+        name = labels[i] if labels else f"path {i + 1}"
+        fig.add_trace(go.Scatter(x=times[: len(curve)], y=curve, mode="lines", name=name, line={"width": 1}))
+    fig.update_layout(title="CPCV paths: development-span equity, every bar traded by a fold model that never "
+                            "trained on it (evidence for the search, not a forecast)",
+                      yaxis_title="equity", height=380)
     return fig
 
 
@@ -176,13 +177,14 @@ def pbo_figure(logits: list[float], pbo_value: float) -> go.Figure:
     return fig
 
 
-def history_figure(numbers: list[int], values: list[float]) -> go.Figure:
-    """Trial scores in order, with the best so far."""
+def history_figure(numbers: list[int], values: list[float], trades: list[int] | None = None,
+                   unit: str = "score") -> go.Figure:
+    """Trial scores in order (hover: trades per path), with the best so far; `unit` says what a score is."""
     best = np.maximum.accumulate(np.asarray(values, dtype=float)) if values else []
-    fig = go.Figure([go.Scatter(x=numbers, y=values, mode="markers", name="trial score"),
+    text = [f"{n} trades (median path)" for n in trades] if trades else None
+    fig = go.Figure([go.Scatter(x=numbers, y=values, mode="markers", name="trial score", text=text),
                      go.Scatter(x=numbers, y=best, mode="lines", name="best so far")])
-    fig.update_layout(title="Optimisation history (CPCV median-path score)", xaxis_title="trial",
-                      yaxis_title="score", height=340)
+    fig.update_layout(title=f"Optimisation history ({unit})", xaxis_title="trial", yaxis_title=unit, height=340)
     return fig
 
 
@@ -197,7 +199,7 @@ def importance_figure(names: list[str], values: list[float], title: str, top: in
 def table_html(frame: pd.DataFrame, title: str) -> str:
     """A DataFrame as a plain HTML table under a heading."""
     return f"<h2>{html.escape(title)}</h2>" + frame.to_html(classes="metrics", float_format=lambda x: f"{x:.4g}",
-                                                            border=0)
+                                                            border=0, index=False, na_rep="–")
 
 
 def banner_html(text: str, good: bool) -> str:

@@ -44,10 +44,19 @@ from models import ModelBundle
 log = logging.getLogger("train")
 LABEL_COLUMNS = ["exec_long", "exec_short", "dir_long", "dir_short"]
 PRICE_COLUMNS = ["open", "high", "low", "close", "atr"]
-HOURS_PER_YEAR = 24 * 365
+RETURN_PERIOD = "15min"        # the one return frequency of every Sharpe: CPCV paths, OOS-1, the exam, the DSR
+PERIODS_PER_YEAR = 4 * 24 * 365
+SCORE_BOUND = 10.0             # scores are annualised Sharpe ratios, softly bounded to +-SCORE_BOUND
+NO_TRADES = -SCORE_BOUND - 1.0  # the score of a span without a trade: "no strategy", below every trader
+TOPS = ("exec_top", "direction_top", "aggressive_top")
+DSR_CUTOFF = 0.95
 MIN_SEGMENT_BARS = 24
 DEMO_DAYS = 14
 DEMO_TRIALS = 12
+DEMO_SEED = 7
+DEMO_SPLIT = (0.6, 0.15)  # development, OOS-1 shares: a 25% exam (~2.6 of 14 days after warm-up and gaps)
+INDEPENDENT_SEED_OFFSET = 1000  # the demo's independent market: seed + this
+INDEPENDENT_DAYS = 3
 
 
 class TrainError(Exception):
@@ -133,10 +142,9 @@ def trial_config(trial: optuna.trial.BaseTrial, base: GlobalConfig) -> GlobalCon
     s.limit_offset_atr = trial.suggest_float("limit_offset_atr", *r.limit_offset_atr)
     s.take_profit_atr = trial.suggest_float("take_profit_atr", *r.take_profit_atr)
     s.stop_loss_atr = trial.suggest_float("stop_loss_atr", *r.stop_loss_atr)
-    s.exec_threshold = trial.suggest_float("exec_threshold", *r.exec_threshold)
-    s.direction_threshold = trial.suggest_float("direction_threshold", *r.direction_threshold)
-    s.aggressive_threshold = max(s.direction_threshold,
-                                 trial.suggest_float("aggressive_threshold", *r.aggressive_threshold))
+    trial.suggest_float("exec_top", *r.exec_top, log=True)
+    trial.suggest_float("direction_top", *r.direction_top)
+    trial.suggest_float("aggressive_top", *r.aggressive_top, log=True)
     s.aggressive_tp_mult = trial.suggest_float("aggressive_tp_mult", *r.aggressive_tp_mult)
     m.boosting_type = trial.suggest_categorical("boosting_type", r.boosting_types)
     m.n_estimators = trial.suggest_int("n_estimators", *r.n_estimators)
@@ -151,21 +159,39 @@ def trial_config(trial: optuna.trial.BaseTrial, base: GlobalConfig) -> GlobalCon
 
 
 # ---------------------------------------------------------------- scoring
-def hourly_returns(result: "backtest.BacktestResult") -> pd.Series:
-    """Mark-to-market returns per hour: enough observations for short spans, free of per-trade scale."""
-    return metrics.period_returns(result.equity["equity"], result.initial_equity, "1h")
+def period_returns(result: "backtest.BacktestResult") -> pd.Series:
+    """Mark-to-market returns per RETURN_PERIOD: the single-path series every Sharpe here is computed from."""
+    return metrics.period_returns(result.equity["equity"], result.initial_equity, RETURN_PERIOD)
 
 
-def path_score(result: "backtest.BacktestResult", returns: pd.Series, cfg: GlobalConfig) -> float:
-    """Sortino of one out-of-sample run's hourly returns (0 when undefined, never an unbounded reward for no
-    losses); capped at 0 and penalised when it trades too rarely for any later slice to test it."""
-    score = metrics.sortino(returns.to_numpy(), HOURS_PER_YEAR)
-    score = 0.0 if not np.isfinite(score) else score
+def span_score(result: "backtest.BacktestResult", returns: pd.Series, cfg: GlobalConfig) -> float:
+    """A bounded, trade-aware score of one out-of-sample run, in annualised Sharpe units.
+
+    The annualised Sharpe of the RETURN_PERIOD returns (0 when flat), softly bounded to ±SCORE_BOUND
+    (SCORE_BOUND·tanh(Sharpe / SCORE_BOUND): about the Sharpe itself below 5, never beyond the bound). A positive
+    score is shrunk by trades / (tune.min_trades_per_day × days) when the span trades less often than that, and
+    by the rarer leg's trades / half that number when one leg (maker or taker) is rarer, so a lucky handful of
+    trades or a one-legged hybrid cannot top the study; a span without a trade scores NO_TRADES, below every
+    span that traded ("no strategy").
+    """
+    legs = trade_counts(result)
+    if legs["trades"] == 0:
+        return NO_TRADES
+    sharpe = metrics.sharpe(returns.to_numpy(), PERIODS_PER_YEAR)
+    score = SCORE_BOUND * float(np.tanh(sharpe / SCORE_BOUND)) if np.isfinite(sharpe) else 0.0
     days = (result.equity.index[-1] - result.equity.index[0]).total_seconds() / 86400.0
     needed = cfg.tune.min_trades_per_day * days
-    if len(result.trades) < needed:
-        score = min(score, 0.0) - (1.0 - len(result.trades) / needed)
+    rarer_leg = min(legs["maker_trades"], legs["taker_trades"])
+    if score > 0 and needed > 0:
+        score *= min(1.0, legs["trades"] / needed) * min(1.0, rarer_leg / (needed / 2.0))
     return score
+
+
+def trade_counts(result: "backtest.BacktestResult") -> dict[str, int]:
+    """Trades of a run by leg: maker (chop, PostOnly entries) and taker (breakout, market entries)."""
+    regime = result.trades["regime"] if len(result.trades) else pd.Series(dtype=object)
+    return {"trades": int(len(result.trades)), "maker_trades": int((regime == "maker").sum()),
+            "taker_trades": int((regime == "taker").sum())}
 
 
 @dataclass
@@ -177,6 +203,69 @@ class Timer:
         start = time.perf_counter()
         bundle.fit(X, y)
         self.fit += time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- thresholds from score distributions
+def family_scores(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Finite execution scores (long and short pooled) and direction scores of an (n, 4) PROBA_COLUMNS array."""
+    p = np.asarray(probs, dtype=np.float64)
+    exec_, dir_ = p[:, :2].ravel(), p[:, 2:].ravel()
+    return exec_[np.isfinite(exec_)], dir_[np.isfinite(dir_)]
+
+
+@dataclass
+class ScoreReference:
+    """Out-of-fold scores that thresholds are read from, per model family (long and short pooled)."""
+    exec_values: np.ndarray
+    dir_values: np.ndarray
+
+    @classmethod
+    def of(cls, probs: np.ndarray) -> "ScoreReference":
+        exec_, dir_ = family_scores(probs)
+        if exec_.size == 0 or dir_.size == 0:
+            raise TrainError("no out-of-fold scores to set a threshold from")
+        return cls(exec_, dir_)
+
+    def thresholds(self, tops: dict[str, float]) -> dict[str, float]:
+        """Probabilities above which the top fractions of this reference's scores lie (the live thresholds):
+        numpy's 'inverted_cdf' quantile at 1 - top, so `p >= threshold` selects that top fraction."""
+        exec_thr = float(np.quantile(self.exec_values, 1.0 - tops["exec_top"], method="inverted_cdf"))
+        dir_thr, aggr_thr = np.quantile(self.dir_values, [1.0 - tops["direction_top"], 1.0 - tops["aggressive_top"]],
+                                        method="inverted_cdf")
+        return {"exec_threshold": exec_thr, "direction_threshold": float(dir_thr),
+                "aggressive_threshold": float(max(dir_thr, aggr_thr))}
+
+    def ranks(self, probs: np.ndarray) -> np.ndarray:
+        """Each score's empirical CDF value in this reference (same family; NaN stays NaN): comparing a rank
+        with 1 - top is comparing the score with `thresholds(...)`."""
+        p = np.asarray(probs, dtype=np.float64)
+        out = np.full(p.shape, np.nan)
+        for cols, ref in (((0, 1), np.sort(self.exec_values)), ((2, 3), np.sort(self.dir_values))):
+            for c in cols:
+                ok = np.isfinite(p[:, c])
+                out[ok, c] = np.searchsorted(ref, p[ok, c], side="right") / ref.size
+        return out
+
+
+def trial_tops(params: dict) -> dict[str, float]:
+    """A trial's top fractions (exec_top, direction_top, aggressive_top) from its parameters."""
+    return {name: float(params[name]) for name in TOPS}
+
+
+def with_thresholds(cfg: GlobalConfig, thresholds: dict[str, float]) -> GlobalConfig:
+    """A copy of cfg whose strategy uses these probability thresholds."""
+    out = copy.deepcopy(cfg)
+    for name, value in thresholds.items():
+        setattr(out.strategy, name, float(value))
+    out.validate("thresholds")
+    return out
+
+
+def rank_thresholds(tops: dict[str, float]) -> dict[str, float]:
+    """Thresholds in rank space (see ScoreReference.ranks): a top fraction f is the rank 1 - f."""
+    dir_thr = 1.0 - tops["direction_top"]
+    return {"exec_threshold": 1.0 - tops["exec_top"], "direction_threshold": dir_thr,
+            "aggressive_threshold": max(dir_thr, 1.0 - tops["aggressive_top"])}
 
 
 # ---------------------------------------------------------------- fitting and testing
@@ -213,13 +302,22 @@ def run_segment(data: TrainData, frame: pd.DataFrame, probs: pd.DataFrame,
 class CpcvOutcome:
     score: float
     path_scores: list[float]
-    path_trades: list[int]
+    path_trades: list[dict[str, int]]  # trades per path by leg (trade_counts)
+    path_sharpes: list[float]      # per-period (RETURN_PERIOD) Sharpe of each single path, 0 when flat
     path_equity: list[pd.Series]   # hourly mark-to-market equity of each path (the report's fan)
-    mean_returns: pd.Series        # hourly returns averaged over paths (a trial's row in the PBO matrix)
+    mean_returns: pd.Series        # period returns averaged over paths (a trial's row in the PBO matrix)
+    skew: float                    # skewness and Pearson kurtosis of all paths' period returns
+    kurt: float
+    dev_thresholds: dict[str, float]  # the probabilities the top fractions select in the dev span's out-of-fold scores
 
 
-def evaluate_cpcv(data: TrainData, cfg: GlobalConfig, timer: Timer) -> CpcvOutcome:
-    """Score a config by CPCV on the development span: purged, embargoed folds, backtested as paths."""
+def evaluate_cpcv(data: TrainData, cfg: GlobalConfig, tops: dict[str, float], timer: Timer) -> CpcvOutcome:
+    """Score a config by CPCV on the development span: purged, embargoed folds, backtested as paths.
+
+    Each split's thresholds are its top fractions of the out-of-fold scores on its own training groups
+    (validation.cpcv_training_pools), never of the test rows it is scored on; a path applies them by
+    comparing each split's scores as ranks in that reference.
+    """
     span = data.frame.iloc[data.segments.dev]
     dev, lab = labelled(span, cfg)
     t0 = (dev.index + pd.Timedelta(seconds=data.bar_seconds)).to_numpy()
@@ -232,17 +330,23 @@ def evaluate_cpcv(data: TrainData, cfg: GlobalConfig, timer: Timer) -> CpcvOutco
         bundle = ModelBundle(cfg.model, data.features, seed=cfg.seed)
         timer.timed_fit(bundle, X.iloc[train_idx], lab.iloc[train_idx])
         split_probs.append((test_idx, bundle.predict(X.iloc[test_idx]).to_numpy()))
-    scores, trades, curves, returns = [], [], [], []
-    for path in validation.cpcv_path_predictions(split_probs, len(dev), n_groups, n_test):
+    pools = validation.cpcv_training_pools(split_probs, len(dev), n_groups, n_test)
+    ranked = [(idx, ScoreReference.of(pool).ranks(p)) for (idx, p), pool in zip(split_probs, pools)]
+    rank_cfg = with_thresholds(cfg, rank_thresholds(tops))
+    scores, trades, sharpes, curves, returns = [], [], [], [], []
+    for path in validation.cpcv_path_predictions(ranked, len(dev), n_groups, n_test):
         probs = pd.DataFrame(path, index=dev.index, columns=ModelBundle.PROBA_COLUMNS).reindex(span.index)
-        result = run_segment(data, span, probs, cfg)
-        r = hourly_returns(result)
-        scores.append(path_score(result, r, cfg))
-        trades.append(len(result.trades))
+        result = run_segment(data, span, probs, rank_cfg)
+        r = period_returns(result)
+        scores.append(span_score(result, r, cfg))
+        trades.append(trade_counts(result))
+        sharpes.append(float(np.nan_to_num(validation.sharpe_stats(r.to_numpy())[0])))
         curves.append(result.equity["equity"].resample("1h").last())
         returns.append(r)
-    mean_returns = pd.concat(returns, axis=1).mean(axis=1)
-    return CpcvOutcome(float(np.median(scores)), scores, trades, curves, mean_returns)
+    _, skew, kurt = validation.sharpe_stats(pd.concat(returns).to_numpy())
+    reference = ScoreReference.of(np.concatenate([p for _, p in split_probs]))
+    return CpcvOutcome(float(np.median(scores)), scores, trades, sharpes, curves,
+                       pd.concat(returns, axis=1).mean(axis=1), skew, kurt, reference.thresholds(tops))
 
 
 # ---------------------------------------------------------------- the study
@@ -300,16 +404,18 @@ def make_objective(data: TrainData, base: GlobalConfig, budget: int, worker: str
             raise optuna.TrialPruned(f"trial budget of {budget} reached")
         cfg = trial_config(trial, base)
         timer, start = Timer(), time.perf_counter()
-        outcome = evaluate_cpcv(data, cfg, timer)
+        outcome = evaluate_cpcv(data, cfg, trial_tops(trial.params), timer)
         elapsed = time.perf_counter() - start
-        trial.set_user_attr("worker", worker)
-        trial.set_user_attr("seconds", round(elapsed, 3))
-        trial.set_user_attr("fit_seconds", round(timer.fit, 3))
-        trial.set_user_attr("path_scores", [round(s, 6) for s in outcome.path_scores])
-        trial.set_user_attr("path_trades", outcome.path_trades)
-        trial.set_user_attr("hourly_returns", [round(float(x), 9) for x in outcome.mean_returns])
-        trial.set_user_attr("path_equity", [[round(float(x), 2) for x in c] for c in outcome.path_equity])
-        trial.set_user_attr("path_times", [t.isoformat() for t in outcome.path_equity[0].index])
+        attrs = {"worker": worker, "seconds": round(elapsed, 3), "fit_seconds": round(timer.fit, 3),
+                 "path_scores": [round(s, 6) for s in outcome.path_scores], "path_trades": outcome.path_trades,
+                 "trades": int(np.median([t["trades"] for t in outcome.path_trades])),
+                 "path_sharpes": outcome.path_sharpes, "sharpe": float(np.median(outcome.path_sharpes)),
+                 "skew": outcome.skew, "kurtosis": outcome.kurt, "dev_thresholds": outcome.dev_thresholds,
+                 "period_returns": [round(float(x), 9) for x in outcome.mean_returns],
+                 "path_equity": [[round(float(x), 2) for x in c] for c in outcome.path_equity],
+                 "path_times": [t.isoformat() for t in outcome.path_equity[0].index]}
+        for key, value in metrics.json_safe(attrs).items():
+            trial.set_user_attr(key, value)
         return outcome.score
     return objective
 
@@ -340,125 +446,217 @@ def run_study(study: optuna.Study, objective: Callable, budget: int, n_jobs: int
 @dataclass
 class Candidate:
     trial: optuna.trial.FrozenTrial
-    cfg: GlobalConfig
+    cfg: GlobalConfig              # with the probability thresholds its models use
     bundle: ModelBundle | None = None
     oos1: Any = None               # BacktestResult on OOS-1
     oos1_score: float = float("nan")
+    rank_score: float = float("nan")  # what OOS-1 ranks by: the mean of the OOS-1 and CPCV scores
     final: Any = None              # BacktestResult on Super-OOS (the winner only)
     extra: dict = field(default_factory=dict)
 
 
+def distinct_complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed trials, one per distinct parameter set (a repeated point is not new evidence)."""
+    seen, out = set(), []
+    for t in study.trials:
+        key = json.dumps(t.params, sort_keys=True)
+        if t.state == optuna.trial.TrialState.COMPLETE and key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
 def qualify(study: optuna.Study, data: TrainData, base: GlobalConfig, timer: Timer) -> list[Candidate]:
-    """Retrain the top CPCV trials on all development data and rank them by one OOS-1 backtest."""
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    """Retrain the top CPCV trials on all development data and rank them on OOS-1.
+
+    A candidate's thresholds are its top fractions of its trial's out-of-fold development scores. Rank:
+    mean of the bounded OOS-1 and CPCV scores (both annualised Sharpe, see span_score), so a short OOS-1
+    cannot outvote the CPCV evidence alone; a candidate without an OOS-1 trade ranks below every trader.
+    """
+    complete = distinct_complete(study)
     if not complete:
         raise TrainError("the study has no completed trial to qualify")
     top = sorted(complete, key=lambda t: t.value, reverse=True)[: base.tune.candidates]
     candidates = []
     frame = data.frame
     for trial in tqdm(top, desc="OOS-1 qualification", unit="candidate", dynamic_ncols=True):
-        cfg = trial_config(optuna.trial.FixedTrial(trial.params), base)
+        cfg = with_thresholds(trial_config(optuna.trial.FixedTrial(trial.params), base),
+                              trial.user_attrs["dev_thresholds"])
         bundle = fit_bundle(frame.iloc[data.segments.dev], data.features, cfg, timer)
         oos = frame.iloc[data.segments.oos1]
         probs = predict_span(bundle, oos, data.features)
         result = run_segment(data, oos, probs, cfg)
-        score = path_score(result, hourly_returns(result), cfg)
-        candidates.append(Candidate(trial, cfg, bundle, result, score, extra={"oos1_probs": probs}))
-    return sorted(candidates, key=lambda c: (c.oos1_score, c.trial.value), reverse=True)
+        score = span_score(result, period_returns(result), cfg)
+        rank = NO_TRADES if score == NO_TRADES else (score + max(trial.value, NO_TRADES)) / 2.0
+        candidates.append(Candidate(trial, cfg, bundle, result, score, rank, extra={"oos1_probs": probs}))
+    return sorted(candidates, key=lambda c: (c.rank_score, c.trial.value), reverse=True)
 
 
-def final_exam(winner: Candidate, data: TrainData, timer: Timer) -> None:
-    """Retrain the winner on development + OOS-1 and backtest it once on the untouched Super-OOS slice."""
+def final_exam(winner: Candidate, data: TrainData) -> None:
+    """Backtest the qualified winner once on the untouched Super-OOS slice, as it ships.
+
+    The exam model is the development-trained model OOS-1 qualified, not a retrained one: retraining shifts a
+    model's score distribution away from any threshold read before, which can silence a leg. Its thresholds
+    are its top fractions of its own scores on OOS-1, data it was not fitted on and is not examined on.
+    """
     seg = data.segments
-    winner.bundle = fit_bundle(data.frame.iloc[: seg.oos1.stop], data.features, winner.cfg, timer)
+    reference = ScoreReference.of(winner.extra["oos1_probs"].to_numpy())
+    winner.cfg = with_thresholds(winner.cfg, reference.thresholds(trial_tops(winner.trial.params)))
     final = data.frame.iloc[seg.super_oos]
     winner.final = run_segment(data, final, predict_span(winner.bundle, final, data.features), winner.cfg)
 
 
+def finite_or(value: Any, default: float) -> float:
+    return float(value) if value is not None and np.isfinite(value) else default
+
+
 def study_statistics(study: optuna.Study, winner: Candidate) -> dict:
-    """Deflated Sharpe of the Super-OOS result given every trial run, and the study's PBO."""
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-                and t.user_attrs.get("hourly_returns")]
-    length = min(len(t.user_attrs["hourly_returns"]) for t in complete)
-    matrix = np.array([t.user_attrs["hourly_returns"][:length] for t in complete], dtype=float).T
-    # A trial that never traded has a flat equity: its Sharpe is 0, not undefined.
-    trial_sr = np.nan_to_num([validation.sharpe_stats(matrix[:, j])[0] for j in range(matrix.shape[1])])
-    returns = hourly_returns(winner.final).to_numpy()
-    sr, skew, kurt = validation.sharpe_stats(returns)
-    n_trials = max(len(study.trials), 1)
+    """Deflated Sharpe and MinTRL of the Super-OOS result given every distinct trial run, and the study's PBO.
+
+    Like for like: the exam's Sharpe and every trial's Sharpe are per-RETURN_PERIOD Sharpe ratios of single
+    backtest paths (a trial's is the median over its CPCV paths, never the Sharpe of path-averaged returns);
+    skewness and kurtosis come from the winner's CPCV path returns (thousands of points, not the exam's few),
+    normal when undefined.
+    """
+    complete = [t for t in distinct_complete(study) if "sharpe" in t.user_attrs]
+    trial_sr = np.array([finite_or(t.user_attrs["sharpe"], 0.0) for t in complete])
+    returns = period_returns(winner.final).to_numpy()
+    sr = finite_or(validation.sharpe_stats(returns)[0], 0.0)
+    skew = finite_or(winner.trial.user_attrs.get("skew"), 0.0)
+    kurt = finite_or(winner.trial.user_attrs.get("kurtosis"), 3.0)
+    n_trials = max(len(complete), 1)
     sr_var = float(np.var(trial_sr, ddof=1)) if len(trial_sr) > 1 else 0.0
-    dsr = validation.deflated_sharpe(sr, len(returns), skew, kurt, n_trials, sr_var)
-    stats = {"super_oos_sharpe_hourly": sr, "super_oos_hours": int(len(returns)), "skew": skew, "kurtosis": kurt,
-             "n_trials": n_trials, "trial_sharpe_var": sr_var, "deflated_sharpe": dsr,
+    sr0 = validation.expected_max_sharpe(n_trials, sr_var)
+    n_obs = max(len(returns), 2)
+    period_days = pd.Timedelta(RETURN_PERIOD).total_seconds() / 86400.0
+    stats = {"return_period": RETURN_PERIOD, "super_oos_sharpe": sr, "super_oos_periods": int(len(returns)),
+             "super_oos_days": len(returns) * period_days, "skew": skew, "kurtosis": kurt,
+             "n_trials": n_trials, "trial_sharpe_var": sr_var, "expected_max_sharpe": sr0,
+             "deflated_sharpe": validation.deflated_sharpe(sr, n_obs, skew, kurt, n_trials, sr_var),
+             "min_track_record_periods": validation.min_track_record_length(sr, sr0, skew, kurt, DSR_CUTOFF),
              "pbo": float("nan"), "pbo_logits": []}
-    n_partitions = min(16, (matrix.shape[0] // 4) // 2 * 2)
-    if matrix.shape[1] >= 2 and n_partitions >= 4:
+    stats["min_track_record_days"] = stats["min_track_record_periods"] * period_days
+    length = min(len(t.user_attrs["period_returns"]) for t in complete) if complete else 0
+    matrix = np.array([t.user_attrs["period_returns"][:length] for t in complete], dtype=float).T
+    n_partitions = min(16, (length // 4) // 2 * 2)
+    if len(complete) >= 2 and n_partitions >= 4:
         stats["pbo"], logits = validation.pbo(matrix, n_partitions)
         stats["pbo_logits"] = [float(x) for x in np.asarray(logits)]
     return stats
 
 
-def verdict(winner: Candidate, stats: dict) -> tuple[bool, str]:
-    """Edge only when Super-OOS made money, OOS-1 agreed, and the Sharpe survives deflation for all trials."""
+def verdict(winner: Candidate, stats: dict, super_oos_share: float) -> tuple[str, str]:
+    """(code, sentence): EDGE, NO EDGE, INCONCLUSIVE or NO STRATEGY, with the exam's length and trades.
+
+    NO STRATEGY: the best candidate has no OOS-1 trade (nothing trades). NO EDGE: the exam or OOS-1 loses,
+    or the exam's Sharpe does not beat the expected best of the study's unskilled trials (no exam length
+    would then suffice). EDGE: deflated Sharpe >= DSR_CUTOFF, i.e. the exam is at least the MinTRL long.
+    INCONCLUSIVE: the exam made money but is shorter than the MinTRL; says how many more days it needs.
+    """
+    legs = trade_counts(winner.final)
     final_ret = float(winner.final.metrics["total_return"])
     oos1_ret = float(winner.oos1.metrics["total_return"])
-    dsr = float(stats["deflated_sharpe"])
-    edge = final_ret > 0 and oos1_ret > 0 and dsr >= 0.95
-    reasons = (f"Super-OOS return {final_ret:+.2%} over {len(winner.final.trades)} trades, OOS-1 return "
-               f"{oos1_ret:+.2%}, deflated Sharpe {dsr:.3f} after {stats['n_trials']} trials, "
-               f"PBO {stats['pbo']:.2f}")
-    if edge:
-        return True, f"EDGE: the evidence supports an edge ({reasons})."
-    return False, f"NO EDGE: the evidence does not support an edge ({reasons}). Do not trade these models."
+    dsr = finite_or(stats["deflated_sharpe"], 0.0)
+    exam = (f"Super-OOS {stats['super_oos_days']:.1f} days, {legs['trades']} trades ({legs['maker_trades']} maker, "
+            f"{legs['taker_trades']} taker), return {final_ret:+.2%}, "
+            f"Sharpe {annualised_text(stats['super_oos_sharpe'])} annualised"
+            f"; OOS-1 return {oos1_ret:+.2%} over {len(winner.oos1.trades)} trades; deflated Sharpe {dsr:.3f} "
+            f"after {stats['n_trials']} distinct trials; MinTRL {stats['min_track_record_days']:.1f} days; "
+            f"PBO {stats['pbo']:.2f}")
+    if len(winner.oos1.trades) == 0:
+        return "NO STRATEGY", (f"NO STRATEGY: no candidate trades on OOS-1 ({exam}). There is nothing to trade.")
+    if final_ret <= 0 or oos1_ret <= 0 or not np.isfinite(stats["min_track_record_days"]):
+        why = ("the exam or OOS-1 loses" if final_ret <= 0 or oos1_ret <= 0 else
+               "the exam's Sharpe does not beat the expected best of the study's trials")
+        return "NO EDGE", f"NO EDGE: {why} ({exam}). Do not trade these models."
+    if dsr >= DSR_CUTOFF:
+        return "EDGE", f"EDGE: the evidence supports an edge ({exam})."
+    more = max(stats["min_track_record_days"] - stats["super_oos_days"], 0.0)
+    return "INCONCLUSIVE", (f"INCONCLUSIVE: need ≈ {more:.1f} more days of exam (≈ {more / super_oos_share:.0f} "
+                            f"more days of data at this split): the exam made money but is shorter than its "
+                            f"MinTRL ({exam}). Do not trade these models yet.")
 
 
 # ---------------------------------------------------------------- report
 TRAIN_ASSUMPTIONS = [
-    "Time split: development 85%, OOS-1 10%, Super-OOS 5%, separated by gaps at least as long as the longest "
-    "label horizon and the embargo, so no label spans a boundary.",
+    "Time split: development / OOS-1 / Super-OOS (tune.dev_fraction, tune.oos1_fraction, the rest), separated by "
+    "gaps at least as long as the longest label horizon and the embargo, so no label spans a boundary.",
     "Each trial labels the data for its own strategy parameters and is scored by CPCV on the development span: "
     "training samples overlapping a test block's label intervals are purged, then an embargo follows each block; "
     "LightGBM bins features on each fold's training rows only.",
-    "Trial score: median over CPCV paths of the annualised Sortino of hourly mark-to-market returns, capped at 0 "
-    "and penalised when a path trades less often than tune.min_trades_per_day.",
-    "Thresholds are trial parameters: they are never chosen on the data that scores them.",
-    "OOS-1 ranks the top candidates retrained on all development data; only the winner sees Super-OOS, once, "
-    "retrained on development + OOS-1 with the same model family and round count that CPCV scored.",
-    "Deflated Sharpe: hourly Super-OOS returns against the expected maximum Sharpe of all trials in the study; "
-    "PBO by CSCV over the trials' hourly development returns.",
+    "Thresholds are top fractions of each model family's own out-of-fold scores (trial parameters exec_top, "
+    "direction_top, aggressive_top), stored and used as probabilities. CPCV split: read from the out-of-fold "
+    "scores on its training groups; OOS-1 candidate: from the trial's CPCV out-of-fold development scores; "
+    "shipped (exam) model: from its own OOS-1 scores. Never from the rows they are scored on.",
+    f"Scores are annualised Sharpe ratios of {RETURN_PERIOD} mark-to-market returns, softly bounded to "
+    f"±{SCORE_BOUND:g} "
+    "(bound·tanh(Sharpe/bound)); "
+    "a positive score is shrunk when a span trades less than tune.min_trades_per_day, or when one leg (maker or "
+    "taker) trades less than half that; a span without trades "
+    f"scores {NO_TRADES:g} ('no strategy'). Trial score: median over CPCV paths.",
+    "OOS-1 ranks the top candidates (retrained on all development data) by the mean of their OOS-1 and CPCV "
+    "scores; only the winner sees Super-OOS, once, as it ships: the development-trained model, with "
+    "thresholds from its own OOS-1 scores, and the model family "
+    "and round count that CPCV scored.",
+    f"Deflated Sharpe: the Super-OOS {RETURN_PERIOD} Sharpe against the expected maximum of the distinct trials' "
+    "single-path Sharpe ratios (median over each trial's CPCV paths, same frequency); skewness and kurtosis from "
+    "the winner's CPCV path returns. MinTRL (Bailey & López de Prado 2012): the exam length at which that "
+    "deflated Sharpe reaches 0.95. PBO by CSCV over the trials' path-averaged development returns.",
 ]
 
 
 def write_report(path: Path, cand: Candidate, data: TrainData, study: optuna.Study, stats: dict | None,
-                 params: dict) -> None:
-    """One self-contained HTML page per ranked model: the evidence for and against its edge."""
+                 params: dict, extra_sections: list[str] = ()) -> None:
+    """One self-contained HTML page per ranked model: the evidence for and against its edge, each curve saying
+    what it is and which data it saw."""
     import report
     seg = data.segments
     sections = [report.banner_html(params["verdict"], params["edge"])]
     if cand.final is not None and stats is not None:
-        sections += segment_sections(report, "Super-OOS final exam", data.frame.iloc[seg.super_oos], cand.final)
+        sections += segment_sections(report, "Super-OOS final exam", data.frame.iloc[seg.super_oos], cand.final,
+                                     "the winner (trained on the development span, thresholds from its OOS-1 scores), trading the Super-OOS slice it "
+                                     "never saw, once")
         sections.append(report.metrics_table_html({k: v for k, v in stats.items() if k != "pbo_logits"},
-                                                  "Deflated Sharpe and PBO of the study"))
-    sections += segment_sections(report, "OOS-1 qualification", data.frame.iloc[seg.oos1], cand.oos1)
+                                                  f"Deflated Sharpe, MinTRL and PBO of the study ({RETURN_PERIOD} "
+                                                  "Sharpe ratios, not annualised)"))
+    sections += segment_sections(report, "OOS-1 qualification", data.frame.iloc[seg.oos1], cand.oos1,
+                                 "this candidate trained on the development span, trading OOS-1, which it never saw")
+    sections += list(extra_sections)
     attrs = cand.trial.user_attrs
-    sections.append(report.figure_html(report.path_fan_figure(attrs["path_times"], attrs["path_equity"])))
+    labels = [f"path {i + 1}: Sharpe {annualised_text(s)}, {t['trades']} trades ({t['maker_trades']} maker, "
+              f"{t['taker_trades']} taker)" for i, (s, t) in enumerate(zip(attrs["path_sharpes"],
+                                                                            attrs["path_trades"]))]
+    sections.append(report.figure_html(report.path_fan_figure(attrs["path_times"], attrs["path_equity"], labels)))
     if stats is not None and stats["pbo_logits"]:
         sections.append(report.figure_html(report.pbo_figure(stats["pbo_logits"], stats["pbo"])))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    sections.append(report.figure_html(report.history_figure([t.number for t in done], [t.value for t in done])))
+    sections.append(report.figure_html(report.history_figure(
+        [t.number for t in done], [t.value for t in done], [t.user_attrs.get("trades", 0) for t in done],
+        f"annualised Sharpe of {RETURN_PERIOD} returns, median CPCV path, bounded ±{SCORE_BOUND:g}")))
     sections.append(param_importance_section(report, study))
     gain = cand.bundle.feature_importance().sum(axis=1)
     sections.append(report.figure_html(report.importance_figure(list(gain.index), list(gain.to_numpy()),
                                                                 "Feature importance (total gain, 4 models)")))
-    sections.append(report.table_html(calibration(cand, data), "Calibration on OOS-1 (reliability table)"))
+    sections.append(report.table_html(calibration(cand, data), "Calibration on OOS-1 (reliability table: the "
+                                      "development-trained models' predicted probability vs the observed rate)"))
     sections.append(report.assumptions_html([*TRAIN_ASSUMPTIONS, *cand.oos1.assumptions], "Assumptions"))
     title = f"{params['symbol']} rank {params['rank']} (trial {params['trial']})"
     atomic_write_text(path, report.page(title, sections))
 
 
-def segment_sections(report: Any, title: str, frame: pd.DataFrame, result: Any) -> list[str]:
-    return [f"<h2>{title}</h2>",
-            report.figure_html(report.equity_figure(result.equity, f"{title}: equity and drawdown")),
+def annualised_text(sr_per_period: float) -> str:
+    """A per-RETURN_PERIOD Sharpe ratio as the annualised figure a trader reads."""
+    return f"{finite_or(sr_per_period, 0.0) * np.sqrt(PERIODS_PER_YEAR):+.1f}"
+
+
+def segment_sections(report: Any, title: str, frame: pd.DataFrame, result: Any, saw: str) -> list[str]:
+    """Equity, trades and metrics of one backtested span; `saw` says which model traded which data."""
+    legs = trade_counts(result)
+    days = len(frame) * (frame.index[1] - frame.index[0]).total_seconds() / 86400.0 if len(frame) > 1 else 0.0
+    summary = (f"{title}: {days:.1f} days, {legs['trades']} trades ({legs['maker_trades']} maker, "
+               f"{legs['taker_trades']} taker), return {result.metrics['total_return']:+.2%}")
+    return [f"<h2>{title}</h2><p>{summary}. Curve: {saw}.</p>",
+            report.figure_html(report.equity_figure(result.equity, f"{title}: equity and drawdown ({saw})")),
             report.figure_html(report.candles_figure(frame, result.trades, f"{title}: trades")),
             report.metrics_table_html(result.metrics, f"{title}: metrics")]
 
@@ -475,15 +673,21 @@ def param_importance_section(report: Any, study: optuna.Study) -> str:
 
 
 def calibration(cand: Candidate, data: TrainData) -> pd.DataFrame:
-    """Predicted probability vs observed rate per model on the OOS-1 rows whose labels are known."""
+    """Predicted probability vs observed rate per model and probability bin on the OOS-1 rows whose labels are
+    known; empty bins are left out."""
     from models import reliability_table
     rows, lab = labelled(data.frame.iloc[data.segments.oos1], cand.cfg)
     probs = cand.extra["oos1_probs"].reindex(rows.index)
     tables = []
     for name, col in zip(LABEL_COLUMNS, ModelBundle.PROBA_COLUMNS):
         table = reliability_table(lab[name].to_numpy(), probs[col].to_numpy(), bins=5)
-        tables.append(table.assign(model=name))
-    return pd.concat(tables).set_index("model", append=True)
+        table = table[table["count"] > 0]
+        tables.append(pd.DataFrame({
+            "model": name,
+            "probability bin": [f"{lo:.1f}–{hi:.1f}" for lo, hi in zip(table["bin_lo"], table["bin_hi"])],
+            "rows": table["count"].to_numpy(), "mean predicted": table["mean_p"].round(3).to_numpy(),
+            "observed rate": table["frac_pos"].round(3).to_numpy()}))
+    return pd.concat(tables, ignore_index=True)
 
 
 # ---------------------------------------------------------------- artifacts
@@ -500,27 +704,30 @@ def span(frame: pd.DataFrame, rows: slice) -> list[str]:
 
 
 def candidate_params(c: Candidate, rank: int, data: TrainData, stats: dict | None, text: str,
-                     edge: bool) -> dict:
+                     code: str) -> dict:
     """Everything needed to reproduce and judge one ranked model (params.json)."""
     seg = data.segments
     s = c.cfg.strategy
     params = {
         "symbol": c.cfg.symbol, "timeframe": c.cfg.data.timeframe, "ob_levels": c.cfg.data.ob_levels,
-        "rank": rank, "trial": c.trial.number, "edge": edge, "verdict": text,
+        "rank": rank, "trial": c.trial.number, "edge": code == "EDGE", "verdict_code": code, "verdict": text,
         "thresholds": {"exec_threshold": s.exec_threshold, "direction_threshold": s.direction_threshold,
                        "aggressive_threshold": s.aggressive_threshold},
+        "top_fractions": trial_tops(c.trial.params),
+        "trades": {"cpcv_paths": c.trial.user_attrs.get("path_trades"), "oos1": trade_counts(c.oos1)},
         "data": {"data_dir": c.cfg.data.data_dir, "fingerprint": data.fingerprint, "bars": len(data.frame),
                  "first_bar": data.frame.index[0].isoformat(), "last_bar": data.frame.index[-1].isoformat()},
         "splits": {"dev": span(data.frame, seg.dev), "oos1": span(data.frame, seg.oos1),
                    "super_oos": span(data.frame, seg.super_oos), "gap_bars": seg.gap},
-        "trained_on": span(data.frame, slice(0, seg.oos1.stop) if c.final is not None else seg.dev),
+        "trained_on": span(data.frame, seg.dev),
         "metrics": {"cpcv_score": c.trial.value, "cpcv_path_scores": c.trial.user_attrs.get("path_scores"),
-                    "oos1": c.oos1.metrics, "oos1_score": c.oos1_score},
+                    "oos1": c.oos1.metrics, "oos1_score": c.oos1_score, "rank_score": c.rank_score},
         "versions": library_versions(),
         "config": c.cfg.to_dict(),
     }
     if c.final is not None and stats is not None:
         params["metrics"]["super_oos"] = c.final.metrics
+        params["trades"]["super_oos"] = trade_counts(c.final)
         params["metrics"]["study"] = {k: v for k, v in stats.items() if k != "pbo_logits"}
         params["backtest_span"] = params["splits"]["super_oos"]
     else:
@@ -529,18 +736,19 @@ def candidate_params(c: Candidate, rank: int, data: TrainData, stats: dict | Non
 
 
 def save_ranked(candidates: list[Candidate], data: TrainData, study: optuna.Study, stats: dict,
-                text: str, edge: bool, model_dir: Path) -> list[Path]:
+                text: str, code: str, model_dir: Path, extra_sections: list[str] = ()) -> list[Path]:
     """Write rank_1..rank_K atomically (temp folder, then rename) and remove stale ranks of older runs."""
     root = model_dir / candidates[0].cfg.symbol
     root.mkdir(parents=True, exist_ok=True)
     written = []
     for rank, cand in enumerate(candidates, start=1):
-        params = candidate_params(cand, rank, data, stats if rank == 1 else None, text, edge)
+        params = candidate_params(cand, rank, data, stats if rank == 1 else None, text, code)
         tmp = root / f".rank_{rank}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         cand.bundle.save(tmp)
         atomic_write_text(tmp / "params.json", json.dumps(params, indent=2, allow_nan=False))
-        write_report(tmp / "report.html", cand, data, study, stats if rank == 1 else None, params)
+        write_report(tmp / "report.html", cand, data, study, stats if rank == 1 else None, params,
+                     extra_sections if rank == 1 else [])
         final = root / f"rank_{rank}"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -553,28 +761,55 @@ def save_ranked(candidates: list[Candidate], data: TrainData, study: optuna.Stud
 
 # ---------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(parser, ["--symbol", "--data-dir", "--trials", "--timeframe", "--ob-levels",
                              "--candidates", "--seed", "--n-jobs", "--storage", "--study-name"])
-    parser.add_argument("--model-dir", default="models_v9", help="where ranked models are saved")
+    parser.add_argument("--model-dir", default="models_v9", help="where ranked models are saved (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="continue (or join, for distributed workers) an existing study")
     parser.add_argument("--tune-only", action="store_true",
                         help="only run trials (distributed workers); a later run finalises")
-    parser.add_argument("--demo", action="store_true",
-                        help="generate synthetic data/DEMOUSDT_Sim if missing and train on it")
-    parser.add_argument("--log-level", default="INFO")
+    demo = parser.add_argument_group(
+        "demo", f"--demo trains on synthetic market_sim data: {DEMO_DAYS} days of 1m bars with a planted edge "
+        f"(generated on first use into data/<SYM>_Sim_s<SEED>_a<ALPHA>), {DEMO_TRIALS} trials, 5 candidates, "
+        f"4-group CPCV, small models and a {1 - sum(DEMO_SPLIT):.0%} Super-OOS exam; flags given explicitly still "
+        "win. A demo run without --resume starts a fresh study and replaces the previous demo's models.")
+    demo.add_argument("--demo", action="store_true", help="train the demo (see above)")
+    demo.add_argument("--demo-seed", type=int, default=DEMO_SEED, metavar="N",
+                      help="seed of the synthetic market (default: %(default)s)")
+    demo.add_argument("--demo-alpha", type=float, default=1.0, metavar="A",
+                      help="strength of the planted edge, 0 = none (default: %(default)s)")
+    demo.add_argument("--days", type=int, default=DEMO_DAYS, metavar="N",
+                      help="days of synthetic data; longer gives a longer, more decisive exam (default: %(default)s)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     return parser
 
 
-def demo_config(args: argparse.Namespace, cfg: GlobalConfig) -> GlobalConfig:
-    """The built-in default: two weeks of planted-alpha synthetic data at 1m (generated on first use) and a
-    small, fast study; flags the user gave still win."""
+def demo_data_dir(symbol: str, seed: int, alpha: float, days: int) -> Path:
+    """data/<SYM>_Sim_s<seed>_a<alpha>[_d<days>]: one folder per synthetic market, so any run can be rebuilt."""
+    suffix = "" if days == DEMO_DAYS else f"_d{days}"
+    return Path("data") / f"{symbol}_Sim_s{seed}_a{alpha:g}{suffix}"
+
+
+def make_demo_data(folder: Path, symbol: str, seed: int, alpha: float, days: int, levels: int) -> None:
+    """Generate the synthetic market into `folder` (written aside, then renamed, so a half-made one never stays)."""
     import market_sim
-    cfg.symbol = "DEMOUSDT"
+    log.info("generating %d days of synthetic market data (seed %d, alpha %g) in %s", days, seed, alpha, folder)
+    work = folder.parent / f".{folder.name}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    made = market_sim.simulate(symbol=symbol, days=days, seed=seed, alpha=alpha, out=str(work), levels=levels)
+    made.rename(folder)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def demo_config(args: argparse.Namespace, cfg: GlobalConfig) -> GlobalConfig:
+    """The demo's config: synthetic planted-alpha data at 1m (generated on first use) and a small, fast study;
+    flags the user gave (and --set values) still win."""
     given = {k for k, v in vars(args).items() if v is not None}
-    defaults = {"cfg_data_dir": ("data", "data_dir", "data/DEMOUSDT_Sim"),
+    if "cfg_symbol" not in given:
+        cfg.symbol = "DEMOUSDT"
+    folder = demo_data_dir(cfg.symbol, args.demo_seed, args.demo_alpha, args.days)
+    defaults = {"cfg_data_dir": ("data", "data_dir", str(folder)),
                 "cfg_timeframe": ("data", "timeframe", "1m"),
                 "cfg_trials": ("tune", "trials", DEMO_TRIALS),
                 "cfg_candidates": ("tune", "candidates", 5)}
@@ -582,14 +817,45 @@ def demo_config(args: argparse.Namespace, cfg: GlobalConfig) -> GlobalConfig:
         if dest not in given:
             setattr(getattr(cfg, section), name, value)
     if not args.set_values:
-        cfg.tune.cpcv_groups, cfg.tune.cpcv_test_groups = 5, 2
+        cfg.tune.cpcv_groups, cfg.tune.cpcv_test_groups = 4, 1
         cfg.tune.n_estimators, cfg.tune.num_leaves = [30, 80], [4, 16]
-    if "cfg_data_dir" not in given and not Path(cfg.data.data_dir).is_dir():
-        log.info("generating %d days of synthetic market data in %s", DEMO_DAYS, cfg.data.data_dir)
-        market_sim.simulate(symbol=cfg.symbol, days=DEMO_DAYS, seed=7, alpha=1.0,
-                            out=str(Path(cfg.data.data_dir).parent))
+        cfg.tune.dev_fraction, cfg.tune.oos1_fraction = DEMO_SPLIT
+    if "cfg_data_dir" not in given and not folder.is_dir():
+        make_demo_data(folder, cfg.symbol, args.demo_seed, args.demo_alpha, args.days, cfg.data.ob_levels)
     cfg.validate("demo config")
     return cfg
+
+
+def independent_market_sections(winner: Candidate, cfg: GlobalConfig, seed: int, alpha: float) -> list[str]:
+    """The champion on a new synthetic market from the same simulator settings (another seed): shows what the
+    planted edge does out of sample, as a property of the simulator, never as evidence about real markets."""
+    import report
+    folder = demo_data_dir(cfg.symbol, seed, alpha, INDEPENDENT_DAYS)
+    if not folder.is_dir():
+        make_demo_data(folder, cfg.symbol, seed, alpha, INDEPENDENT_DAYS, cfg.data.ob_levels)
+    market = copy.deepcopy(cfg)
+    market.data.data_dir = str(folder)
+    bars = data_loader.load_bars(market)
+    feats = feature_engine.compute_features(bars, market)
+    frame = bars[["open", "high", "low", "close"]].join(feats[["atr", "is_warm", *winner.bundle.feature_names]])
+    frame = frame.iloc[int(np.argmax(frame["is_warm"].to_numpy(bool))):]
+    fine = data_loader.load_bars(market, "1m") if market.data.timeframe != "1m" else None
+    probs = predict_span(winner.bundle, frame, winner.bundle.feature_names)
+    result = backtest.run_backtest(frame[PRICE_COLUMNS], probs, winner.cfg, fine=fine)
+    title = f"Independent synthetic market (seed {seed}, alpha {alpha:g}, same simulator settings)"
+    note = ("<p><b>A property of the simulator, not evidence about real markets:</b> the champion, unchanged, "
+            "trading a market the simulator generated independently of the training data.</p>")
+    return [note, *segment_sections(report, title, frame, result, "the final model on data from another seed")]
+
+
+def fresh_demo_study(storage: optuna.storages.BaseStorage, name: str, model_dir: Path, symbol: str) -> None:
+    """A demo re-run starts over: drop the previous demo study and its ranked models, saying so."""
+    if name in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}:
+        optuna.delete_study(study_name=name, storage=storage)
+        print(f"demo: starting a fresh study {name!r} (the previous demo study was deleted)")
+    old = sorted((model_dir / symbol).glob("rank_*"))
+    if old:
+        print(f"demo: the previous demo models in {model_dir / symbol} will be replaced")
 
 
 def study_name(cfg: GlobalConfig) -> str:
@@ -607,13 +873,18 @@ def check_storage(storage: optuna.storages.BaseStorage, url: str, name: str, res
                          "pass --resume to continue it, or --study-name for a new one")
 
 
-def create_study(cfg: GlobalConfig, storage: optuna.storages.BaseStorage, shared: bool) -> optuna.Study:
-    """Create or load the study; workers sharing a storage get distinct sampler seeds."""
-    seed = cfg.seed if not shared else cfg.seed + (os.getpid() % 100_000)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(4, cfg.tune.trials // 4),
-                                         multivariate=True, constant_liar=True)
-    study = optuna.create_study(study_name=study_name(cfg), storage=storage, sampler=sampler,
-                                direction="maximize", load_if_exists=True)
+def create_study(cfg: GlobalConfig, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
+    """Create or load the study, its TPE sampler seeded from (seed, trials already stored, worker).
+
+    A resumed study or a second worker therefore draws new points instead of repeating the first ones
+    (a fresh single-worker study stays reproducible from cfg.seed); `worker` tells apart workers that
+    start together on one storage (e.g. their process ids).
+    """
+    study = optuna.create_study(study_name=study_name(cfg), storage=storage, direction="maximize",
+                                load_if_exists=True)
+    seed = int(np.random.SeedSequence([cfg.seed, len(study.trials), worker]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(4, cfg.tune.trials // 4),
+                                               multivariate=True, constant_liar=True)
     study.set_user_attr("config", cfg.to_dict())
     return study
 
@@ -627,20 +898,26 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.demo:
             cfg = demo_config(args, cfg)
-        return train(cfg, Path(args.model_dir), args.resume, args.tune_only)
+        market = (args.demo_seed + INDEPENDENT_SEED_OFFSET, args.demo_alpha) if args.demo and not args.cfg_data_dir \
+            else None
+        return train(cfg, Path(args.model_dir), args.resume, args.tune_only, demo=args.demo, demo_market=market)
     except (TrainError, ConfigError, data_loader.DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def train(cfg: GlobalConfig, model_dir: Path, resume: bool = False, tune_only: bool = False) -> int:
-    """Run the whole pipeline; returns the process exit code."""
+def train(cfg: GlobalConfig, model_dir: Path, resume: bool = False, tune_only: bool = False,
+          demo: bool = False, demo_market: tuple[int, float] | None = None) -> int:
+    """Run the whole pipeline; returns the process exit code. A demo without `resume` starts a fresh study;
+    `demo_market` = (seed, alpha) of an independent synthetic market the champion is also shown on."""
     shared = bool(cfg.tune.storage)
     storage_url = cfg.tune.storage or default_storage(cfg, model_dir)
     storage = open_storage(storage_url)
+    if demo and not resume:
+        fresh_demo_study(storage, study_name(cfg), model_dir, cfg.symbol)
     check_storage(storage, storage_url, study_name(cfg), resume)
     data = load_training_data(cfg)
-    study = create_study(cfg, storage, shared)
+    study = create_study(cfg, storage, os.getpid() if shared else 0)
     seg = data.segments
     log.info("%d warm bars: development %d, OOS-1 %d, Super-OOS %d (gaps of %d bars); %d features",
              len(data.frame), seg.dev.stop, seg.oos1.stop - seg.oos1.start,
@@ -663,10 +940,11 @@ def train(cfg: GlobalConfig, model_dir: Path, resume: bool = False, tune_only: b
     timer = Timer()
     candidates = qualify(study, data, cfg, timer)
     winner = candidates[0]
-    final_exam(winner, data, timer)
+    final_exam(winner, data)
     stats = study_statistics(study, winner)
-    edge, text = verdict(winner, stats)
-    paths = save_ranked(candidates, data, study, stats, text, edge, model_dir)
+    code, text = verdict(winner, stats, 1.0 - cfg.tune.dev_fraction - cfg.tune.oos1_fraction)
+    extra = independent_market_sections(winner, cfg, *demo_market) if demo_market else []
+    paths = save_ranked(candidates, data, study, stats, text, code, model_dir, extra)
     print(text)
     print(f"models: {', '.join(str(p) for p in paths)}")
     print(f"report: {paths[0] / 'report.html'}")

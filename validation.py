@@ -2,7 +2,8 @@
 
 Definitions follow López de Prado, *Advances in Financial Machine Learning* (2018): purging §7.4.1,
 embargo §7.4.2, CPCV §12.4; PBO by combinatorially symmetric cross-validation (Bailey, Borwein,
-López de Prado, Zhu 2015); the deflated Sharpe ratio (Bailey & López de Prado 2014).
+López de Prado, Zhu 2015); the deflated Sharpe ratio (Bailey & López de Prado 2014); the minimum
+track-record length (Bailey & López de Prado 2012).
 
 Every sample i carries an information interval [t0_i, t1_i]: t0 when its features are known, t1 when
 its label is known. Samples must be in time order (t0 non-decreasing).
@@ -177,6 +178,28 @@ def cpcv_path_predictions(split_predictions: list[tuple[np.ndarray, np.ndarray]]
     return out
 
 
+def cpcv_training_pools(split_predictions: list[tuple[np.ndarray, np.ndarray]], n_samples: int,
+                        n_groups: int, n_test_groups: int) -> list[np.ndarray]:
+    """For each split, the out-of-fold predictions on its training groups (stacked rows).
+
+    Every training group of split s was held out by other splits; their predictions on it come from
+    models that never trained on it. A threshold read from this pool is set without split s's test rows,
+    which are what s is scored on. Splits in cpcv_splits order; each pool has the predictions' row shape.
+    """
+    combos = list(itertools.combinations(range(n_groups), n_test_groups))
+    if len(split_predictions) != len(combos):
+        raise ValueError(f"expected {len(combos)} splits' predictions, got {len(split_predictions)}")
+    bounds = _group_bounds(n_samples, n_groups)
+    by_group: list[list[np.ndarray]] = [[] for _ in range(n_groups)]
+    for (test_idx, preds), groups in zip(split_predictions, combos):
+        test_idx, preds = np.asarray(test_idx), np.asarray(preds)
+        for g in groups:
+            rows = (test_idx >= bounds[g]) & (test_idx < bounds[g + 1])
+            by_group[g].append(preds[rows])
+    return [np.concatenate([p for g in range(n_groups) if g not in groups for p in by_group[g]])
+            for groups in combos]
+
+
 def walk_forward_splits(t0: Any, t1: Any, n_groups: int, embargo: Any, min_train_groups: int = 1,
                         max_train_groups: int | None = None) -> list[Split]:
     """Walk-forward: each group from `min_train_groups` on is tested once, trained on the groups before it
@@ -302,3 +325,22 @@ def deflated_sharpe(sr: float, n_obs: int, skew: float, kurt: float, n_trials: i
     SRs, number of days); kurt is Pearson (normal = 3); n_trials must count every trial ever run.
     """
     return probabilistic_sharpe(sr, expected_max_sharpe(n_trials, sr_var_across_trials), n_obs, skew, kurt)
+
+
+def min_track_record_length(sr: float, sr_benchmark: float, skew: float, kurt: float,
+                            prob: float = 0.95) -> float:
+    """Minimum track-record length: returns needed before P(true Sharpe > sr_benchmark) reaches `prob`.
+
+    MinTRL = 1 + [1 - skew*SR + (kurt-1)/4*SR^2] * (z_prob / (SR - SR*))^2 (Bailey & López de Prado 2012,
+    "The Sharpe Ratio Efficient Frontier", J. of Risk 15(2)); sr per period, kurt Pearson (normal = 3), result
+    in periods (observations) of that frequency. With SR* the deflated Sharpe's expected maximum, an exam of
+    n returns gives DSR >= prob exactly when n >= MinTRL. inf when sr <= sr_benchmark: no length suffices.
+    """
+    if not 0.0 < prob < 1.0:
+        raise ValueError(f"prob must be in (0, 1), got {prob}")
+    if not all(math.isfinite(x) for x in (sr, sr_benchmark, skew, kurt)):
+        return float("nan")
+    if sr <= sr_benchmark:
+        return float("inf")
+    denom = 1.0 - skew * sr + (kurt - 1.0) / 4.0 * sr * sr
+    return float(1.0 + denom * (special.ndtri(prob) / (sr - sr_benchmark)) ** 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 
 import pytest
 
@@ -155,6 +156,16 @@ def test_atomic_write_keeps_old_content_when_rename_fails(tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == ["state.json"]
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_write_gives_files_the_users_umask(tmp_path, mask) -> None:
+    old = os.umask(mask)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~mask
+
+
 V1_PARAMS = os.path.join(os.path.dirname(__file__), "data", "params_v1.json")
 
 
@@ -177,3 +188,10 @@ def test_current_version_rejects_venue_keys_inside_strategy() -> None:
     data["strategy"]["maker_fee"] = 0.0
     with pytest.raises(ConfigError, match="maker_fee"):
         GlobalConfig.from_dict(data)
+
+
+def test_absolute_threshold_search_ranges_of_older_configs_are_dropped_on_load() -> None:
+    data = GlobalConfig().to_dict()
+    data["tune"].update(exec_threshold=[0.3, 0.8], direction_threshold=[0.3, 0.7], aggressive_threshold=[0.55, 0.95])
+    cfg = GlobalConfig.from_dict(data)
+    assert cfg == GlobalConfig() and not hasattr(cfg.tune, "exec_threshold")

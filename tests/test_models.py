@@ -228,3 +228,19 @@ def test_predict_where_leaves_unselected_rows_without_a_signal():
     assert p.iloc[:100].isna().all().all()
     pd.testing.assert_frame_equal(p.iloc[100:], bundle.predict(X.iloc[100:]))
     assert bundle.predict_where(X, np.zeros(len(X), bool)).isna().all().all()
+
+
+@pytest.mark.parametrize("boosting", ["gbdt", "dart"])
+def test_binning_once_for_four_models_gives_the_models_of_separate_datasets(boosting):
+    X, labels = dataset(1500, 21)
+    known = labels.iloc[:-5]                  # every label known: the four models share one binned Dataset
+    model_cfg = cfg(boosting_type=boosting, n_estimators=15)
+    shared = ModelBundle(model_cfg, FEATURES, seed=5).fit(X.iloc[:-5], known)
+    again = ModelBundle(model_cfg, FEATURES, seed=5).fit(X.iloc[:-5], known)
+    params = lgb_params(model_cfg, 5)
+    for name in MODEL_NAMES:
+        alone = lgb.train(params, lgb.Dataset(X.iloc[:-5][FEATURES].to_numpy(np.float64),
+                                              known[name].to_numpy(np.float64), feature_name=FEATURES,
+                                              params=params), num_boost_round=15)
+        assert trees(shared.models[name].booster) == trees(alone), name       # relabelling is exact
+        assert trees(again.models[name].booster) == trees(shared.models[name].booster), name  # deterministic

@@ -8,21 +8,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
+import pandas as pd
 import pytest
 
 import feature_engine
 import market_sim
+import train
 from config import GlobalConfig
 from conftest import ROOT
 from postgres_server import postgres_server
+import validation
 
 SIM_DAYS = 14
-# 1m bars: the planted signal leads by 15-60 minutes, and two weeks give a Super-OOS slice of ~11 hours.
-# Small models and 4-group CPCV keep a trial to a few seconds; the search logic is the default one.
+# 1m bars: the planted signal leads by 15-60 minutes. The demo's split (development 60%, OOS-1 15%) leaves a
+# Super-OOS exam of ~2.6 days (of 14, after warm-up and gaps). Small models and 4-group CPCV keep a
+# trial to a few seconds; the search logic is the default one.
 FAST = ["--timeframe", "1m", "--set", "tune.n_estimators=[30,80]", "--set", "tune.num_leaves=[4,16]",
-        "--set", "tune.cpcv_groups=4", "--set", "tune.cpcv_test_groups=1"]
+        "--set", "tune.cpcv_groups=4", "--set", "tune.cpcv_test_groups=1",
+        "--set", f"tune.dev_fraction={train.DEMO_SPLIT[0]}", "--set", f"tune.oos1_fraction={train.DEMO_SPLIT[1]}"]
 MODEL_FILES = ["exec_long.txt", "exec_short.txt", "dir_long.txt", "dir_short.txt", "features.json",
                "params.json", "report.html"]
 
@@ -79,21 +85,27 @@ def read_params(rank_dir: Path) -> dict:
     return json.loads((rank_dir / "params.json").read_text())
 
 
-def test_random_walk_gets_a_no_edge_verdict_and_is_still_saved(noise_run) -> None:
+def test_random_walk_is_never_called_an_edge_and_is_still_saved(noise_run) -> None:
     root, proc = noise_run
-    assert "NO EDGE" in proc.stdout
     params = read_params(root / "rank_1")
-    assert params["edge"] is False and params["verdict"].startswith("NO EDGE")
+    assert params["verdict_code"] in ("NO EDGE", "INCONCLUSIVE"), proc.stdout
+    assert params["edge"] is False and params["verdict"].startswith(params["verdict_code"])
+    assert params["verdict_code"] in proc.stdout
     assert all((root / "rank_1" / name).is_file() for name in MODEL_FILES)
 
 
-def test_planted_alpha_is_found_out_of_sample(alpha_run) -> None:
+def test_planted_alpha_champion_trades_both_legs_profitably_and_is_judged_by_its_mintrl(alpha_run) -> None:
     root, proc = alpha_run
     params = read_params(root / "rank_1")
-    assert "EDGE: the evidence supports an edge" in proc.stdout, proc.stdout
-    assert params["edge"] is True
-    assert params["metrics"]["super_oos"]["total_return"] > 0
-    assert params["metrics"]["study"]["deflated_sharpe"] >= 0.95
+    exam = params["trades"]["super_oos"]
+    assert exam["maker_trades"] > 0 and exam["taker_trades"] > 0, exam   # both legs of the hybrid fire
+    assert params["metrics"]["super_oos"]["total_return"] > 0, proc.stdout  # and the planted edge pays
+    assert params["verdict_code"] != "NO STRATEGY" and params["verdict"] in proc.stdout
+    study = params["metrics"]["study"]
+    if params["verdict_code"] == "EDGE":
+        assert study["deflated_sharpe"] >= 0.95 and study["super_oos_periods"] >= study["min_track_record_periods"]
+    assert f"{exam['maker_trades']} maker" in proc.stdout and f"Super-OOS {study['super_oos_days']:.1f} days" \
+        in proc.stdout
 
 
 def test_artifacts_describe_the_model_completely(alpha_run) -> None:
@@ -105,11 +117,16 @@ def test_artifacts_describe_the_model_completely(alpha_run) -> None:
         assert not list((root / rank).glob("*.pkl"))
     params = read_params(root / "rank_1")
     cfg = GlobalConfig.from_dict(params["config"])
-    assert cfg.symbol == "ALPHAUSDT" and params["thresholds"]["exec_threshold"] == cfg.strategy.exec_threshold
+    assert cfg.symbol == "ALPHAUSDT" and params["thresholds"] == {
+        name: getattr(cfg.strategy, name) for name in ("exec_threshold", "direction_threshold", "aggressive_threshold")}
+    assert set(params["top_fractions"]) == {"exec_top", "direction_top", "aggressive_top"}
+    for leg in ("maker_trades", "taker_trades"):
+        assert params["trades"]["oos1"][leg] == params["metrics"]["oos1"][leg]
+        assert params["trades"]["super_oos"][leg] == params["metrics"]["super_oos"][leg]
     assert len(params["data"]["fingerprint"]) == 16 and params["data"]["bars"] > 0
     splits = params["splits"]
     assert splits["dev"][1] < splits["oos1"][0] < splits["oos1"][1] < splits["super_oos"][0]
-    assert params["trained_on"][1] == splits["oos1"][1]
+    assert params["trained_on"] == splits["dev"]          # the exam model is the OOS-1-qualified one, as it ships
     assert set(params["versions"]) >= {"lightgbm", "optuna", "numpy", "pandas"}
     meta = json.loads((root / "rank_1" / "features.json").read_text())
     assert meta["features"] == feature_engine.feature_names(cfg)
@@ -131,6 +148,23 @@ def test_backtest_cli_reproduces_the_super_oos_numbers_exactly(alpha_run, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["trades"] > 0
     assert metrics == params["metrics"]["super_oos"]
+
+
+def test_backtest_cli_trades_the_requested_days_and_warns_inside_the_training_span(alpha_run, tmp_path) -> None:
+    root, _ = alpha_run
+    params = read_params(root / "rank_1")
+    day = (pd.Timestamp(params["splits"]["dev"][0]) + pd.Timedelta(days=2)).strftime("%Y-%m-%d")
+    out = tmp_path / "bt"
+    proc = run_cli("backtest.py", ["--config", str(root / "rank_1" / "params.json"), "--out", str(out),
+                                   "--start", day, "--end", day], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "overlaps the data this model was tuned and trained on" in proc.stderr
+    equity = pd.read_csv(out / "equity.csv", index_col="time", parse_dates=True)
+    assert equity.index[0] == pd.Timestamp(day, tz="UTC")           # warm-up loaded before, not traded
+    assert equity.index[-1] == pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1, minutes=-1)
+    exam = run_cli("backtest.py", ["--config", str(root / "rank_1" / "params.json"), "--out", str(tmp_path / "x")],
+                   tmp_path)
+    assert exam.returncode == 0 and "overlaps" not in exam.stderr  # the Super-OOS slice is not in-sample
 
 
 def _complete_trials(storage, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -190,6 +224,44 @@ def test_ctrl_c_stops_after_the_running_trial_and_resume_finishes(noise_dir, tmp
     assert (tmp_path / "models_v9" / "NOISEUSDT" / "rank_1" / "params.json").is_file()
 
 
+def test_resumed_and_parallel_studies_draw_new_points(tmp_path) -> None:
+    cfg = GlobalConfig(symbol="NOISEUSDT")
+    cfg.tune.trials = 12                      # 4 random start-up trials per run, as in a real study
+    storage = train.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+
+    def draw(trial: optuna.Trial) -> float:
+        train.trial_config(trial, cfg)
+        return 0.0
+    for _ in range(3):                        # a fresh run, then resumed twice: every point is new
+        train.create_study(cfg, storage).optimize(draw, n_trials=3)
+    for worker in (101, 102):                 # two workers joining at the same trial count
+        train.create_study(cfg, storage, worker).optimize(draw, n_trials=2)
+    study = optuna.load_study(study_name="NOISEUSDT_5m", storage=storage)
+    points = [json.dumps(t.params, sort_keys=True) for t in study.trials]
+    assert len(points) == 13 and len(set(points)) == 13
+    other = train.open_storage(f"sqlite:///{tmp_path / 'other.db'}")
+    train.create_study(cfg, other).optimize(draw, n_trials=3)  # a fresh study with the same seed is reproducible
+    first = [json.dumps(t.params, sort_keys=True) for t in optuna.load_study(study_name="NOISEUSDT_5m",
+                                                                             storage=other).trials]
+    assert first == points[:3]
+
+
+def test_the_trial_count_of_the_deflated_sharpe_counts_distinct_completed_trials_only() -> None:
+    study = optuna.create_study(direction="maximize")
+    for x in (1.0, 2.0, 1.0, 3.0):            # one repeated point
+        study.enqueue_trial({"x": x})
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 10.0)
+        if x == 3.0:
+            raise optuna.TrialPruned()
+        return x
+    study.optimize(objective, n_trials=4)
+    study.optimize(lambda t: float("nan"), n_trials=1)  # a failed trial
+    assert len(study.trials) == 5
+    assert [t.params["x"] for t in train.distinct_complete(study)] == [1.0, 2.0]
+
+
 def test_a_second_fresh_run_refuses_to_overwrite_the_study(noise_dir, tmp_path) -> None:
     db = tmp_path / "models_v9" / "NOISEUSDT"
     db.mkdir(parents=True)
@@ -217,3 +289,89 @@ def test_bad_input_gives_a_clear_error_without_traceback(case, noise_dir, tmp_pa
     needle = {"missing_dir": "nope", "empty_dir": str(tmp_path), "too_few_bars": "too few bars",
               "bad_timeframe": "data.timeframe", "unreachable_storage": "cannot open study storage"}[case]
     assert needle in proc.stderr
+
+
+def _result(total_return: float, regimes: list[str]) -> SimpleNamespace:
+    return SimpleNamespace(metrics={"total_return": total_return}, trades=pd.DataFrame({"regime": regimes}))
+
+
+def _stats(sr: float, sr0: float, periods: int) -> dict:
+    """Study statistics as study_statistics makes them, for an exam of `periods` 15-minute returns."""
+    day = 96
+    mintrl = validation.min_track_record_length(sr, sr0, 0.0, 3.0)
+    return {"super_oos_sharpe": sr, "super_oos_days": periods / day, "n_trials": 12, "pbo": 0.2,
+            "deflated_sharpe": validation.probabilistic_sharpe(sr, sr0, periods, 0.0, 3.0),
+            "min_track_record_days": mintrl / day}
+
+
+@pytest.mark.parametrize("case,exam_ret,oos1_ret,oos1_trades,sr,sr0,periods,code", [
+    ("nothing trades", 0.0, 0.0, [], 0.0, 0.05, 96, "NO STRATEGY"),
+    ("exam loses", -0.02, 0.03, ["maker"], -0.05, 0.02, 96, "NO EDGE"),
+    ("OOS-1 loses", 0.02, -0.01, ["taker"], 0.3, 0.02, 960, "NO EDGE"),
+    ("no better than luck", 0.01, 0.01, ["maker"], 0.02, 0.05, 9600, "NO EDGE"),
+    ("long enough exam", 0.05, 0.02, ["maker", "taker"], 0.3, 0.05, 96, "EDGE"),
+    ("too short exam", 0.01, 0.01, ["maker", "taker"], 0.1, 0.05, 96, "INCONCLUSIVE"),
+])
+def test_verdicts_follow_the_minimum_track_record_length(case, exam_ret, oos1_ret, oos1_trades, sr, sr0, periods,
+                                                          code) -> None:
+    winner = train.Candidate(trial=None, cfg=None, oos1=_result(oos1_ret, oos1_trades),
+                             final=_result(exam_ret, ["maker", "taker", "taker"] if oos1_trades else []))
+    stats = _stats(sr, sr0, periods)
+    got, text = train.verdict(winner, stats, super_oos_share=0.05)
+    assert got == code and text.startswith(code), (case, text)
+    assert f"Super-OOS {periods / 96:.1f} days" in text and "MinTRL" in text
+    if oos1_trades:
+        assert "3 trades (1 maker, 2 taker)" in text
+    if code == "INCONCLUSIVE":   # the exam needs MinTRL - length more days; data needs that / Super-OOS share
+        more = stats["min_track_record_days"] - periods / 96
+        assert f"need ≈ {more:.1f} more days of exam" in text and f"≈ {more / 0.05:.0f} more days of data" in text
+
+
+def test_demo_flags_name_the_market_and_honour_the_symbol(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for args, folder, symbol in [([], "data/DEMOUSDT_Sim_s7_a1", "DEMOUSDT"),
+                                 (["--demo-seed", "12", "--demo-alpha", "0"], "data/DEMOUSDT_Sim_s12_a0", "DEMOUSDT"),
+                                 (["--symbol", "FOOUSDT", "--demo-alpha", "0.5", "--days", "30"],
+                                  "data/FOOUSDT_Sim_s7_a0.5_d30", "FOOUSDT")]:
+        (tmp_path / folder).mkdir(parents=True)          # present: nothing is generated
+        parsed = train.build_parser().parse_args(["--demo", *args])
+        cfg = train.demo_config(parsed, train.config_from_args(parsed))
+        assert (cfg.data.data_dir, cfg.symbol, cfg.data.timeframe) == (folder, symbol, "1m")
+    help_text = train.build_parser().format_help()
+    assert "CFG_" not in help_text and "(default: 20)" in help_text and ") (default" not in help_text
+
+
+def test_a_demo_rerun_starts_a_fresh_study_and_says_so(tmp_path, capsys) -> None:
+    storage = train.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    optuna.create_study(study_name="DEMOUSDT_1m", storage=storage).optimize(lambda t: 0.0, n_trials=2)
+    (tmp_path / "DEMOUSDT" / "rank_1").mkdir(parents=True)
+    train.fresh_demo_study(storage, "DEMOUSDT_1m", tmp_path, "DEMOUSDT")
+    out = capsys.readouterr().out
+    assert "fresh study 'DEMOUSDT_1m'" in out and "will be replaced" in out
+    assert "DEMOUSDT_1m" not in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+
+
+def _span(returns: list[float], n_trades: int) -> tuple[SimpleNamespace, pd.Series]:
+    """A two-day span's 15-minute returns and a run with n_trades trades."""
+    index = pd.date_range("2026-01-01", periods=192, freq="15min", tz="UTC")
+    r = pd.Series((returns * 192)[:192], index=index)
+    result = SimpleNamespace(trades=pd.DataFrame({"regime": (["maker", "taker"] * n_trades)[:n_trades]}),
+                             equity=pd.DataFrame({"equity": 10_000 * (1 + r).cumprod()}))
+    return result, r
+
+
+def test_scores_are_bounded_trade_aware_and_never_reward_not_trading() -> None:
+    cfg = GlobalConfig()
+    cfg.tune.min_trades_per_day = 5.0
+    idle = train.span_score(*_span([0.0], 0), cfg)
+    loser = train.span_score(*_span([-0.01, 0.002], 40), cfg)
+    assert idle == train.NO_TRADES and -train.SCORE_BOUND <= loser < 0 and idle < loser  # a loser outranks idle
+    lucky = train.span_score(*_span([0.01, 0.0099], 40), cfg)   # an absurd Sharpe stays under the bound
+    assert 0.99 * train.SCORE_BOUND < lucky <= train.SCORE_BOUND
+    steady, r = _span([0.002, -0.001], 40)
+    few, _ = _span([0.002, -0.001], 2)                            # same returns, 2 trades in 2 days (< 5/day)
+    full = train.span_score(steady, r, cfg)
+    # 2 trades where 10 are due: shrunk by 2/10, and by the rarer leg's 1 trade where 5 per leg are due
+    assert 0 < full < train.SCORE_BOUND and train.span_score(few, r, cfg) == pytest.approx(full * 0.2 * 0.2, rel=0.03)
+    one_legged = SimpleNamespace(trades=pd.DataFrame({"regime": ["taker"] * 40}), equity=steady.equity)
+    assert train.span_score(one_legged, r, cfg) == 0.0          # a hybrid whose maker half never fires

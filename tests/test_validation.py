@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from validation import (cpcv_path_predictions, cpcv_paths, cpcv_splits, deflated_sharpe, expected_max_sharpe,
-                        pbo, probabilistic_sharpe, sharpe_stats, walk_forward_splits)
+from validation import (cpcv_path_predictions, cpcv_paths, cpcv_splits, cpcv_training_pools, deflated_sharpe,
+                        expected_max_sharpe, min_track_record_length, pbo, probabilistic_sharpe, sharpe_stats,
+                        walk_forward_splits)
 
 MIN = 60 * 10**9  # one minute in ns
 
@@ -222,6 +223,23 @@ def test_path_predictions_come_from_models_that_never_trained_on_the_rows():
         cpcv_path_predictions(preds[::-1], n, n_groups, k)
 
 
+@pytest.mark.parametrize("n_groups,k", [(4, 1), (6, 2), (5, 3)])
+def test_training_pools_hold_only_out_of_fold_predictions_of_the_training_groups(n_groups, k):
+    n = 103
+    t0, t1 = minutes(np.arange(n), np.ones(n))
+    splits = cpcv_splits(t0, t1, n_groups, k, 0)
+    # each split "predicts" (row id, split id), so a pool tells where every value came from
+    preds = [(test, np.column_stack([test, np.full(test.size, s)])) for s, (_, test) in enumerate(splits)]
+    for s, ((_, test), pool) in enumerate(zip(splits, cpcv_training_pools(preds, n, n_groups, k))):
+        rows, makers = pool[:, 0].astype(int), pool[:, 1].astype(int)
+        assert not np.isin(rows, test).any()                   # never the rows split s is scored on
+        for row, maker in zip(rows, makers):                   # every value from a model that held its row out
+            assert row in splits[maker][1]
+        train_rows = np.setdiff1d(np.arange(n), test)
+        copies = math.comb(n_groups - 1, k - 1)                # each training row, once per split testing it
+        assert sorted(rows) == sorted(np.repeat(train_rows, copies))
+
+
 def test_object_arrays_of_timestamps_are_accepted():
     idx = pd.date_range("2026-01-01", periods=40, freq="5min", tz="UTC")
     t1 = np.maximum((idx + pd.Timedelta("10min")).to_numpy(), (idx + pd.Timedelta("20min")).to_numpy())
@@ -339,3 +357,21 @@ def test_sharpe_stats_moments():
     assert sharpe_stats(lognormal)[1] > 1.0
     assert all(math.isnan(x) for x in sharpe_stats(np.full(10, 0.01)))
     assert math.isnan(deflated_sharpe(float("nan"), 100, 0.0, 3.0, 5, 0.01))
+
+
+def test_min_track_record_length_is_where_the_probabilistic_sharpe_reaches_the_cut_off():
+    for sr, bench, skew, kurt in [(0.1, 0.0, 0.0, 3.0), (0.05, 0.02, -1.5, 9.0), (0.3, 0.1, 0.8, 4.0)]:
+        n = min_track_record_length(sr, bench, skew, kurt, 0.95)
+        assert probabilistic_sharpe(sr, bench, math.ceil(n), skew, kurt) >= 0.95
+        assert probabilistic_sharpe(sr, bench, math.floor(n) - 1, skew, kurt) < 0.95
+    nd = NormalDist()
+    sr, bench, skew, kurt = 0.08, 0.03, -0.5, 6.0
+    by_hand = 1 + (1 - skew * sr + (kurt - 1) / 4 * sr ** 2) * (nd.inv_cdf(0.95) / (sr - bench)) ** 2
+    assert min_track_record_length(sr, bench, skew, kurt) == pytest.approx(by_hand, rel=1e-9)
+    # a normal, zero-benchmark track record with per-period SR 0.1 needs ~273 periods (1 + 1.005 * (1.645/0.1)^2)
+    assert min_track_record_length(0.1, 0.0, 0.0, 3.0) == pytest.approx(1 + 1.005 * (nd.inv_cdf(0.95) / 0.1) ** 2)
+    assert min_track_record_length(0.02, 0.02, 0.0, 3.0) == math.inf
+    assert min_track_record_length(-0.1, 0.0, 0.0, 3.0) == math.inf
+    assert math.isnan(min_track_record_length(float("nan"), 0.0, 0.0, 3.0))
+    with pytest.raises(ValueError, match="prob"):
+        min_track_record_length(0.1, 0.0, 0.0, 3.0, prob=1.0)
