@@ -423,6 +423,11 @@ class LiveBars:
 
 
 # ---------------------------------------------------------------- warm-up
+def empty_bars() -> pd.DataFrame:
+    """No bars: BAR_COLUMNS over an empty UTC DatetimeIndex (so time comparisons still work)."""
+    return pd.DataFrame(columns=data_loader.BAR_COLUMNS, index=pd.DatetimeIndex([], tz="UTC", name="time"))
+
+
 def file_bars(cfg: GlobalConfig, folders: list[Path], before_ms: int) -> pd.DataFrame:
     """Bars from recorded folders (data contract, through data_loader.load_bars and its Parquet cache),
     complete bars opening before `before_ms`; later folders only fill bars the earlier ones lack."""
@@ -439,7 +444,7 @@ def file_bars(cfg: GlobalConfig, folders: list[Path], before_ms: int) -> pd.Data
             continue
         frames.append(bars[bars.index < pd.Timestamp(before_ms, unit="ms", tz="UTC")])
     if not frames:
-        return pd.DataFrame(columns=data_loader.BAR_COLUMNS)
+        return empty_bars()
     out = frames[0]
     for more in frames[1:]:
         out = pd.concat([out, more[~more.index.isin(out.index)]]).sort_index()
@@ -450,7 +455,7 @@ def kline_bars(rows: list[list[str]], bar_ms: int) -> pd.DataFrame:
     """REST klines [start, o, h, l, c, volume, turnover] as bars whose taker-flow and book columns are
     unknown (taker split set neutral, ob_* NaN); the caller counts them as missing for warm-up."""
     if not rows:
-        return pd.DataFrame(columns=data_loader.BAR_COLUMNS)
+        return empty_bars()
     a = np.array([[float(x) for x in r[:7]] for r in rows])
     a = a[np.argsort(a[:, 0])]
     vol = a[:, 5]
@@ -569,7 +574,7 @@ class Engine:
         self.events: queue.Queue = queue.Queue()
         self.state = dict(setup.state)
         self.links: dict[str, str] = dict(self.state.get("links", {}))   # wire orderLinkId -> request id
-        self.window = pd.DataFrame(columns=data_loader.BAR_COLUMNS)
+        self.window = empty_bars()
         self.missing_until = 0         # bar number before which the window holds bars with unknown columns
         self.bars_closed = 0
         self.last_stop_check = 0
@@ -959,6 +964,12 @@ class Engine:
         if bar.attrs.get("partial") and bar.index[0] in self.window.index:
             return  # began before we listened; the warm-up already holds it complete
         self.bars_closed += 1
+        if len(self.window) and bar.index[0] - self.window.index[-1] > pd.Timedelta(milliseconds=self.bar_ms):
+            log.warning("no bars between %s and %s (stream gap): filled flat, not warm for %d bars",
+                        self.window.index[-1], bar.index[0], feature_engine.warmup_bars(self.cfg))
+            first = int(self.window.index[0].value // 1_000_000)
+            self.window, _ = complete_grid(self.window, first, bar_ms - self.bar_ms, self.bar_ms)
+            self.missing_until = max(self.missing_until, number + feature_engine.warmup_bars(self.cfg))
         if bar.attrs.get("partial"):
             self.missing_until = max(self.missing_until, number + 1 + feature_engine.warmup_bars(self.cfg))
         self.window = pd.concat([self.window, bar]).iloc[-max(self.cfg.live.window_bars,

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         market = make_market(Path(tmp) / "market")
-        counts = crash_test(market, Path(tmp) / "run", kills=args.kills, seed=args.seed, max_wait=args.max_wait)
+        counts = crash_test(market, Path(tmp) / "run", kills=args.kills, seed=args.seed, max_wait=args.max_wait,
+                            progress=lambda c: print(json.dumps(c), flush=True))
     counts["seconds"] = round(time.perf_counter() - began, 1)
     print(json.dumps(counts))
     return 0 if counts["orphans"] == counts["unprotected"] == counts["duplicates"] == 0 else 1

@@ -102,7 +102,7 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 120) -> tuple[int, str]:
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
@@ -152,9 +152,11 @@ def reconciled_count(cwd: Path) -> int:
     return sum(1 for e in journal(cwd, "events") if e["event"] == "reconciled")
 
 
-def crash_test(market: Path, cwd: Path, kills: int, seed: int, max_wait: float = 4.0) -> dict[str, int]:
+def crash_test(market: Path, cwd: Path, kills: int, seed: int, max_wait: float = 4.0,
+               progress=None) -> dict[str, int]:
     """SIGKILL the trading engine at seeded moments and restart it `kills` times; audit after every
-    restart's reconciliation. Returns the summed counts plus kills, fills and restarts."""
+    restart's reconciliation (`progress(totals)` after each). Returns the summed counts plus kills, audits
+    and fills."""
     import random
     rng = random.Random(seed)
     model = write_model_dir(cwd, **{"strategy.max_holding_bars": "3", "strategy.daily_loss_limit": "0.9"})
@@ -170,6 +172,8 @@ def crash_test(market: Path, cwd: Path, kills: int, seed: int, max_wait: float =
             for key, value in audit(ex, cwd).items():
                 totals[key] += value
             totals["audits"] += 1
+            if progress is not None:
+                progress(totals)
             if k == kills:
                 rc, out = stop(proc)
                 assert rc == 0, out[-3000:]

@@ -17,7 +17,7 @@ from live_support import busy_probabilities, engine_cmd, exchange, journal, make
 from test_dashboard import WAIT, browser, candles, expected_gauges, gauges, js  # noqa: F401 (browser: fixture)
 from test_notifier import Stub, config
 
-BARS = 6                                      # closed bars the engine runs for (--max-bars)
+BARS = 10                                     # closed bars the engine runs for (--max-bars)
 EXITS = {"tp", "sl", "time_exit", "kill_exit", "external"}   # DESIGN.md §3 trades events that close a position
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 
 import pytest
 
@@ -117,3 +118,23 @@ def test_psi_drift_is_zero_on_the_training_distribution_and_alerts_on_a_shift():
     assert max(live.drift_report(same, q, 2000).values()) < 0.05
     report = live.drift_report(shifted, q, 2000)
     assert list(report) == ["b", "a"] and report["b"] > 0.25
+
+
+def test_dry_run_follows_public_data_with_simulated_orders_and_its_own_state(market, tmp_path):
+    """Dry-run (the default) against the paper exchange's public streams via --rest-url/--ws-url: bars and
+    signals flow, the exchange receives no order, and the state file is kept apart from live state."""
+    from paper_exchange import ExchangeThread, build_exchange
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    with ExchangeThread(build_exchange(market, start="2026-01-01T03:00", rebase_time=True, speed=60.0)) as ex:
+        url = ex.url
+        proc = spawn([sys.executable, str(live.Path(live.__file__)),
+                      "--symbol", SYMBOL, "--model-dir", str(model), "--probabilities", str(probs),
+                      "--rest-url", url, "--ws-url", url.replace("http", "ws"), "--max-bars", "2"], tmp_path)
+        out, _ = proc.communicate(timeout=300)
+        placed = ex.call(lambda: len(ex.exchange.engine.orders))
+    assert proc.returncode == 0, out[-3000:]
+    assert "dry-run: orders are simulated in process" in out
+    assert len(journal(tmp_path, "signals")) >= 2 and placed == 0
+    assert (tmp_path / "state" / f"bot_state_{SYMBOL}_dry-run.json").exists()
+    assert not (tmp_path / "state" / f"bot_state_{SYMBOL}.json").exists()
