@@ -342,7 +342,8 @@ class LiveBars:
     """Closed bars from stream messages, by `data_loader.bar_frame` (the research bar rule).
 
     Trades are kept per bar until it closes; book samples come from the stream's sampling `OrderBook`
-    (the same compiled clock as `data_loader.BookReplay`), drained at each close and bucketed by bar.
+    (the same compiled clock as `data_loader.BookReplay`), drained at each close and reduced per bar once
+    complete (`orderbook.BookBarSums`, so book columns equal data_loader's bit for bit).
     A bar closes when a message stamped at or after its end arrives, or `tick(now)` passes end + grace.
     Trades stamped inside an already closed bar are counted (`late_trades`) and logged, never applied."""
 
@@ -351,7 +352,7 @@ class LiveBars:
         self.open_ms: int | None = None       # open of the bar being built
         self.first_ms: int | None = None      # first bar seen live (incomplete: it began before we listened)
         self.trades: list[tuple[int, str, float, float]] = []
-        self.book_parts: dict[int, list[pd.DataFrame]] = {}
+        self.book_sums = ob.BookBarSums(bar_ms)
         self.prev_close = math.nan
         self.late_trades = 0
         self.seen_ids: deque[str] = deque(maxlen=20000)
@@ -401,10 +402,7 @@ class LiveBars:
             self.book.advance(end)
             self.book.flush_samples()
             samples = self.book.drain_samples()
-        if len(samples):
-            part = ob.partial_book_bars(samples, self.bar_ms)
-            for bar, rows in part.groupby(level=0):
-                self.book_parts.setdefault(int(bar), []).append(rows)
+        self.book_sums.add(samples)
         mine = [t for t in self.trades if t[0] < end]
         self.trades = [t for t in self.trades if t[0] >= end]
         trade_parts = []
@@ -413,9 +411,8 @@ class LiveBars:
                                   "side": [t[1] for t in mine], "size": [t[2] for t in mine],
                                   "price": [t[3] for t in mine]})
             trade_parts.append(data_loader.partial_trade_bars(chunk, self.bar_ms * 1000))
-        bar = data_loader.bar_frame(trade_parts, self.book_parts.pop(start, []), self.bar_ms, (start, start),
+        bar = data_loader.bar_frame(trade_parts, self.book_sums.take(end), self.bar_ms, (start, start),
                                     self.prev_close)
-        self.book_parts = {k: v for k, v in self.book_parts.items() if k > start}
         self.prev_close = float(bar["close"].iloc[0])
         self.open_ms = end
         bar.attrs["partial"] = start == self.first_ms
