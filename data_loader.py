@@ -618,15 +618,15 @@ def build_bars(files: DataFiles, timeframe: str, levels: int, sample_interval: s
     if not parts:
         raise DataError(f"no usable trades in {files.root / 'Trade'} "
                         f"({report.bad_trade_rows} bad rows); bars need trades")
-    book_parts: list[pd.DataFrame] = []
+    book_sums = ob.BookBarSums(bar_s * 1000)
     if files.books:
         replay = BookReplay(files.symbol, int(parse_duration(sample_interval) * 1000), levels,
                             int(parse_duration(stale_after) * 1000))
         replay.report = report
         replay.warnings = budget
         replay.run(tqdm(files.books, desc="book files", unit="file", disable=None),
-                   on_samples=lambda s: book_parts.append(ob.partial_book_bars(s, bar_s * 1000)))
-    bars = bar_frame(parts, book_parts, bar_s * 1000)
+                   on_samples=book_sums.add)
+    bars = bar_frame(parts, book_sums.take(), bar_s * 1000)
     report.missing_days = missing_days(files)
     no_trades = [day for day, kinds in report.missing_days.items() if "Trade" in kinds]
     report.gaps = mark_gaps(bars, bar_s, gap_threshold, bars.index.strftime("%Y-%m-%d").isin(no_trades))

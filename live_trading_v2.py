@@ -342,7 +342,8 @@ class LiveBars:
     """Closed bars from stream messages, by `data_loader.bar_frame` (the research bar rule).
 
     Trades are kept per bar until it closes; book samples come from the stream's sampling `OrderBook`
-    (the same compiled clock as `data_loader.BookReplay`), drained at each close and bucketed by bar.
+    (the same compiled clock as `data_loader.BookReplay`), drained at each close and reduced per bar once
+    complete (`orderbook.BookBarSums`, so book columns equal data_loader's bit for bit).
     A bar closes when a message stamped at or after its end arrives, or `tick(now)` passes end + grace.
     Trades stamped inside an already closed bar are counted (`late_trades`) and logged, never applied."""
 
@@ -351,7 +352,7 @@ class LiveBars:
         self.open_ms: int | None = None       # open of the bar being built
         self.first_ms: int | None = None      # first bar seen live (incomplete: it began before we listened)
         self.trades: list[tuple[int, str, float, float]] = []
-        self.book_parts: dict[int, list[pd.DataFrame]] = {}
+        self.book_sums = ob.BookBarSums(bar_ms)
         self.prev_close = math.nan
         self.late_trades = 0
         self.seen_ids: deque[str] = deque(maxlen=20000)
@@ -401,10 +402,7 @@ class LiveBars:
             self.book.advance(end)
             self.book.flush_samples()
             samples = self.book.drain_samples()
-        if len(samples):
-            part = ob.partial_book_bars(samples, self.bar_ms)
-            for bar, rows in part.groupby(level=0):
-                self.book_parts.setdefault(int(bar), []).append(rows)
+        self.book_sums.add(samples)
         mine = [t for t in self.trades if t[0] < end]
         self.trades = [t for t in self.trades if t[0] >= end]
         trade_parts = []
@@ -413,9 +411,8 @@ class LiveBars:
                                   "side": [t[1] for t in mine], "size": [t[2] for t in mine],
                                   "price": [t[3] for t in mine]})
             trade_parts.append(data_loader.partial_trade_bars(chunk, self.bar_ms * 1000))
-        bar = data_loader.bar_frame(trade_parts, self.book_parts.pop(start, []), self.bar_ms, (start, start),
+        bar = data_loader.bar_frame(trade_parts, self.book_sums.take(end), self.bar_ms, (start, start),
                                     self.prev_close)
-        self.book_parts = {k: v for k, v in self.book_parts.items() if k > start}
         self.prev_close = float(bar["close"].iloc[0])
         self.open_ms = end
         bar.attrs["partial"] = start == self.first_ms
@@ -580,6 +577,8 @@ class Engine:
         self.last_stop_check = 0
         self.last_price = math.nan
         self.recv = {"book": 0, "trade": 0, "private": 0}
+        self._due_bars: list[pd.DataFrame] = []                # lockstep: closed, decided at the step's end
+        self._held_private: list[tuple[int, str, list]] = []   # lockstep: (push ms, topic, rows) not yet applied
         self.quantiles: dict[str, list[float]] = {}
         self.bundle = None
         self.client: exc.ExchangeClient | None = None
@@ -793,13 +792,17 @@ class Engine:
         streams: list = [self.market]
         if self.mode != "dry-run":
             class Private(exc.PrivateStream):
+                frame_ms = 0   # creationTime (market ms) of the frame being handled
+
                 def _on_topic(self, msg: dict) -> None:
+                    self.frame_ms = int(msg.get("creationTime") or 0)
                     super()._on_topic(msg)
                     engine.events.put(("frame",))   # after its rows: lockstep counts frames processed
 
             self.private = Private(self.client.endpoints, self.setup.creds,
                                    stale_after=parse_duration(self.cfg.live.ws_stale_after),
-                                   on_message=lambda topic, rows: self.events.put(("private", topic, rows)))
+                                   on_message=lambda topic, rows: self.events.put(
+                                       ("private", topic, rows, self.private.frame_ms)))
             self.private.start()
             streams.append(self.private)
         deadline = self.clock.monotonic() + 15
@@ -886,9 +889,32 @@ class Engine:
             self._drain(timeout=0.05)
         self._drain(timeout=0)
         self.clock.saw(int(st["market_ms"]))
-        for bar in self._bars.tick(int(st["market_ms"])):
-            self.on_bar(bar)
+        self._decide_in_market_order(self._bars.tick(int(st["market_ms"])))
         return not (st.get("exhausted") and st.get("next_ms") is None)
+
+    def _decide_in_market_order(self, ticked: list[pd.DataFrame]) -> None:
+        """Lockstep, once the step's pushes are in: each closed bar is decided after the held private frames
+        pushed before its end and before those pushed later (the backtest rule: fills inside bar t are known
+        at bar t's close), whatever order the public and private sockets delivered them in."""
+        bars, self._due_bars = self._due_bars + ticked, []
+        held, self._held_private = self._held_private, []
+        i = 0
+        for bar in bars:
+            end = int(bar.index[0].value // 1_000_000) + self.bar_ms
+            while i < len(held) and held[i][0] < end:
+                self._on_private(held[i][1], held[i][2])
+                i += 1
+            self.on_bar(bar)
+        for _, topic, rows in held[i:]:
+            self._on_private(topic, rows)
+
+    def _closed(self, bars: list[pd.DataFrame]) -> None:
+        """Bars a public message closed: decided now, or in lockstep at the step's end in market order."""
+        if self.args.lockstep:
+            self._due_bars.extend(bars)
+            return
+        for bar in bars:
+            self.on_bar(bar)
 
     def _drain(self, timeout: float) -> None:
         """Handle queued stream messages in arrival order."""
@@ -915,8 +941,7 @@ class Engine:
                 if self.sim is not None:
                     with self.sim_lock:
                         self.sim.on_trade(float(row["p"]), float(row["v"]), row["S"], ts)
-                for bar in self._bars.on_trade(ts, row["S"], float(row["v"]), float(row["p"]), str(row["i"])):
-                    self.on_bar(bar)
+                self._closed(self._bars.on_trade(ts, row["S"], float(row["v"]), float(row["p"]), str(row["i"])))
             self._after_market_update()
         elif kind == "book":
             ts, msg = item[1], item[2]
@@ -926,8 +951,9 @@ class Engine:
             if self.sim is not None:
                 with self.sim_lock, self.market.lock:
                     self.sim.on_book(self.market.book, ts)
-            for bar in self._bars.on_book_ts(ts):
-                self.on_bar(bar)
+            self._closed(self._bars.on_book_ts(ts))
+        elif kind == "private" and self.args.lockstep:
+            self._held_private.append((item[3], item[1], item[2]))
         elif kind == "private":
             self._on_private(item[1], item[2])
         elif kind == "frame":

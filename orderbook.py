@@ -947,6 +947,7 @@ _MEAN_COLS = {"ob_spread_mean": "spread", "ob_micro_dev_mean": "micro_dev", "ob_
               "ob_ask_slope_mean": "ask_slope", "ob_bid_integrity_mean": "bid_integrity",
               "ob_ask_integrity_mean": "ask_integrity"}
 _LAST_COLS = {"ob_micro_dev_last": "micro_dev", "ob_imbalance_last": "imbalance", "ob_mid_last": "mid"}
+_NO_BAR_LIMIT = 2 ** 62
 BOOK_BAR_COLUMNS = ["ob_spread_mean", "ob_micro_dev_mean", "ob_micro_dev_std", "ob_micro_dev_last",
                     "ob_imbalance_mean", "ob_imbalance_last", "ob_bid_depth_mean", "ob_ask_depth_mean",
                     "ob_bid_slope_mean", "ob_ask_slope_mean", "ob_bid_integrity_mean", "ob_ask_integrity_mean",
@@ -964,6 +965,38 @@ def partial_book_bars(samples: np.ndarray, bar_ms: int) -> pd.DataFrame:
     out["n"] = grouped.size()
     last = grouped[["t_ms"] + list(dict.fromkeys(_LAST_COLS.values()))].last()
     return out.join(last.add_prefix("last_"))
+
+
+class BookBarSums:
+    """Book samples held until their bar is complete, then reduced once by `partial_book_bars`.
+
+    Float sums depend on how samples are chunked; reducing each bar in one pass over all its samples, in
+    stream (time) order, makes the ob_* columns identical bit for bit however the stream was batched
+    (research file chunks, live drains at bar closes). samples: rows of SAMPLE_COLUMNS, t_ms ascending."""
+
+    def __init__(self, bar_ms: int) -> None:
+        self.bar_ms = bar_ms
+        self.parts: list[pd.DataFrame] = []
+        self._held = np.empty((0, N_SAMPLE_COLS))
+
+    def add(self, samples: np.ndarray, complete_before_ms: int | None = None) -> None:
+        """Hold samples; reduce the bars opening before complete_before_ms (default: the last sample's bar,
+        the only one more samples may still reach)."""
+        held = np.concatenate([self._held, samples]) if len(self._held) else samples
+        if not len(held):
+            return
+        if complete_before_ms is None:
+            complete_before_ms = int(held[-1, 0]) // self.bar_ms * self.bar_ms
+        done = held[:, 0] < complete_before_ms
+        if done.any():
+            self.parts.append(partial_book_bars(held[done], self.bar_ms))
+        self._held = held[~done]
+
+    def take(self, complete_before_ms: int | None = None) -> list[pd.DataFrame]:
+        """The reduced parts so far (all held samples first when complete_before_ms is None), cleared."""
+        self.add(np.empty((0, N_SAMPLE_COLS)), _NO_BAR_LIMIT if complete_before_ms is None else complete_before_ms)
+        out, self.parts = self.parts, []
+        return out
 
 
 def merge_partial_book_bars(parts: list[pd.DataFrame]) -> pd.DataFrame:

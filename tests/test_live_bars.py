@@ -1,8 +1,7 @@
 """Live bars equal data_loader's: a simulated day replayed message by message through the paper exchange's
-per-message publish mode into the engine (real pybit WS), column for column."""
+per-message publish mode into the engine (real pybit WS), column for column and bit for bit."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
@@ -41,6 +40,5 @@ def test_bars_replayed_message_by_message_equal_data_loader(market, tmp_path):
             elif isinstance(exp, (bool, np.bool_)):
                 assert got == bool(exp), (rec["bar_time"], col)
             else:
-                assert math.isclose(float(got), float(exp), rel_tol=1e-12, abs_tol=1e-12), \
-                    (rec["bar_time"], col, got, exp)
+                assert float(got) == float(exp), (rec["bar_time"], col, got, exp)
     assert sum(r["bar"]["trade_count"] for r in signals) > 100

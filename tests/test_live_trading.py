@@ -1,14 +1,16 @@
 """The live engine trading scripted probabilities on the paper exchange (real pybit, real WS, lockstep clock):
 breakout and maker entries with their exchange-side stops and maker TPs, time exits that cancel the
-position's own TP/SL, the kill-switch (flattens, holds after a restart), and entries paused by a foreign
-position."""
+position's own TP/SL, the kill-switch (flattens, holds after a restart), entries paused by a foreign
+position, and every decision seeing the fills pushed inside its bar."""
 from __future__ import annotations
 
 import pytest
 from pybit.unified_trading import HTTP
 
-from live_support import SYMBOL, engine_cmd, exchange, journal, make_market, run, write_model_dir, \
-    write_probabilities
+import parity
+
+from live_support import SYMBOL, busy_probabilities, engine_cmd, exchange, journal, live_config, make_market, run, \
+    write_model_dir, write_probabilities
 
 WIDE = ("--set", "strategy.stop_loss_atr=40", "--set", "strategy.take_profit_atr=40",
         "--set", "strategy.max_holding_bars=3")
@@ -124,3 +126,23 @@ def test_foreign_position_pauses_entries(market, tmp_path):
     sig = next(s for s in journal(tmp_path, "signals") if s["bar_time"].startswith("2026-01-01T03:01"))
     assert sig["entries_allowed"] is False and sig["reason"].startswith("external")
     assert not trades(tmp_path, kind="entry")
+
+
+def test_each_decision_sees_the_fills_pushed_inside_its_bar(market, tmp_path):
+    """Lockstep advances of 45 s cross 60 s bar ends mid-step, so a public message closes a bar while the
+    private pushes of fills inside it may still be in flight. The engine's every intent must equal the parity
+    decisions replay of its own journals (each fill applied before the first close after its stamp)."""
+    sets = {"strategy.max_holding_bars": "2", "strategy.daily_loss_limit": "0.9"}
+    model = write_model_dir(tmp_path, **sets)
+    probs = busy_probabilities(tmp_path / "p.csv", minutes=30)
+    with exchange(market) as ex:
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--lockstep-step", "45s",
+                                 "--max-bars", "24"), tmp_path)
+    assert rc == 0, out[-3000:]
+    signals, fills = journal(tmp_path, "signals"), trades(tmp_path, event="filled")
+    assert sum(f["ts"] % 60_000 != 0 for f in fills) >= 3, "fills stamped inside bars are what is tested"
+    replay, _ = parity.replay_decisions(signals, journal(tmp_path, "trades"), live_config(**sets))
+    engine = parity.engine_intents(signals)
+    assert len(engine) >= 5
+    result = parity.compare_intents(engine, replay)
+    assert result.mismatches == 0, result.first

@@ -286,6 +286,20 @@ def test_aggregate_book_samples() -> None:
     assert ob.finalize_book_bars(halves).equals(bars)
 
 
+def test_book_bar_sums_equal_one_pass_whatever_the_chunking() -> None:
+    """Bars reduced by BookBarSums from a stream cut anywhere equal the one-pass aggregation bit for bit
+    (summing per-chunk partials instead differs in the last bits: float sums are not associative)."""
+    rng = np.random.default_rng(3)
+    scale = 10.0 ** rng.integers(-8, 8, len(ob.SAMPLE_COLUMNS) - 1)
+    s = np.column_stack([np.arange(300) * 1000.0, rng.normal(size=(300, len(ob.SAMPLE_COLUMNS) - 1)) * scale])
+    want = ob.aggregate_book_samples(s, 60)
+    for cut in range(1, 300, 7):
+        sums = ob.BookBarSums(60000)
+        sums.add(s[:cut])
+        sums.add(s[cut:])
+        assert ob.finalize_book_bars(ob.merge_partial_book_bars(sums.take())).equals(want), cut
+
+
 def test_deep_random_book_matches_reference_with_stats() -> None:
     """Inserts and deletes all through a deep book (free-slot reuse, re-spreading, growth) stay exact."""
     rng = random.Random(11)
