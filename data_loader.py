@@ -37,7 +37,7 @@ from config import ConfigError, DataConfig, GlobalConfig, add_config_args, confi
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "bars-2"          # bump whenever bar output changes for the same input
+CODE_VERSION = "bars-3"          # bump whenever bar output changes for the same input
 CHUNK_BYTES = 4 << 20
 TRADE_CHUNK_ROWS = 1_000_000
 SAMPLE_BATCH = 200_000
