@@ -95,10 +95,9 @@ def _replay(path: str) -> dict:
     """The loader's book replay with per-bar aggregation, as load_bars runs it."""
     import data_loader as dl
     import orderbook as ob
-    parts: list = []
-    rep = dl.BookReplay("BTCUSDT", 1000, 50).run(
-        [Path(path)], on_samples=lambda s: parts.append(ob.partial_book_bars(s, 300_000)))
-    bars = ob.finalize_book_bars(ob.merge_partial_book_bars(parts))
+    sums = ob.BookBarSums(300_000)
+    rep = dl.BookReplay("BTCUSDT", 1000, 50).run([Path(path)], on_samples=sums.add)
+    bars = ob.finalize_book_bars(ob.merge_partial_book_bars(sums.take()))
     return {"messages": rep.book["messages"], "bad": rep.bad_book_lines, "slow": rep.slow_path_lines,
             "gaps": rep.book["gaps"], "samples": rep.samples, "bars": len(bars)}
 
