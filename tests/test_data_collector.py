@@ -284,11 +284,13 @@ def test_proactive_reconnect_before_the_connection_age_limit(recording: Recordin
     depth connection resyncs from a fresh snapshot and trades lost in flight are backfilled. Only trades
     in flight at the very end can stay missing: no later trade reveals the hole."""
     rec = head(recording, 3000)
-    srv = FakeBinance(rec, pace_every=10, pace_sleep=0.01).start()
+    # paced to last ~6 s, so each connection passes the 1.5 s age limit several times and the resyncs of
+    # the middle connections complete before the replay ends, however fast the machine
+    srv = FakeBinance(rec, pace_every=10, pace_sleep=0.02).start()
     try:
         proc = InProcessCollector(dc.CollectorSettings(
             symbols=list(SYMBOLS), out=tmp_path, ws_url=srv.ws_url, rest_url=srv.rest_url, flush_interval=0.2,
-            max_connection_age=1.0, backoff_base=0.05))
+            max_connection_age=1.5, backoff_base=0.05))
         assert srv.finished.wait(120)
         time.sleep(1.5)
         assert stop(proc) == 0
