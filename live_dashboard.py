@@ -380,14 +380,17 @@ def positions_rows(feed: SymbolFeed, now: float) -> list[dict]:
     """Open positions (strategy.Position as journalled) with side named, age and unrealised at the last close.
 
     `fill_bar` counts bars on the epoch grid (bar open time // bar length), so its open time is
-    fill_bar x bar length; unrealised = side x qty x (last close - entry price).
+    fill_bar x bar length; age runs to the end of the last journalled bar (the engine's market clock, which
+    in paper replays is not the wall clock), else to `now`; unrealised = side x qty x (last close - entry price).
     """
     rows = []
     step, close = bar_seconds(feed), (feed.signals[-1].get("close") if feed.signals else None)
+    last_ms = feed.signals[-1].get("bar_ms") if feed.signals else None
+    clock = last_ms / 1000 + step if step and isinstance(last_ms, (int, float)) else now
     for pos in feed.equity[-1].get("positions", []) if feed.equity else []:
         row = dict(pos, side=side_name(pos.get("side")))
         if step and isinstance(pos.get("fill_bar"), int):
-            row["age"] = f"{(now - pos['fill_bar'] * step) / 60:.0f} min"
+            row["age"] = f"{(clock - pos['fill_bar'] * step) / 60:.0f} min"
         if "unrealised" not in pos and isinstance(close, (int, float)) and pos.get("side") in (1, -1) \
                 and isinstance(pos.get("qty"), (int, float)) and isinstance(pos.get("entry_price"), (int, float)):
             row["unrealised"] = pos["side"] * pos["qty"] * (close - pos["entry_price"])

@@ -20,7 +20,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 import live_dashboard
 from journal_tail import JournalTail
-from live_fixtures import append, equity_record, signal_record, start_dashboard, stop, write_live_fixture
+from live_fixtures import BAR, append, equity_record, signal_record, start_dashboard, stop, write_live_fixture
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT = 90  # seconds a page may take on a loaded 2-core machine; the waits end as soon as the page is right
@@ -149,6 +149,10 @@ def test_page_shows_candles_markers_gauges_and_mode(browser: webdriver.Chrome, l
     assert {"chop maker entry", "breakout taker entry", "TP exit", "SL exit", "time exit", "kill-switch exit"} <= set(names)
     assert "phase trading" in js(browser, "document.getElementById('engine-status').innerText")
     assert js(browser, "document.querySelectorAll('#closed-table tbody tr').length") == 4
+    ages = js(browser, "[...document.querySelectorAll('#positions-table tbody td')].map(c => c.innerText)"
+                       ".filter(t => t.endsWith(' min'))")
+    # a position's age runs on the journal's market clock: it cannot exceed the journalled span
+    assert len(ages) == 1 and 0 < float(ages[0].split()[0]) <= len(fx.signals) * BAR.total_seconds() / 60, ages
     href = js(browser, "document.getElementById('model-report-link').href")
     assert "Training report BTCUSDT" in requests.get(href, timeout=30).text
     assert requests.get(f"{url}/model/ETHUSDT/report.html", timeout=30).status_code == 404
