@@ -376,6 +376,16 @@ def bar_seconds(feed: SymbolFeed) -> float | None:
     return (b - a).total_seconds() if a and b and b > a else None
 
 
+def orders_rows(feed: SymbolFeed) -> list[dict]:
+    """Resting entries (strategy.RestingOrder as journalled) with side named and `placed_bar` (epoch bar grid)
+    shown as that bar's UTC open time."""
+    step = bar_seconds(feed)
+    return [dict(o, side=side_name(o.get("side")),
+                 placed=datetime.fromtimestamp(o["placed_bar"] * step, timezone.utc).strftime("%Y-%m-%d %H:%M")
+                 if step and isinstance(o.get("placed_bar"), int) else o.get("placed_bar"))
+            for o in feed.orders]
+
+
 def positions_rows(feed: SymbolFeed, now: float) -> list[dict]:
     """Open positions (strategy.Position as journalled) with side named, age and unrealised at the last close.
 
@@ -450,9 +460,9 @@ def symbol_body(feed: SymbolFeed, now: float) -> list:
                                               ("qty", "size"), ("tp", "TP"), ("sl", "SL"), ("age", "age"),
                                               ("unrealised", "unrealised at last close")], "positions-table"),
             html.H3("Resting entry orders"),
-            table([dict(o, side=side_name(o.get("side"))) for o in feed.orders],
+            table(orders_rows(feed),
                   [("side", "side"), ("price", "price"), ("qty", "qty"), ("tp_dist", "TP distance"),
-                   ("sl_dist", "SL distance"), ("placed_bar", "placed bar")], "orders-table"),
+                   ("sl_dist", "SL distance"), ("placed", "placed at bar (UTC)")], "orders-table"),
             html.H3("Exit fills (closed trades)"),
             table(closed, [("time", "time"), ("position_id", "id"), ("side", "side"), ("event", "exit"),
                            ("price", "price"), ("qty", "qty"), ("fee", "fee"), ("pnl", "pnl")], "closed-table"),

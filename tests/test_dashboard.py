@@ -152,6 +152,8 @@ def test_page_shows_candles_markers_gauges_and_mode(browser: webdriver.Chrome, l
     ages = js(browser, "[...document.querySelectorAll('#positions-table tbody td')].map(c => c.innerText)"
                        ".filter(t => t.endsWith(' min'))")
     # a position's age runs on the journal's market clock: it cannot exceed the journalled span
+    placed = js(browser, "[...document.querySelectorAll('#orders-table tbody td')].map(c => c.innerText)")
+    assert any(t.startswith(fx.signals[0]["bar_time"][:10]) for t in placed), placed   # a time, not a bar index
     assert len(ages) == 1 and 0 < float(ages[0].split()[0]) <= len(fx.signals) * BAR.total_seconds() / 60, ages
     href = js(browser, "document.getElementById('model-report-link').href")
     assert "Training report BTCUSDT" in requests.get(href, timeout=30).text
