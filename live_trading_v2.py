@@ -1379,29 +1379,29 @@ class Engine:
 
     # ------------------------------------------------------------ risk and journals
     def _check_kill_switch(self) -> None:
-        """Daily loss including unrealised PnL, on every price update: the strategy's own kill rule is run at
-        once on the price now (flatten, cancel, halt until the next UTC day); the halt is kept in the state
-        file so it survives a restart."""
+        """Daily loss including unrealised PnL, on every price update: the strategy's intrabar rule
+        (Execution.check_kill -> strategy.intrabar_kill, the rule the backtest core applies inside bars) compares
+        the price now with the trigger price of the own positions and cash; when reached: flatten, cancel, halt
+        until the next UTC day. The halt is kept in the state file so it survives a restart."""
         if self._exec is None or not math.isfinite(self.last_price) or self._bars.open_ms is None:
             return
-        day = self._day()
-        start = self._exec.day.start_equity
-        if self.state.get("halted_day") == day or self._exec.day.day != day or not math.isfinite(start):
-            return
-        equity = self._exec.mark(self.last_price)
-        if equity > (1 - self.cfg.strategy.daily_loss_limit) * start:
+        day = self._bars.open_ms // 86_400_000
+        if self.state.get("halted_day") == day:
             return
         import strategy
+        requests = self._exec.check_kill(self.last_price, self.last_price, self._bars.open_ms // self.bar_ms,
+                                         self._bars.open_ms / 1000.0)
+        if not (self._exec.day.halted and self._exec.day.day == day):
+            return
+        armed = strategy.DayState(day, self._exec.day.start_equity, False, self._exec.day.last_equity)
+        trigger, _ = strategy.kill_price(self._exec.positions(), self._exec.cash, armed, self.cfg.strategy)
+        equity, start = self._exec.mark(self.last_price), self._exec.day.start_equity
         self.state["halted_day"] = day
         self.journals.event("kill_switch", f"daily loss {equity - start:.2f} reached the "
-                                           f"{self.cfg.strategy.daily_loss_limit:.1%} limit: flattening, halted "
-                                           "until the next UTC day", "critical", equity=equity, day_start=start)
+                                           f"{self.cfg.strategy.daily_loss_limit:.1%} limit at {self.last_price} "
+                                           f"(trigger {trigger:.6g}): flattening, halted until the next UTC day",
+                            "critical", equity=equity, day_start=start, trigger=trigger)
         self.beat("flattening")
-        number = self._bars.open_ms // self.bar_ms
-        atr = float(self.state.get("last_atr") or math.nan)
-        requests = self._exec.on_bar_close(strategy.Bar(index=number, time=self._bars.open_ms / 1000.0,
-                                                        close=self.last_price, atr=atr, probs={}),
-                                           strategy.EntryGate(allowed=False, reason="kill-switch"))
         self.send(requests)
         self._save()
         self.beat("halted")
