@@ -79,6 +79,7 @@ def market() -> tuple[pd.DataFrame, pd.DataFrame, GlobalConfig, backtest.Backtes
     coarse, probs, _ = random_market(3000, seed=4)
     cfg = GlobalConfig()
     cfg.strategy.exec_threshold, cfg.strategy.direction_threshold = 0.5, 0.4
+    cfg.strategy.daily_loss_limit = 0.05          # at 3 % an intrabar kill halts the last day: nothing left open
     result = backtest.run_backtest(coarse, probs, cfg, record_intents=True)
     assert len(result.trades) >= 20 and (result.intents["kind"] == "limit").sum() >= 5
     return coarse, probs, cfg, result
@@ -220,7 +221,8 @@ def test_signals_journal_converts_straight_into_backtest_signals_input(market, t
     assert rows == len(coarse) - first_warm - 5
     out = tmp_path / "bt"
     args = ["--signals", str(tmp_path / "signals.csv"), "--timeframe", "5m", "--out", str(out),
-            "--set", "strategy.exec_threshold=0.5", "--set", "strategy.direction_threshold=0.4"]
+            "--set", "strategy.exec_threshold=0.5", "--set", "strategy.direction_threshold=0.4",
+            "--set", f"strategy.daily_loss_limit={cfg.strategy.daily_loss_limit}"]
     assert backtest.main(args) == 0
     cfg.data.timeframe = "5m"
     span = coarse.index[first_warm + 5:]
