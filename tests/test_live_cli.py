@@ -60,6 +60,7 @@ def test_dry_run_is_the_default_and_paper_uses_the_paper_profile(tmp_path, monke
 
 
 def test_refused_startup_checks_exit_3(market, tmp_path):
+    """A key that can move funds, an account that cannot be switched to hedge mode, a skewed clock."""
     model = write_model_dir(tmp_path)
     probs = write_probabilities(tmp_path / "p.csv", {})
     with exchange(market) as ex:
@@ -68,6 +69,11 @@ def test_refused_startup_checks_exit_3(market, tmp_path):
         assert rc == live.EXIT_STARTUP, out[-2000:]
         assert "can move funds" in out
         ex.call(lambda: ex.exchange.permissions.update({"Wallet": []}))
+        ex.call(lambda: setattr(ex.exchange.faults, "refuse_mode_switch", True))
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs)), tmp_path)
+        assert rc == live.EXIT_STARTUP, out[-2000:]
+        assert "cannot switch to hedge mode" in out and not ex.call(lambda: ex.exchange.engine.hedge)
+        ex.call(lambda: setattr(ex.exchange.faults, "refuse_mode_switch", False))
         ex.call(lambda: setattr(ex.exchange.faults, "time_skew_ms", 60_000))
         rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs)), tmp_path)
     assert rc == live.EXIT_STARTUP, out[-2000:]
