@@ -589,6 +589,7 @@ class Engine:
         self.sim_lock = threading.RLock()
         self._exec: Any = None
         self._last_beat = -math.inf
+        self._beat_positions = -1      # open_positions in the heartbeat file as last written
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -669,6 +670,7 @@ class Engine:
 
     def _write_heartbeat(self) -> None:
         positions = [p for p in self._exchange_positions().values() if p]
+        self._beat_positions = len(positions)
         atomic_write_text(Path(self.cfg.live.state_dir) / f"heartbeat_{self.symbol}.json", json.dumps({
             "ts": self.clock.wall_ms(), "pid": os.getpid(), "phase": self.phase, "symbol": self.symbol,
             "mode": self.mode, "open_positions": len(positions), "last_stop_check": self.last_stop_check,
@@ -1427,6 +1429,8 @@ class Engine:
             self.state["execution"] = self._exec.to_json()
         self.state.update(symbol=self.symbol, mode=self.mode, links=self.links, saved_ms=self.clock.wall_ms())
         save_state(self.setup.state_file, {k: v for k, v in self.state.items() if not k.startswith("_")})
+        if sum(1 for v in self._exchange_positions().values() if v) != self._beat_positions:
+            self._write_heartbeat()   # the heartbeat never reports fewer or more positions than the state holds
 
 
 def stop_refused(err: exc.ExchangeError) -> bool:

@@ -144,3 +144,18 @@ def test_dry_run_follows_public_data_with_simulated_orders_and_its_own_state(mar
     assert len(journal(tmp_path, "signals")) >= 2 and placed == 0
     assert (tmp_path / "state" / f"bot_state_{SYMBOL}_dry-run.json").exists()
     assert not (tmp_path / "state" / f"bot_state_{SYMBOL}.json").exists()
+
+
+def test_heartbeat_open_positions_follow_every_position_update(tmp_path, monkeypatch):
+    """The heartbeat is rewritten as soon as a position push changes how many legs are open, not on the
+    next 5 s beat, so the watchdog and dashboard never read a count the state file no longer holds."""
+    monkeypatch.chdir(tmp_path)
+    model = write_model_dir(tmp_path)
+    engine = live.Engine(live.prepare(live.parse_args(["--symbol", SYMBOL, "--model-dir", str(model)]), env={}))
+    engine._exec = engine._load_execution()
+    beat = tmp_path / "state" / f"heartbeat_{SYMBOL}.json"
+    saved = tmp_path / "state" / f"bot_state_{SYMBOL}_dry-run.json"
+    for sizes, want in (({1: "0.5"}, 1), ({2: "0.3"}, 2), ({1: "0"}, 1), ({2: "0"}, 0)):
+        engine._on_private("position", [{"positionIdx": i, "size": v, "updatedTime": "1"} for i, v in sizes.items()])
+        state_open = sum(1 for v in json.loads(saved.read_text())["exchange_positions"].values() if v)
+        assert json.loads(beat.read_text())["open_positions"] == state_open == want
