@@ -146,3 +146,21 @@ def test_each_decision_sees_the_fills_pushed_inside_its_bar(market, tmp_path):
     assert len(engine) >= 5
     result = parity.compare_intents(engine, replay)
     assert result.mismatches == 0, result.first
+
+
+def test_drift_halt_pauses_entries_while_psi_exceeds_the_alert_level(market, tmp_path):
+    """Training quantiles the live `atr` can never match (PSI far above live.drift_psi_alert): the drift alert
+    is journaled and, with --drift-halt, the breakout the probabilities ask for is not entered."""
+    import json
+    model = write_model_dir(tmp_path)
+    (model / "features.json").write_text(json.dumps({"quantiles": {"atr": [1e12 + i for i in range(11)]}}))
+    probs = write_probabilities(tmp_path / "p.csv", {"2026-01-01T03:01:00Z": {"p_dir_long": 0.95}})
+    with exchange(market) as ex:
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "3",
+                                 "--drift-halt"), tmp_path)
+    assert rc == 0, out[-3000:]
+    alert = next(e for e in journal(tmp_path, "events") if e["event"] == "drift")
+    assert alert["drift"]["atr"] > live_config().live.drift_psi_alert
+    sig = next(s for s in journal(tmp_path, "signals") if s["bar_time"].startswith("2026-01-01T03:01"))
+    assert sig["warm"] and sig["entries_allowed"] is False and sig["reason"] == "drift halt"
+    assert not trades(tmp_path, kind="entry")
