@@ -1178,12 +1178,13 @@ class Engine:
         self._feed("order", {"orderLinkId": wire, "orderStatus": "Rejected", "rejectReason": str(err),
                              "updatedTime": str(self.clock.exchange_ms())})
         if req.kind == "sl" and stop_refused(err):
-            self._emergency_exit(req.position_id, req.side, req.qty)
+            self._emergency_exit(req.position_id, req.side, req.qty, str(err))
 
-    def _emergency_exit(self, position_id: str, side: str, qty: float) -> None:
-        """Reduce-only market exit when the exchange refuses a stop (price already beyond it)."""
+    def _emergency_exit(self, position_id: str, side: str, qty: float, why: str) -> None:
+        """Reduce-only market exit of a position that cannot have its stop (refused: price already beyond it,
+        or no stop price known)."""
         key = f"{position_id}|stop-refused-exit"
-        self.journals.event("error", f"stop refused for {position_id}: closing {qty} at market", "error")
+        self.journals.event("error", f"stop refused for {position_id} ({why}): closing {qty} at market", "error")
         self._own(key, "exit")
         try:
             self.client.place_order(key, side, qty, order_type="Market", reduce_only=True)
@@ -1367,7 +1368,7 @@ class Engine:
         key = f"{self.symbol}|protect|{idx}|{self.clock.exchange_ms()}"
         self.journals.event("error", f"position leg {idx} has {qty} without a stop: protecting it", "error")
         if not math.isfinite(trigger):
-            self._emergency_exit(f"leg-{idx}", side, qty)
+            self._emergency_exit(f"leg-{idx}", side, qty, "no stop price known for it")
             return
         self._own(key, "sl")
         try:
@@ -1375,7 +1376,7 @@ class Engine:
                                     trigger_price=trigger, trigger_direction=2 if long else 1)
         except exc.RejectedError as err:
             if stop_refused(err):
-                self._emergency_exit(f"leg-{idx}", side, qty)
+                self._emergency_exit(f"leg-{idx}", side, qty, str(err))
             else:
                 self.journals.event("error", f"protecting leg {idx} failed: {err}", "critical")
 
@@ -1433,13 +1434,22 @@ class Engine:
             self._write_heartbeat()   # the heartbeat never reports fewer or more positions than the state holds
 
 
+STOP_REFUSAL_WORDS = ("expectrising", "expectfalling", "triggerprice", "stoploss", "wrongside", "lossside",
+                      "shouldlower", "shouldhigher", "shouldbelower", "shouldbehigher")
+
+
 def stop_refused(err: exc.ExchangeError) -> bool:
-    """Whether the exchange refused a stop because price is already beyond it (by class and wording, not
-    one retCode: Bybit answers 10001/110092/110093/30208 with texts naming the stop or trigger price)."""
-    text = str(err).lower()
-    return isinstance(err, exc.RejectedError) and any(w in text for w in ("stoploss", "stop loss", "stop_loss",
-                                                                          "triggerprice", "trigger price",
-                                                                          "wrong side", "loss side"))
+    """Whether the exchange refused a stop because price is already beyond it. Classified by kind and wording,
+    not by one retCode: Bybit answers 110092/110093 ("expect Falling, but trigger_price[..] >= current[..]")
+    for a conditional order and 10001/30208-style texts naming the stop-loss side for an attached stopLoss;
+    the text is compared with case, spaces, '_' and digits removed. Balance, size, duplicate, not-found and
+    reduce-only refusals are other reasons and never count."""
+    other = (exc.InsufficientBalanceError, exc.MinNotionalError, exc.OrderNotFoundError, exc.DuplicateOrderError,
+             exc.ReduceOnlyError)
+    if not isinstance(err, exc.RejectedError) or isinstance(err, other):
+        return False
+    text = "".join(ch for ch in str(err).lower() if "a" <= ch <= "z")
+    return any(word in text for word in STOP_REFUSAL_WORDS)
 
 
 def main(argv: list[str] | None = None, env: dict | None = None) -> int:

@@ -159,3 +159,16 @@ def test_heartbeat_open_positions_follow_every_position_update(tmp_path, monkeyp
         engine._on_private("position", [{"positionIdx": i, "size": v, "updatedTime": "1"} for i, v in sizes.items()])
         state_open = sum(1 for v in json.loads(saved.read_text())["exchange_positions"].values() if v)
         assert json.loads(beat.read_text())["open_positions"] == state_open == want
+
+
+@pytest.mark.parametrize("code, text, refused", [
+    (110093, "expect Falling, but trigger_price[100.00] >= current[99.50]", True),
+    (110092, "expect Rising, but trigger_price[99.00] <= current[99.50]??LastPrice", True),
+    (10001, "StopLoss:3000 set for Buy position should lower than base_price:2990??LastPrice", True),
+    (110007, "ab not enough for new order", False),
+    (110017, "current position is zero, cannot fix reduce-only order qty", False),
+    (10001, "params error: side invalid", False)])
+def test_a_stop_refusal_is_recognised_by_kind_and_wording_not_by_one_code(code, text, refused):
+    import exchange_client as exc
+    err = exc.error_class(code)(f"place_order: retCode {code}: {text}", code=code)
+    assert live.stop_refused(err) is refused
