@@ -345,7 +345,8 @@ class LiveBars:
     (the same compiled clock as `data_loader.BookReplay`), drained at each close and reduced per bar once
     complete (`orderbook.BookBarSums`, so book columns equal data_loader's bit for bit).
     A bar closes when a message stamped at or after its end arrives, or `tick(now)` passes end + grace.
-    Trades stamped inside an already closed bar are counted (`late_trades`) and logged, never applied."""
+    Trades stamped inside an already closed bar are counted (`late_trades`, and per bar until `take_late`)
+    and logged, never applied: the signals journal and the heartbeat show them."""
 
     def __init__(self, bar_ms: int, book: ob.OrderBook, lock: threading.RLock, grace_ms: int):
         self.bar_ms, self.book, self.lock, self.grace_ms = bar_ms, book, lock, grace_ms
@@ -355,6 +356,7 @@ class LiveBars:
         self.book_sums = ob.BookBarSums(bar_ms)
         self.prev_close = math.nan
         self.late_trades = 0
+        self.late_by_bar: dict[int, int] = {}   # bar open ms -> late trades not yet journaled
         self.seen_ids: deque[str] = deque(maxlen=20000)
         self._seen_set: set[str] = set()
 
@@ -375,12 +377,19 @@ class LiveBars:
         self.start(ts_ms)
         if ts_ms < self.open_ms:
             self.late_trades += 1
+            bar = ts_ms // self.bar_ms * self.bar_ms
+            self.late_by_bar[bar] = self.late_by_bar.get(bar, 0) + 1
             log.warning("late trade %s stamped %s inside the closed bar %s: counted, not applied (%d so far)",
                         trade_id, iso(ts_ms), iso(ts_ms // self.bar_ms * self.bar_ms), self.late_trades)
             return []
         closed = self.close_until(ts_ms)
         self.trades.append((ts_ms, side, size, price))
         return closed
+
+    def take_late(self) -> dict[str, int]:
+        """Late trades per closed bar (ISO bar open -> count) since the last call."""
+        out, self.late_by_bar = {iso(ms): n for ms, n in sorted(self.late_by_bar.items())}, {}
+        return out
 
     def on_book_ts(self, ts_ms: int) -> list[pd.DataFrame]:
         self.start(ts_ms)
@@ -674,7 +683,8 @@ class Engine:
         atomic_write_text(Path(self.cfg.live.state_dir) / f"heartbeat_{self.symbol}.json", json.dumps({
             "ts": self.clock.wall_ms(), "pid": os.getpid(), "phase": self.phase, "symbol": self.symbol,
             "mode": self.mode, "open_positions": len(positions), "last_stop_check": self.last_stop_check,
-            "model": str(self.setup.model_dir or ""), "bars": self.bars_closed}))
+            "model": str(self.setup.model_dir or ""), "bars": self.bars_closed,
+            "late_trades": self._bars.late_trades if hasattr(self, "_bars") else 0}))
 
     def _exchange_positions(self) -> dict[int, float]:
         return dict(self.state.get("exchange_positions", {}))
@@ -1032,6 +1042,7 @@ class Engine:
             "atr": atr, "warm": warm, **probs, "exec_threshold": s.exec_threshold,
             "direction_threshold": s.direction_threshold, "aggressive_threshold": s.aggressive_threshold,
             "entries_allowed": allowed, "reason": reason, "latency_ms": latency,
+            "late_trades": self._bars.take_late(), "late_trades_total": self._bars.late_trades,
             "intents": [{"kind": it.kind, "side": it.side, "price": it.price, "qty": it.qty, "tp_dist": it.tp_dist,
                          "sl_dist": it.sl_dist, "reason": it.reason}
                         for it in (self._exec.last_intents if self._exec is not None else [])],

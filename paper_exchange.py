@@ -837,8 +837,11 @@ class PaperExchange:
                     for out in self._apply_push_faults(name, msg):
                         frames.extend((conn, out) for conn in listeners)
         for topic, msg, ts in self._market_frames(trades):
-            self.last_push_ts[topic] = ts
-            for out in self._apply_push_faults(topic, msg):
+            sent = self._apply_push_faults(topic, msg)
+            if sent:   # a held-back push counts once it is really sent (lockstep clients wait for it)
+                latest = ts if sent == [msg] else max(int(json.loads(out).get("ts") or 0) for out in sent)
+                self.last_push_ts[topic] = max(self.last_push_ts.get(topic, 0), latest)
+            for out in sent:
                 for conn in self.conns:
                     if not conn.private and topic in conn.topics:
                         frames.append((conn, out))

@@ -42,3 +42,34 @@ def test_bars_replayed_message_by_message_equal_data_loader(market, tmp_path):
             else:
                 assert float(got) == float(exp), (rec["bar_time"], col, got, exp)
     assert sum(r["bar"]["trade_count"] for r in signals) > 100
+
+
+def test_late_trades_are_counted_per_bar_and_never_lost(market, tmp_path):
+    """Every trade push held back and delivered after the next one: those that land after their bar closed are
+    counted per bar in the signals journal (and in total in the heartbeat), so each bar's trades equal
+    data_loader's count once the late ones are added back."""
+    import json
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    with exchange(market) as ex:
+        ex.call(lambda: (setattr(ex.exchange.faults, "push_topic", f"publicTrade.{SYMBOL}"),
+                         setattr(ex.exchange.faults, "reorder_pushes", 10 ** 9)))
+        rc, out = run(engine_cmd(ex.url, model, market, "--signal-only", "--probabilities", str(probs),
+                                 "--max-bars", "12"), tmp_path)
+    assert rc == 0, out[-3000:]
+    signals = journal(tmp_path, "signals")
+    late: dict[int, int] = {}
+    for rec in signals:
+        for when, n in rec["late_trades"].items():
+            ms = int(pd.Timestamp(when).value // 1_000_000)
+            late[ms] = late.get(ms, 0) + n
+    total = signals[-1]["late_trades_total"]
+    assert total == sum(late.values()) > 0 and "late trade" in out
+    beat = json.loads((tmp_path / "state" / f"heartbeat_{SYMBOL}.json").read_text())
+    assert beat["late_trades"] >= total
+    cfg = live_config()
+    cfg.data.data_dir, cfg.data.cache = str(market), False
+    want = data_loader.load_bars(cfg)
+    for rec in signals[:-2]:   # a bar's late trades arrive with the next trade push, before two more bars close
+        expected = int(want.loc[pd.Timestamp(rec["bar_ms"], unit="ms", tz="UTC"), "trade_count"])
+        assert rec["bar"]["trade_count"] + late.get(rec["bar_ms"], 0) == expected, rec["bar_time"]
