@@ -660,6 +660,8 @@ class Engine:
         for stream in (self.watchdog, self.market, self.private):
             if stream is not None:
                 (stream.stop if stream is self.watchdog else stream.close)()
+        if getattr(self, "_recorder", None) is not None:
+            self._recorder.close()
         self.journals.event("shutdown", f"{self.symbol} engine stopped", bars=self.bars_closed,
                             late_trades=self._bars.late_trades if hasattr(self, "_bars") else 0)
         self.stop_event.set()
