@@ -345,7 +345,8 @@ class LiveBars:
     (the same compiled clock as `data_loader.BookReplay`), drained at each close and reduced per bar once
     complete (`orderbook.BookBarSums`, so book columns equal data_loader's bit for bit).
     A bar closes when a message stamped at or after its end arrives, or `tick(now)` passes end + grace.
-    Trades stamped inside an already closed bar are counted (`late_trades`) and logged, never applied."""
+    Trades stamped inside an already closed bar are counted (`late_trades`, and per bar until `take_late`)
+    and logged, never applied: the signals journal and the heartbeat show them."""
 
     def __init__(self, bar_ms: int, book: ob.OrderBook, lock: threading.RLock, grace_ms: int):
         self.bar_ms, self.book, self.lock, self.grace_ms = bar_ms, book, lock, grace_ms
@@ -355,6 +356,7 @@ class LiveBars:
         self.book_sums = ob.BookBarSums(bar_ms)
         self.prev_close = math.nan
         self.late_trades = 0
+        self.late_by_bar: dict[int, int] = {}   # bar open ms -> late trades not yet journaled
         self.seen_ids: deque[str] = deque(maxlen=20000)
         self._seen_set: set[str] = set()
 
@@ -375,12 +377,19 @@ class LiveBars:
         self.start(ts_ms)
         if ts_ms < self.open_ms:
             self.late_trades += 1
+            bar = ts_ms // self.bar_ms * self.bar_ms
+            self.late_by_bar[bar] = self.late_by_bar.get(bar, 0) + 1
             log.warning("late trade %s stamped %s inside the closed bar %s: counted, not applied (%d so far)",
                         trade_id, iso(ts_ms), iso(ts_ms // self.bar_ms * self.bar_ms), self.late_trades)
             return []
         closed = self.close_until(ts_ms)
         self.trades.append((ts_ms, side, size, price))
         return closed
+
+    def take_late(self) -> dict[str, int]:
+        """Late trades per closed bar (ISO bar open -> count) since the last call."""
+        out, self.late_by_bar = {iso(ms): n for ms, n in sorted(self.late_by_bar.items())}, {}
+        return out
 
     def on_book_ts(self, ts_ms: int) -> list[pd.DataFrame]:
         self.start(ts_ms)
@@ -589,6 +598,7 @@ class Engine:
         self.sim_lock = threading.RLock()
         self._exec: Any = None
         self._last_beat = -math.inf
+        self._beat_positions = -1      # open_positions in the heartbeat file as last written
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -650,6 +660,8 @@ class Engine:
         for stream in (self.watchdog, self.market, self.private):
             if stream is not None:
                 (stream.stop if stream is self.watchdog else stream.close)()
+        if getattr(self, "_recorder", None) is not None:
+            self._recorder.close()
         self.journals.event("shutdown", f"{self.symbol} engine stopped", bars=self.bars_closed,
                             late_trades=self._bars.late_trades if hasattr(self, "_bars") else 0)
         self.stop_event.set()
@@ -669,10 +681,12 @@ class Engine:
 
     def _write_heartbeat(self) -> None:
         positions = [p for p in self._exchange_positions().values() if p]
+        self._beat_positions = len(positions)
         atomic_write_text(Path(self.cfg.live.state_dir) / f"heartbeat_{self.symbol}.json", json.dumps({
             "ts": self.clock.wall_ms(), "pid": os.getpid(), "phase": self.phase, "symbol": self.symbol,
             "mode": self.mode, "open_positions": len(positions), "last_stop_check": self.last_stop_check,
-            "model": str(self.setup.model_dir or ""), "bars": self.bars_closed}))
+            "model": str(self.setup.model_dir or ""), "bars": self.bars_closed,
+            "late_trades": self._bars.late_trades if hasattr(self, "_bars") else 0}))
 
     def _exchange_positions(self) -> dict[int, float]:
         return dict(self.state.get("exchange_positions", {}))
@@ -1030,6 +1044,7 @@ class Engine:
             "atr": atr, "warm": warm, **probs, "exec_threshold": s.exec_threshold,
             "direction_threshold": s.direction_threshold, "aggressive_threshold": s.aggressive_threshold,
             "entries_allowed": allowed, "reason": reason, "latency_ms": latency,
+            "late_trades": self._bars.take_late(), "late_trades_total": self._bars.late_trades,
             "intents": [{"kind": it.kind, "side": it.side, "price": it.price, "qty": it.qty, "tp_dist": it.tp_dist,
                          "sl_dist": it.sl_dist, "reason": it.reason}
                         for it in (self._exec.last_intents if self._exec is not None else [])],
@@ -1176,12 +1191,13 @@ class Engine:
         self._feed("order", {"orderLinkId": wire, "orderStatus": "Rejected", "rejectReason": str(err),
                              "updatedTime": str(self.clock.exchange_ms())})
         if req.kind == "sl" and stop_refused(err):
-            self._emergency_exit(req.position_id, req.side, req.qty)
+            self._emergency_exit(req.position_id, req.side, req.qty, str(err))
 
-    def _emergency_exit(self, position_id: str, side: str, qty: float) -> None:
-        """Reduce-only market exit when the exchange refuses a stop (price already beyond it)."""
+    def _emergency_exit(self, position_id: str, side: str, qty: float, why: str) -> None:
+        """Reduce-only market exit of a position that cannot have its stop (refused: price already beyond it,
+        or no stop price known)."""
         key = f"{position_id}|stop-refused-exit"
-        self.journals.event("error", f"stop refused for {position_id}: closing {qty} at market", "error")
+        self.journals.event("error", f"stop refused for {position_id} ({why}): closing {qty} at market", "error")
         self._own(key, "exit")
         try:
             self.client.place_order(key, side, qty, order_type="Market", reduce_only=True)
@@ -1365,7 +1381,7 @@ class Engine:
         key = f"{self.symbol}|protect|{idx}|{self.clock.exchange_ms()}"
         self.journals.event("error", f"position leg {idx} has {qty} without a stop: protecting it", "error")
         if not math.isfinite(trigger):
-            self._emergency_exit(f"leg-{idx}", side, qty)
+            self._emergency_exit(f"leg-{idx}", side, qty, "no stop price known for it")
             return
         self._own(key, "sl")
         try:
@@ -1373,7 +1389,7 @@ class Engine:
                                     trigger_price=trigger, trigger_direction=2 if long else 1)
         except exc.RejectedError as err:
             if stop_refused(err):
-                self._emergency_exit(f"leg-{idx}", side, qty)
+                self._emergency_exit(f"leg-{idx}", side, qty, str(err))
             else:
                 self.journals.event("error", f"protecting leg {idx} failed: {err}", "critical")
 
@@ -1427,15 +1443,26 @@ class Engine:
             self.state["execution"] = self._exec.to_json()
         self.state.update(symbol=self.symbol, mode=self.mode, links=self.links, saved_ms=self.clock.wall_ms())
         save_state(self.setup.state_file, {k: v for k, v in self.state.items() if not k.startswith("_")})
+        if sum(1 for v in self._exchange_positions().values() if v) != self._beat_positions:
+            self._write_heartbeat()   # the heartbeat never reports fewer or more positions than the state holds
+
+
+STOP_REFUSAL_WORDS = ("expectrising", "expectfalling", "triggerprice", "stoploss", "wrongside", "lossside",
+                      "shouldlower", "shouldhigher", "shouldbelower", "shouldbehigher")
 
 
 def stop_refused(err: exc.ExchangeError) -> bool:
-    """Whether the exchange refused a stop because price is already beyond it (by class and wording, not
-    one retCode: Bybit answers 10001/110092/110093/30208 with texts naming the stop or trigger price)."""
-    text = str(err).lower()
-    return isinstance(err, exc.RejectedError) and any(w in text for w in ("stoploss", "stop loss", "stop_loss",
-                                                                          "triggerprice", "trigger price",
-                                                                          "wrong side", "loss side"))
+    """Whether the exchange refused a stop because price is already beyond it. Classified by kind and wording,
+    not by one retCode: Bybit answers 110092/110093 ("expect Falling, but trigger_price[..] >= current[..]")
+    for a conditional order and 10001/30208-style texts naming the stop-loss side for an attached stopLoss;
+    the text is compared with case, spaces, '_' and digits removed. Balance, size, duplicate, not-found and
+    reduce-only refusals are other reasons and never count."""
+    other = (exc.InsufficientBalanceError, exc.MinNotionalError, exc.OrderNotFoundError, exc.DuplicateOrderError,
+             exc.ReduceOnlyError)
+    if not isinstance(err, exc.RejectedError) or isinstance(err, other):
+        return False
+    text = "".join(ch for ch in str(err).lower() if "a" <= ch <= "z")
+    return any(word in text for word in STOP_REFUSAL_WORDS)
 
 
 def main(argv: list[str] | None = None, env: dict | None = None) -> int:
