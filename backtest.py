@@ -64,8 +64,9 @@ ASSUMPTIONS = [
     "moved against us by the slippage; taker fee.",
     "When one bar reaches both take-profit and stop, finer bars decide if given; otherwise the stop is assumed.",
     "On the bar a position opens only its stop can trigger unless finer bars show the take-profit came later.",
-    "Take-profit and stop are set from the fill price with the ATR at the decision, on the tick grid: the "
-    "take-profit rounded away from the fill, the stop towards it.",
+    "Take-profit set from the fill price, stop from the entry's reference price (the limit price; a market "
+    "entry's decision close, where its exchange-side stop is attached), with the ATR at the decision, on the "
+    "tick grid: the take-profit rounded away from the fill, the stop towards it.",
     "Sizing: risk_per_trade x equity / stop distance, capped so positions plus resting entries stay within "
     "max_leverage x equity, rounded down to the quantity step; orders below min quantity or notional are skipped.",
     "max_positions counts open positions plus resting entries; at most one resting entry per side.",
@@ -159,13 +160,14 @@ def _close(k: int, px: float, fee_rate: float, reason: int, when: float, bar: in
 
 
 @njit(cache=True)
-def _open(s: int, px: float, qty_: float, tp_dist: float, sl_dist: float, tick: float, regime: int,
+def _open(s: int, px: float, qty_: float, tp_dist: float, sl_dist: float, sl_ref: float, tick: float, regime: int,
           fee_rate: float, when: float, bar: int, fine_k: int, pos: np.ndarray, side: np.ndarray, qty: np.ndarray,
           fill_bar: np.ndarray) -> float:
     """Open a position in a free slot; returns the entry fee (to take from cash).
 
     TP and SL go on the tick grid, both rounded in the position's direction (grid.snap_round): the
-    take-profit away from the fill, the stop towards it, so the loss at the stop never exceeds the sizing.
+    take-profit `tp_dist` away from the fill, the stop `sl_dist` from the entry's reference price `sl_ref`
+    (strategy.py's stop rule: the limit price, or the decision close of a market entry), towards it.
     """
     for k in range(qty.shape[0]):
         if qty[k] == 0.0:
@@ -175,7 +177,7 @@ def _open(s: int, px: float, qty_: float, tp_dist: float, sl_dist: float, tick: 
             fill_bar[k] = bar
             pos[k, PS_ENTRY] = px
             pos[k, PS_TP] = snap_round(px + s * tp_dist, tick, s)
-            pos[k, PS_SL] = snap_round(px - s * sl_dist, tick, s)
+            pos[k, PS_SL] = snap_round(sl_ref - s * sl_dist, tick, s)
             pos[k, PS_FINE_K] = fine_k
             pos[k, PS_REGIME] = regime
             pos[k, PS_ENTRY_FEE] = fee
@@ -294,7 +296,8 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                     m_from = max(m_from, k0)
             elif kind == st.MARKET:
                 cash -= _open(s, ref_px * (1.0 + s * slip), pend[j, st.K_QTY], pend[j, st.K_TP],
-                              pend[j, st.K_SL], tick, TAKER, taker_fee, ref_t, i, k0, pos, side, qty, fill_bar)
+                              pend[j, st.K_SL], pend[j, st.K_PRICE], tick, TAKER, taker_fee, ref_t, i, k0, pos,
+                              side, qty, fill_bar)
                 filled = True
                 m_from = max(m_from, k0)
             else:
@@ -318,14 +321,14 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                     m0 = int(rest[r, RS_FINE_K]) if rbar[r] == i - 1 and rest[r, RS_FINE_K] >= 0 else fstart[i]
                     for m in range(m0, fend[i]):
                         if _limit_hit(s, rp[r], fh[m], fl[m], touch):
-                            cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], tick, MAKER, maker_fee,
-                                          float(ft[m]), i, m, pos, side, qty, fill_bar)
+                            cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], rp[r], tick, MAKER,
+                                          maker_fee, float(ft[m]), i, m, pos, side, qty, fill_bar)
                             rq[r] = 0.0
                             filled = True
                             m_from = max(m_from, m)
                             break
                 elif _limit_hit(s, rp[r], h[i], lo_[i], touch):
-                    cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], tick, MAKER, maker_fee,
+                    cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], rp[r], tick, MAKER, maker_fee,
                                   float(t[i]), i, -1, pos, side, qty, fill_bar)
                     rq[r] = 0.0
                     filled = True

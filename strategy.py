@@ -8,6 +8,11 @@ Timing contract: `decide` runs at a bar's close. Market intents fill at the next
 (plus slippage and latency); limit intents are placed then (PostOnly, rejected if they would
 cross); cancels and exits also act then. Resting entries placed at the close of bar p may fill in
 bars p+1 .. p+time_limit_bars and are cancelled at the close of bar p+time_limit_bars.
+
+Stop rule: an intent's `tp_dist` is measured from the fill, its `sl_dist` from the entry's reference price
+(`Intent.price`: the limit price, at which a maker entry fills; the decision close for a market entry), where
+the exchange-side stop is attached when the entry is created. A market entry's stop is therefore not moved
+to its fill: the backtest and the live engine stop at the same level whatever the slippage.
 """
 from __future__ import annotations
 

@@ -221,14 +221,14 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
                        "pnl": p.side * p.qty * (px - p.entry) - p.entry_fee - fee - p.funding})
         slots[k] = None
 
-    def open_pos(side, px, qty, tp_dist, sl_dist, regime, fee_rate, when, bar, fine_k):
+    def open_pos(side, px, qty, tp_dist, sl_dist, regime, fee_rate, when, bar, fine_k, sl_ref):
         nonlocal cash
         k = slots.index(None)
         fee = qty * px * fee_rate
         cash -= fee
-        way = math.ceil if side == 1 else math.floor          # TP away from the fill, SL towards it
+        way = math.ceil if side == 1 else math.floor          # TP away from the fill, SL towards sl_ref
         slots[k] = Pos(side, qty, px, on_grid(px + side * tp_dist, inst.tick_size, way),
-                       on_grid(px - side * sl_dist, inst.tick_size, way), bar, fine_k, regime, fee, when)
+                       on_grid(sl_ref - side * sl_dist, inst.tick_size, way), bar, fine_k, regime, fee, when)
 
     n = len(rows)
     for i in range(n):
@@ -256,7 +256,8 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
                               "kill_switch" if reason == "kill_switch" else "time", ref_t, i)
                     last_fill = max(last_fill, k0)
             elif kind == "market":
-                open_pos(side, ref_px * (1 + side * slip), qty, tp_d, sl_d, "taker", v.taker_fee, ref_t, i, k0)
+                open_pos(side, ref_px * (1 + side * slip), qty, tp_d, sl_d, "taker", v.taker_fee, ref_t, i, k0,
+                         price)                       # a market entry's stop: from the decision close
                 last_fill = max(last_fill, k0)
             elif (side == 1 and price >= ref_px) or (side == -1 and price <= ref_px):
                 rejected += 1
@@ -272,12 +273,12 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
                 for m in range(first, len(fb)):
                     if _hit(side, o.price, fb[m][1]["high"], fb[m][1]["low"], touch):
                         open_pos(side, o.price, o.qty, o.tp_dist, o.sl_dist, "maker", v.maker_fee,
-                                 float(fb[m][0]), i, m)
+                                 float(fb[m][0]), i, m, o.price)
                         resting[side] = None
                         last_fill = max(last_fill, m)
                         break
             elif _hit(side, o.price, bar["high"], bar["low"], touch):
-                open_pos(side, o.price, o.qty, o.tp_dist, o.sl_dist, "maker", v.maker_fee, float(t), i, -1)
+                open_pos(side, o.price, o.qty, o.tp_dist, o.sl_dist, "maker", v.maker_fee, float(t), i, -1, o.price)
                 resting[side] = None
         for k in range(len(slots)):
             p = slots[k]

@@ -288,7 +288,7 @@ def test_breakout_market_entry_fee_slippage_and_end_of_data_close():
     assert t.regime == "taker" and t.exit_reason == "end_of_data"
     assert t.entry_price == pytest.approx(entry) and t.exit_price == pytest.approx(exit_)
     assert t.take_profit == 112.22 and t.qty == pytest.approx(50.0)   # fill + 1.2·10 ATR = 112.21002, tick away
-    assert t.stop_loss == 98.22                                         # fill - 2 ATR = 98.21002, tick towards
+    assert t.stop_loss == 98.0                             # decision close - 2 ATR: where the exchange stop is attached
     assert t.fees == pytest.approx(50 * entry * TAKER + 50 * exit_ * TAKER)
     assert t.exit_time == frame.index[-1] + pd.Timedelta("5min")
     assert r.equity["upnl"].iloc[-1] == 0.0

@@ -275,7 +275,7 @@ def test_entry_request_is_a_postonly_with_its_own_stop_and_a_deterministic_link_
     assert ex.resting() == [st.RestingOrder(st.LONG, 99.5, 50.0, 0, 1.2, 2.0)]
 
 
-def test_market_entry_fill_sets_tp_and_sl_from_the_fill_on_the_tick_grid():
+def test_market_entry_fill_sets_tp_from_the_fill_and_keeps_the_attached_stop_level():
     ex = Execution(make_cfg(), SYMBOL)
     (req,) = close(ex, 0, BREAKOUT_LONG)
     assert (req.order_type, req.time_in_force, req.price, req.stop_loss) == ("Market", "IOC", None, 98.0)
@@ -285,14 +285,14 @@ def test_market_entry_fill_sets_tp_and_sl_from_the_fill_on_the_tick_grid():
         ("create", "tp", "Sell", "Limit", "GTC", True)
     assert tp.price == 112.02 and tp.qty == req.qty                    # 100.013 + 12: up, away from the fill
     assert (sl.action, sl.kind, sl.order_type, sl.price, sl.reduce_only, sl.position_idx) == \
-        ("create", "sl", "Market", 98.02, True, 1)                    # the trigger; 98.013 rounded up, towards it
+        ("create", "sl", "Market", req.stop_loss, True, 1)            # the trigger: the attached stop, not fill - 2
     (pos,) = ex.positions()
     assert (pos.side, pos.qty, pos.entry_price, pos.tp, pos.sl, pos.fill_bar, pos.regime) == \
-        (st.LONG, req.qty, 100.013, 112.02, 98.02, 1, "taker")
+        (st.LONG, req.qty, 100.013, 112.02, 98.0, 1, "taker")
     (rec,) = res.journal
     assert {k: rec[k] for k in ("event", "kind", "side", "price", "qty", "fee", "tp", "sl", "ts")} == \
         {"event": "filled", "kind": "entry", "side": "Buy", "price": 100.013, "qty": req.qty, "fee": 1.0,
-         "tp": 112.02, "sl": 98.02, "ts": ms(1)}
+         "tp": 112.02, "sl": 98.0, "ts": ms(1)}
     assert ex.mark(101.013) == 10_000.0 - 1.0 + req.qty * 1.0
 
 
