@@ -148,16 +148,18 @@ def test_real_binance_recording_through_the_live_path_equals_data_loader_on_its_
                          env={})
     engine = live.Engine(setup)
     engine._open_market(exc.resolve_endpoints(setup.cfg.live, None))
-    last = 0
+    end = int(pd.Timestamp("2024-07-19T00:03", tz="UTC").value // 1_000_000)   # 23:57 -> 00:03, across midnight
     for msg in binance_as_bybit(realdata, "BTCUSDT", engine.market.book_topic):
+        if int(msg["ts"]) >= end:
+            break
         engine.market._on_topic(msg)
         engine._drain(timeout=0)
-        last = max(last, int(msg["ts"]))
-    for bar in engine._bars.close_until(last // engine.bar_ms * engine.bar_ms):
+    for bar in engine._bars.close_until(end):
         engine.on_bar(bar)
     engine._recorder.close()
     signals = journal(tmp_path, "signals", "BTCUSDT")
     recorded = loader_bars(tmp_path / "data" / "BTCUSDT_Bybit")
-    assert len(signals) >= 7 and sum(s["bar"]["trade_count"] for s in signals) > 5000
-    assert sum(s["bar"]["ob_samples"] for s in signals[1:]) > 300, "book columns come from the real book"
+    assert [s["bar_time"][11:16] for s in signals] == ["23:57", "23:58", "23:59", "00:00", "00:01", "00:02"]
+    assert sum(s["bar"]["trade_count"] for s in signals) > 3000
+    assert sum(s["bar"]["ob_samples"] for s in signals[1:]) > 250, "book columns come from the real book"
     assert_bars_equal(signals, recorded)
