@@ -12,12 +12,15 @@ Lifecycle (the same as the core's):
     `OrderRequest`s that act from the next bar: a PostOnly entry (the exchange rejects it if it would
     cross), a market entry, a reduce-only market exit (time / kill-switch) which also cancels the
     position's own TP and SL, and cancels of resting entries (expired, superseded, kill-switch).
-  * Every entry carries its own exchange-side stop from creation (`stop_loss`: the decision's reference
-    price ∓ SL distance; with Bybit tpslMode=Partial), so a fill is never unprotected. When the entry has
-    filled, the follow-ups are the position's own take-profit (a reduce-only GTC limit = a maker order) and
-    stop (a reduce-only conditional market order, kind "sl", `price` = its trigger): TP and SL are
-    `grid.snap_round(fill ± distance, tick, side)` — from the FILL price, TP rounded away from the fill,
-    SL towards it (as the core). When a TP, SL or exit fill closes a position, the sibling is cancelled.
+  * Every entry carries its own exchange-side stop from creation (`stop_loss`: the entry's reference
+    price ∓ SL distance, rounded towards it; with Bybit tpslMode=Partial), so a fill is never unprotected.
+    The reference price is the limit price (a maker entry's fill) or the decision close (a market entry):
+    strategy.py's stop rule, which the core applies too, so the attached stop is never at another level
+    than the position's. When the entry has filled, the follow-ups are the position's own take-profit (a
+    reduce-only GTC limit = a maker order, `grid.snap_round(fill ± distance, tick, side)`: from the FILL
+    price, rounded away from it) and stop (a reduce-only conditional market order, kind "sl", `price` =
+    its trigger = the attached stop's level, for the whole position). When a TP, SL or exit fill closes a
+    position, the sibling is cancelled.
   * `on_event(ExecEvent)` applies what the exchange reports. Impossible or stale events are reported in
     `EventResult.status` and never applied twice or backwards: "unknown" (link id we never sent, or
     a funding event for a leg we do not hold), "duplicate" (exec id already applied, or the same status
@@ -240,6 +243,21 @@ class Execution:
         self._prune()
         return requests
 
+    def check_kill(self, low: float, high: float, bar_index: int, bar_time: float) -> list[OrderRequest]:
+        """The intrabar daily kill-switch (strategy.intrabar_kill) on prices traded in [low, high] since the
+        last check, within the bar that opened at `bar_time` (epoch s; `bar_index` as Bar.index): when they
+        reach the trigger of this object's own positions and cash (the equity the bar-close rule uses), the
+        day is halted and every position gets a reduce-only market exit (reason kill_switch, cancelling its TP
+        and SL) and every resting entry a cancel. Returns those requests ([] when nothing breached).
+        The backtest core applies the same rule after a bar's fills, on its adverse extreme."""
+        if not st.intrabar_kill(low, high, bar_time, self.positions(), self.cash, self.day, self.cfg.strategy):
+            return []
+        bar = st.Bar(index=bar_index, time=bar_time, close=math.nan, atr=math.nan)
+        requests = []
+        for pos in [p for p in self.slots if p is not None]:
+            requests += self._exit(pos, "kill_switch", bar)
+        return requests + [self._cancel(o, "kill_switch") for o in self._open_entries()]
+
     def _prune(self) -> None:
         """Forget settled orders older than PRUNE_BARS whose position is closed (late events for them are
         then reported as unknown), so the state file stays small."""
@@ -440,13 +458,14 @@ class Execution:
             self.slots.append(pos)
 
     def _protect(self, pos: Book | None) -> list[OrderRequest]:
-        """After the entry: the take-profit limit and the stop moved to the fill, for the whole position."""
+        """After the entry: the take-profit limit from the fill and the stop at the attached stop's level, for the
+        whole position (strategy.py's stop rule)."""
         if pos is None or pos.tp_link:
             return []
         entry = self.orders[pos.position_id]
         tick = self.cfg.instrument.tick_size
         pos.tp = grid.snap_round(pos.entry_price + pos.side * entry.tp_dist, tick, pos.side)
-        pos.sl = grid.snap_round(pos.entry_price - pos.side * entry.sl_dist, tick, pos.side)
+        pos.sl = entry.request.stop_loss
         common = dict(side=SIDE_NAME[-pos.side], qty=pos.qty, reduce_only=True, position_idx=_leg(pos.side),
                       stop_loss=None, position_id=pos.position_id, reason=entry.request.reason)
         tp = OrderRequest(action="create", order_link_id=order_link_id(pos.entry_key + "|tp"), kind="tp",

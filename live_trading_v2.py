@@ -509,6 +509,15 @@ def complete_grid(bars: pd.DataFrame, first_ms: int, last_ms: int, bar_ms: int) 
     return out, missing
 
 
+def extend_window(window: pd.DataFrame, bar: pd.DataFrame, keep: int) -> pd.DataFrame:
+    """A new frame: the last `keep` bars of `window` + the one-row `bar` (a bar of the same time as one in
+    the window replaces it). The usual case, a bar after the window's last, takes one copy instead of three."""
+    if len(window) and bar.index[0] > window.index[-1] and window.index.is_monotonic_increasing:
+        return pd.concat([window.iloc[len(window) - keep + 1:] if len(window) >= keep else window, bar])
+    joined = pd.concat([window, bar]).iloc[-keep:]
+    return joined[~joined.index.duplicated(keep="last")].copy()
+
+
 # ---------------------------------------------------------------- drift (PSI against training)
 def psi(values: np.ndarray, edges: list[float]) -> float:
     """Population stability index of `values` against training deciles `edges` (each bin holds an equal
@@ -762,9 +771,17 @@ class Engine:
         if unknown.any():
             last_unknown = int(grid.index[np.flatnonzero(unknown)[-1]].value // 1_000_000) // self.bar_ms
             self.missing_until = last_unknown + 1 + feature_engine.warmup_bars(self.cfg)
+        self._load_kernels()
         wait = max(0, self.missing_until - first_live // self.bar_ms)
         log.info("warm-up: %d bars from files, %d from klines; %s", len(files), len(klines),
                  "warm now" if wait == 0 else f"warm in {wait} bars ({wait * self.bar_ms / 60000:.0f} min)")
+
+    def _load_kernels(self) -> None:
+        """Features and probabilities once on the warm-up window, so the first live bar does not pay for loading
+        the compiled feature kernels and LightGBM (about 100 ms); results unused."""
+        feats = feature_engine.compute_features(self.window, self.cfg)
+        if self.bundle is not None and len(feats):
+            self.bundle.predict(feats.iloc[-1:])
 
     def own_recordings(self) -> Path:
         return Path("data") / f"{self.symbol}_Bybit"
@@ -1035,9 +1052,8 @@ class Engine:
             self.missing_until = max(self.missing_until, number + feature_engine.warmup_bars(self.cfg))
         if bar.attrs.get("partial"):
             self.missing_until = max(self.missing_until, number + 1 + feature_engine.warmup_bars(self.cfg))
-        self.window = pd.concat([self.window, bar]).iloc[-max(self.cfg.live.window_bars,
-                                                               feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS):]
-        self.window = self.window[~self.window.index.duplicated(keep="last")].copy()
+        self.window = extend_window(self.window, bar, max(self.cfg.live.window_bars,
+                                                          feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS))
         data_loader.mark_gaps(self.window, self.bar_ms // 1000, self.cfg.data.gap_threshold,
                               self.window["is_gap"].to_numpy(bool))   # the research gap rule, on the window
         feats = feature_engine.compute_features(self.window, self.cfg)
@@ -1085,7 +1101,7 @@ class Engine:
             row = table.loc[bar_ms]
             row = row.iloc[-1] if isinstance(row, pd.DataFrame) else row
             return {c: float(row[c]) for c in PROB_COLUMNS}
-        pred = self.bundle.predict(feats.iloc[-1:][self.bundle.feature_names])
+        pred = self.bundle.predict(feats.iloc[-1:])
         return {c: float(pred[c.replace("p_", "")].iloc[0]) if c.replace("p_", "") in pred.columns
                 else float(pred[c].iloc[0]) for c in PROB_COLUMNS}
 

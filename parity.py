@@ -479,8 +479,8 @@ def backtest_vs_live(live_intents: pd.DataFrame, bt_intents: pd.DataFrame, live:
     """Layer 4. Intents must agree up to the bar of the first differently settled fill (an earlier intent
     difference is a mismatch); matched trades' differences and the final equity difference must stay within
     `tol` (each excess counts as a mismatch). Closed trades only: the backtest's positions closed at the end of
-    the data (end_of_data) are still open in the engine, so they are counted apart, not matched. details: the divergence with both states, the largest differences,
-    the matched pairs."""
+    the data (end_of_data) are still open in the engine, so they are counted apart, not matched. details: the
+    divergence with both states, the largest differences, the matched pairs."""
     res = LayerResult("backtest_vs_live")
     ended = bt["exit_reason"] == "end_of_data"
     every = bt.assign(exit_reason=bt["exit_reason"].where(~ended, OPEN)).sort_values("entry_time", kind="stable")
@@ -755,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     try:
-        args.model_dir = resolve_model_dir(args.model_dir)
+        args.model_dir, args.data_dir = resolve_model_dir(args.model_dir).resolve(), args.data_dir.resolve()
         cfg = load_config(args.model_dir, args.data_dir, args.set_values)
         span_bars(args.start, args.end, bar_seconds(cfg))
         import models

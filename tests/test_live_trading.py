@@ -61,7 +61,8 @@ def test_breakout_market_entry_carries_its_stop_from_the_fill(scripted):
         "the exchange stop exists from the moment of the (first partial) fill"
     own = own_stop(orders, entry)
     assert own.trigger_price * 0.01 == pytest.approx(fill["sl"], abs=1e-9) and own.qty == entry.cum_qty, \
-        "the position's own stop: fill - SL distance, whole size"
+        "the position's own stop: at its journaled level, whole size"
+    assert own.trigger_price == entry.stop_loss, "strategy.py's stop rule: the attached stop's level, not moved"
     assert all(not o.is_open and o.updated == own.created for o in attached), \
         "the attached partial stops are cancelled as soon as the own stop stands (none may close another position)"
 
