@@ -428,6 +428,19 @@ class LiveBars:
         return bar
 
 
+def restate_on_new_day(book: ob.OrderBook, lock: threading.RLock, ts_ms: int, day: int) -> int:
+    """Daily book files (the collector's, Bybit's archive) open each UTC day with a snapshot, which restarts
+    the sampling clock's OFI (the first sample after it has no previous top of book). A live stream has no
+    such snapshot, so after the first book message of a new day the book is re-applied as a snapshot of
+    itself at that message's time: live bars stay equal to data_loader's across midnight. Returns the day."""
+    today = ts_ms // 86_400_000
+    if today > day >= 0 and book.valid:
+        with lock:
+            bp, bq, ap, aq = book.top(1 << 62)
+            book.apply_snapshot(np.column_stack([bp, bq]), np.column_stack([ap, aq]), book.last_u, ts=ts_ms)
+    return max(day, today)
+
+
 # ---------------------------------------------------------------- warm-up
 def empty_bars() -> pd.DataFrame:
     """No bars: BAR_COLUMNS over an empty UTC DatetimeIndex (so time comparisons still work)."""
@@ -802,23 +815,8 @@ class Engine:
         return resp.json()
 
     def _start_streams(self) -> None:
-        depth = min([d for d in BYBIT_DEPTHS if d >= self.cfg.data.ob_levels] or [BYBIT_DEPTHS[-1]])
+        self._open_market(self.client.endpoints)
         engine = self
-
-        class Stream(exc.MarketStream):
-            def _on_topic(self, msg: dict) -> None:
-                super()._on_topic(msg)
-                if msg.get("topic") == self.book_topic:
-                    engine.events.put(("book", int(msg.get("ts") or 0), msg))
-
-        self.market = Stream(self.client.endpoints, self.symbol, depth=depth,
-                             stale_after=parse_duration(self.cfg.live.ws_stale_after),
-                             on_trades=lambda rows: self.events.put(("trades", rows)))
-        self.market.book = ob.OrderBook(capacity=4096, sample_interval_ms=int(
-            parse_duration(self.cfg.data.book_sample_interval) * 1000), levels=self.cfg.data.ob_levels)
-        self._bars = LiveBars(self.bar_ms, self.market.book, self.market.lock,
-                              0 if self.args.lockstep else int(parse_duration(self.cfg.live.bar_close_grace) * 1000))
-        self._recorder = self._make_recorder(depth)
         self.market.start()
         streams: list = [self.market]
         if self.mode != "dry-run":
@@ -840,6 +838,31 @@ class Engine:
         while not all(s.ready for s in streams) and self.clock.monotonic() < deadline:
             self.clock.sleep(0.05)
         self.watchdog = exc.StreamWatchdog(streams).start()
+
+    def _open_market(self, endpoints: exc.Endpoints) -> None:
+        """The public stream (not yet connected), its sampling book, the bar builder and the recorder: every
+        book and trade message the stream handles is queued for `_handle`, in arrival order."""
+        depth = min([d for d in BYBIT_DEPTHS if d >= self.cfg.data.ob_levels] or [BYBIT_DEPTHS[-1]])
+        engine = self
+
+        class Stream(exc.MarketStream):
+            book_day = -1   # UTC day of the last book message
+
+            def _on_topic(self, msg: dict) -> None:
+                super()._on_topic(msg)
+                if msg.get("topic") == self.book_topic:
+                    ts = int(msg.get("ts") or 0)
+                    self.book_day = restate_on_new_day(self.book, self.lock, ts, self.book_day)
+                    engine.events.put(("book", ts, msg))
+
+        self.market = Stream(endpoints, self.symbol, depth=depth,
+                             stale_after=parse_duration(self.cfg.live.ws_stale_after),
+                             on_trades=lambda rows: self.events.put(("trades", rows)))
+        self.market.book = ob.OrderBook(capacity=4096, sample_interval_ms=int(
+            parse_duration(self.cfg.data.book_sample_interval) * 1000), levels=self.cfg.data.ob_levels)
+        self._bars = LiveBars(self.bar_ms, self.market.book, self.market.lock,
+                              0 if self.args.lockstep else int(parse_duration(self.cfg.live.bar_close_grace) * 1000))
+        self._recorder = self._make_recorder(depth)
 
     def _make_recorder(self, depth: int) -> Any:
         """The collector's file writer for what the engine receives (data/<SYM>_Bybit)."""

@@ -88,8 +88,8 @@ def run(cmd: list[str], cwd: Path, timeout: float = 120) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def journal(cwd: Path, name: str) -> list[dict]:
-    path = cwd / "logs" / f"{name}_{SYMBOL}.jsonl"
+def journal(cwd: Path, name: str, symbol: str = SYMBOL) -> list[dict]:
+    path = cwd / "logs" / f"{name}_{symbol}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 

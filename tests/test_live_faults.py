@@ -6,16 +6,22 @@ from __future__ import annotations
 import collections
 import signal
 
+import pytest
+
 from live_support import busy_probabilities, engine_cmd, exchange, journal, make_market, spawn, stop, wait_for, \
     write_model_dir
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    return make_market(tmp_path_factory.mktemp("market"))
 
 
 def entries_placed(cwd) -> int:
     return sum(1 for r in journal(cwd, "trades") if r.get("event") == "placed" and r.get("kind") == "entry")
 
 
-def test_faults_get_their_reaction_and_no_order_is_doubled(tmp_path):
-    market = make_market(tmp_path / "market")
+def test_faults_get_their_reaction_and_no_order_is_doubled(market, tmp_path):
     model = write_model_dir(tmp_path, **{"strategy.max_holding_bars": "3", "strategy.daily_loss_limit": "0.9"})
     probs = busy_probabilities(tmp_path / "p.csv")
     with exchange(market) as ex:
@@ -42,3 +48,33 @@ def test_faults_get_their_reaction_and_no_order_is_doubled(tmp_path):
     assert per_bar and max(per_bar.values()) == 1, "one entry order per intent"
     assert len({o.link_id for o in orders if o.link_id}) == sum(1 for o in orders if o.link_id)
     assert not any(e["event"] == "external" for e in journal(tmp_path, "events")), "nothing mistaken for foreign"
+
+
+def entry_requests(signal_record: dict) -> list[dict]:
+    return [r for r in signal_record["requests"] if r["action"] == "create" and r["kind"] == "entry"]
+
+
+def test_muted_pushes_close_entries_until_data_flows_again(market, tmp_path):
+    """The exchange keeps the sockets open but pushes nothing (public and private): once the data is older than
+    live.ws_stale_after, the stale-data gate closes entries; when pushes resume, entries resume."""
+    model = write_model_dir(tmp_path, **{"strategy.max_holding_bars": "3", "strategy.daily_loss_limit": "0.9"})
+    probs = busy_probabilities(tmp_path / "p.csv")
+    with exchange(market) as ex:
+        proc = spawn(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--lockstep-step", "20s"),
+                     tmp_path)
+        wait_for(lambda: any(entry_requests(s) for s in journal(tmp_path, "signals")), 120, "a first entry")
+        ex.call(lambda: setattr(ex.exchange.faults, "mute_pushes", True))
+        wait_for(lambda: sum(s["reason"].startswith("stale") for s in journal(tmp_path, "signals")) >= 3, 120,
+                 "three bars closed on stale data")
+        ex.call(lambda: setattr(ex.exchange.faults, "mute_pushes", False))
+        muted = len(journal(tmp_path, "signals"))
+        wait_for(lambda: any(entry_requests(s) for s in journal(tmp_path, "signals")[muted:]), 120,
+                 "entries after the pushes resumed")
+        rc, out = stop(proc, signal.SIGTERM)
+    assert rc == 0, out[-3000:]
+    signals = journal(tmp_path, "signals")
+    stale = [s for s in signals if s["reason"].startswith("stale")]
+    assert len(stale) >= 3 and all(not s["entries_allowed"] and not entry_requests(s) for s in stale)
+    assert any(e["event"] == "stale_data" for e in journal(tmp_path, "events"))
+    resumed = [s for s in signals[muted:] if entry_requests(s)]
+    assert resumed and resumed[0]["bar_ms"] > stale[-1]["bar_ms"]

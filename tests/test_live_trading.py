@@ -9,8 +9,8 @@ from pybit.unified_trading import HTTP
 
 import parity
 
-from live_support import SYMBOL, busy_probabilities, engine_cmd, exchange, journal, live_config, make_market, run, \
-    write_model_dir, write_probabilities
+from live_support import START_MS, SYMBOL, busy_probabilities, engine_cmd, exchange, journal, live_config, \
+    make_market, run, write_model_dir, write_probabilities
 
 WIDE = ("--set", "strategy.stop_loss_atr=40", "--set", "strategy.take_profit_atr=40",
         "--set", "strategy.max_holding_bars=3")
@@ -200,3 +200,35 @@ def test_a_stop_the_exchange_refuses_means_an_immediate_reduce_only_market_exit(
                  and not o.stop_order_type)
     assert exit_.status == "Filled" and ex.exchange.inst.qty(exit_.cum_qty) == pytest.approx(-held)
     assert final["positions"][2] == 0
+
+
+SHORT_WARMUP = {"features.macro_window": "15m", "features.day_window": "15m", "features.vwap_windows": "10m,15m",
+                "features.z_window": "10m", "features.ema_spans": "5m,10m,15m", "features.atr_span": "5m",
+                "features.rsi_span": "5m", "features.htf_timeframes": "5m", "features.htf_span": "1",
+                "features.bb_window": "10m", "features.imbalance_z_window": "10m", "features.intraday_window": "10m",
+                "features.slope_lag": "5m", "features.trend_window": "5m"}
+
+
+def test_warm_up_from_rest_klines_trades_nothing_until_the_logged_warm_bar(market, tmp_path):
+    """No history files: the window comes from the exchange's REST klines (00:00-02:59), whose book and
+    taker-flow columns are unknown. The log says how long until warm; every bar before that is not warm and
+    enters nothing although the probabilities ask for a breakout on every bar; from that bar on it trades."""
+    import feature_engine
+    warm = feature_engine.warmup_bars(live_config(**SHORT_WARMUP))
+    model = write_model_dir(tmp_path, **SHORT_WARMUP)
+    probs = write_probabilities(tmp_path / "p.csv", {f"2026-01-01T03:{m:02d}:00Z": {"p_dir_long": 0.95}
+                                                     for m in range(0, 40)})
+    (tmp_path / "empty").mkdir()
+    with exchange(market) as ex:
+        rc, out = run(engine_cmd(ex.url, model, tmp_path / "empty", "--probabilities", str(probs),
+                                 "--max-bars", str(warm + 2)), tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "warm-up: 0 bars from files, 180 from klines" in out
+    assert f"warm in {warm} bars ({warm} min)" in out
+    signals = journal(tmp_path, "signals")
+    first_warm = START_MS + warm * 60_000
+    before = [s for s in signals if s["bar_ms"] < first_warm]
+    assert len(before) == warm and all(not s["warm"] and s["reason"] == "not warm" for s in before)
+    assert not any(r["kind"] == "entry" for s in before for r in s["requests"])
+    after = [s for s in signals if s["bar_ms"] >= first_warm]
+    assert after[0]["warm"] and any(r["kind"] == "entry" for s in after for r in s["requests"])
