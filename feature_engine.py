@@ -24,6 +24,7 @@ Conventions every feature keeps:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import sys
@@ -48,6 +49,9 @@ _RATIO_FLOOR = 0.01  # std floor of z-scores of bounded ratios (taker share, imb
 _REL_FLOOR = 0.01  # std floor of z-scores of positive quantities, as a fraction of their rolling mean
 _TINY = 1e-12
 _MIN_TRADED_BARS = 3  # traded bars a taker-share z-score needs in its window (empty bars are common)
+_NEVER = np.iinfo(np.int64).max  # age of a value never seen; also "carry without a limit"
+_seconds = functools.lru_cache(maxsize=None)(parse_duration)  # config durations: parsed once, not at every bar
+_bars = functools.lru_cache(maxsize=None)(bars_for)
 
 
 # ---------------------------------------------------------------- compiled kernels
@@ -119,6 +123,24 @@ def _rolling_mean_std(x: np.ndarray, window: int, min_periods: int, ddof: int) -
     return mean_out, std_out
 
 
+@njit(cache=True)
+def _carry(x: np.ndarray, valid: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Last valid value if at most `limit` bars old (else NaN), and the age in bars of that value (int64 max
+    before the first valid one)."""
+    n = x.shape[0]
+    filled = np.full(n, np.nan)
+    age = np.full(n, _NEVER)
+    last = -1
+    for i in range(n):
+        if valid[i]:
+            last = i
+        if last >= 0:
+            age[i] = i - last
+            if i - last <= limit:
+                filled[i] = x[last]
+    return filled, age
+
+
 # ---------------------------------------------------------------- helpers
 def _min_periods(window: int) -> int:
     """Valid values a window needs: at least half of it, so gaps thin a statistic but never fake it."""
@@ -157,15 +179,6 @@ def _lag(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _carry(x: np.ndarray, valid: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """Last valid value if at most `limit` bars old (else NaN), and the age in bars of that value."""
-    idx = np.arange(x.shape[0])
-    last = np.maximum.accumulate(np.where(valid, idx, -1))
-    age = np.where(last >= 0, idx - last, np.iinfo(np.int64).max)
-    filled = np.where((last >= 0) & (age <= limit), x[np.maximum(last, 0)], np.nan)
-    return filled, age
-
-
 def _bars_of_data(is_gap: np.ndarray) -> np.ndarray:
     """Bars before each bar since the start of data or the last gap bar (-1 on a gap bar): the warm-up clock."""
     idx = np.arange(is_gap.shape[0])
@@ -194,7 +207,7 @@ def _ewm_warmup(alpha: float, tol: float) -> int:
 
 def _duration_label(duration: str) -> str:
     """'4h', '24h', '90m': a window as it appears in a feature name."""
-    seconds = int(round(parse_duration(duration)))
+    seconds = int(round(_seconds(duration)))
     if seconds % 3600 == 0:
         return f"{seconds // 3600}h"
     if seconds % 60 == 0:
@@ -204,7 +217,7 @@ def _duration_label(duration: str) -> str:
 
 def _ema_names(cfg: GlobalConfig) -> list[str]:
     """EMA names as the original system knew them: the span counted in 5m bars (45m -> ema_9)."""
-    return [f"ema_{round(parse_duration(s) / 300)}" for s in cfg.features.ema_spans]
+    return [f"ema_{round(_seconds(s) / 300)}" for s in cfg.features.ema_spans]
 
 
 def _htf_list(cfg: GlobalConfig) -> list[str]:
@@ -220,7 +233,7 @@ def feature_warmups(cfg: GlobalConfig) -> dict[str, int]:
     tol = fc.ewm_tolerance
 
     def bars(d: str) -> int:
-        return bars_for(d, tf)
+        return _bars(d, tf)
 
     atr_w = _ewm_warmup(_alpha_span(bars(fc.atr_span)), tol)
     z_w, iz_w, tr_w = max(2, bars(fc.z_window)), max(2, bars(fc.imbalance_z_window)), bars(fc.trend_window)
@@ -309,15 +322,15 @@ def _technical(c: np.ndarray, h: np.ndarray, low: np.ndarray, cfg: GlobalConfig)
     fc, tf, tick = cfg.features, cfg.data.timeframe, cfg.instrument.tick_size
     prev = _lag(c, 1)
     tr = np.fmax(h - low, np.fmax(np.abs(h - prev), np.abs(low - prev)))
-    atr = np.maximum(_ewm(tr, _alpha_span(bars_for(fc.atr_span, tf))), tick)
+    atr = np.maximum(_ewm(tr, _alpha_span(_bars(fc.atr_span, tf))), tick)
     out = {"atr": atr, "natr": atr / c}
-    lag = bars_for(fc.slope_lag, tf)
+    lag = _bars(fc.slope_lag, tf)
     for name, span in zip(_ema_names(cfg), fc.ema_spans):
-        ema = _ewm(c, _alpha_span(bars_for(span, tf)))
+        ema = _ewm(c, _alpha_span(_bars(span, tf)))
         out[f"dist_{name}"] = (c - ema) / atr
         out[f"{name}_slope"] = (ema - _lag(ema, lag)) / atr
-    out["rsi"] = _rsi(c, 1.0 / bars_for(fc.rsi_span, tf))
-    bb_w = max(2, bars_for(fc.bb_window, tf))
+    out["rsi"] = _rsi(c, 1.0 / _bars(fc.rsi_span, tf))
+    bb_w = max(2, _bars(fc.bb_window, tf))
     mid, std = _rolling_mean_std(c, bb_w, bb_w, 0)
     half = fc.bb_std * np.maximum(std, 0.5 * tick)
     out["bb_percent_b"] = (c - mid + half) / (2.0 * half)
@@ -326,7 +339,7 @@ def _technical(c: np.ndarray, h: np.ndarray, low: np.ndarray, cfg: GlobalConfig)
 
 def _trade_flow(v: np.ndarray, vb: np.ndarray, empty: np.ndarray, cfg: GlobalConfig) -> dict[str, np.ndarray]:
     """Taker-buy share and its z-score (empty bars left out of the statistics), volume z-score."""
-    z_w = max(2, bars_for(cfg.features.z_window, cfg.data.timeframe))
+    z_w = max(2, _bars(cfg.features.z_window, cfg.data.timeframe))
     share = np.where(empty | (v <= 0), np.nan, vb / np.where(v > 0, v, 1.0))
     mean, std = _rolling_mean_std(share, z_w, min(z_w, _MIN_TRADED_BARS), 1)
     z = np.where(np.isnan(share), 0.0, (share - mean) / np.maximum(std, _RATIO_FLOOR))
@@ -337,7 +350,7 @@ def _trade_flow(v: np.ndarray, vb: np.ndarray, empty: np.ndarray, cfg: GlobalCon
 
 def _book_state(bars: pd.DataFrame, cfg: GlobalConfig) -> dict[str, np.ndarray]:
     """Book stats with the missing-book rule: state carried <= book_ffill, flow 0 there, NaN beyond."""
-    limit = bars_for(cfg.features.book_ffill, cfg.data.timeframe)
+    limit = _bars(cfg.features.book_ffill, cfg.data.timeframe)
     has_book = bars["ob_samples"].to_numpy(np.float64) > 0
     s = {}
     for col in BOOK_STATE_COLUMNS:
@@ -355,7 +368,7 @@ def _book(s: dict[str, np.ndarray], c: np.ndarray, v: np.ndarray, atr: np.ndarra
     fc, tf = cfg.features, cfg.data.timeframe
     tick, step = cfg.instrument.tick_size, cfg.instrument.qty_step
     ofi = s["ob_ofi_sum"]
-    z_w, tr_w = bars_for(fc.z_window, tf), bars_for(fc.trend_window, tf)
+    z_w, tr_w = _bars(fc.z_window, tf), _bars(fc.trend_window, tf)
     imb, spread = s["ob_imbalance_mean"], s["ob_spread_mean"]
     bid_d, ask_d = s["ob_bid_depth_mean"], s["ob_ask_depth_mean"]
     bid_el, ask_el = s["ob_bid_slope_mean"] / c * 1e4, s["ob_ask_slope_mean"] / c * 1e4
@@ -370,9 +383,9 @@ def _book(s: dict[str, np.ndarray], c: np.ndarray, v: np.ndarray, atr: np.ndarra
         "spread_z": _zscore(spread, z_w, 0.1 * tick),
         "ob_spread_bps": spread / c * 1e4,
         "ob_depth_log_ratio": np.log((bid_d + step) / (ask_d + step)),
-        "ob_imbalance_z": _zscore(imb, bars_for(fc.imbalance_z_window, tf), _RATIO_FLOOR),
+        "ob_imbalance_z": _zscore(imb, _bars(fc.imbalance_z_window, tf), _RATIO_FLOOR),
         "price_liq_div": np.sign(c - _lag(c, 1)) * np.sign(imb - _lag(imb, 1)),
-        "liq_dominance": np.log((bid_d + ask_d + step) / (_mean(v, bars_for(fc.intraday_window, tf)) + step)),
+        "liq_dominance": np.log((bid_d + ask_d + step) / (_mean(v, _bars(fc.intraday_window, tf)) + step)),
         "micro_dev_vol": s["ob_micro_dev_std"] / atr,
         "ob_bid_elasticity": bid_el,
         "ob_ask_elasticity": ask_el,
@@ -393,19 +406,19 @@ def _context(c: np.ndarray, v: np.ndarray, dollar: np.ndarray, trades: np.ndarra
              natr: np.ndarray, cfg: GlobalConfig) -> dict[str, np.ndarray]:
     """VWAP distances, volume/volatility regimes, realised volatility, trade intensity."""
     fc, tf = cfg.features, cfg.data.timeframe
-    intra_w, day_w, macro_w = (bars_for(fc.intraday_window, tf), bars_for(fc.day_window, tf),
-                               bars_for(fc.macro_window, tf))
+    intra_w, day_w, macro_w = (_bars(fc.intraday_window, tf), _bars(fc.day_window, tf),
+                               _bars(fc.macro_window, tf))
     out: dict[str, np.ndarray] = {}
     for window in fc.vwap_windows:
-        n = bars_for(window, tf)
+        n = _bars(window, tf)
         mean_v, mean_d = (_rolling_mean_std(x, n, n, 0)[0] for x in (v, dollar))
         vwap = np.where(mean_v > 0, mean_d / np.where(mean_v > 0, mean_v, 1.0), np.nan)
-        vwap = _carry(vwap, np.isfinite(vwap), np.iinfo(np.int64).max)[0]
+        vwap = _carry(vwap, np.isfinite(vwap), _NEVER)[0]
         out[f"vwap_{_duration_label(window)}_dist"] = (c - vwap) / atr
     v_intra, v_day, v_macro = _mean(v, intra_w), _mean(v, day_w), _mean(v, macro_w)
     out["vol_intraday"] = (v_intra + _TINY) / (v_day + _TINY)
     out["vol_macro"] = (v_day + _TINY) / (v_macro + _TINY)
-    out["atr_z"] = _zscore(natr, bars_for(fc.z_window, tf), _TINY, _REL_FLOOR)
+    out["atr_z"] = _zscore(natr, _bars(fc.z_window, tf), _TINY, _REL_FLOOR)
     n_day = _mean(natr, day_w)
     out["atr_regime"] = _mean(natr, intra_w) / n_day
     out["atr_macro"] = n_day / _mean(natr, macro_w)

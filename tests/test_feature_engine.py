@@ -330,6 +330,24 @@ def test_short_book_gap_is_carried_and_long_gap_is_not_warm() -> None:
     pd.testing.assert_frame_equal(out[trade_side], base[trade_side])
 
 
+@pytest.mark.parametrize("limit", [0, 3, 40, fe._NEVER])
+def test_carry_kernel_equals_the_array_formula(limit: int) -> None:
+    """The compiled carry (last valid value at most `limit` bars old, and its age) against the plain array
+    formula it replaced, on valid masks with long runs, single holes and an invalid start."""
+    rng = np.random.default_rng(limit % 97)
+    x = rng.normal(size=2000)
+    valid = np.repeat(rng.random(200) < 0.7, rng.integers(1, 20, 200))[:2000]
+    valid = np.r_[valid, np.ones(2000 - valid.size, bool)] & (rng.random(2000) < 0.9)
+    valid[:5] = False
+    idx = np.arange(x.size)
+    last = np.maximum.accumulate(np.where(valid, idx, -1))
+    age = np.where(last >= 0, idx - last, np.iinfo(np.int64).max)
+    filled = np.where((last >= 0) & (age <= limit), x[np.maximum(last, 0)], np.nan)
+    got_filled, got_age = fe._carry(x, valid, limit)
+    np.testing.assert_array_equal(got_filled, filled)
+    np.testing.assert_array_equal(got_age, age)
+
+
 def test_degenerate_market_gives_finite_neutral_features() -> None:
     """A frozen market (one price, no trades, constant book) must not produce inf or blow-ups."""
     cfg = small_cfg()
