@@ -512,8 +512,9 @@ def psi(values: np.ndarray, edges: list[float]) -> float:
 
 def drift_report(feats: pd.DataFrame, quantiles: dict[str, list[float]], window: int) -> dict[str, float]:
     """feature -> PSI over the last `window` bars, worst first (features without training quantiles skipped)."""
-    tail = feats.iloc[-window:]
-    out = {n: psi(tail[n].to_numpy(float), q) for n, q in quantiles.items() if n in tail.columns}
+    names = [n for n in quantiles if n in feats.columns]
+    tail = feats.iloc[-window:][names].to_numpy(np.float64)   # one block, not a Series per feature
+    out = {n: psi(tail[:, j], quantiles[n]) for j, n in enumerate(names)}
     return dict(sorted(((k, v) for k, v in out.items() if math.isfinite(v)), key=lambda kv: -kv[1]))
 
 
