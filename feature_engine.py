@@ -88,15 +88,20 @@ def _window_moments(x: np.ndarray, lo: int, hi: int) -> tuple[int, float, float]
 
 
 @njit(cache=True)
-def _rolling_mean_std(x: np.ndarray, window: int, min_periods: int, ddof: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rolling mean and std over the last `window` bars, skipping NaN (Welford add/remove, O(n))."""
+def _rolling_mean_std(x: np.ndarray, window: int, min_periods: int, ddof: int,
+                      first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rolling mean and std over the last `window` bars, skipping NaN (Welford add/remove, O(n)).
+
+    Rows before `first` may be left NaN: the loop starts at the last refresh at or before `first`, which sets
+    the whole state, so rows >= first are bit-equal to a run from row 0."""
     n = x.shape[0]
     mean_out = np.full(n, np.nan)
     std_out = np.full(n, np.nan)
     count = 0
     mean = 0.0
     m2 = 0.0
-    for i in range(n):
+    start = first - (first + 1) % window if first + 1 >= window else 0
+    for i in range(start, n):
         v = x[i]
         if v == v:
             count += 1
@@ -147,15 +152,15 @@ def _min_periods(window: int) -> int:
     return max(1, (window + 1) // 2)
 
 
-def _mean(x: np.ndarray, window: int) -> np.ndarray:
-    """Causal rolling mean skipping NaN."""
-    return _rolling_mean_std(x, window, _min_periods(window), 0)[0]
+def _mean(x: np.ndarray, window: int, first: int) -> np.ndarray:
+    """Causal rolling mean skipping NaN (rows >= first; see _rolling_mean_std)."""
+    return _rolling_mean_std(x, window, _min_periods(window), 0, first)[0]
 
 
-def _zscore(x: np.ndarray, window: int, abs_floor: float, rel_floor: float = 0.0) -> np.ndarray:
-    """(x - rolling mean) / max(rolling std, floor); the floor keeps flat windows at 0, not +-inf."""
+def _zscore(x: np.ndarray, window: int, first: int, abs_floor: float, rel_floor: float = 0.0) -> np.ndarray:
+    """(x - rolling mean) / max(rolling std, floor); the floor keeps flat windows at 0, not +-inf (rows >= first)."""
     window = max(2, window)
-    mean, std = _rolling_mean_std(x, window, max(2, _min_periods(window)), 1)
+    mean, std = _rolling_mean_std(x, window, max(2, _min_periods(window)), 1, first)
     floor = np.maximum(abs_floor, rel_floor * np.abs(mean))
     return (x - mean) / np.maximum(std, floor)
 
@@ -317,7 +322,8 @@ def _validate(bars: pd.DataFrame, cfg: GlobalConfig) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- feature blocks
-def _technical(c: np.ndarray, h: np.ndarray, low: np.ndarray, cfg: GlobalConfig) -> dict[str, np.ndarray]:
+def _technical(c: np.ndarray, h: np.ndarray, low: np.ndarray, cfg: GlobalConfig,
+               first: int) -> dict[str, np.ndarray]:
     """ATR (floored at one tick), NATR, EMA distances and slopes in ATR, RSI, Bollinger %B."""
     fc, tf, tick = cfg.features, cfg.data.timeframe, cfg.instrument.tick_size
     prev = _lag(c, 1)
@@ -331,21 +337,22 @@ def _technical(c: np.ndarray, h: np.ndarray, low: np.ndarray, cfg: GlobalConfig)
         out[f"{name}_slope"] = (ema - _lag(ema, lag)) / atr
     out["rsi"] = _rsi(c, 1.0 / _bars(fc.rsi_span, tf))
     bb_w = max(2, _bars(fc.bb_window, tf))
-    mid, std = _rolling_mean_std(c, bb_w, bb_w, 0)
+    mid, std = _rolling_mean_std(c, bb_w, bb_w, 0, first)
     half = fc.bb_std * np.maximum(std, 0.5 * tick)
     out["bb_percent_b"] = (c - mid + half) / (2.0 * half)
     return out
 
 
-def _trade_flow(v: np.ndarray, vb: np.ndarray, empty: np.ndarray, cfg: GlobalConfig) -> dict[str, np.ndarray]:
+def _trade_flow(v: np.ndarray, vb: np.ndarray, empty: np.ndarray, cfg: GlobalConfig,
+                first: int) -> dict[str, np.ndarray]:
     """Taker-buy share and its z-score (empty bars left out of the statistics), volume z-score."""
     z_w = max(2, _bars(cfg.features.z_window, cfg.data.timeframe))
     share = np.where(empty | (v <= 0), np.nan, vb / np.where(v > 0, v, 1.0))
-    mean, std = _rolling_mean_std(share, z_w, min(z_w, _MIN_TRADED_BARS), 1)
+    mean, std = _rolling_mean_std(share, z_w, min(z_w, _MIN_TRADED_BARS), 1, first)
     z = np.where(np.isnan(share), 0.0, (share - mean) / np.maximum(std, _RATIO_FLOOR))
     return {"taker_buy_ratio": np.where(np.isnan(share), 0.5, share),
             "taker_buy_z": z,
-            "vol_z": _zscore(v, z_w, _TINY, _REL_FLOOR)}
+            "vol_z": _zscore(v, z_w, first, _TINY, _REL_FLOOR)}
 
 
 def _book_state(bars: pd.DataFrame, cfg: GlobalConfig) -> dict[str, np.ndarray]:
@@ -363,7 +370,7 @@ def _book_state(bars: pd.DataFrame, cfg: GlobalConfig) -> dict[str, np.ndarray]:
 
 
 def _book(s: dict[str, np.ndarray], c: np.ndarray, v: np.ndarray, atr: np.ndarray,
-          cfg: GlobalConfig) -> dict[str, np.ndarray]:
+          cfg: GlobalConfig, first: int) -> dict[str, np.ndarray]:
     """Order-book features from the carried per-bar book stats `s` (see _book_state)."""
     fc, tf = cfg.features, cfg.data.timeframe
     tick, step = cfg.instrument.tick_size, cfg.instrument.qty_step
@@ -376,35 +383,36 @@ def _book(s: dict[str, np.ndarray], c: np.ndarray, v: np.ndarray, atr: np.ndarra
     top_size = np.maximum(0.5 * (bid_d * bid_i + ask_d * ask_i), step)
     ofi_norm = ofi / np.where(np.isnan(top_size), np.nan, top_size)
     return {
-        "ob_imb_trend": _mean(imb, tr_w),
+        "ob_imb_trend": _mean(imb, tr_w, first),
         "micro_pressure": s["ob_micro_dev_mean"] / atr,
         "bid_depth_chg": _sym_change(bid_d, _lag(bid_d, 1)),
         "ask_depth_chg": _sym_change(ask_d, _lag(ask_d, 1)),
-        "spread_z": _zscore(spread, z_w, 0.1 * tick),
+        "spread_z": _zscore(spread, z_w, first, 0.1 * tick),
         "ob_spread_bps": spread / c * 1e4,
         "ob_depth_log_ratio": np.log((bid_d + step) / (ask_d + step)),
-        "ob_imbalance_z": _zscore(imb, _bars(fc.imbalance_z_window, tf), _RATIO_FLOOR),
+        "ob_imbalance_z": _zscore(imb, _bars(fc.imbalance_z_window, tf), first, _RATIO_FLOOR),
         "price_liq_div": np.sign(c - _lag(c, 1)) * np.sign(imb - _lag(imb, 1)),
-        "liq_dominance": np.log((bid_d + ask_d + step) / (_mean(v, _bars(fc.intraday_window, tf)) + step)),
+        "liq_dominance": np.log((bid_d + ask_d + step) / (_mean(v, _bars(fc.intraday_window, tf), first) + step)),
         "micro_dev_vol": s["ob_micro_dev_std"] / atr,
         "ob_bid_elasticity": bid_el,
         "ob_ask_elasticity": ask_el,
         "ob_slope_ratio": _sym_change(bid_el, ask_el),
-        "bid_slope_z": _zscore(bid_el, z_w, _TINY, _REL_FLOOR),
+        "bid_slope_z": _zscore(bid_el, z_w, first, _TINY, _REL_FLOOR),
         "ob_integrity_skew": bid_i - ask_i,
         "bid_integrity_chg": bid_i - _lag(bid_i, 1),
         "ask_integrity_chg": ask_i - _lag(ask_i, 1),
         "ob_bid_integrity_mean": bid_i,
         "ob_ask_integrity_mean": ask_i,
         "ofi_norm": ofi_norm,
-        "ofi_z": _zscore(ofi_norm, z_w, _RATIO_FLOOR),
-        "ofi_trend": _mean(ofi_norm, tr_w),
+        "ofi_z": _zscore(ofi_norm, z_w, first, _RATIO_FLOOR),
+        "ofi_trend": _mean(ofi_norm, tr_w, first),
     }
 
 
 def _context(c: np.ndarray, v: np.ndarray, dollar: np.ndarray, trades: np.ndarray, atr: np.ndarray,
-             natr: np.ndarray, cfg: GlobalConfig) -> dict[str, np.ndarray]:
-    """VWAP distances, volume/volatility regimes, realised volatility, trade intensity."""
+             natr: np.ndarray, cfg: GlobalConfig, first: int) -> dict[str, np.ndarray]:
+    """VWAP distances, volume/volatility regimes, realised volatility, trade intensity (VWAP from row 0: it
+    carries its last defined value over all-empty windows, however old)."""
     fc, tf = cfg.features, cfg.data.timeframe
     intra_w, day_w, macro_w = (_bars(fc.intraday_window, tf), _bars(fc.day_window, tf),
                                _bars(fc.macro_window, tf))
@@ -415,21 +423,21 @@ def _context(c: np.ndarray, v: np.ndarray, dollar: np.ndarray, trades: np.ndarra
         vwap = np.where(mean_v > 0, mean_d / np.where(mean_v > 0, mean_v, 1.0), np.nan)
         vwap = _carry(vwap, np.isfinite(vwap), _NEVER)[0]
         out[f"vwap_{_duration_label(window)}_dist"] = (c - vwap) / atr
-    v_intra, v_day, v_macro = _mean(v, intra_w), _mean(v, day_w), _mean(v, macro_w)
+    v_intra, v_day, v_macro = _mean(v, intra_w, first), _mean(v, day_w, first), _mean(v, macro_w, first)
     out["vol_intraday"] = (v_intra + _TINY) / (v_day + _TINY)
     out["vol_macro"] = (v_day + _TINY) / (v_macro + _TINY)
-    out["atr_z"] = _zscore(natr, _bars(fc.z_window, tf), _TINY, _REL_FLOOR)
-    n_day = _mean(natr, day_w)
-    out["atr_regime"] = _mean(natr, intra_w) / n_day
-    out["atr_macro"] = n_day / _mean(natr, macro_w)
+    out["atr_z"] = _zscore(natr, _bars(fc.z_window, tf), first, _TINY, _REL_FLOOR)
+    n_day = _mean(natr, day_w, first)
+    out["atr_regime"] = _mean(natr, intra_w, first) / n_day
+    out["atr_macro"] = n_day / _mean(natr, macro_w, first)
     r2 = np.log(c / _lag(c, 1)) ** 2
     per_hour = 3600.0 / timeframe_seconds(tf)
-    rv_intra, rv_day = (np.sqrt(np.maximum(_mean(r2, w), 0.0) * per_hour) * 1e4 for w in (intra_w, day_w))
+    rv_intra, rv_day = (np.sqrt(np.maximum(_mean(r2, w, first), 0.0) * per_hour) * 1e4 for w in (intra_w, day_w))
     out["rv_intraday"], out["rv_day"] = rv_intra, rv_day
     out["rv_ratio"] = (rv_intra + _TINY) / (rv_day + _TINY)
-    tc_day = _mean(trades, day_w)
+    tc_day = _mean(trades, day_w, first)
     out["trade_intensity"] = np.log((trades + 1.0) / (tc_day + 1.0))
-    out["trade_intensity_regime"] = np.log((_mean(trades, intra_w) + 1.0) / (tc_day + 1.0))
+    out["trade_intensity_regime"] = np.log((_mean(trades, intra_w, first) + 1.0) / (tc_day + 1.0))
     return out
 
 
@@ -475,8 +483,12 @@ def _higher_timeframes(ts: np.ndarray, o: np.ndarray, h: np.ndarray, low: np.nda
 
 
 # ---------------------------------------------------------------- entry point
-def compute_features(bars: pd.DataFrame, cfg: GlobalConfig) -> pd.DataFrame:
-    """Model features, atr and is_warm for every bar (same index); causal, so live and research agree."""
+def compute_features(bars: pd.DataFrame, cfg: GlobalConfig, last: int | None = None) -> pd.DataFrame:
+    """Model features, atr and is_warm for every bar (same index); causal, so live and research agree.
+
+    last: only the last `last` bars' rows (the live engine needs the newest few), bit-equal to the same rows
+    of the full result: EWMs still run from the first bar, rolling statistics start at their last exact
+    refresh before those rows (see _rolling_mean_std)."""
     ts = _validate(bars, cfg)
     warmups = feature_warmups(cfg)
     names = _select(warmups, cfg)
@@ -490,21 +502,22 @@ def compute_features(bars: pd.DataFrame, cfg: GlobalConfig) -> pd.DataFrame:
     o, h, low, c, v = col("open"), col("high"), col("low"), col("close"), col("volume")
     vb, trades, dollar = col("vol_buy"), col("trade_count"), col("dollar_val")
     empty = bars["is_empty"].to_numpy(bool)
-    feats = _technical(c, h, low, cfg)
+    first = 0 if last is None else max(0, len(bars) - last)
+    feats = _technical(c, h, low, cfg, first)
     atr = feats["atr"]
-    feats.update(_trade_flow(v, vb, empty, cfg))
+    feats.update(_trade_flow(v, vb, empty, cfg, first))
     book = _book_state(bars, cfg)
-    feats.update(_book(book, c, v, atr, cfg))
-    feats.update(_context(c, v, dollar, trades, atr, feats["natr"], cfg))
+    feats.update(_book(book, c, v, atr, cfg, first))
+    feats.update(_context(c, v, dollar, trades, atr, feats["natr"], cfg, first))
     feats.update(_higher_timeframes(ts, o, h, low, c, v, vb, book["ob_imbalance_mean"], atr, cfg))
     columns = names + ["atr"]
-    rows = np.stack([feats[n] for n in columns])  # one contiguous row per column: cheap checks, no transpose copy
+    rows = np.stack([feats[n][first:] for n in columns])  # one contiguous row per column: cheap checks, no transpose copy
     infinite = np.isinf(rows).any(axis=1)
     if infinite.any():
         raise RuntimeError(f"feature(s) {[columns[i] for i in np.flatnonzero(infinite)]} produced +-inf: a bug")
     longest = max(warmups[n] for n in columns)
-    warm = (_bars_of_data(bars["is_gap"].to_numpy(bool)) >= longest) & np.isfinite(rows).all(axis=0)
-    frame = pd.DataFrame(rows.T, index=bars.index, columns=columns, copy=False)
+    warm = (_bars_of_data(bars["is_gap"].to_numpy(bool))[first:] >= longest) & np.isfinite(rows).all(axis=0)
+    frame = pd.DataFrame(rows.T, index=bars.index[first:], columns=columns, copy=False)
     frame["is_warm"] = warm
     return frame
 
