@@ -295,8 +295,9 @@ def warmup_bars(cfg: GlobalConfig) -> int:
 
 
 # ---------------------------------------------------------------- input checks
-def _validate(bars: pd.DataFrame, cfg: GlobalConfig) -> np.ndarray:
-    """Reject frames the features would silently misread; return bar open times in seconds."""
+def _validate(bars: pd.DataFrame, cfg: GlobalConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Reject frames the features would silently misread; return bar open times in seconds and the checked
+    trade columns (TRADE_COLUMNS but is_empty) as float64 arrays."""
     missing = [c for c in REQUIRED_COLUMNS if c not in bars.columns]
     if missing:
         raise ValueError(f"bars frame lacks column(s) {', '.join(missing)} (see data_loader.load_bars; live windows: data_loader.mark_gaps adds is_gap)")
@@ -312,13 +313,13 @@ def _validate(bars: pd.DataFrame, cfg: GlobalConfig) -> np.ndarray:
         i = int(bad[0])
         raise ValueError(f"bars are not a continuous {cfg.data.timeframe} grid: {bars.index[i]} is followed by "
                          f"{bars.index[i + 1]}")
-    for name in TRADE_COLUMNS[:-1]:
-        x = bars[name].to_numpy(np.float64)
+    trade = {name: bars[name].to_numpy(np.float64) for name in TRADE_COLUMNS[:-1]}
+    for name, x in trade.items():
         bad = np.flatnonzero(~np.isfinite(x) | (x <= 0 if name in ("open", "high", "low", "close") else x < 0))
         if bad.size:
             raise ValueError(f"bar {bars.index[bad[0]]}: {name} = {float(x[bad[0]])!r}, expected a finite "
                              f"{'positive price' if name in ('open', 'high', 'low', 'close') else 'value >= 0'}")
-    return ts
+    return ts, trade
 
 
 # ---------------------------------------------------------------- feature blocks
@@ -489,18 +490,15 @@ def compute_features(bars: pd.DataFrame, cfg: GlobalConfig, last: int | None = N
     last: only the last `last` bars' rows (the live engine needs the newest few), bit-equal to the same rows
     of the full result: EWMs still run from the first bar, rolling statistics start at their last exact
     refresh before those rows (see _rolling_mean_std)."""
-    ts = _validate(bars, cfg)
+    ts, trade = _validate(bars, cfg)
     warmups = feature_warmups(cfg)
     names = _select(warmups, cfg)
     if bars.empty:
         return pd.DataFrame({**{n: pd.Series(dtype=np.float64) for n in names + ["atr"]},
                              "is_warm": pd.Series(dtype=bool)}, index=bars.index)
 
-    def col(name: str) -> np.ndarray:
-        return bars[name].to_numpy(np.float64)
-
-    o, h, low, c, v = col("open"), col("high"), col("low"), col("close"), col("volume")
-    vb, trades, dollar = col("vol_buy"), col("trade_count"), col("dollar_val")
+    o, h, low, c, v = trade["open"], trade["high"], trade["low"], trade["close"], trade["volume"]
+    vb, trades, dollar = trade["vol_buy"], trade["trade_count"], trade["dollar_val"]
     empty = bars["is_empty"].to_numpy(bool)
     first = 0 if last is None else max(0, len(bars) - last)
     feats = _technical(c, h, low, cfg, first)
