@@ -534,8 +534,9 @@ def psi(values: np.ndarray, edges: list[float]) -> float:
 
 def drift_report(feats: pd.DataFrame, quantiles: dict[str, list[float]], window: int) -> dict[str, float]:
     """feature -> PSI over the last `window` bars, worst first (features without training quantiles skipped)."""
-    tail = feats.iloc[-window:]
-    out = {n: psi(tail[n].to_numpy(float), q) for n, q in quantiles.items() if n in tail.columns}
+    names = [n for n in quantiles if n in feats.columns]
+    tail = feats.iloc[-window:][names].to_numpy(np.float64)   # one block, not a Series per feature
+    out = {n: psi(tail[:, j], quantiles[n]) for j, n in enumerate(names)}
     return dict(sorted(((k, v) for k, v in out.items() if math.isfinite(v)), key=lambda kv: -kv[1]))
 
 
@@ -1056,14 +1057,16 @@ class Engine:
                                                           feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS))
         data_loader.mark_gaps(self.window, self.bar_ms // 1000, self.cfg.data.gap_threshold,
                               self.window["is_gap"].to_numpy(bool))   # the research gap rule, on the window
-        feats = feature_engine.compute_features(self.window, self.cfg)
+        drift_due = bool(self.quantiles) and number % 10 == 0
+        feats = feature_engine.compute_features(self.window, self.cfg,   # only the rows used: equal to a full run's
+                                                last=self.cfg.live.drift_window if drift_due else 1)
         row = feats.iloc[-1]
         atr = float(row["atr"])
         self.state["last_atr"] = atr
         self._recorder.flush()
         warm = bool(row["is_warm"]) and number >= self.missing_until
         probs = self._probabilities(bar_ms, feats) if warm else {c: math.nan for c in PROB_COLUMNS}
-        if self.quantiles and number % 10 == 0:
+        if drift_due:
             self._drift(feats)
         allowed, reason = self._entry_gate(warm, bar)
         close = float(bar["close"].iloc[0])
