@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ RS_TP, RS_SL, RS_FINE_K = range(3)
 E_EQUITY, E_CASH, E_UPNL, E_NOTIONAL, E_NPOS = range(5)
 
 # counters
-C_REJECTED_POSTONLY, C_FUNDING_EVENTS, C_FINE_RESOLVED = range(3)
+C_REJECTED_POSTONLY, C_FUNDING_EVENTS, C_FINE_RESOLVED, C_KILL_INTRABAR = range(4)
 
 ASSUMPTIONS = [
     "Decisions are taken at each bar close from that bar's probabilities; orders act from the next bar's open.",
@@ -69,8 +70,15 @@ ASSUMPTIONS = [
     "Sizing: risk_per_trade x equity / stop distance, capped so positions plus resting entries stay within "
     "max_leverage x equity, rounded down to the quantity step; orders below min quantity or notional are skipped.",
     "max_positions counts open positions plus resting entries; at most one resting entry per side.",
-    "Daily kill-switch at bar closes on mark-to-market equity versus the UTC day's start equity: flatten at the "
-    "next open, cancel entries, no new entries until the next UTC day.",
+    "Daily kill-switch on mark-to-market equity (fees and funding paid included) versus the UTC day's start "
+    "equity, intrabar: within a bar the fills come first (orders arriving at the open, resting entries, then "
+    "take-profits and stops, as above); the positions left then breach when the bar's adverse extreme (the low "
+    "for a net long, the high for a net short; with finer bars, the first finer bar from the bar's last fill on) "
+    "reaches the price where equity hits the limit (strategy.kill_trigger). All positions are closed at that "
+    "price (at the open when the bar opened beyond it) moved against us by the slippage, taker fee, as the live "
+    "engine, which checks every trade, sends its market exit on the first print through it; resting entries are "
+    "cancelled and no entries are taken until the next UTC day. The same rule at bar closes flattens at the next "
+    "open.",
     "Funding (if set) is charged at bar opens on 00/08/16 UTC on open notional at that open; longs pay a "
     "positive rate.",
     "Equity is marked to market at every bar close; positions open at the end are closed at the last close "
@@ -180,6 +188,58 @@ def _open(s: int, px: float, qty_: float, tp_dist: float, sl_dist: float, sl_ref
 
 
 @njit(cache=True)
+def _any_open(qty: np.ndarray) -> bool:
+    """Whether any position slot is open."""
+    for k in range(qty.shape[0]):
+        if qty[k] > 0.0:
+            return True
+    return False
+
+
+@njit(cache=True)
+def _kill_intrabar(i: int, day: int, cash: float, nt: int, t: np.ndarray, o: np.ndarray, h: np.ndarray,
+                   lo_: np.ndarray, ft: np.ndarray, fo: np.ndarray, fh: np.ndarray, fl: np.ndarray, m_from: int,
+                   m_end: int, params: np.ndarray, taker_fee: float, slip: float, day_state: np.ndarray,
+                   pos: np.ndarray, side: np.ndarray, qty: np.ndarray, fill_bar: np.ndarray, rq: np.ndarray,
+                   trades: np.ndarray, counters: np.ndarray) -> tuple:
+    """The daily kill-switch inside bar i (ASSUMPTIONS): after the bar's fills, the positions left and the
+    cash give the trigger (strategy.kill_trigger); when the bar's adverse extreme reaches it (with fine bars:
+    the first fine bar from m_from to m_end that does), every position is closed at the trigger (or that
+    bar's open when it opened beyond it) moved against us by the slippage, taker fee, resting entries are
+    cancelled and the day is halted. Returns (cash, trade count)."""
+    st.roll_day(day, math.nan, day_state)
+    if day_state[st.D_HALTED] != 0.0:
+        return cash, nt
+    trigger, direction = st.kill_trigger(side, qty, pos[:, PS_ENTRY], cash, day_state[st.D_START_EQUITY],
+                                         params[st.P_DAILY_LOSS])
+    if direction == 0:
+        return cash, nt
+    px = math.nan
+    when = float(t[i])
+    if m_end < 0:
+        if st.kill_crossed(lo_[i], h[i], trigger, direction):
+            px = st.kill_fill_price(o[i], trigger, direction)
+    else:
+        for m in range(m_from, m_end):
+            if st.kill_crossed(fl[m], fh[m], trigger, direction):
+                px = st.kill_fill_price(fo[m], trigger, direction)
+                when = float(ft[m])
+                break
+    if math.isnan(px):
+        return cash, nt
+    day_state[st.D_HALTED] = 1.0
+    counters[C_KILL_INTRABAR] += 1
+    for k in range(qty.shape[0]):
+        if qty[k] > 0.0:
+            cash = _close(k, px * (1.0 - side[k] * slip), taker_fee, EXIT_KILL, when, i,
+                          pos, side, qty, fill_bar, trades, nt, cash)
+            nt += 1
+    rq[0] = 0.0
+    rq[1] = 0.0
+    return cash, nt
+
+
+@njit(cache=True)
 def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, c: np.ndarray,
                   atr: np.ndarray, pel: np.ndarray, pes: np.ndarray, pdl: np.ndarray, pds: np.ndarray,
                   ft: np.ndarray, fo: np.ndarray, fh: np.ndarray, fl: np.ndarray,
@@ -211,12 +271,14 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
     ilog = np.zeros((64 if record_intents else 1, st.N_INTENT_COLS + 1))
     ni = 0
     eq = np.zeros((n, 5))
-    counters = np.zeros(3)
+    counters = np.zeros(4)
     cash = initial_equity
     for i in range(n):
         if trades.shape[0] - nt < cap + 2:
             trades = _grow(trades)
         fine = fend[i] > fstart[i]
+        cash0 = cash
+        m_from = fstart[i]          # the kill-switch watches the fine bars from the bar's last fill on
         # funding at the bar open, on positions held through it
         if funding_rate != 0.0 and t[i] % FUNDING_PERIOD_S == 0:
             for k in range(cap):
@@ -245,10 +307,12 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                     cash = _close(k, ref_px * (1.0 - side[k] * slip), taker_fee, reason, ref_t, i,
                                   pos, side, qty, fill_bar, trades, nt, cash)
                     nt += 1
+                    m_from = max(m_from, k0)
             elif kind == st.MARKET:
                 cash -= _open(s, ref_px * (1.0 + s * slip), pend[j, st.K_QTY], pend[j, st.K_TP],
                               pend[j, st.K_SL], pend[j, st.K_PRICE], tick, TAKER, taker_fee, ref_t, i, k0, pos,
                               side, qty, fill_bar)
+                m_from = max(m_from, k0)
             else:
                 price = pend[j, st.K_PRICE]
                 r = int(pend[j, st.K_REF])
@@ -273,6 +337,7 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                             cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], rp[r], tick, MAKER,
                                           maker_fee, float(ft[m]), i, m, pos, side, qty, fill_bar)
                             rq[r] = 0.0
+                            m_from = max(m_from, m)
                             break
                 elif _limit_hit(s, rp[r], h[i], lo_[i], touch):
                     cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], rp[r], tick, MAKER, maker_fee,
@@ -297,6 +362,7 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                         code, px = _exit_check(s, sl, tp, fo[m], fh[m], fl[m], new and m == m0, touch)
                         if code != 0:
                             when = float(ft[m])
+                            m_from = max(m_from, m)
                             break
                     if coarse_code != 0 and not new:
                         counters[C_FINE_RESOLVED] += 1
@@ -309,6 +375,11 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
             elif code == 2:
                 cash = _close(k, px, maker_fee, EXIT_TP, when, i, pos, side, qty, fill_bar, trades, nt, cash)
                 nt += 1
+        # intrabar kill-switch on what is left after the bar's fills (strategy.kill_trigger)
+        if day_state[st.D_DAY] >= 0.0 and (cash != cash0 or _any_open(qty)):
+            cash, nt = _kill_intrabar(i, int(t[i] // 86400), cash, nt, t, o, h, lo_, ft, fo, fh, fl, m_from,
+                                      fend[i] if fine else -1, params, taker_fee, slip, day_state, pos, side,
+                                      qty, fill_bar, rq, trades, counters)
         # mark to market at the close
         upnl = 0.0
         notional = 0.0
@@ -445,7 +516,8 @@ def run_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg: GlobalConfig,
         initial_equity=venue.initial_equity,
         counters={"rejected_postonly": int(counters[C_REJECTED_POSTONLY]),
                   "funding_events": int(counters[C_FUNDING_EVENTS]),
-                  "fine_resolved_exits": int(counters[C_FINE_RESOLVED])},
+                  "fine_resolved_exits": int(counters[C_FINE_RESOLVED]),
+                  "intrabar_kills": int(counters[C_KILL_INTRABAR])},
         intents=_intents_frame(ilog[:ni], frame.index) if record_intents else None)
     result.metrics = metrics_mod.compute_metrics(result)
     return result

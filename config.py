@@ -333,7 +333,8 @@ class LiveSettings(_Section):
     keys_profile: str = _f("default", help="profile inside the keys file")
     rest_url: str = _f("", help="REST base URL override (paper exchange)")
     ws_url: str = _f("", help="WebSocket base URL override (paper exchange)")
-    position_mode: str = _f("oneway", _one_of("oneway", "hedge"), "exchange position mode")
+    position_mode: str = _f("hedge", _one_of("oneway", "hedge"),
+                            "exchange position mode (hedge: a long and a short at once, DESIGN §1)")
     leverage: float = _f(0.0, _non_negative, "exchange leverage to set (0 = leave)")
     max_spread_pct: float = _f(0.002, _probability, "no new entries when spread / mid exceeds this")
     max_api_errors: int = _f(5, _positive, "consecutive API errors before pausing entries")

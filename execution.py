@@ -243,6 +243,21 @@ class Execution:
         self._prune()
         return requests
 
+    def check_kill(self, low: float, high: float, bar_index: int, bar_time: float) -> list[OrderRequest]:
+        """The intrabar daily kill-switch (strategy.intrabar_kill) on prices traded in [low, high] since the
+        last check, within the bar that opened at `bar_time` (epoch s; `bar_index` as Bar.index): when they
+        reach the trigger of this object's own positions and cash (the equity the bar-close rule uses), the
+        day is halted and every position gets a reduce-only market exit (reason kill_switch, cancelling its TP
+        and SL) and every resting entry a cancel. Returns those requests ([] when nothing breached).
+        The backtest core applies the same rule after a bar's fills, on its adverse extreme."""
+        if not st.intrabar_kill(low, high, bar_time, self.positions(), self.cash, self.day, self.cfg.strategy):
+            return []
+        bar = st.Bar(index=bar_index, time=bar_time, close=math.nan, atr=math.nan)
+        requests = []
+        for pos in [p for p in self.slots if p is not None]:
+            requests += self._exit(pos, "kill_switch", bar)
+        return requests + [self._cancel(o, "kill_switch") for o in self._open_entries()]
+
     def _prune(self) -> None:
         """Forget settled orders older than PRUNE_BARS whose position is closed (late events for them are
         then reported as unknown), so the state file stays small."""

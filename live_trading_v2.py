@@ -345,7 +345,8 @@ class LiveBars:
     (the same compiled clock as `data_loader.BookReplay`), drained at each close and reduced per bar once
     complete (`orderbook.BookBarSums`, so book columns equal data_loader's bit for bit).
     A bar closes when a message stamped at or after its end arrives, or `tick(now)` passes end + grace.
-    Trades stamped inside an already closed bar are counted (`late_trades`) and logged, never applied."""
+    Trades stamped inside an already closed bar are counted (`late_trades`, and per bar until `take_late`)
+    and logged, never applied: the signals journal and the heartbeat show them."""
 
     def __init__(self, bar_ms: int, book: ob.OrderBook, lock: threading.RLock, grace_ms: int):
         self.bar_ms, self.book, self.lock, self.grace_ms = bar_ms, book, lock, grace_ms
@@ -355,6 +356,7 @@ class LiveBars:
         self.book_sums = ob.BookBarSums(bar_ms)
         self.prev_close = math.nan
         self.late_trades = 0
+        self.late_by_bar: dict[int, int] = {}   # bar open ms -> late trades not yet journaled
         self.seen_ids: deque[str] = deque(maxlen=20000)
         self._seen_set: set[str] = set()
 
@@ -375,12 +377,19 @@ class LiveBars:
         self.start(ts_ms)
         if ts_ms < self.open_ms:
             self.late_trades += 1
+            bar = ts_ms // self.bar_ms * self.bar_ms
+            self.late_by_bar[bar] = self.late_by_bar.get(bar, 0) + 1
             log.warning("late trade %s stamped %s inside the closed bar %s: counted, not applied (%d so far)",
                         trade_id, iso(ts_ms), iso(ts_ms // self.bar_ms * self.bar_ms), self.late_trades)
             return []
         closed = self.close_until(ts_ms)
         self.trades.append((ts_ms, side, size, price))
         return closed
+
+    def take_late(self) -> dict[str, int]:
+        """Late trades per closed bar (ISO bar open -> count) since the last call."""
+        out, self.late_by_bar = {iso(ms): n for ms, n in sorted(self.late_by_bar.items())}, {}
+        return out
 
     def on_book_ts(self, ts_ms: int) -> list[pd.DataFrame]:
         self.start(ts_ms)
@@ -487,6 +496,15 @@ def complete_grid(bars: pd.DataFrame, first_ms: int, last_ms: int, bar_ms: int) 
     return out, missing
 
 
+def extend_window(window: pd.DataFrame, bar: pd.DataFrame, keep: int) -> pd.DataFrame:
+    """A new frame: the last `keep` bars of `window` + the one-row `bar` (a bar of the same time as one in
+    the window replaces it). The usual case, a bar after the window's last, takes one copy instead of three."""
+    if len(window) and bar.index[0] > window.index[-1] and window.index.is_monotonic_increasing:
+        return pd.concat([window.iloc[len(window) - keep + 1:] if len(window) >= keep else window, bar])
+    joined = pd.concat([window, bar]).iloc[-keep:]
+    return joined[~joined.index.duplicated(keep="last")].copy()
+
+
 # ---------------------------------------------------------------- drift (PSI against training)
 def psi(values: np.ndarray, edges: list[float]) -> float:
     """Population stability index of `values` against training deciles `edges` (each bin holds an equal
@@ -589,6 +607,7 @@ class Engine:
         self.sim_lock = threading.RLock()
         self._exec: Any = None
         self._last_beat = -math.inf
+        self._beat_positions = -1      # open_positions in the heartbeat file as last written
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -650,6 +669,8 @@ class Engine:
         for stream in (self.watchdog, self.market, self.private):
             if stream is not None:
                 (stream.stop if stream is self.watchdog else stream.close)()
+        if getattr(self, "_recorder", None) is not None:
+            self._recorder.close()
         self.journals.event("shutdown", f"{self.symbol} engine stopped", bars=self.bars_closed,
                             late_trades=self._bars.late_trades if hasattr(self, "_bars") else 0)
         self.stop_event.set()
@@ -669,10 +690,12 @@ class Engine:
 
     def _write_heartbeat(self) -> None:
         positions = [p for p in self._exchange_positions().values() if p]
+        self._beat_positions = len(positions)
         atomic_write_text(Path(self.cfg.live.state_dir) / f"heartbeat_{self.symbol}.json", json.dumps({
             "ts": self.clock.wall_ms(), "pid": os.getpid(), "phase": self.phase, "symbol": self.symbol,
             "mode": self.mode, "open_positions": len(positions), "last_stop_check": self.last_stop_check,
-            "model": str(self.setup.model_dir or ""), "bars": self.bars_closed}))
+            "model": str(self.setup.model_dir or ""), "bars": self.bars_closed,
+            "late_trades": self._bars.late_trades if hasattr(self, "_bars") else 0}))
 
     def _exchange_positions(self) -> dict[int, float]:
         return dict(self.state.get("exchange_positions", {}))
@@ -735,9 +758,17 @@ class Engine:
         if unknown.any():
             last_unknown = int(grid.index[np.flatnonzero(unknown)[-1]].value // 1_000_000) // self.bar_ms
             self.missing_until = last_unknown + 1 + feature_engine.warmup_bars(self.cfg)
+        self._load_kernels()
         wait = max(0, self.missing_until - first_live // self.bar_ms)
         log.info("warm-up: %d bars from files, %d from klines; %s", len(files), len(klines),
                  "warm now" if wait == 0 else f"warm in {wait} bars ({wait * self.bar_ms / 60000:.0f} min)")
+
+    def _load_kernels(self) -> None:
+        """Features and probabilities once on the warm-up window, so the first live bar does not pay for loading
+        the compiled feature kernels and LightGBM (about 100 ms); results unused."""
+        feats = feature_engine.compute_features(self.window, self.cfg)
+        if self.bundle is not None and len(feats):
+            self.bundle.predict(feats.iloc[-1:])
 
     def own_recordings(self) -> Path:
         return Path("data") / f"{self.symbol}_Bybit"
@@ -998,9 +1029,8 @@ class Engine:
             self.missing_until = max(self.missing_until, number + feature_engine.warmup_bars(self.cfg))
         if bar.attrs.get("partial"):
             self.missing_until = max(self.missing_until, number + 1 + feature_engine.warmup_bars(self.cfg))
-        self.window = pd.concat([self.window, bar]).iloc[-max(self.cfg.live.window_bars,
-                                                               feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS):]
-        self.window = self.window[~self.window.index.duplicated(keep="last")].copy()
+        self.window = extend_window(self.window, bar, max(self.cfg.live.window_bars,
+                                                          feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS))
         data_loader.mark_gaps(self.window, self.bar_ms // 1000, self.cfg.data.gap_threshold,
                               self.window["is_gap"].to_numpy(bool))   # the research gap rule, on the window
         feats = feature_engine.compute_features(self.window, self.cfg)
@@ -1030,6 +1060,7 @@ class Engine:
             "atr": atr, "warm": warm, **probs, "exec_threshold": s.exec_threshold,
             "direction_threshold": s.direction_threshold, "aggressive_threshold": s.aggressive_threshold,
             "entries_allowed": allowed, "reason": reason, "latency_ms": latency,
+            "late_trades": self._bars.take_late(), "late_trades_total": self._bars.late_trades,
             "intents": [{"kind": it.kind, "side": it.side, "price": it.price, "qty": it.qty, "tp_dist": it.tp_dist,
                          "sl_dist": it.sl_dist, "reason": it.reason}
                         for it in (self._exec.last_intents if self._exec is not None else [])],
@@ -1047,7 +1078,7 @@ class Engine:
             row = table.loc[bar_ms]
             row = row.iloc[-1] if isinstance(row, pd.DataFrame) else row
             return {c: float(row[c]) for c in PROB_COLUMNS}
-        pred = self.bundle.predict(feats.iloc[-1:][self.bundle.feature_names])
+        pred = self.bundle.predict(feats.iloc[-1:])
         return {c: float(pred[c.replace("p_", "")].iloc[0]) if c.replace("p_", "") in pred.columns
                 else float(pred[c].iloc[0]) for c in PROB_COLUMNS}
 
@@ -1176,12 +1207,13 @@ class Engine:
         self._feed("order", {"orderLinkId": wire, "orderStatus": "Rejected", "rejectReason": str(err),
                              "updatedTime": str(self.clock.exchange_ms())})
         if req.kind == "sl" and stop_refused(err):
-            self._emergency_exit(req.position_id, req.side, req.qty)
+            self._emergency_exit(req.position_id, req.side, req.qty, str(err))
 
-    def _emergency_exit(self, position_id: str, side: str, qty: float) -> None:
-        """Reduce-only market exit when the exchange refuses a stop (price already beyond it)."""
+    def _emergency_exit(self, position_id: str, side: str, qty: float, why: str) -> None:
+        """Reduce-only market exit of a position that cannot have its stop (refused: price already beyond it,
+        or no stop price known)."""
         key = f"{position_id}|stop-refused-exit"
-        self.journals.event("error", f"stop refused for {position_id}: closing {qty} at market", "error")
+        self.journals.event("error", f"stop refused for {position_id} ({why}): closing {qty} at market", "error")
         self._own(key, "exit")
         try:
             self.client.place_order(key, side, qty, order_type="Market", reduce_only=True)
@@ -1365,7 +1397,7 @@ class Engine:
         key = f"{self.symbol}|protect|{idx}|{self.clock.exchange_ms()}"
         self.journals.event("error", f"position leg {idx} has {qty} without a stop: protecting it", "error")
         if not math.isfinite(trigger):
-            self._emergency_exit(f"leg-{idx}", side, qty)
+            self._emergency_exit(f"leg-{idx}", side, qty, "no stop price known for it")
             return
         self._own(key, "sl")
         try:
@@ -1373,7 +1405,7 @@ class Engine:
                                     trigger_price=trigger, trigger_direction=2 if long else 1)
         except exc.RejectedError as err:
             if stop_refused(err):
-                self._emergency_exit(f"leg-{idx}", side, qty)
+                self._emergency_exit(f"leg-{idx}", side, qty, str(err))
             else:
                 self.journals.event("error", f"protecting leg {idx} failed: {err}", "critical")
 
@@ -1427,15 +1459,26 @@ class Engine:
             self.state["execution"] = self._exec.to_json()
         self.state.update(symbol=self.symbol, mode=self.mode, links=self.links, saved_ms=self.clock.wall_ms())
         save_state(self.setup.state_file, {k: v for k, v in self.state.items() if not k.startswith("_")})
+        if sum(1 for v in self._exchange_positions().values() if v) != self._beat_positions:
+            self._write_heartbeat()   # the heartbeat never reports fewer or more positions than the state holds
+
+
+STOP_REFUSAL_WORDS = ("expectrising", "expectfalling", "triggerprice", "stoploss", "wrongside", "lossside",
+                      "shouldlower", "shouldhigher", "shouldbelower", "shouldbehigher")
 
 
 def stop_refused(err: exc.ExchangeError) -> bool:
-    """Whether the exchange refused a stop because price is already beyond it (by class and wording, not
-    one retCode: Bybit answers 10001/110092/110093/30208 with texts naming the stop or trigger price)."""
-    text = str(err).lower()
-    return isinstance(err, exc.RejectedError) and any(w in text for w in ("stoploss", "stop loss", "stop_loss",
-                                                                          "triggerprice", "trigger price",
-                                                                          "wrong side", "loss side"))
+    """Whether the exchange refused a stop because price is already beyond it. Classified by kind and wording,
+    not by one retCode: Bybit answers 110092/110093 ("expect Falling, but trigger_price[..] >= current[..]")
+    for a conditional order and 10001/30208-style texts naming the stop-loss side for an attached stopLoss;
+    the text is compared with case, spaces, '_' and digits removed. Balance, size, duplicate, not-found and
+    reduce-only refusals are other reasons and never count."""
+    other = (exc.InsufficientBalanceError, exc.MinNotionalError, exc.OrderNotFoundError, exc.DuplicateOrderError,
+             exc.ReduceOnlyError)
+    if not isinstance(err, exc.RejectedError) or isinstance(err, other):
+        return False
+    text = "".join(ch for ch in str(err).lower() if "a" <= ch <= "z")
+    return any(word in text for word in STOP_REFUSAL_WORDS)
 
 
 def main(argv: list[str] | None = None, env: dict | None = None) -> int:

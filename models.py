@@ -150,14 +150,18 @@ class ModelBundle:
         return X[self.feature_names].to_numpy(dtype=np.float64)
 
     def predict(self, X: pd.DataFrame) -> pd.DataFrame:
-        """Probabilities p_exec_long, p_exec_short, p_dir_long, p_dir_short (NaN where no model was trained)."""
+        """Probabilities p_exec_long, p_exec_short, p_dir_long, p_dir_short (NaN where no model was trained).
+
+        Runs on `model.num_threads` threads like the fit (LightGBM's own default is every core: on a busy
+        machine one live row then waits tens of ms at its OpenMP barrier). Rows are scored independently,
+        so the thread count never changes a probability."""
         if not self.models:
             raise ValueError("ModelBundle.predict called before fit or load")
         x = self._matrix(X, "X")
         out = pd.DataFrame(np.nan, index=X.index, columns=self.PROBA_COLUMNS)
         for name, col in zip(MODEL_NAMES, self.PROBA_COLUMNS):
             if name in self.models and len(x):
-                out[col] = self.models[name].booster.predict(x)
+                out[col] = self.models[name].booster.predict(x, num_threads=self.cfg.num_threads)
         return out
 
     def predict_where(self, X: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:

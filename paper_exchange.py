@@ -257,7 +257,8 @@ class MarketReplay:
 class Faults:
     """Injected faults; counters are consumed one request or push at a time (pushes: only those of
     `push_topic` when it is set). `mute_pushes` keeps connections open and answering pings but sends no
-    data: the silent-stream case a client's staleness watchdog must catch."""
+    data: the silent-stream case a client's staleness watchdog must catch. `refuse_mode_switch` answers
+    every /v5/position/switch-mode with a refusal, as for an account whose mode cannot be changed."""
     http_5xx: int = 0
     http_status: int = 500
     rate_limit_burst: int = 0
@@ -270,6 +271,7 @@ class Faults:
     http_path: str = ""         # when set, http_5xx hits only requests whose path starts with it
     book_reset: bool = False
     mute_pushes: bool = False
+    refuse_mode_switch: bool = False   # an account whose position mode cannot be changed
 
 
 @dataclass(eq=False)
@@ -635,6 +637,8 @@ class PaperExchange:
         return self.engine.set_leverage(p)
 
     def h_switch_mode(self, p: dict) -> dict:
+        if self.faults.refuse_mode_switch:
+            raise ExchangeError(10001, "params error: position mode cannot be switched for this account")
         return self.engine.switch_mode(p)
 
     def h_trading_stop(self, p: dict) -> dict:
@@ -836,8 +840,11 @@ class PaperExchange:
                     for out in self._apply_push_faults(name, msg):
                         frames.extend((conn, out) for conn in listeners)
         for topic, msg, ts in self._market_frames(trades):
-            self.last_push_ts[topic] = ts
-            for out in self._apply_push_faults(topic, msg):
+            sent = self._apply_push_faults(topic, msg)
+            if sent:   # a held-back push counts once it is really sent (lockstep clients wait for it)
+                latest = ts if sent == [msg] else max(int(json.loads(out).get("ts") or 0) for out in sent)
+                self.last_push_ts[topic] = max(self.last_push_ts.get(topic, 0), latest)
+            for out in sent:
                 for conn in self.conns:
                     if not conn.private and topic in conn.topics:
                         frames.append((conn, out))

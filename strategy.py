@@ -83,6 +83,74 @@ def new_day_state() -> np.ndarray:
 
 
 @njit(cache=True)
+def roll_day(day: int, equity: float, day_state: np.ndarray) -> None:
+    """Start a new UTC day in day_state (in place) when `day` differs from the one it holds.
+
+    The day's start equity is the equity at the last decision of the previous day (D_LAST_EQUITY), or
+    `equity` before any day was seen; a new day lifts the kill-switch halt. Used by the bar-close rule
+    (decide_core) and the intrabar rule (kill_trigger's callers) alike, so both measure the same day.
+    """
+    if day != day_state[D_DAY]:
+        day_state[D_START_EQUITY] = equity if day_state[D_DAY] < 0 else day_state[D_LAST_EQUITY]
+        day_state[D_DAY] = day
+        day_state[D_HALTED] = 0.0
+
+
+@njit(cache=True)
+def kill_trigger(pos_side: np.ndarray, pos_qty: np.ndarray, pos_entry: np.ndarray, cash: float,
+                 start_equity: float, daily_loss: float) -> tuple:
+    """The price at which mark-to-market equity reaches the daily kill-switch limit: (price, direction).
+
+    Equity is the one the bar-close rule in decide_core uses: `cash` (initial equity plus realised PnL,
+    minus every fee paid so far, entry fees of open positions included, and funding paid) plus the
+    unrealised PnL of the open positions at price P, equity(P) = cash + sum_k side_k*qty_k*(P - entry_k).
+    It is linear in P with slope the net quantity N = sum_k side_k*qty_k (hedge mode holds both legs; they
+    net here), so the limit (1 - daily_loss) * start_equity is reached at
+    P* = ((1 - daily_loss) * start_equity - cash + sum_k side_k*qty_k*entry_k) / N.
+    Slots with pos_qty <= 0 are empty. Exit fees of the flatten are not counted (as at bar closes).
+
+    direction 1: breached when a price <= P* trades (net long; also (inf, 1) when the book is flat in net
+    terms and equity is already at or below the limit, so any price breaches); -1: breached when a price
+    >= P* trades (net short); 0 (P* = NaN): no price breaches (net quantity 0, within 1e-9 of the gross
+    quantity, and equity above the limit). P* <= 0 for a net long means no positive price breaches.
+    """
+    net = 0.0
+    gross = 0.0
+    basis = 0.0
+    for k in range(pos_qty.shape[0]):
+        if pos_qty[k] > 0.0:
+            net += pos_side[k] * pos_qty[k]
+            gross += pos_qty[k]
+            basis += pos_side[k] * pos_qty[k] * pos_entry[k]
+    limit = (1.0 - daily_loss) * start_equity
+    if abs(net) <= 1e-9 * gross:
+        if cash - basis <= limit:
+            return math.inf, 1
+        return math.nan, 0
+    return (limit - cash + basis) / net, 1 if net > 0.0 else -1
+
+
+@njit(cache=True)
+def kill_crossed(low: float, high: float, trigger: float, direction: int) -> bool:
+    """Whether prices traded in [low, high] breach kill_trigger's (trigger, direction): the adverse extreme
+    (the low for a net long, the high for a net short) at or beyond the trigger."""
+    if direction == 1:
+        return low <= trigger
+    if direction == -1:
+        return high >= trigger
+    return False
+
+
+@njit(cache=True)
+def kill_fill_price(open_: float, trigger: float, direction: int) -> float:
+    """The raw price of the kill-switch flatten in the bar whose range breached: the trigger, or the bar's
+    open when it opened already beyond it (a gap, as for stops); slippage is the caller's."""
+    if direction == 1:
+        return min(open_, trigger)
+    return max(open_, trigger)
+
+
+@njit(cache=True)
 def limit_price(close: float, atr: float, side: int, params: np.ndarray) -> float:
     """PostOnly entry price close ∓ offset·ATR on the tick grid away from the market (grid.snap_round)."""
     return snap_round(close - side * params[P_OFFSET] * atr, params[P_TICK], -side)
@@ -135,10 +203,7 @@ def decide_core(bar: int, day: int, close: float, atr: float,
     time exits and expiries still act.
     """
     n = 0
-    if day != day_state[D_DAY]:
-        day_state[D_START_EQUITY] = equity if day_state[D_DAY] < 0 else day_state[D_LAST_EQUITY]
-        day_state[D_DAY] = day
-        day_state[D_HALTED] = 0.0
+    roll_day(day, equity, day_state)
     day_state[D_LAST_EQUITY] = equity
 
     # kill-switch: flatten, cancel, halt until the next UTC day
@@ -330,6 +395,37 @@ def decide(bar: Bar, positions: list[Position], resting: list[RestingOrder], equ
                     strategy_params(strategy, instrument), out, gate is None or gate.allowed)
     day.update(state)
     return [intent_from_row(out[j]) for j in range(n)]
+
+
+def kill_price(positions: list[Position], cash: float, day: DayState, strategy: StrategyConfig) -> tuple[float, int]:
+    """kill_trigger on records: (trigger price, direction) for `positions` and `cash` (see kill_trigger for
+    what equity includes) against the day's start equity; (NaN, 0) when no day has started or it is halted."""
+    if day.day < 0 or day.halted or not math.isfinite(day.start_equity):
+        return math.nan, 0
+    side = np.array([float(p.side) for p in positions] or [0.0])
+    qty = np.array([p.qty for p in positions] or [0.0])
+    entry = np.array([p.entry_price for p in positions] or [0.0])
+    trigger, direction = kill_trigger(side, qty, entry, cash, day.start_equity, strategy.daily_loss_limit)
+    return float(trigger), int(direction)
+
+
+def intrabar_kill(low: float, high: float, time: float, positions: list[Position], cash: float, day: DayState,
+                  strategy: StrategyConfig) -> bool:
+    """The intrabar kill-switch rule for the engines, between bar closes: True when prices traded in
+    [low, high] (a single trade: low = high = its price) during the UTC day of `time` (epoch s) breach the
+    trigger of `positions` and `cash` (kill_price); the day is then marked halted until the next UTC day
+    and the caller flattens every position and cancels resting entries. `day` is rolled to that UTC day
+    first (roll_day), as the backtest core does before its check."""
+    state = day.to_array()
+    if state[D_DAY] < 0:
+        return False
+    roll_day(int(time // 86400), math.nan, state)
+    day.update(state)
+    trigger, direction = kill_price(positions, cash, day, strategy)
+    if not kill_crossed(low, high, trigger, direction):
+        return False
+    day.halted = True
+    return True
 
 
 def intent_from_row(row: np.ndarray) -> Intent:

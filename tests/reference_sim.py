@@ -164,6 +164,17 @@ def _exit(p, op, hi, lo, stop_only, touch):
     return None, 0.0
 
 
+def _kill(slots, cash, start, loss_limit):
+    """(price, 'down'|'up'|'any'|None) where equity cash + sum side*qty*(P - entry) meets the limit."""
+    held = [p for p in slots if p is not None]
+    net = sum(p.side * p.qty for p in held)
+    at_zero = cash - sum(p.side * p.qty * p.entry for p in held)     # equity at P = 0
+    limit = (1 - loss_limit) * start
+    if abs(net) <= 1e-9 * sum(p.qty for p in held):
+        return (math.inf, "any") if at_zero <= limit else (math.nan, None)
+    return (limit - at_zero) / net, ("down" if net > 0 else "up")
+
+
 def _hit(side, price, hi, lo, touch):
     return (lo < price or (touch and lo <= price)) if side == 1 else (hi > price or (touch and hi >= price))
 
@@ -223,6 +234,7 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
     for i in range(n):
         bar, t = rows[i], times[i]
         fb = fine_bars.get(t, [])
+        cash_at_open, last_fill = cash, 0
         if v.funding_rate_8h != 0 and t % (8 * 3600) == 0:
             for p in slots:
                 if p is not None:
@@ -242,9 +254,11 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
                     p = slots[ref]
                     close_pos(ref, ref_px * (1 - p.side * slip), v.taker_fee,
                               "kill_switch" if reason == "kill_switch" else "time", ref_t, i)
+                    last_fill = max(last_fill, k0)
             elif kind == "market":
                 open_pos(side, ref_px * (1 + side * slip), qty, tp_d, sl_d, "taker", v.taker_fee, ref_t, i, k0,
                          price)                       # a market entry's stop: from the decision close
+                last_fill = max(last_fill, k0)
             elif (side == 1 and price >= ref_px) or (side == -1 and price <= ref_px):
                 rejected += 1
             else:
@@ -261,6 +275,7 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
                         open_pos(side, o.price, o.qty, o.tp_dist, o.sl_dist, "maker", v.maker_fee,
                                  float(fb[m][0]), i, m, o.price)
                         resting[side] = None
+                        last_fill = max(last_fill, m)
                         break
             elif _hit(side, o.price, bar["high"], bar["low"], touch):
                 open_pos(side, o.price, o.qty, o.tp_dist, o.sl_dist, "maker", v.maker_fee, float(t), i, -1, o.price)
@@ -280,6 +295,7 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
                         what, px = _exit(p, f["open"], f["high"], f["low"], new and m == first, touch)
                         if what:
                             when = float(fb[m][0])
+                            last_fill = max(last_fill, m)
                             break
             else:
                 what, px = _exit(p, bar["open"], bar["high"], bar["low"], new, touch)
@@ -287,6 +303,21 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
                 close_pos(k, px * (1 - p.side * slip), v.taker_fee, "stop_loss", when, i)
             elif what == "tp":
                 close_pos(k, px, v.maker_fee, "take_profit", when, i)
+        if state["day"] >= 0 and (cash != cash_at_open or any(p is not None for p in slots)):
+            if t // 86400 != state["day"]:
+                state.update(day=t // 86400, start=state["last"], halted=False)
+            trigger, way = (math.nan, None) if state["halted"] else _kill(slots, cash, state["start"],
+                                                                          s.daily_loss_limit)
+            path = [(float(ft), f) for ft, f in fb[last_fill:]] if fb else [(float(t), bar)]
+            for when, f in path:
+                if way == "any" or (way == "down" and f["low"] <= trigger) or (way == "up" and f["high"] >= trigger):
+                    px = min(f["open"], trigger) if way != "up" else max(f["open"], trigger)
+                    state["halted"] = True
+                    for k in range(len(slots)):
+                        if slots[k] is not None:
+                            close_pos(k, px * (1 - slots[k].side * slip), v.taker_fee, "kill_switch", when, i)
+                    resting = {1: None, -1: None}
+                    break
         upnl = sum(p.side * p.qty * (bar["close"] - p.entry) for p in slots if p is not None)
         equity_rows.append({"equity": cash + upnl, "cash": cash, "upnl": upnl,
                             "positions": sum(p is not None for p in slots)})

@@ -122,6 +122,7 @@ def test_core_agrees_with_reference_trade_for_trade(name):
     np.testing.assert_allclose(result.equity["equity"], [r["equity"] for r in ref_eq], rtol=1e-9)
     assert result.counters["rejected_postonly"] == rejected
     assert len(result.intents) == len(ref_intents)
+    assert result.counters["intrabar_kills"] > 0      # the reference agrees on intrabar kill-switch flattens too
 
 
 @pytest.mark.parametrize("latency_ms", [250.0, 130_000.0])
@@ -134,7 +135,7 @@ def test_core_agrees_with_reference_using_fine_bars(latency_ms):
     assert_same_trades(result, ref_trades)
     np.testing.assert_allclose(result.equity["equity"], [r["equity"] for r in ref_eq], rtol=1e-9)
     assert result.counters["rejected_postonly"] == rejected
-    assert result.counters["fine_resolved_exits"] > 0
+    assert result.counters["fine_resolved_exits"] > 0 and result.counters["intrabar_kills"] > 0
 
 
 def _records(slots, resting):
@@ -161,9 +162,11 @@ def test_strategy_decide_and_core_agree_intent_for_intent():
         assert [(x.kind, x.side, x.reason) for x in intents] == [(o[0], o[1], o[7]) for o in own]
 
     reference_backtest(coarse, probs, cfg, fine=fine, check_decide=via_strategy)
-    core = backtest.run_backtest(coarse, probs, cfg, fine=fine, record_intents=True).intents
+    run = backtest.run_backtest(coarse, probs, cfg, fine=fine, record_intents=True)
+    core = run.intents
     assert len(core) == len(decided) > 100
-    assert set(core["reason"]) >= {"chop", "breakout", "expired", "kill_switch", "time"}
+    assert set(core["reason"]) >= {"chop", "breakout", "expired", "time"}
+    assert run.counters["intrabar_kills"] > 0      # decide then sees the day halted after an intrabar flatten
     for row, d in zip(core.itertuples(), decided):
         assert (row.bar, row.kind, row.side, row.ref if row.kind == "exit" else -1, row.reason) == \
             (d[0], d[1], d[2], d[3], d[6])
@@ -327,21 +330,78 @@ def test_resting_entry_expires_after_time_limit():
     assert len(backtest.run_backtest(frame, probs_for(frame, b0=LONG_LIMIT), make_cfg(time_limit_bars=3)).trades) == 1
 
 
-def test_kill_switch_flattens_and_halts_until_the_next_utc_day():
-    rows = [FLAT, (100.0, 100.1, 99.4, 99.8), (99.0, 99.1, 98.0, 98.0), (98.1, 98.2, 98.0, 98.1),
-            (98.1, 98.2, 98.0, 98.1), (98.1, 98.2, 98.0, 98.1), (98.1, 98.2, 97.0, 97.5), FLAT]
-    frame = bars(rows, start="2026-01-05 23:40")
-    cfg = make_cfg(risk_per_trade=0.02, daily_loss_limit=0.01)
+KILL_ROWS = [FLAT, (100.0, 100.1, 99.4, 99.8), (99.0, 99.1, 98.0, 98.0), (98.1, 98.2, 98.0, 98.1),
+             (98.1, 98.2, 98.0, 98.1), (98.1, 98.2, 98.0, 98.1), (98.1, 98.2, 97.0, 97.5), FLAT]
+# long 100 @ 99.5 (maker fee 1.99): equity(P) = 10000 - 1.99 + 100 (P - 99.5) meets 99 % of 10000 at P*
+KILL_AT = (9_900.0 - (10_000.0 - 100 * 99.5 * MAKER) + 100 * 99.5) / 100
+
+
+def kill_run(rows, fine=None, slippage_bps=0.0, start="2026-01-05 23:40"):
+    frame = bars(rows, start=start)
+    cfg = make_cfg(risk_per_trade=0.02, daily_loss_limit=0.01, slippage_bps=slippage_bps)
     p = probs_for(frame, b0=LONG_LIMIT, b3=LONG_LIMIT, b4=LONG_LIMIT)
-    r = backtest.run_backtest(frame, p, cfg, record_intents=True)
+    r = backtest.run_backtest(frame, p, cfg, fine=fine, record_intents=True)
     check_invariants(r, cfg)
+    return frame, r
+
+
+def test_kill_switch_trigger_price_is_where_mark_to_market_equity_meets_the_limit():
+    assert KILL_AT == pytest.approx(98.5199)
+    trigger, direction = st.kill_trigger(np.array([1.0]), np.array([100.0]), np.array([99.5]),
+                                         10_000.0 - 100 * 99.5 * MAKER, 10_000.0, 0.01)
+    assert (trigger, direction) == (pytest.approx(KILL_AT, rel=1e-15), 1)
+
+
+def test_kill_switch_flattens_inside_the_bar_whose_low_reaches_the_trigger_and_halts_until_the_next_utc_day():
+    frame, r = kill_run(KILL_ROWS, slippage_bps=2.0)
     first = r.trades.iloc[0]
-    assert first.exit_reason == "kill_switch" and first.exit_bar == 3 and first.exit_price == pytest.approx(98.1)
-    assert first.pnl == pytest.approx(100 * (98.1 - 99.5) - 100 * 99.5 * MAKER - 100 * 98.1 * TAKER)
+    exit_px = KILL_AT * (1 - 0.0002)                                   # the trigger, slippage against us
+    assert first.exit_reason == "kill_switch" and first.exit_bar == 2 and first.exit_time == frame.index[2]
+    assert first.exit_price == pytest.approx(exit_px, rel=1e-12)
+    assert first.pnl == pytest.approx(100 * (exit_px - 99.5) - 100 * 99.5 * MAKER - 100 * exit_px * TAKER)
+    assert r.equity["equity"].iloc[2] == pytest.approx(9_900.0 - 100 * KILL_AT * 0.0002 - 100 * exit_px * TAKER)
+    assert r.counters["intrabar_kills"] == 1
+    assert not (r.intents["reason"] == "kill_switch").any()           # flattened in the bar, not at its close
     placed = r.intents[r.intents["kind"] == "limit"]
-    assert list(placed["bar"]) == [0, 4]
+    assert list(placed["bar"]) == [0, 4]                               # b3's signal is ignored: halted
     assert frame.index[4] == pd.Timestamp("2026-01-06 00:00", tz="UTC")
     assert len(r.trades) == 2 and r.trades.iloc[1].entry_bar == 6
+
+
+def test_a_bar_that_stays_above_the_trigger_keeps_the_position():
+    _, r = kill_run(KILL_ROWS[:2] + [(99.0, 99.1, 98.53, 98.6)] * 6)
+    assert r.counters["intrabar_kills"] == 0
+    assert list(r.trades["exit_reason"]) == ["end_of_data"] and r.trades.iloc[0].exit_bar == 7
+
+
+def test_a_bar_that_opens_beyond_the_trigger_flattens_at_its_open():
+    rows = list(KILL_ROWS)
+    rows[2] = (98.3, 98.4, 98.0, 98.1)
+    _, r = kill_run(rows)
+    first = r.trades.iloc[0]
+    assert first.exit_reason == "kill_switch" and first.exit_bar == 2 and first.exit_price == pytest.approx(98.3)
+
+
+def test_finer_bars_place_the_kill_switch_flatten_in_the_minute_that_reaches_the_trigger():
+    frame = bars(KILL_ROWS, start="2026-01-05 23:40")
+    minute = pd.date_range(frame.index[2], periods=5, freq="1min", tz="UTC")
+    fine = pd.DataFrame([(99.0, 99.1, 98.9, 98.9), (98.9, 98.9, 98.6, 98.6), (98.6, 98.6, 98.5, 98.5),
+                         (98.5, 98.5, 98.0, 98.0), (98.0, 98.1, 98.0, 98.0)], index=minute,
+                        columns=backtest.PRICE_COLUMNS)
+    _, r = kill_run(KILL_ROWS, fine=fine)
+    first = r.trades.iloc[0]
+    assert first.exit_reason == "kill_switch" and first.exit_time == minute[2]
+    assert first.exit_price == pytest.approx(KILL_AT, rel=1e-12)
+
+
+def test_the_stop_fills_first_when_the_bar_reaches_stop_and_trigger():
+    rows = list(KILL_ROWS)
+    rows[2] = (99.0, 99.1, 97.0, 97.2)                                  # through the trigger and the stop at 97.5
+    _, r = kill_run(rows)
+    first = r.trades.iloc[0]
+    assert first.exit_reason == "stop_loss" and first.exit_bar == 2 and first.exit_price == pytest.approx(97.5)
+    assert r.counters["intrabar_kills"] == 1                          # flat and below the limit: halted
+    assert list(r.intents.loc[r.intents["kind"] == "limit", "bar"]) == [0, 4]
 
 
 def test_funding_is_charged_at_the_8h_boundary():

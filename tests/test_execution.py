@@ -44,11 +44,15 @@ class CoreReplay:
         bar_s = t[1] - t[0]
         if fine is not None:
             fine = fine.loc[(fine.index >= frame.index[0]) & (fine.index < frame.index[-1] + pd.Timedelta(seconds=bar_s))]
-        ft, fo, _, _, fstart, fend, lat = backtest._fine_arrays(fine, t, bar_s, cfg.venue.latency_ms)
+        ft, fo, fh, fl, fstart, fend, lat = backtest._fine_arrays(fine, t, bar_s, cfg.venue.latency_ms)
         opens = frame["open"].to_numpy(float)
         self.arrival = [fo[min(fstart[i] + lat, fend[i] - 1)] if fend[i] > fstart[i] else opens[i]
                         for i in range(len(t))]
         self.open_ms = [int(x) * 1000 for x in t]
+        self.fine = (ft, fh, fl, fstart, fend)
+        self.ranges = list(zip(frame["low"].to_numpy(float), frame["high"].to_numpy(float)))
+        self.last_fill_s = -1.0
+        self.kills = 0
 
     def send(self, ev: ExecEvent) -> None:
         """Feed one event; it must apply, and its follow-ups are acknowledged at once."""
@@ -63,6 +67,7 @@ class CoreReplay:
 
     def fill(self, link: str, ts, qty: float, price: float, fee: float, maker: bool) -> None:
         self.n_exec += 1
+        self.last_fill_s = max(self.last_fill_s, ts.timestamp())
         self.send(ExecEvent("fill", link, int(round(ts.timestamp() * 1000)), exec_id=f"e{self.n_exec}", qty=qty,
                             price=price, fee=fee, is_maker=maker))
 
@@ -70,8 +75,32 @@ class CoreReplay:
         return next(p for p in self.ex.slots if p is not None and p.position_id == position_id)
 
     def bar_open(self, i: int, sent: list[OrderRequest]) -> None:
-        """Bar i in the core's order: the orders sent at the last close, resting entries, then TP/SL by slot."""
-        ms = self.open_ms[i]
+        """Bar i in the core's order: the orders sent at the last close, resting entries, TP/SL by slot, then
+        the prices since the bar's last fill go to the intrabar kill-switch."""
+        self.last_fill_s = -1.0
+        self.act(i, sent, self.open_ms[i])
+        self.entries_and_exits(i)
+        self.intrabar_kill(i)
+
+    def intrabar_kill(self, i: int) -> None:
+        """Feed the Execution the (fine) bar ranges the core watches (from the bar's last fill on) until its
+        day halts; the flatten it then asks for fills as the core's kill_switch trades."""
+        ft, fh, fl, fstart, fend = self.fine
+        if fend[i] > fstart[i]:
+            first = fstart[i] if self.last_fill_s < 0 else int(np.searchsorted(ft, round(self.last_fill_s)))
+            steps = [(fl[m], fh[m], int(ft[m]) * 1000) for m in range(first, fend[i])]
+        else:
+            steps = [(*self.ranges[i], self.open_ms[i])]
+        for low, high, when_ms in steps:
+            if self.ex.day.halted and self.ex.day.day == self.open_ms[i] // 86_400_000:
+                return
+            requests = self.ex.check_kill(low, high, i, self.open_ms[i] / 1000)
+            self.kills += self.ex.day.halted
+            self.act(i, requests, when_ms)
+
+    def act(self, i: int, sent: list[OrderRequest], ms: int) -> None:
+        """The exchange's answer to requests: cancels confirmed, exits and market entries filled as the core's
+        trades, PostOnly entries accepted or rejected at the arrival price."""
         for req in sent:
             if req.action == "cancel":
                 self.send(ExecEvent("cancelled", req.order_link_id, ms))
@@ -88,6 +117,9 @@ class CoreReplay:
                 self.rejected += crosses
                 self.send(ExecEvent("rejected" if crosses else "accepted", req.order_link_id, ms,
                                     reason="EC_PostOnlyWillTakeLiquidity" if crosses else ""))
+
+    def entries_and_exits(self, i: int) -> None:
+        """Resting entries the core filled in bar i, then its TP/SL fills in slot order."""
         for side in (st.LONG, st.SHORT):
             for order in [o for o in self.ex.orders.values() if o.status == "accepted" and o.request.kind == "entry"
                           and o.request.side == ("Buy" if side == st.LONG else "Sell")]:
@@ -144,8 +176,10 @@ def journal_trades(journal: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def assert_reproduces(frame, probs, cfg, fine=None, gate=None, min_trades=20, restart=False) -> None:
+def assert_reproduces(frame, probs, cfg, fine=None, gate=None, min_trades=20, restart=False) -> CoreReplay:
+    """The replay's intents, trades, equity and open positions equal the core's; returns the replay."""
     result, rep, intents, equity = replay(frame, probs, cfg, fine, gate, restart)
+    assert rep.kills == result.counters["intrabar_kills"]
     pd.testing.assert_frame_equal(intents, result.intents, check_exact=True)
     core = result.trades.loc[result.trades["exit_reason"] != "end_of_data"]
     assert len(core) >= min_trades
@@ -161,6 +195,7 @@ def assert_reproduces(frame, probs, cfg, fine=None, gate=None, min_trades=20, re
     still_open = result.trades.loc[result.trades["exit_reason"] == "end_of_data"]
     assert sorted((p.qty, p.entry_price) for p in rep.ex.positions()) == \
         sorted(zip(still_open["qty"], still_open["entry_price"]))
+    return rep
 
 
 # ---------------------------------------------------------------- the proof
@@ -175,7 +210,8 @@ def assert_reproduces(frame, probs, cfg, fine=None, gate=None, min_trades=20, re
 ])
 def test_execution_and_decide_reproduce_the_core_on_random_markets(seed, settings_):
     frame, probs, fine = random_market(6000, seed=seed)
-    assert_reproduces(frame, probs, make_cfg(**settings_), fine=fine if seed % 2 else None)
+    rep = assert_reproduces(frame, probs, make_cfg(**settings_), fine=fine if seed % 2 else None)
+    assert rep.kills > 0                      # the intrabar kill-switch fired (seeds 1, 3: inside 1m fine bars)
 
 
 @settings(max_examples=6, deadline=None)
@@ -196,7 +232,8 @@ def test_execution_reproduces_the_core_on_real_btcusdt_trades(realdata):
 
 def test_a_restart_from_the_json_state_at_every_bar_changes_nothing():
     frame, probs, _ = random_market(1000, seed=8)
-    assert_reproduces(frame, probs, make_cfg(daily_loss_limit=0.02), min_trades=10, restart=True)
+    rep = assert_reproduces(frame, probs, make_cfg(daily_loss_limit=0.02), min_trades=5, restart=True)
+    assert rep.kills > 0 and rep.ex.day.halted        # the halt is in the JSON state and survived every restart
 
 
 # ---------------------------------------------------------------- every event kind, one by one
@@ -297,6 +334,26 @@ def test_time_exit_is_a_reduce_only_market_that_cancels_tp_and_sl_and_is_not_sen
     assert ex.last_intents[0].kind == "exit"          # (the strategy still asks for it)
     res = ex.on_event(ExecEvent("fill", exit_.order_link_id, ms(51), exec_id="x4", qty=50.0, price=100.2, fee=2.75))
     assert res.journal[0]["event"] == "time_exit" and res.requests == [] and ex.positions() == []
+
+
+def test_intrabar_kill_flattens_with_reduce_only_exits_cancels_everything_and_halts_the_day():
+    ex, _, _ = filled_long()                        # long 50 @ 99.5, maker fee 0.99; the day started at 10_000
+    pos = ex.slots[0]
+    (short,) = close(ex, 1, {**QUIET, "p_exec_short": 0.9, "p_dir_short": 0.6})
+    trigger = (9_700.0 - (10_000.0 - 0.99) + 50 * 99.5) / 50
+    assert st.kill_price(ex.positions(), ex.cash, ex.day, ex.cfg.strategy) == (pytest.approx(trigger), 1)
+    assert ex.check_kill(trigger + 0.01, 101.0, 2, DAY + 600) == [] and not ex.day.halted
+    exit_, tp_cancel, sl_cancel, entry_cancel = ex.check_kill(trigger, trigger, 2, DAY + 600)
+    assert (exit_.action, exit_.kind, exit_.side, exit_.order_type, exit_.reduce_only, exit_.qty, exit_.reason) == \
+        ("create", "exit", "Sell", "Market", True, 50.0, "kill_switch")
+    assert [(r.action, r.order_link_id) for r in (tp_cancel, sl_cancel, entry_cancel)] == \
+        [("cancel", pos.tp_link), ("cancel", pos.sl_link), ("cancel", short.order_link_id)]
+    assert ex.day.halted and ex.check_kill(50.0, 50.0, 2, DAY + 660) == []
+    assert Execution.from_json(ex.to_json(), make_cfg()).day.halted           # the halt is in the state file
+    res = ex.on_event(ExecEvent("fill", exit_.order_link_id, ms(2) + 1, exec_id="k1", qty=50.0, price=trigger,
+                                fee=1.0))
+    assert res.journal[0]["event"] == "kill_exit" and ex.positions() == []
+    assert close(ex, 3, BREAKOUT_LONG) == []                                   # no entries until the next UTC day
 
 
 def test_rejected_and_cancelled_entries_stop_resting_and_repeats_are_reported():

@@ -60,6 +60,7 @@ def test_dry_run_is_the_default_and_paper_uses_the_paper_profile(tmp_path, monke
 
 
 def test_refused_startup_checks_exit_3(market, tmp_path):
+    """A key that can move funds, an account that cannot be switched to hedge mode, a skewed clock."""
     model = write_model_dir(tmp_path)
     probs = write_probabilities(tmp_path / "p.csv", {})
     with exchange(market) as ex:
@@ -68,6 +69,11 @@ def test_refused_startup_checks_exit_3(market, tmp_path):
         assert rc == live.EXIT_STARTUP, out[-2000:]
         assert "can move funds" in out
         ex.call(lambda: ex.exchange.permissions.update({"Wallet": []}))
+        ex.call(lambda: setattr(ex.exchange.faults, "refuse_mode_switch", True))
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs)), tmp_path)
+        assert rc == live.EXIT_STARTUP, out[-2000:]
+        assert "cannot switch to hedge mode" in out and not ex.call(lambda: ex.exchange.engine.hedge)
+        ex.call(lambda: setattr(ex.exchange.faults, "refuse_mode_switch", False))
         ex.call(lambda: setattr(ex.exchange.faults, "time_skew_ms", 60_000))
         rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs)), tmp_path)
     assert rc == live.EXIT_STARTUP, out[-2000:]
@@ -138,3 +144,31 @@ def test_dry_run_follows_public_data_with_simulated_orders_and_its_own_state(mar
     assert len(journal(tmp_path, "signals")) >= 2 and placed == 0
     assert (tmp_path / "state" / f"bot_state_{SYMBOL}_dry-run.json").exists()
     assert not (tmp_path / "state" / f"bot_state_{SYMBOL}.json").exists()
+
+
+def test_heartbeat_open_positions_follow_every_position_update(tmp_path, monkeypatch):
+    """The heartbeat is rewritten as soon as a position push changes how many legs are open, not on the
+    next 5 s beat, so the watchdog and dashboard never read a count the state file no longer holds."""
+    monkeypatch.chdir(tmp_path)
+    model = write_model_dir(tmp_path)
+    engine = live.Engine(live.prepare(live.parse_args(["--symbol", SYMBOL, "--model-dir", str(model)]), env={}))
+    engine._exec = engine._load_execution()
+    beat = tmp_path / "state" / f"heartbeat_{SYMBOL}.json"
+    saved = tmp_path / "state" / f"bot_state_{SYMBOL}_dry-run.json"
+    for sizes, want in (({1: "0.5"}, 1), ({2: "0.3"}, 2), ({1: "0"}, 1), ({2: "0"}, 0)):
+        engine._on_private("position", [{"positionIdx": i, "size": v, "updatedTime": "1"} for i, v in sizes.items()])
+        state_open = sum(1 for v in json.loads(saved.read_text())["exchange_positions"].values() if v)
+        assert json.loads(beat.read_text())["open_positions"] == state_open == want
+
+
+@pytest.mark.parametrize("code, text, refused", [
+    (110093, "expect Falling, but trigger_price[100.00] >= current[99.50]", True),
+    (110092, "expect Rising, but trigger_price[99.00] <= current[99.50]??LastPrice", True),
+    (10001, "StopLoss:3000 set for Buy position should lower than base_price:2990??LastPrice", True),
+    (110007, "ab not enough for new order", False),
+    (110017, "current position is zero, cannot fix reduce-only order qty", False),
+    (10001, "params error: side invalid", False)])
+def test_a_stop_refusal_is_recognised_by_kind_and_wording_not_by_one_code(code, text, refused):
+    import exchange_client as exc
+    err = exc.error_class(code)(f"place_order: retCode {code}: {text}", code=code)
+    assert live.stop_refused(err) is refused

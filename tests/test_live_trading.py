@@ -147,3 +147,56 @@ def test_each_decision_sees_the_fills_pushed_inside_its_bar(market, tmp_path):
     assert len(engine) >= 5
     result = parity.compare_intents(engine, replay)
     assert result.mismatches == 0, result.first
+
+
+def test_drift_halt_pauses_entries_while_psi_exceeds_the_alert_level(market, tmp_path):
+    """Training quantiles the live `atr` can never match (PSI far above live.drift_psi_alert): the drift alert
+    is journaled and, with --drift-halt, the breakout the probabilities ask for is not entered."""
+    import json
+    model = write_model_dir(tmp_path)
+    (model / "features.json").write_text(json.dumps({"quantiles": {"atr": [1e12 + i for i in range(11)]}}))
+    probs = write_probabilities(tmp_path / "p.csv", {"2026-01-01T03:01:00Z": {"p_dir_long": 0.95}})
+    with exchange(market) as ex:
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "3",
+                                 "--drift-halt"), tmp_path)
+    assert rc == 0, out[-3000:]
+    alert = next(e for e in journal(tmp_path, "events") if e["event"] == "drift")
+    assert alert["drift"]["atr"] > live_config().live.drift_psi_alert
+    sig = next(s for s in journal(tmp_path, "signals") if s["bar_time"].startswith("2026-01-01T03:01"))
+    assert sig["warm"] and sig["entries_allowed"] is False and sig["reason"] == "drift halt"
+    assert not trades(tmp_path, kind="entry")
+
+
+def test_a_stop_the_exchange_refuses_means_an_immediate_reduce_only_market_exit(market, tmp_path):
+    """A short is left with its stops cancelled by hand while the engine is away and the market rises past
+    its stop-loss. On restart the engine's stop for the uncovered leg is refused by the exchange's own
+    trigger-side check (110092 "expect Rising ... trigger_price <= current") and the leg is closed at once
+    by a reduce-only market order."""
+    model = write_model_dir(tmp_path, **{"strategy.stop_loss_atr": "8", "strategy.take_profit_atr": "40",
+                                         "strategy.max_holding_bars": "200"})
+    probs = write_probabilities(tmp_path / "p.csv", {"2026-01-01T03:01:00Z": {"p_dir_short": 0.95}})
+    with exchange(market) as ex:
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "4"), tmp_path)
+        assert rc == 0, out[-3000:]
+        sl = trades(tmp_path, kind="entry", event="filled")[0]["sl"]
+        http = HTTP(api_key="paper", api_secret="paper")
+        http.endpoint = ex.url
+        for order in http.get_open_orders(category="linear", symbol=SYMBOL)["result"]["list"]:
+            if order["stopOrderType"]:
+                http.cancel_order(category="linear", symbol=SYMBOL, orderId=order["orderId"])
+        for _ in range(120):
+            if float(http.get_tickers(category="linear", symbol=SYMBOL)["result"]["list"][0]["lastPrice"]) > sl:
+                break
+            ex.advance(60)
+        held = ex.call(lambda: ex.exchange.state())["positions"][2]
+        assert held < 0, "the short is still open, now beyond its stop"
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "1"), tmp_path)
+        orders = exchange_orders(ex)
+        final = ex.call(lambda: ex.exchange.state())
+    assert rc == 0, out[-3000:]
+    assert "retCode 110092" in out and "expect Rising" in out, "the exchange itself refused the stop"
+    assert any(e["message"].startswith("stop refused for leg-2") for e in journal(tmp_path, "events"))
+    exit_ = next(o for o in orders if o.link_id and o.order_type == "Market" and o.reduce_only and o.side == "Buy"
+                 and not o.stop_order_type)
+    assert exit_.status == "Filled" and ex.exchange.inst.qty(exit_.cum_qty) == pytest.approx(-held)
+    assert final["positions"][2] == 0

@@ -244,3 +244,14 @@ def test_binning_once_for_four_models_gives_the_models_of_separate_datasets(boos
                                               params=params), num_boost_round=15)
         assert trees(shared.models[name].booster) == trees(alone), name       # relabelling is exact
         assert trees(again.models[name].booster) == trees(shared.models[name].booster), name  # deterministic
+
+
+def test_probabilities_do_not_depend_on_the_prediction_thread_count():
+    X, y = dataset(400, 14)
+    bundle = ModelBundle(cfg(num_threads=1), FEATURES).fit(X, y)
+    one_thread = bundle.predict(X)
+    booster = bundle.models["dir_long"].booster
+    np.testing.assert_array_equal(one_thread["p_dir_long"].to_numpy(), booster.predict(X.to_numpy(), num_threads=1))
+    bundle.cfg.num_threads = 0   # LightGBM default: every core
+    pd.testing.assert_frame_equal(bundle.predict(X), one_thread, check_exact=True)
+    pd.testing.assert_frame_equal(bundle.predict(X.iloc[[-1]]), one_thread.iloc[[-1]], check_exact=True)

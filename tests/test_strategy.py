@@ -229,3 +229,49 @@ def test_closed_entry_gate_still_lets_the_kill_switch_flatten():
     decide(probs(), equity=10_000.0, day=day)
     out = decide(probs(dl=0.9), positions=[pos()], equity=9_000.0, day=day, gate=st.EntryGate(False, "stale data"))
     assert kinds(out) == [("exit", 1, "kill_switch")] and day.halted
+
+
+# ------------------------------------------------------------ intrabar kill-switch trigger
+def equity_at(price, sides, qtys, entries, cash):
+    return cash + sum(s * q * (price - e) for s, q, e in zip(sides, qtys, entries))
+
+
+@pytest.mark.parametrize("sides,qtys,entries,direction", [
+    ([1], [2.0], [100.0], 1),                              # long: breached at or below the trigger
+    ([-1], [2.0], [100.0], -1),                            # short: at or above
+    ([1, -1], [3.0, 1.0], [100.0, 104.0], 1),              # hedge, both legs, net long 2
+    ([1, -1, -1], [1.0, 2.0, 0.5], [100.0, 96.0, 90.0], -1),   # hedge, net short 1.5
+])
+def test_kill_trigger_is_the_price_where_equity_meets_the_limit(sides, qtys, entries, direction):
+    cash, start, loss = 9_950.0, 10_000.0, 0.03
+    trigger, way = st.kill_trigger(np.array(sides, float), np.array(qtys), np.array(entries), cash, start, loss)
+    assert way == direction
+    assert equity_at(trigger, sides, qtys, entries, cash) == pytest.approx(0.97 * start, rel=1e-12)
+    worse, better = trigger - direction * 0.01, trigger + direction * 0.01
+    assert equity_at(worse, sides, qtys, entries, cash) < 0.97 * start < equity_at(better, sides, qtys, entries, cash)
+    assert st.kill_crossed(worse, worse, trigger, way) and not st.kill_crossed(better, better, trigger, way)
+
+
+def test_kill_trigger_with_no_net_quantity_fires_only_when_already_breached():
+    hedged = (np.array([1.0, -1.0, 1.0]), np.array([1.5, 1.5, 0.0]), np.array([100.0, 90.0, 50.0]))
+    assert st.kill_trigger(*hedged, 9_720.0, 10_000.0, 0.03)[1] == 0          # equity 9_705 at any price
+    assert st.kill_trigger(*hedged, 9_700.0, 10_000.0, 0.03) == (math.inf, 1)  # 9_685: any price breaches
+    flat = (np.zeros(2), np.zeros(2), np.zeros(2))
+    assert st.kill_trigger(*flat, 9_700.01, 10_000.0, 0.03)[1] == 0
+    assert st.kill_crossed(1e9, 1e9, *st.kill_trigger(*flat, 9_700.0, 10_000.0, 0.03))
+    assert not st.kill_crossed(1.0, 1e9, math.nan, 0)
+
+
+def test_intrabar_kill_uses_the_bar_close_rules_day_and_halts_until_the_next_utc_day():
+    day = st.DayState()
+    held = [st.Position(side=1, qty=100.0, entry_price=100.0, tp=110.0, sl=90.0, fill_bar=0)]
+    assert not st.intrabar_kill(50.0, 50.0, DAY0, held, 10_000.0, day, cfg())           # no day started yet
+    decide(probs(), equity=10_000.0, day=day, time=DAY0)
+    assert st.kill_price(held, 10_000.0, day, cfg()) == (pytest.approx(97.0), 1)
+    assert not st.intrabar_kill(97.01, 99.0, DAY0 + 60, held, 10_000.0, day, cfg())
+    assert st.intrabar_kill(97.0, 99.0, DAY0 + 120, held, 10_000.0, day, cfg()) and day.halted
+    assert not st.intrabar_kill(50.0, 50.0, DAY0 + 180, held, 10_000.0, day, cfg())     # halted: once a day
+    assert decide(probs(dl=0.95), equity=9_700.0, day=day, time=DAY0 + 300) == []
+    decide(probs(), equity=9_700.0, day=day, time=DAY0 + 86_100)
+    assert st.intrabar_kill(96.0, 96.0, DAY0 + 86_400, held, 9_700.0, day, cfg())       # new day: start 9_700
+    assert day.day == DAY0 // 86_400 + 1 and day.start_equity == 9_700.0 and day.halted
