@@ -292,6 +292,10 @@ def test_decisions_replay_applies_each_fill_before_the_close_it_precedes() -> No
     assert inside.attrs["event_statuses"] == {"applied": 2}
     assert list(inside["time"]) == [times[0], times[1]] and set(inside["kind"]) == {"limit"}
     assert [len(inside.attrs["states"][str(t)]["positions"]) for t in times] == [0, 1, 1]
+    answered = journal(close1_ms - 1000)       # an answer stamped at the step's end, journaled before the fill
+    answered.insert(1, {**answered[0], "event": "rejected", "order_link_id": "ps-follow-up", "ts": close1_ms})
+    late, _ = parity.replay_decisions(signals, answered, cfg)
+    assert parity.compare_intents(late, inside).ok and late.attrs["event_statuses"] == {"applied": 2, "unknown": 1}
     after, _ = parity.replay_decisions(signals, journal(close1_ms), cfg)
     assert list(after["time"]) == [times[0], times[2]]
     assert after.attrs["states"][str(times[1])]["resting"][0]["price"] == entry.price
