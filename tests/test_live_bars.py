@@ -78,7 +78,7 @@ def test_late_trades_are_counted_per_bar_and_never_lost(market, tmp_path):
         ex.call(lambda: (setattr(ex.exchange.faults, "push_topic", f"publicTrade.{SYMBOL}"),
                          setattr(ex.exchange.faults, "reorder_pushes", 10 ** 9)))
         rc, out = run(engine_cmd(ex.url, model, market, "--signal-only", "--probabilities", str(probs),
-                                 "--max-bars", "12"), tmp_path)
+                                 "--max-bars", "8"), tmp_path)
     assert rc == 0, out[-3000:]
     signals = journal(tmp_path, "signals")
     late: dict[int, int] = {}
