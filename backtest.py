@@ -188,45 +188,27 @@ def _open(s: int, px: float, qty_: float, tp_dist: float, sl_dist: float, sl_ref
 
 
 @njit(cache=True)
-def _any_open(qty: np.ndarray) -> bool:
-    """Whether any position slot is open."""
-    for k in range(qty.shape[0]):
-        if qty[k] > 0.0:
-            return True
-    return False
-
-
-@njit(cache=True)
-def _kill_intrabar(i: int, day: int, cash: float, nt: int, t: np.ndarray, o: np.ndarray, h: np.ndarray,
-                   lo_: np.ndarray, ft: np.ndarray, fo: np.ndarray, fh: np.ndarray, fl: np.ndarray, m_from: int,
-                   m_end: int, params: np.ndarray, taker_fee: float, slip: float, day_state: np.ndarray,
-                   pos: np.ndarray, side: np.ndarray, qty: np.ndarray, fill_bar: np.ndarray, rq: np.ndarray,
-                   trades: np.ndarray, counters: np.ndarray) -> tuple:
-    """The daily kill-switch inside bar i (ASSUMPTIONS): after the bar's fills, the positions left and the
-    cash give the trigger (strategy.kill_trigger); when the bar's adverse extreme reaches it (with fine bars:
-    the first fine bar from m_from to m_end that does), every position is closed at the trigger (or that
-    bar's open when it opened beyond it) moved against us by the slippage, taker fee, resting entries are
+def _kill_flatten(i: int, trigger: float, direction: int, cash: float, nt: int, t: np.ndarray, o: np.ndarray,
+                  ft: np.ndarray, fo: np.ndarray, fh: np.ndarray, fl: np.ndarray, m_from: int, m_end: int,
+                  taker_fee: float, slip: float, day_state: np.ndarray, pos: np.ndarray, side: np.ndarray,
+                  qty: np.ndarray, fill_bar: np.ndarray, rq: np.ndarray, trades: np.ndarray,
+                  counters: np.ndarray) -> tuple:
+    """The daily kill-switch inside bar i, whose range reached `trigger` (strategy.kill_trigger of the positions
+    left after the bar's fills; see ASSUMPTIONS): with fine bars, the first fine bar from m_from to m_end that
+    reaches it (none: nothing happens), else the bar itself. Every position is closed at the trigger (or that
+    bar's open when it opened beyond it) moved against us by the slippage, taker fee; resting entries are
     cancelled and the day is halted. Returns (cash, trade count)."""
-    st.roll_day(day, math.nan, day_state)
-    if day_state[st.D_HALTED] != 0.0:
-        return cash, nt
-    trigger, direction = st.kill_trigger(side, qty, pos[:, PS_ENTRY], cash, day_state[st.D_START_EQUITY],
-                                         params[st.P_DAILY_LOSS])
-    if direction == 0:
-        return cash, nt
-    px = math.nan
+    px = st.kill_fill_price(o[i], trigger, direction)
     when = float(t[i])
-    if m_end < 0:
-        if st.kill_crossed(lo_[i], h[i], trigger, direction):
-            px = st.kill_fill_price(o[i], trigger, direction)
-    else:
+    if m_end >= 0:
+        px = math.nan
         for m in range(m_from, m_end):
             if st.kill_crossed(fl[m], fh[m], trigger, direction):
                 px = st.kill_fill_price(fo[m], trigger, direction)
                 when = float(ft[m])
                 break
-    if math.isnan(px):
-        return cash, nt
+        if math.isnan(px):
+            return cash, nt
     day_state[st.D_HALTED] = 1.0
     counters[C_KILL_INTRABAR] += 1
     for k in range(qty.shape[0]):
@@ -273,11 +255,14 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
     eq = np.zeros((n, 5))
     counters = np.zeros(4)
     cash = initial_equity
+    k_trig, k_dir = math.nan, 0
+    k_cash, k_start, k_halted = math.nan, math.nan, -1.0
     for i in range(n):
         if trades.shape[0] - nt < cap + 2:
             trades = _grow(trades)
         fine = fend[i] > fstart[i]
-        cash0 = cash
+        day = int(t[i] // 86400)
+        filled = False
         m_from = fstart[i]          # the kill-switch watches the fine bars from the bar's last fill on
         # funding at the bar open, on positions held through it
         if funding_rate != 0.0 and t[i] % FUNDING_PERIOD_S == 0:
@@ -307,11 +292,13 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                     cash = _close(k, ref_px * (1.0 - side[k] * slip), taker_fee, reason, ref_t, i,
                                   pos, side, qty, fill_bar, trades, nt, cash)
                     nt += 1
+                    filled = True
                     m_from = max(m_from, k0)
             elif kind == st.MARKET:
                 cash -= _open(s, ref_px * (1.0 + s * slip), pend[j, st.K_QTY], pend[j, st.K_TP],
                               pend[j, st.K_SL], pend[j, st.K_PRICE], tick, TAKER, taker_fee, ref_t, i, k0, pos,
                               side, qty, fill_bar)
+                filled = True
                 m_from = max(m_from, k0)
             else:
                 price = pend[j, st.K_PRICE]
@@ -337,12 +324,14 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                             cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], rp[r], tick, MAKER,
                                           maker_fee, float(ft[m]), i, m, pos, side, qty, fill_bar)
                             rq[r] = 0.0
+                            filled = True
                             m_from = max(m_from, m)
                             break
                 elif _limit_hit(s, rp[r], h[i], lo_[i], touch):
                     cash -= _open(s, rp[r], rq[r], rest[r, RS_TP], rest[r, RS_SL], rp[r], tick, MAKER, maker_fee,
                                   float(t[i]), i, -1, pos, side, qty, fill_bar)
                     rq[r] = 0.0
+                    filled = True
         # exits: take-profit and stop of every open position
         for k in range(cap):
             if qty[k] == 0.0:
@@ -372,14 +361,28 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                 cash = _close(k, px * (1.0 - s * slip), taker_fee, EXIT_SL, when, i,
                               pos, side, qty, fill_bar, trades, nt, cash)
                 nt += 1
+                filled = True
             elif code == 2:
                 cash = _close(k, px, maker_fee, EXIT_TP, when, i, pos, side, qty, fill_bar, trades, nt, cash)
                 nt += 1
-        # intrabar kill-switch on what is left after the bar's fills (strategy.kill_trigger)
-        if day_state[st.D_DAY] >= 0.0 and (cash != cash0 or _any_open(qty)):
-            cash, nt = _kill_intrabar(i, int(t[i] // 86400), cash, nt, t, o, h, lo_, ft, fo, fh, fl, m_from,
-                                      fend[i] if fine else -1, params, taker_fee, slip, day_state, pos, side,
-                                      qty, fill_bar, rq, trades, counters)
+                filled = True
+        # intrabar kill-switch: the trigger of what is left after the bar's fills (strategy.kill_trigger, kept
+        # until a fill, cash or the day state changes) against the bar's adverse extreme; a book that is flat,
+        # unchanged and not breached (k_dir 0) cannot breach
+        if (k_dir != 0 or filled or cash != k_cash) and day_state[st.D_DAY] >= 0.0:
+            if day != day_state[st.D_DAY]:
+                st.roll_day(day, math.nan, day_state)
+            if (filled or cash != k_cash or day_state[st.D_START_EQUITY] != k_start
+                    or day_state[st.D_HALTED] != k_halted):
+                k_cash, k_start, k_halted = cash, day_state[st.D_START_EQUITY], day_state[st.D_HALTED]
+                k_trig, k_dir = math.nan, 0
+                if k_halted == 0.0:
+                    k_trig, k_dir = st.kill_trigger(side, qty, pos[:, PS_ENTRY], cash, k_start,
+                                                    params[st.P_DAILY_LOSS])
+            if k_dir != 0 and st.kill_crossed(lo_[i], h[i], k_trig, k_dir):
+                cash, nt = _kill_flatten(i, k_trig, k_dir, cash, nt, t, o, ft, fo, fh, fl, m_from,
+                                         fend[i] if fine else -1, taker_fee, slip, day_state, pos, side, qty,
+                                         fill_bar, rq, trades, counters)
         # mark to market at the close
         upnl = 0.0
         notional = 0.0
@@ -397,7 +400,6 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
         eq[i, E_NPOS] = npos
         if i == n - 1:
             break
-        day = int(t[i] // 86400)
         if (npos == 0 and rq[0] == 0.0 and rq[1] == 0.0
                 and st.is_idle(day, equity, pel[i], pes[i], pdl[i], pds[i], day_state, params)):
             continue

@@ -24,6 +24,7 @@ Conventions every feature keeps:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import sys
@@ -48,6 +49,9 @@ _RATIO_FLOOR = 0.01  # std floor of z-scores of bounded ratios (taker share, imb
 _REL_FLOOR = 0.01  # std floor of z-scores of positive quantities, as a fraction of their rolling mean
 _TINY = 1e-12
 _MIN_TRADED_BARS = 3  # traded bars a taker-share z-score needs in its window (empty bars are common)
+_NEVER = np.iinfo(np.int64).max  # age of a value never seen; also "carry without a limit"
+_seconds = functools.lru_cache(maxsize=None)(parse_duration)  # config durations: parsed once, not at every bar
+_bars = functools.lru_cache(maxsize=None)(bars_for)
 
 
 # ---------------------------------------------------------------- compiled kernels
@@ -84,15 +88,20 @@ def _window_moments(x: np.ndarray, lo: int, hi: int) -> tuple[int, float, float]
 
 
 @njit(cache=True)
-def _rolling_mean_std(x: np.ndarray, window: int, min_periods: int, ddof: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rolling mean and std over the last `window` bars, skipping NaN (Welford add/remove, O(n))."""
+def _rolling_mean_std(x: np.ndarray, window: int, min_periods: int, ddof: int,
+                      first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rolling mean and std over the last `window` bars, skipping NaN (Welford add/remove, O(n)).
+
+    Rows before `first` may be left NaN: the loop starts at the last refresh at or before `first`, which sets
+    the whole state, so rows >= first are bit-equal to a run from row 0."""
     n = x.shape[0]
     mean_out = np.full(n, np.nan)
     std_out = np.full(n, np.nan)
     count = 0
     mean = 0.0
     m2 = 0.0
-    for i in range(n):
+    start = first - (first + 1) % window if first + 1 >= window else 0
+    for i in range(start, n):
         v = x[i]
         if v == v:
             count += 1
@@ -119,21 +128,39 @@ def _rolling_mean_std(x: np.ndarray, window: int, min_periods: int, ddof: int) -
     return mean_out, std_out
 
 
+@njit(cache=True)
+def _carry(x: np.ndarray, valid: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Last valid value if at most `limit` bars old (else NaN), and the age in bars of that value (int64 max
+    before the first valid one)."""
+    n = x.shape[0]
+    filled = np.full(n, np.nan)
+    age = np.full(n, _NEVER)
+    last = -1
+    for i in range(n):
+        if valid[i]:
+            last = i
+        if last >= 0:
+            age[i] = i - last
+            if i - last <= limit:
+                filled[i] = x[last]
+    return filled, age
+
+
 # ---------------------------------------------------------------- helpers
 def _min_periods(window: int) -> int:
     """Valid values a window needs: at least half of it, so gaps thin a statistic but never fake it."""
     return max(1, (window + 1) // 2)
 
 
-def _mean(x: np.ndarray, window: int) -> np.ndarray:
-    """Causal rolling mean skipping NaN."""
-    return _rolling_mean_std(x, window, _min_periods(window), 0)[0]
+def _mean(x: np.ndarray, window: int, first: int) -> np.ndarray:
+    """Causal rolling mean skipping NaN (rows >= first; see _rolling_mean_std)."""
+    return _rolling_mean_std(x, window, _min_periods(window), 0, first)[0]
 
 
-def _zscore(x: np.ndarray, window: int, abs_floor: float, rel_floor: float = 0.0) -> np.ndarray:
-    """(x - rolling mean) / max(rolling std, floor); the floor keeps flat windows at 0, not +-inf."""
+def _zscore(x: np.ndarray, window: int, first: int, abs_floor: float, rel_floor: float = 0.0) -> np.ndarray:
+    """(x - rolling mean) / max(rolling std, floor); the floor keeps flat windows at 0, not +-inf (rows >= first)."""
     window = max(2, window)
-    mean, std = _rolling_mean_std(x, window, max(2, _min_periods(window)), 1)
+    mean, std = _rolling_mean_std(x, window, max(2, _min_periods(window)), 1, first)
     floor = np.maximum(abs_floor, rel_floor * np.abs(mean))
     return (x - mean) / np.maximum(std, floor)
 
@@ -155,15 +182,6 @@ def _lag(x: np.ndarray, k: int) -> np.ndarray:
     if k < x.shape[0]:
         out[k:] = x[:x.shape[0] - k]
     return out
-
-
-def _carry(x: np.ndarray, valid: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """Last valid value if at most `limit` bars old (else NaN), and the age in bars of that value."""
-    idx = np.arange(x.shape[0])
-    last = np.maximum.accumulate(np.where(valid, idx, -1))
-    age = np.where(last >= 0, idx - last, np.iinfo(np.int64).max)
-    filled = np.where((last >= 0) & (age <= limit), x[np.maximum(last, 0)], np.nan)
-    return filled, age
 
 
 def _bars_of_data(is_gap: np.ndarray) -> np.ndarray:
@@ -194,7 +212,7 @@ def _ewm_warmup(alpha: float, tol: float) -> int:
 
 def _duration_label(duration: str) -> str:
     """'4h', '24h', '90m': a window as it appears in a feature name."""
-    seconds = int(round(parse_duration(duration)))
+    seconds = int(round(_seconds(duration)))
     if seconds % 3600 == 0:
         return f"{seconds // 3600}h"
     if seconds % 60 == 0:
@@ -204,7 +222,7 @@ def _duration_label(duration: str) -> str:
 
 def _ema_names(cfg: GlobalConfig) -> list[str]:
     """EMA names as the original system knew them: the span counted in 5m bars (45m -> ema_9)."""
-    return [f"ema_{round(parse_duration(s) / 300)}" for s in cfg.features.ema_spans]
+    return [f"ema_{round(_seconds(s) / 300)}" for s in cfg.features.ema_spans]
 
 
 def _htf_list(cfg: GlobalConfig) -> list[str]:
@@ -220,7 +238,7 @@ def feature_warmups(cfg: GlobalConfig) -> dict[str, int]:
     tol = fc.ewm_tolerance
 
     def bars(d: str) -> int:
-        return bars_for(d, tf)
+        return _bars(d, tf)
 
     atr_w = _ewm_warmup(_alpha_span(bars(fc.atr_span)), tol)
     z_w, iz_w, tr_w = max(2, bars(fc.z_window)), max(2, bars(fc.imbalance_z_window)), bars(fc.trend_window)
@@ -277,8 +295,9 @@ def warmup_bars(cfg: GlobalConfig) -> int:
 
 
 # ---------------------------------------------------------------- input checks
-def _validate(bars: pd.DataFrame, cfg: GlobalConfig) -> np.ndarray:
-    """Reject frames the features would silently misread; return bar open times in seconds."""
+def _validate(bars: pd.DataFrame, cfg: GlobalConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Reject frames the features would silently misread; return bar open times in seconds and the checked
+    trade columns (TRADE_COLUMNS but is_empty) as float64 arrays."""
     missing = [c for c in REQUIRED_COLUMNS if c not in bars.columns]
     if missing:
         raise ValueError(f"bars frame lacks column(s) {', '.join(missing)} (see data_loader.load_bars; live windows: data_loader.mark_gaps adds is_gap)")
@@ -294,50 +313,52 @@ def _validate(bars: pd.DataFrame, cfg: GlobalConfig) -> np.ndarray:
         i = int(bad[0])
         raise ValueError(f"bars are not a continuous {cfg.data.timeframe} grid: {bars.index[i]} is followed by "
                          f"{bars.index[i + 1]}")
-    for name in TRADE_COLUMNS[:-1]:
-        x = bars[name].to_numpy(np.float64)
+    trade = {name: bars[name].to_numpy(np.float64) for name in TRADE_COLUMNS[:-1]}
+    for name, x in trade.items():
         bad = np.flatnonzero(~np.isfinite(x) | (x <= 0 if name in ("open", "high", "low", "close") else x < 0))
         if bad.size:
             raise ValueError(f"bar {bars.index[bad[0]]}: {name} = {float(x[bad[0]])!r}, expected a finite "
                              f"{'positive price' if name in ('open', 'high', 'low', 'close') else 'value >= 0'}")
-    return ts
+    return ts, trade
 
 
 # ---------------------------------------------------------------- feature blocks
-def _technical(c: np.ndarray, h: np.ndarray, low: np.ndarray, cfg: GlobalConfig) -> dict[str, np.ndarray]:
+def _technical(c: np.ndarray, h: np.ndarray, low: np.ndarray, cfg: GlobalConfig,
+               first: int) -> dict[str, np.ndarray]:
     """ATR (floored at one tick), NATR, EMA distances and slopes in ATR, RSI, Bollinger %B."""
     fc, tf, tick = cfg.features, cfg.data.timeframe, cfg.instrument.tick_size
     prev = _lag(c, 1)
     tr = np.fmax(h - low, np.fmax(np.abs(h - prev), np.abs(low - prev)))
-    atr = np.maximum(_ewm(tr, _alpha_span(bars_for(fc.atr_span, tf))), tick)
+    atr = np.maximum(_ewm(tr, _alpha_span(_bars(fc.atr_span, tf))), tick)
     out = {"atr": atr, "natr": atr / c}
-    lag = bars_for(fc.slope_lag, tf)
+    lag = _bars(fc.slope_lag, tf)
     for name, span in zip(_ema_names(cfg), fc.ema_spans):
-        ema = _ewm(c, _alpha_span(bars_for(span, tf)))
+        ema = _ewm(c, _alpha_span(_bars(span, tf)))
         out[f"dist_{name}"] = (c - ema) / atr
         out[f"{name}_slope"] = (ema - _lag(ema, lag)) / atr
-    out["rsi"] = _rsi(c, 1.0 / bars_for(fc.rsi_span, tf))
-    bb_w = max(2, bars_for(fc.bb_window, tf))
-    mid, std = _rolling_mean_std(c, bb_w, bb_w, 0)
+    out["rsi"] = _rsi(c, 1.0 / _bars(fc.rsi_span, tf))
+    bb_w = max(2, _bars(fc.bb_window, tf))
+    mid, std = _rolling_mean_std(c, bb_w, bb_w, 0, first)
     half = fc.bb_std * np.maximum(std, 0.5 * tick)
     out["bb_percent_b"] = (c - mid + half) / (2.0 * half)
     return out
 
 
-def _trade_flow(v: np.ndarray, vb: np.ndarray, empty: np.ndarray, cfg: GlobalConfig) -> dict[str, np.ndarray]:
+def _trade_flow(v: np.ndarray, vb: np.ndarray, empty: np.ndarray, cfg: GlobalConfig,
+                first: int) -> dict[str, np.ndarray]:
     """Taker-buy share and its z-score (empty bars left out of the statistics), volume z-score."""
-    z_w = max(2, bars_for(cfg.features.z_window, cfg.data.timeframe))
+    z_w = max(2, _bars(cfg.features.z_window, cfg.data.timeframe))
     share = np.where(empty | (v <= 0), np.nan, vb / np.where(v > 0, v, 1.0))
-    mean, std = _rolling_mean_std(share, z_w, min(z_w, _MIN_TRADED_BARS), 1)
+    mean, std = _rolling_mean_std(share, z_w, min(z_w, _MIN_TRADED_BARS), 1, first)
     z = np.where(np.isnan(share), 0.0, (share - mean) / np.maximum(std, _RATIO_FLOOR))
     return {"taker_buy_ratio": np.where(np.isnan(share), 0.5, share),
             "taker_buy_z": z,
-            "vol_z": _zscore(v, z_w, _TINY, _REL_FLOOR)}
+            "vol_z": _zscore(v, z_w, first, _TINY, _REL_FLOOR)}
 
 
 def _book_state(bars: pd.DataFrame, cfg: GlobalConfig) -> dict[str, np.ndarray]:
     """Book stats with the missing-book rule: state carried <= book_ffill, flow 0 there, NaN beyond."""
-    limit = bars_for(cfg.features.book_ffill, cfg.data.timeframe)
+    limit = _bars(cfg.features.book_ffill, cfg.data.timeframe)
     has_book = bars["ob_samples"].to_numpy(np.float64) > 0
     s = {}
     for col in BOOK_STATE_COLUMNS:
@@ -350,12 +371,12 @@ def _book_state(bars: pd.DataFrame, cfg: GlobalConfig) -> dict[str, np.ndarray]:
 
 
 def _book(s: dict[str, np.ndarray], c: np.ndarray, v: np.ndarray, atr: np.ndarray,
-          cfg: GlobalConfig) -> dict[str, np.ndarray]:
+          cfg: GlobalConfig, first: int) -> dict[str, np.ndarray]:
     """Order-book features from the carried per-bar book stats `s` (see _book_state)."""
     fc, tf = cfg.features, cfg.data.timeframe
     tick, step = cfg.instrument.tick_size, cfg.instrument.qty_step
     ofi = s["ob_ofi_sum"]
-    z_w, tr_w = bars_for(fc.z_window, tf), bars_for(fc.trend_window, tf)
+    z_w, tr_w = _bars(fc.z_window, tf), _bars(fc.trend_window, tf)
     imb, spread = s["ob_imbalance_mean"], s["ob_spread_mean"]
     bid_d, ask_d = s["ob_bid_depth_mean"], s["ob_ask_depth_mean"]
     bid_el, ask_el = s["ob_bid_slope_mean"] / c * 1e4, s["ob_ask_slope_mean"] / c * 1e4
@@ -363,60 +384,61 @@ def _book(s: dict[str, np.ndarray], c: np.ndarray, v: np.ndarray, atr: np.ndarra
     top_size = np.maximum(0.5 * (bid_d * bid_i + ask_d * ask_i), step)
     ofi_norm = ofi / np.where(np.isnan(top_size), np.nan, top_size)
     return {
-        "ob_imb_trend": _mean(imb, tr_w),
+        "ob_imb_trend": _mean(imb, tr_w, first),
         "micro_pressure": s["ob_micro_dev_mean"] / atr,
         "bid_depth_chg": _sym_change(bid_d, _lag(bid_d, 1)),
         "ask_depth_chg": _sym_change(ask_d, _lag(ask_d, 1)),
-        "spread_z": _zscore(spread, z_w, 0.1 * tick),
+        "spread_z": _zscore(spread, z_w, first, 0.1 * tick),
         "ob_spread_bps": spread / c * 1e4,
         "ob_depth_log_ratio": np.log((bid_d + step) / (ask_d + step)),
-        "ob_imbalance_z": _zscore(imb, bars_for(fc.imbalance_z_window, tf), _RATIO_FLOOR),
+        "ob_imbalance_z": _zscore(imb, _bars(fc.imbalance_z_window, tf), first, _RATIO_FLOOR),
         "price_liq_div": np.sign(c - _lag(c, 1)) * np.sign(imb - _lag(imb, 1)),
-        "liq_dominance": np.log((bid_d + ask_d + step) / (_mean(v, bars_for(fc.intraday_window, tf)) + step)),
+        "liq_dominance": np.log((bid_d + ask_d + step) / (_mean(v, _bars(fc.intraday_window, tf), first) + step)),
         "micro_dev_vol": s["ob_micro_dev_std"] / atr,
         "ob_bid_elasticity": bid_el,
         "ob_ask_elasticity": ask_el,
         "ob_slope_ratio": _sym_change(bid_el, ask_el),
-        "bid_slope_z": _zscore(bid_el, z_w, _TINY, _REL_FLOOR),
+        "bid_slope_z": _zscore(bid_el, z_w, first, _TINY, _REL_FLOOR),
         "ob_integrity_skew": bid_i - ask_i,
         "bid_integrity_chg": bid_i - _lag(bid_i, 1),
         "ask_integrity_chg": ask_i - _lag(ask_i, 1),
         "ob_bid_integrity_mean": bid_i,
         "ob_ask_integrity_mean": ask_i,
         "ofi_norm": ofi_norm,
-        "ofi_z": _zscore(ofi_norm, z_w, _RATIO_FLOOR),
-        "ofi_trend": _mean(ofi_norm, tr_w),
+        "ofi_z": _zscore(ofi_norm, z_w, first, _RATIO_FLOOR),
+        "ofi_trend": _mean(ofi_norm, tr_w, first),
     }
 
 
 def _context(c: np.ndarray, v: np.ndarray, dollar: np.ndarray, trades: np.ndarray, atr: np.ndarray,
-             natr: np.ndarray, cfg: GlobalConfig) -> dict[str, np.ndarray]:
-    """VWAP distances, volume/volatility regimes, realised volatility, trade intensity."""
+             natr: np.ndarray, cfg: GlobalConfig, first: int) -> dict[str, np.ndarray]:
+    """VWAP distances, volume/volatility regimes, realised volatility, trade intensity (VWAP from row 0: it
+    carries its last defined value over all-empty windows, however old)."""
     fc, tf = cfg.features, cfg.data.timeframe
-    intra_w, day_w, macro_w = (bars_for(fc.intraday_window, tf), bars_for(fc.day_window, tf),
-                               bars_for(fc.macro_window, tf))
+    intra_w, day_w, macro_w = (_bars(fc.intraday_window, tf), _bars(fc.day_window, tf),
+                               _bars(fc.macro_window, tf))
     out: dict[str, np.ndarray] = {}
     for window in fc.vwap_windows:
-        n = bars_for(window, tf)
+        n = _bars(window, tf)
         mean_v, mean_d = (_rolling_mean_std(x, n, n, 0)[0] for x in (v, dollar))
         vwap = np.where(mean_v > 0, mean_d / np.where(mean_v > 0, mean_v, 1.0), np.nan)
-        vwap = _carry(vwap, np.isfinite(vwap), np.iinfo(np.int64).max)[0]
+        vwap = _carry(vwap, np.isfinite(vwap), _NEVER)[0]
         out[f"vwap_{_duration_label(window)}_dist"] = (c - vwap) / atr
-    v_intra, v_day, v_macro = _mean(v, intra_w), _mean(v, day_w), _mean(v, macro_w)
+    v_intra, v_day, v_macro = _mean(v, intra_w, first), _mean(v, day_w, first), _mean(v, macro_w, first)
     out["vol_intraday"] = (v_intra + _TINY) / (v_day + _TINY)
     out["vol_macro"] = (v_day + _TINY) / (v_macro + _TINY)
-    out["atr_z"] = _zscore(natr, bars_for(fc.z_window, tf), _TINY, _REL_FLOOR)
-    n_day = _mean(natr, day_w)
-    out["atr_regime"] = _mean(natr, intra_w) / n_day
-    out["atr_macro"] = n_day / _mean(natr, macro_w)
+    out["atr_z"] = _zscore(natr, _bars(fc.z_window, tf), first, _TINY, _REL_FLOOR)
+    n_day = _mean(natr, day_w, first)
+    out["atr_regime"] = _mean(natr, intra_w, first) / n_day
+    out["atr_macro"] = n_day / _mean(natr, macro_w, first)
     r2 = np.log(c / _lag(c, 1)) ** 2
     per_hour = 3600.0 / timeframe_seconds(tf)
-    rv_intra, rv_day = (np.sqrt(np.maximum(_mean(r2, w), 0.0) * per_hour) * 1e4 for w in (intra_w, day_w))
+    rv_intra, rv_day = (np.sqrt(np.maximum(_mean(r2, w, first), 0.0) * per_hour) * 1e4 for w in (intra_w, day_w))
     out["rv_intraday"], out["rv_day"] = rv_intra, rv_day
     out["rv_ratio"] = (rv_intra + _TINY) / (rv_day + _TINY)
-    tc_day = _mean(trades, day_w)
+    tc_day = _mean(trades, day_w, first)
     out["trade_intensity"] = np.log((trades + 1.0) / (tc_day + 1.0))
-    out["trade_intensity_regime"] = np.log((_mean(trades, intra_w) + 1.0) / (tc_day + 1.0))
+    out["trade_intensity_regime"] = np.log((_mean(trades, intra_w, first) + 1.0) / (tc_day + 1.0))
     return out
 
 
@@ -462,36 +484,38 @@ def _higher_timeframes(ts: np.ndarray, o: np.ndarray, h: np.ndarray, low: np.nda
 
 
 # ---------------------------------------------------------------- entry point
-def compute_features(bars: pd.DataFrame, cfg: GlobalConfig) -> pd.DataFrame:
-    """Model features, atr and is_warm for every bar (same index); causal, so live and research agree."""
-    ts = _validate(bars, cfg)
+def compute_features(bars: pd.DataFrame, cfg: GlobalConfig, last: int | None = None) -> pd.DataFrame:
+    """Model features, atr and is_warm for every bar (same index); causal, so live and research agree.
+
+    last: only the last `last` bars' rows (the live engine needs the newest few), bit-equal to the same rows
+    of the full result: EWMs still run from the first bar, rolling statistics start at their last exact
+    refresh before those rows (see _rolling_mean_std)."""
+    ts, trade = _validate(bars, cfg)
     warmups = feature_warmups(cfg)
     names = _select(warmups, cfg)
     if bars.empty:
         return pd.DataFrame({**{n: pd.Series(dtype=np.float64) for n in names + ["atr"]},
                              "is_warm": pd.Series(dtype=bool)}, index=bars.index)
 
-    def col(name: str) -> np.ndarray:
-        return bars[name].to_numpy(np.float64)
-
-    o, h, low, c, v = col("open"), col("high"), col("low"), col("close"), col("volume")
-    vb, trades, dollar = col("vol_buy"), col("trade_count"), col("dollar_val")
+    o, h, low, c, v = trade["open"], trade["high"], trade["low"], trade["close"], trade["volume"]
+    vb, trades, dollar = trade["vol_buy"], trade["trade_count"], trade["dollar_val"]
     empty = bars["is_empty"].to_numpy(bool)
-    feats = _technical(c, h, low, cfg)
+    first = 0 if last is None else max(0, len(bars) - last)
+    feats = _technical(c, h, low, cfg, first)
     atr = feats["atr"]
-    feats.update(_trade_flow(v, vb, empty, cfg))
+    feats.update(_trade_flow(v, vb, empty, cfg, first))
     book = _book_state(bars, cfg)
-    feats.update(_book(book, c, v, atr, cfg))
-    feats.update(_context(c, v, dollar, trades, atr, feats["natr"], cfg))
+    feats.update(_book(book, c, v, atr, cfg, first))
+    feats.update(_context(c, v, dollar, trades, atr, feats["natr"], cfg, first))
     feats.update(_higher_timeframes(ts, o, h, low, c, v, vb, book["ob_imbalance_mean"], atr, cfg))
     columns = names + ["atr"]
-    rows = np.stack([feats[n] for n in columns])  # one contiguous row per column: cheap checks, no transpose copy
+    rows = np.stack([feats[n][first:] for n in columns])  # one contiguous row per column: cheap checks, no transpose copy
     infinite = np.isinf(rows).any(axis=1)
     if infinite.any():
         raise RuntimeError(f"feature(s) {[columns[i] for i in np.flatnonzero(infinite)]} produced +-inf: a bug")
     longest = max(warmups[n] for n in columns)
-    warm = (_bars_of_data(bars["is_gap"].to_numpy(bool)) >= longest) & np.isfinite(rows).all(axis=0)
-    frame = pd.DataFrame(rows.T, index=bars.index, columns=columns, copy=False)
+    warm = (_bars_of_data(bars["is_gap"].to_numpy(bool))[first:] >= longest) & np.isfinite(rows).all(axis=0)
+    frame = pd.DataFrame(rows.T, index=bars.index[first:], columns=columns, copy=False)
     frame["is_warm"] = warm
     return frame
 

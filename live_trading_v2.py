@@ -534,8 +534,9 @@ def psi(values: np.ndarray, edges: list[float]) -> float:
 
 def drift_report(feats: pd.DataFrame, quantiles: dict[str, list[float]], window: int) -> dict[str, float]:
     """feature -> PSI over the last `window` bars, worst first (features without training quantiles skipped)."""
-    tail = feats.iloc[-window:]
-    out = {n: psi(tail[n].to_numpy(float), q) for n, q in quantiles.items() if n in tail.columns}
+    names = [n for n in quantiles if n in feats.columns]
+    tail = feats.iloc[-window:][names].to_numpy(np.float64)   # one block, not a Series per feature
+    out = {n: psi(tail[:, j], quantiles[n]) for j, n in enumerate(names)}
     return dict(sorted(((k, v) for k, v in out.items() if math.isfinite(v)), key=lambda kv: -kv[1]))
 
 
@@ -1078,14 +1079,16 @@ class Engine:
                                                           feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS))
         data_loader.mark_gaps(self.window, self.bar_ms // 1000, self.cfg.data.gap_threshold,
                               self.window["is_gap"].to_numpy(bool))   # the research gap rule, on the window
-        feats = feature_engine.compute_features(self.window, self.cfg)
+        drift_due = bool(self.quantiles) and number % 10 == 0
+        feats = feature_engine.compute_features(self.window, self.cfg,   # only the rows used: equal to a full run's
+                                                last=self.cfg.live.drift_window if drift_due else 1)
         row = feats.iloc[-1]
         atr = float(row["atr"])
         self.state["last_atr"] = atr
         self._recorder.flush()
         warm = bool(row["is_warm"]) and number >= self.missing_until
         probs = self._probabilities(bar_ms, feats) if warm else {c: math.nan for c in PROB_COLUMNS}
-        if self.quantiles and number % 10 == 0:
+        if drift_due:
             self._drift(feats)
         allowed, reason = self._entry_gate(warm, bar)
         close = float(bar["close"].iloc[0])
@@ -1456,29 +1459,29 @@ class Engine:
 
     # ------------------------------------------------------------ risk and journals
     def _check_kill_switch(self) -> None:
-        """Daily loss including unrealised PnL, on every price update: the strategy's own kill rule is run at
-        once on the price now (flatten, cancel, halt until the next UTC day); the halt is kept in the state
-        file so it survives a restart."""
+        """Daily loss including unrealised PnL, on every price update: the strategy's intrabar rule
+        (Execution.check_kill -> strategy.intrabar_kill, the rule the backtest core applies inside bars) compares
+        the price now with the trigger price of the own positions and cash; when reached: flatten, cancel, halt
+        until the next UTC day. The halt is kept in the state file so it survives a restart."""
         if self._exec is None or not math.isfinite(self.last_price) or self._bars.open_ms is None:
             return
-        day = self._day()
-        start = self._exec.day.start_equity
-        if self.state.get("halted_day") == day or self._exec.day.day != day or not math.isfinite(start):
-            return
-        equity = self._exec.mark(self.last_price)
-        if equity > (1 - self.cfg.strategy.daily_loss_limit) * start:
+        day = self._bars.open_ms // 86_400_000
+        if self.state.get("halted_day") == day:
             return
         import strategy
+        requests = self._exec.check_kill(self.last_price, self.last_price, self._bars.open_ms // self.bar_ms,
+                                         self._bars.open_ms / 1000.0)
+        if not (self._exec.day.halted and self._exec.day.day == day):
+            return
+        armed = strategy.DayState(day, self._exec.day.start_equity, False, self._exec.day.last_equity)
+        trigger, _ = strategy.kill_price(self._exec.positions(), self._exec.cash, armed, self.cfg.strategy)
+        equity, start = self._exec.mark(self.last_price), self._exec.day.start_equity
         self.state["halted_day"] = day
         self.journals.event("kill_switch", f"daily loss {equity - start:.2f} reached the "
-                                           f"{self.cfg.strategy.daily_loss_limit:.1%} limit: flattening, halted "
-                                           "until the next UTC day", "critical", equity=equity, day_start=start)
+                                           f"{self.cfg.strategy.daily_loss_limit:.1%} limit at {self.last_price} "
+                                           f"(trigger {trigger:.6g}): flattening, halted until the next UTC day",
+                            "critical", equity=equity, day_start=start, trigger=trigger)
         self.beat("flattening")
-        number = self._bars.open_ms // self.bar_ms
-        atr = float(self.state.get("last_atr") or math.nan)
-        requests = self._exec.on_bar_close(strategy.Bar(index=number, time=self._bars.open_ms / 1000.0,
-                                                        close=self.last_price, atr=atr, probs={}),
-                                           strategy.EntryGate(allowed=False, reason="kill-switch"))
         self.send(requests)
         self._save()
         self.beat("halted")

@@ -158,11 +158,10 @@ class ModelBundle:
         if not self.models:
             raise ValueError("ModelBundle.predict called before fit or load")
         x = self._matrix(X, "X")
-        out = pd.DataFrame(np.nan, index=X.index, columns=self.PROBA_COLUMNS)
-        for name, col in zip(MODEL_NAMES, self.PROBA_COLUMNS):
-            if name in self.models and len(x):
-                out[col] = self.models[name].booster.predict(x, num_threads=self.cfg.num_threads)
-        return out
+        out = {col: self.models[name].booster.predict(x, num_threads=self.cfg.num_threads)
+               if name in self.models and len(x) else np.full(len(x), np.nan)
+               for name, col in zip(MODEL_NAMES, self.PROBA_COLUMNS)}
+        return pd.DataFrame(out, index=X.index)
 
     def predict_where(self, X: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
         """Probabilities on the selected rows only; NaN (no signal) elsewhere, e.g. before feature warm-up."""

@@ -370,22 +370,28 @@ def _intent_dict(row: pd.Series | None) -> dict | None:
 
 def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig) -> tuple[pd.DataFrame, pd.Series]:
     """`strategy.decide` through `execution.Execution` (the engine's decider), fed the engine's recorded
-    exchange events (trades journal records of applied events, in order; one stamped before a bar's close
-    was applied before that close) and its bars, probabilities and entry gates (signals journal): the
+    exchange events (trades journal records of applied events, in journal order) and its bars, probabilities
+    and entry gates (signals journal): the
     intents the engine should have sent (`Execution.last_intents`), in the shape of `engine_intents`, and
     the engine's equity marked at each bar close (its own fills: what it sized with). intents.attrs
     ["event_statuses"] counts how Execution took the events (anything but "applied" follows a divergence),
     intents.attrs["states"] holds the state each decision saw (bar time -> equity, positions, resting).
-    Bar.index counts bars on the epoch grid, as the engine does."""
+    Bar.index counts bars on the epoch grid, as the engine does. Before a bar's close the engine has applied
+    every event stamped before it (lockstep: private pushes in market order), and so every event it journaled
+    before the last of those, whatever their stamps: an answer to a follow-up request sent while it applied
+    a fill is stamped with the clock at the step's end."""
     import execution
     bar_s = timeframe_seconds(cfg.data.timeframe)
     ex = execution.Execution(cfg, cfg.symbol)
     events = [r for r in trades if r.get("event") in EXEC_EVENT_TYPES]
+    stamps = np.array([int(r["ts"]) for r in events], dtype=np.int64)
     rows, k, equity, statuses, states = [], 0, [], {}, {}
     for n, rec in enumerate(signals):
         when = _bar_time(rec, f"signals record {n + 1}")
         close_ms = int(when.value // 1_000_000) + bar_s * 1000
-        while k < len(events) and int(events[k]["ts"]) < close_ms:
+        before = np.flatnonzero(stamps[k:] < close_ms)
+        upto = k + int(before[-1]) + 1 if before.size else k
+        while k < upto:
             status = ex.on_event(exec_event(execution, events[k])).status
             statuses[status] = statuses.get(status, 0) + 1
             k += 1

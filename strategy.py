@@ -9,6 +9,11 @@ Timing contract: `decide` runs at a bar's close. Market intents fill at the next
 cross); cancels and exits also act then. Resting entries placed at the close of bar p may fill in
 bars p+1 .. p+time_limit_bars and are cancelled at the close of bar p+time_limit_bars.
 
+Kill-switch: the daily loss limit is checked at every bar close by `decide` and, between closes, by
+`intrabar_kill` (the engines, on every trade) and the backtest core (on a bar's adverse extreme after its
+fills): both compare prices with `kill_trigger`, the price at which the same mark-to-market equity meets the
+limit. A breach flattens every position, cancels resting entries and halts entries until the next UTC day.
+
 Stop rule: an intent's `tp_dist` is measured from the fill, its `sl_dist` from the entry's reference price
 (`Intent.price`: the limit price, at which a maker entry fills; the decision close for a market entry), where
 the exchange-side stop is attached when the entry is created. A market entry's stop is therefore not moved

@@ -330,6 +330,52 @@ def test_short_book_gap_is_carried_and_long_gap_is_not_warm() -> None:
     pd.testing.assert_frame_equal(out[trade_side], base[trade_side])
 
 
+@pytest.mark.parametrize("limit", [0, 3, 40, fe._NEVER])
+def test_carry_kernel_equals_the_array_formula(limit: int) -> None:
+    """The compiled carry (last valid value at most `limit` bars old, and its age) against the plain array
+    formula it replaced, on valid masks with long runs, single holes and an invalid start."""
+    rng = np.random.default_rng(limit % 97)
+    x = rng.normal(size=2000)
+    valid = np.repeat(rng.random(200) < 0.7, rng.integers(1, 20, 200))[:2000]
+    valid = np.r_[valid, np.ones(2000 - valid.size, bool)] & (rng.random(2000) < 0.9)
+    valid[:5] = False
+    idx = np.arange(x.size)
+    last = np.maximum.accumulate(np.where(valid, idx, -1))
+    age = np.where(last >= 0, idx - last, np.iinfo(np.int64).max)
+    filled = np.where((last >= 0) & (age <= limit), x[np.maximum(last, 0)], np.nan)
+    got_filled, got_age = fe._carry(x, valid, limit)
+    np.testing.assert_array_equal(got_filled, filled)
+    np.testing.assert_array_equal(got_age, age)
+
+
+@pytest.mark.parametrize("window", [1, 2, 7, 24, 300])
+def test_rolling_statistics_from_a_later_row_equal_a_run_from_row_zero(window: int) -> None:
+    x = np.random.default_rng(window).normal(size=900)
+    x[np.random.default_rng(1).random(900) < 0.2] = np.nan
+    x[400:460] = np.nan
+    full = fe._rolling_mean_std(x, window, 1, 1)
+    for first in (0, 1, window - 1, window, window + 1, 2 * window - 1, 455, 899):
+        part = fe._rolling_mean_std(x, window, 1, 1, first)
+        for got, want in zip(part, full):
+            np.testing.assert_array_equal(got[first:], want[first:])
+
+
+@pytest.mark.parametrize("timeframe", ["5m", "1m"])
+def test_last_rows_only_equal_the_same_rows_of_the_full_frame(timeframe: str) -> None:
+    """The live call (compute_features(..., last=k)) on random bars with empty bars, book outages, NaN book
+    columns and gap bars: bit-equal to the last k rows of the full computation."""
+    cfg = small_cfg()
+    cfg.data.timeframe = timeframe
+    bars = outage(make_bars(3000, seed=12, timeframe=timeframe, empty_every=6), 700, 40)
+    bars.iloc[900:930, bars.columns.get_indexer(["ob_spread_mean", "ob_bid_depth_mean", "ob_ofi_sum"])] = np.nan
+    bars.iloc[300:310, bars.columns.get_loc("is_gap")] = True
+    bars.iloc[2950:2980, bars.columns.get_loc("is_empty")] = True
+    full = fe.compute_features(bars, cfg)
+    assert full["is_warm"].iloc[-1] and not full["is_warm"].iloc[300:310].any()
+    for last in (1, 2, 50, 399, 2800, 4000):
+        pd.testing.assert_frame_equal(fe.compute_features(bars, cfg, last=last), full.iloc[-last:], check_exact=True)
+
+
 def test_degenerate_market_gives_finite_neutral_features() -> None:
     """A frozen market (one price, no trades, constant book) must not produce inf or blow-ups."""
     cfg = small_cfg()

@@ -1,6 +1,7 @@
 """The live engine's bar window (live_trading_v2.extend_window) equals the plain recipe it replaces: append the
 bar, keep the last `keep` bars, a bar of an existing time replacing that bar. The features the engine computes
-on it are therefore compute_features on that window (parity.py layer 2)."""
+on it are therefore compute_features on that window (parity.py layer 2). The drift report reads the window's
+features as one block and equals PSI column by column."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,7 @@ import pandas as pd
 import pytest
 
 import feature_engine as fe
-from live_trading_v2 import extend_window
+from live_trading_v2 import drift_report, extend_window, psi
 from test_feature_engine import make_bars, small_cfg
 
 
@@ -54,3 +55,17 @@ def test_a_window_out_of_time_order_takes_the_reference_path() -> None:
     for bar in (bars.iloc[[9]], bars.iloc[[10]]):
         pd.testing.assert_frame_equal(extend_window(window, bar, 6), reference_window(window, bar, 6),
                                       check_exact=True)
+
+
+def test_drift_report_equals_psi_of_each_feature_over_the_window() -> None:
+    cfg = small_cfg()
+    feats = fe.compute_features(make_bars(600, seed=8, empty_every=4), cfg)
+    early = feats.iloc[:300]
+    quantiles = {n: list(np.nanquantile(early[n].to_numpy(float), np.linspace(0, 1, 11)))
+                 for n in fe.feature_names(cfg) if early[n].notna().any()}
+    quantiles["not_a_feature"] = [0.0, 1.0, 2.0]
+    report = drift_report(feats, quantiles, 200)
+    tail = feats.iloc[-200:]
+    expected = {n: psi(tail[n].to_numpy(float), q) for n, q in quantiles.items() if n in tail.columns}
+    assert report == {n: v for n, v in expected.items() if np.isfinite(v)}
+    assert list(report.values()) == sorted(report.values(), reverse=True) and len(report) > 40

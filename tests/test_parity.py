@@ -79,6 +79,7 @@ def market() -> tuple[pd.DataFrame, pd.DataFrame, GlobalConfig, backtest.Backtes
     coarse, probs, _ = random_market(3000, seed=4)
     cfg = GlobalConfig()
     cfg.strategy.exec_threshold, cfg.strategy.direction_threshold = 0.5, 0.4
+    cfg.strategy.daily_loss_limit = 0.05          # at 3 % an intrabar kill halts the last day: nothing left open
     result = backtest.run_backtest(coarse, probs, cfg, record_intents=True)
     assert len(result.trades) >= 20 and (result.intents["kind"] == "limit").sum() >= 5
     return coarse, probs, cfg, result
@@ -220,7 +221,8 @@ def test_signals_journal_converts_straight_into_backtest_signals_input(market, t
     assert rows == len(coarse) - first_warm - 5
     out = tmp_path / "bt"
     args = ["--signals", str(tmp_path / "signals.csv"), "--timeframe", "5m", "--out", str(out),
-            "--set", "strategy.exec_threshold=0.5", "--set", "strategy.direction_threshold=0.4"]
+            "--set", "strategy.exec_threshold=0.5", "--set", "strategy.direction_threshold=0.4",
+            "--set", f"strategy.daily_loss_limit={cfg.strategy.daily_loss_limit}"]
     assert backtest.main(args) == 0
     cfg.data.timeframe = "5m"
     span = coarse.index[first_warm + 5:]
@@ -290,6 +292,10 @@ def test_decisions_replay_applies_each_fill_before_the_close_it_precedes() -> No
     assert inside.attrs["event_statuses"] == {"applied": 2}
     assert list(inside["time"]) == [times[0], times[1]] and set(inside["kind"]) == {"limit"}
     assert [len(inside.attrs["states"][str(t)]["positions"]) for t in times] == [0, 1, 1]
+    answered = journal(close1_ms - 1000)       # an answer stamped at the step's end, journaled before the fill
+    answered.insert(1, {**answered[0], "event": "rejected", "order_link_id": "ps-follow-up", "ts": close1_ms})
+    late, _ = parity.replay_decisions(signals, answered, cfg)
+    assert parity.compare_intents(late, inside).ok and late.attrs["event_statuses"] == {"applied": 2, "unknown": 1}
     after, _ = parity.replay_decisions(signals, journal(close1_ms), cfg)
     assert list(after["time"]) == [times[0], times[2]]
     assert after.attrs["states"][str(times[1])]["resting"][0]["price"] == entry.price

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,8 @@ SIM_DAYS = 14
 # trial to a few seconds; the search logic is the default one.
 FAST = ["--timeframe", "1m", "--set", "tune.n_estimators=[30,80]", "--set", "tune.num_leaves=[4,16]",
         "--set", "tune.cpcv_groups=4", "--set", "tune.cpcv_test_groups=1",
-        "--set", f"tune.dev_fraction={train.DEMO_SPLIT[0]}", "--set", f"tune.oos1_fraction={train.DEMO_SPLIT[1]}"]
+        "--set", f"tune.dev_fraction={train.DEMO_SPLIT[0]}", "--set", f"tune.oos1_fraction={train.DEMO_SPLIT[1]}",
+        "--set", f"tune.direction_top={train.DEMO_DIRECTION_TOP}"]
 MODEL_FILES = ["exec_long.txt", "exec_short.txt", "dir_long.txt", "dir_short.txt", "features.json",
                "params.json", "report.html"]
 
@@ -137,6 +139,19 @@ def test_artifacts_describe_the_model_completely(alpha_run) -> None:
                     "Feature importance", "Calibration", "Assumptions"]:
         assert section in html, section
     assert read_params(root / "rank_2")["rank"] == 2
+
+
+def test_the_report_shows_the_champion_on_an_independent_market_as_a_simulator_property(alpha_run) -> None:
+    root, _ = alpha_run
+    params = read_params(root / "rank_1")
+    sim = json.loads((Path(params["data"]["data_dir"]) / "simulation.json").read_text())
+    html = (root / "rank_1" / "report.html").read_text()
+    title = f"Independent synthetic market (seed {sim['seed'] + train.INDEPENDENT_SEED_OFFSET}, alpha 1, "
+    assert "A property of the simulator, not evidence about real markets" in html and title in html
+    assert f"the champion (trial {params['trial']})" in html
+    run = re.search(re.escape(title) + r"[^:]*: ([\d.]+) days, (\d+) trades \((\d+) maker, (\d+) taker\)", html)
+    assert run and float(run[1]) > 2.0 and int(run[2]) > 0, html[:2000]   # the champion traded that market
+    assert "A property of the simulator" not in (root / "rank_2" / "report.html").read_text()
 
 
 def test_backtest_cli_reproduces_the_super_oos_numbers_exactly(alpha_run, tmp_path) -> None:
@@ -375,3 +390,10 @@ def test_scores_are_bounded_trade_aware_and_never_reward_not_trading() -> None:
     assert 0 < full < train.SCORE_BOUND and train.span_score(few, r, cfg) == pytest.approx(full * 0.2 * 0.2, rel=0.03)
     one_legged = SimpleNamespace(trades=pd.DataFrame({"regime": ["taker"] * 40}), equity=steady.equity)
     assert train.span_score(one_legged, r, cfg) == 0.0          # a hybrid whose maker half never fires
+
+
+def test_a_short_lucky_oos1_cannot_outvote_the_cpcv_evidence() -> None:
+    # demo seed 201: a trial losing in CPCV (-0.3) with 14 lucky OOS-1 trades (9.0) against a steady CPCV winner
+    lucky = train.evidence_weighted_score(-0.3, 8000, 9.0, 2000)
+    steady = train.evidence_weighted_score(4.1, 8000, 1.8, 2000)
+    assert lucky == pytest.approx(-0.3 * 0.8 + 9.0 * 0.2) and steady > lucky
