@@ -1399,7 +1399,7 @@ class Engine:
         self.health.external = []
         for order in orders:
             self._feed("order", order)
-        positions = {str(int(r.get("positionIdx", 0))): float(r.get("size") or 0) for r in rows}
+        positions = leg_sizes(rows)
         self.state["exchange_positions"] = positions
         own = {"1": 0.0, "2": 0.0}
         for pos in self._exec.positions():
@@ -1419,8 +1419,11 @@ class Engine:
         """Every own position leg must be covered by reduce-only stop orders for its full size; an
         uncovered remainder gets a stop at the position's own SL (or, without one, a market exit).
         Returns the number of legs found unprotected."""
-        orders = self.client.open_orders() if orders is None else orders
-        positions = self._exchange_positions()
+        if orders is None:      # the periodic guard: orders and legs as the exchange holds them at one moment (the
+            orders = self.client.open_orders()     # streamed legs may lag an exit whose stop is already cancelled)
+            positions = leg_sizes(self.client.positions())
+        else:
+            positions = self._exchange_positions()
         bad = 0
         for idx in ("1", "2"):
             size = positions.get(idx, 0.0)
@@ -1513,6 +1516,11 @@ class Engine:
 
 STOP_REFUSAL_WORDS = ("expectrising", "expectfalling", "triggerprice", "stoploss", "wrongside", "lossside",
                       "shouldlower", "shouldhigher", "shouldbelower", "shouldbehigher")
+
+
+def leg_sizes(rows: list[dict]) -> dict[str, float]:
+    """positionIdx ("1" long leg, "2" short leg) -> size, from Bybit position rows."""
+    return {str(int(r.get("positionIdx", 0))): float(r.get("size") or 0) for r in rows}
 
 
 def stop_refused(err: exc.ExchangeError) -> bool:

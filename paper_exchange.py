@@ -102,7 +102,6 @@ class MarketReplay:
         self.minutes: dict[int, list[float]] = {}
         self.exhausted = False
         self.book_updates = 0
-        self.book_snapshots = 0        # recorded snapshot lines applied (per-message mode republishes them)
         streams = (((_book_ts(m), 0, i, m) for i, m in enumerate(book_messages)),
                    ((t.ts_ms, 1, i, t) for i, t in enumerate(trades)))
         self._events = heapq.merge(*streams, key=lambda e: (e[0], e[1], e[2]))
@@ -177,7 +176,6 @@ class MarketReplay:
             self.book_u, self.book_seq = int(data["u"]), int(data.get("seq", 0))
             self.book_ts, self.book_cts = ts, int(msg.get("cts") or ts)
             self.book_updates += 1
-            self.book_snapshots += msg["type"] == "snapshot"
             self.engine.on_book(self.book, ts)
 
     def _on_trade(self, t: TradePrint) -> None:
@@ -323,7 +321,6 @@ class PaperExchange:
         self.per_message = per_message
         self.last_push_ts: dict[str, int] = {}
         self._book_updates_sent = 0
-        self._book_snapshots_sent = replay.book_snapshots      # those before the start are not republished
         self.tick_s = tick_s
         self.subscribe_delay_s = subscribe_delay_s
         self.rate_window_s = 1.0
@@ -877,12 +874,10 @@ class PaperExchange:
         self.faults.book_reset = False
         force = self.per_message and self.replay.book_updates != self._book_updates_sent
         self._book_updates_sent = self.replay.book_updates
-        snapshot = self.per_message and self.replay.book_snapshots != self._book_snapshots_sent
-        self._book_snapshots_sent = self.replay.book_snapshots
         for depth in BOOK_DEPTHS:
             topic = f"orderbook.{depth}.{sym}"
             if topic in subscribed or depth in self.book_topics:
-                msg = self._book_update(topic, depth, reset, force, snapshot)
+                msg = self._book_update(topic, depth, reset, force)
                 if msg is not None:
                     out.append((topic, json.dumps(msg), msg["ts"]))
         topic = f"tickers.{sym}"
@@ -901,19 +896,16 @@ class PaperExchange:
                 out.extend((topic, m, self.replay.now_ms) for m in self._kline_frames(topic, interval, secs))
         return out
 
-    def _book_update(self, topic: str, depth: int, reset: bool, force: bool = False,
-                     snapshot: bool = False) -> dict | None:
+    def _book_update(self, topic: str, depth: int, reset: bool, force: bool = False) -> dict | None:
         """The delta (depth 1: snapshot) between the last levels sent and the book now; u=1 on a reset;
-        force: an empty delta rather than nothing when the levels did not change; snapshot: the recorded line
-        was a snapshot (a file start), pushed as one (next u) so the subscriber's book statistics restart there
-        as data_loader's do."""
+        force: an empty delta rather than nothing when the levels did not change."""
         state = self._book_topic(depth)
         bids, asks = self._levels_str(depth)
         new_b, new_a = dict((p, q) for p, q in bids), dict((p, q) for p, q in asks)
         if reset:
             state.u, state.bids, state.asks = 1, new_b, new_a
             return self._book_msg(topic, state, "snapshot", bids, asks)
-        if depth == 1 or snapshot:
+        if depth == 1:
             if new_b == state.bids and new_a == state.asks and not force:
                 return None
             state.u += 1

@@ -483,7 +483,9 @@ def backtest_vs_live(live_intents: pd.DataFrame, bt_intents: pd.DataFrame, live:
                      bt: pd.DataFrame, live_eq: pd.Series, bt_equity: pd.DataFrame, equity0: float,
                      bar_s: int, max_gap: pd.Timedelta, tol: Tolerance) -> LayerResult:
     """Layer 4. Intents must agree up to the bar of the first differently settled fill (an earlier intent
-    difference is a mismatch); matched trades' differences and the final equity difference must stay within
+    difference is a mismatch; within FEATURE_TOL, as the backtest's ATR comes from full-history features and
+    the engine's from its window: prices and quantities are on their grids, TP/SL distances may differ in the
+    last bits); matched trades' differences and the final equity difference must stay within
     `tol` (each excess counts as a mismatch). Closed trades only: the backtest's positions closed at the end of
     the data (end_of_data) are still open in the engine, so they are counted apart, not matched. details: the
     divergence with both states, the largest differences, the matched pairs."""
@@ -494,7 +496,7 @@ def backtest_vs_live(live_intents: pd.DataFrame, bt_intents: pd.DataFrame, live:
     open_at_end = int(ended.sum())
     bt = bt[~ended].reset_index(drop=True)
     live = live[live["exit_reason"] != OPEN].reset_index(drop=True)
-    intents = compare_intents(live_intents, bt_intents, "intents")
+    intents = compare_intents(live_intents, bt_intents, "intents", FEATURE_TOL)
     res.compared = intents.compared
     if intents.first is not None and (fill is None or pd.Timestamp(intents.first["bar"]) < pd.Timestamp(fill["bar"])):
         res.mismatches += 1

@@ -332,3 +332,53 @@ def test_parity_json_counts_every_layer_even_a_run_without_trades(tmp_path) -> N
     four = out["layers"]["backtest_vs_live"]
     assert four["ok"] and four["trades_live"] == 0 and four["trades_backtest"] == 0
     assert "PARITY BROKEN: bars" in (tmp_path / "parity_report.html").read_text()
+
+
+# ---------------------------------------------------------------- end to end: the real command
+E2E_START, E2E_END = "2026-01-01T23:15", "2026-01-02T00:45"     # 90 one-minute bars across a UTC day
+
+
+def test_the_parity_command_holds_every_layer_on_a_small_model(tmp_path) -> None:
+    """`parity.py` as run by hand (child processes: the lockstep paper exchange replaying a simulated market and
+    the engine trading it with a small trained model, then the backtest of the span): layers 1-3 equal, layer 4
+    within the stated tolerance, parity.json counting bars, intents and trades. The span crosses midnight, where
+    a new day's files start with a book snapshot and the day's kill-switch baseline rolls. Thresholds are
+    quantiles of the model's own probabilities, so it trades whatever the model learnt; orders are small
+    against the simulated book so the two fill models stay comparable."""
+    import market_sim
+    from live_support import SYMBOL, live_config
+    folder = market_sim.simulate_run(symbol=SYMBOL, days=2, seed=5, out=tmp_path, book_interval="30s", levels=20,
+                                     progress=False).folder
+    cfg = live_config()
+    cfg.data.data_dir = str(folder)
+    bars = data_loader.load_bars(cfg)
+    model = tmp_path / "models_v9" / SYMBOL / "rank_1"
+    bundle = train_small_model(bars.loc[bars.index < pd.Timestamp(E2E_START, tz="UTC")], cfg, model)
+    feats = feature_engine.compute_features(bars, cfg)
+    probs = bundle.predict_where(feats[bundle.feature_names], feats["is_warm"].to_numpy(bool)).loc[E2E_START:E2E_END]
+    p_exec, p_dir = probs.filter(like="p_exec").stack(), probs.filter(like="p_dir").stack()
+    sets = {"strategy.exec_threshold": p_exec.quantile(0.5), "strategy.direction_threshold": p_dir.quantile(0.3),
+            "strategy.aggressive_threshold": p_dir.quantile(0.7), "strategy.max_holding_bars": 2,
+            "strategy.time_limit_bars": 2, "strategy.max_positions": 1, "strategy.daily_loss_limit": 0.9,
+            "strategy.risk_per_trade": 0.00002,
+            "live.window_bars": 1, "venue.latency_ms": 0}
+    out = tmp_path / "parity_out"
+    args = ["--model-dir", str(model), "--data-dir", str(folder), "--start", E2E_START, "--end", E2E_END,
+            "--out", str(out), "--timeout", "600", *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])]
+    code = parity.main(args)
+    summary = json.loads((out / "parity.json").read_text())
+    layers = summary["layers"]
+    assert code == 0, {k: v["first"] for k, v in layers.items()}
+    assert summary["ok"] and all(layer["mismatches"] == 0 for layer in layers.values())
+    assert layers["bars"]["compared"] == 90 and layers["bars"]["span"] == ["2026-01-01 23:15:00+00:00",
+                                                                             "2026-01-02 00:44:00+00:00"]
+    assert layers["features"]["compared"] == 90
+    assert layers["decisions"]["compared"] >= 40 and layers["decisions"]["replayed_events"].get("applied", 0) > 0
+    four = layers["backtest_vs_live"]
+    assert four["trades_live"] >= 20 and four["trades_backtest"] >= 20 and four["trades_matched"] >= 20
+    tol = parity.Tolerance()
+    assert four["largest"]["price_bps"] <= tol.price_bps and four["largest"]["pnl_bps"] <= tol.pnl_bps
+    assert four["largest"]["unmatched_share"] <= tol.unmatched_share
+    assert (out / "parity_report.html").read_text().count("PARITY HOLDS") == 1
+    events = parity.read_jsonl(out / "live" / "logs" / f"events_{SYMBOL}.jsonl")
+    assert not [e["message"] for e in events if "without a stop" in e["message"]], "the stop guard saw a covered leg bare"
