@@ -523,6 +523,10 @@ def finite_or(value: Any, default: float) -> float:
 def study_statistics(study: optuna.Study, winner: Candidate) -> dict:
     """Deflated Sharpe and MinTRL of the Super-OOS result given every distinct trial run, and the study's PBO.
 
+    DSR (Bailey & López de Prado 2014): PSR(SR0) = Φ((SR - SR0)·sqrt(n - 1) / sqrt(1 - skew·SR + (kurt - 1)/4·SR²))
+    with SR0 = sqrt(V[SR_n])·((1 - γ)Φ⁻¹(1 - 1/N) + γΦ⁻¹(1 - 1/(N·e))), N every distinct trial, V the variance of
+    their Sharpe ratios; MinTRL (Bailey & López de Prado 2012) is the n at which that PSR reaches DSR_CUTOFF.
+
     Like for like: the exam's Sharpe and every trial's Sharpe are per-RETURN_PERIOD Sharpe ratios of single
     backtest paths (a trial's is the median over its CPCV paths, never the Sharpe of path-averaged returns);
     skewness and kurtosis come from the winner's CPCV path returns (thousands of points, not the exam's few),

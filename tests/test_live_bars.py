@@ -78,7 +78,7 @@ def test_late_trades_are_counted_per_bar_and_never_lost(market, tmp_path):
         ex.call(lambda: (setattr(ex.exchange.faults, "push_topic", f"publicTrade.{SYMBOL}"),
                          setattr(ex.exchange.faults, "reorder_pushes", 10 ** 9)))
         rc, out = run(engine_cmd(ex.url, model, market, "--signal-only", "--probabilities", str(probs),
-                                 "--max-bars", "12"), tmp_path)
+                                 "--max-bars", "8"), tmp_path)
     assert rc == 0, out[-3000:]
     signals = journal(tmp_path, "signals")
     late: dict[int, int] = {}
@@ -163,3 +163,22 @@ def test_real_binance_recording_through_the_live_path_equals_data_loader_on_its_
     assert sum(s["bar"]["trade_count"] for s in signals) > 3000
     assert sum(s["bar"]["ob_samples"] for s in signals[1:]) > 250, "book columns come from the real book"
     assert_bars_equal(signals, recorded)
+
+
+def test_recent_trades_complete_the_bar_in_progress_when_the_engine_starts(market, tmp_path):
+    """Started 30 s into the 03:00 bar: REST recent trades give the trades the stream missed, so that bar's
+    trade columns equal data_loader's; its book columns began late, so it is not warm."""
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    with exchange(market) as ex:
+        ex.advance(30)
+        rc, out = run(engine_cmd(ex.url, model, market, "--signal-only", "--probabilities", str(probs),
+                                 "--max-bars", "2"), tmp_path)
+    assert rc == 0, out[-3000:]
+    first = journal(tmp_path, "signals")[0]
+    assert first["bar_ms"] == START_MS and not first["warm"]
+    want = loader_bars(market).loc[pd.Timestamp(START_MS, unit="ms", tz="UTC")]
+    for col in ("open", "high", "low", "close", "volume", "vol_buy", "vol_sell", "trade_count", "dollar_val",
+                "vwap", "taker_buy_ratio"):
+        assert float(first["bar"][col]) == float(want[col]), col
+    assert want["trade_count"] > 0 and "recent trades since" in out

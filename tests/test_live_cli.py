@@ -60,24 +60,33 @@ def test_dry_run_is_the_default_and_paper_uses_the_paper_profile(tmp_path, monke
 
 
 def test_refused_startup_checks_exit_3(market, tmp_path):
-    """A key that can move funds, an account that cannot be switched to hedge mode, a skewed clock."""
+    """The paper exchange standing in for Bybit (--rest-url/--ws-url): --live with a key that can move funds,
+    --demo on an account that cannot be switched to hedge mode, --testnet on a skewed clock."""
     model = write_model_dir(tmp_path)
     probs = write_probabilities(tmp_path / "p.csv", {})
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"profiles": {"default": {"api_key": "paper", "api_secret": "paper"}}}))
     with exchange(market) as ex:
+        def venue(mode: str) -> tuple[int, str]:
+            return run([sys.executable, str(live.Path(live.__file__)), "--symbol", SYMBOL, "--model-dir", str(model),
+                        "--data-dir", str(market), "--probabilities", str(probs), "--keys-file", str(keys),
+                        "--rest-url", ex.url, "--ws-url", ex.url.replace("http", "ws"), mode], tmp_path)
+
         ex.call(lambda: ex.exchange.permissions.update({"Wallet": ["AccountTransfer"]}))
-        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs)), tmp_path)
+        rc, out = venue("--live")
         assert rc == live.EXIT_STARTUP, out[-2000:]
-        assert "can move funds" in out
+        assert f"{SYMBOL} live engine starting" in out and "can move funds" in out
         ex.call(lambda: ex.exchange.permissions.update({"Wallet": []}))
         ex.call(lambda: setattr(ex.exchange.faults, "refuse_mode_switch", True))
-        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs)), tmp_path)
+        rc, out = venue("--demo")
         assert rc == live.EXIT_STARTUP, out[-2000:]
-        assert "cannot switch to hedge mode" in out and not ex.call(lambda: ex.exchange.engine.hedge)
+        assert f"{SYMBOL} demo engine starting" in out and "cannot switch to hedge mode" in out
+        assert not ex.call(lambda: ex.exchange.engine.hedge)
         ex.call(lambda: setattr(ex.exchange.faults, "refuse_mode_switch", False))
         ex.call(lambda: setattr(ex.exchange.faults, "time_skew_ms", 60_000))
-        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs)), tmp_path)
+        rc, out = venue("--testnet")
     assert rc == live.EXIT_STARTUP, out[-2000:]
-    assert "clock offset" in out
+    assert f"{SYMBOL} testnet engine starting" in out and "clock offset" in out
 
 
 def test_failed_startup_reconciliation_exits_4(market, tmp_path):

@@ -176,7 +176,7 @@ def test_a_stop_the_exchange_refuses_means_an_immediate_reduce_only_market_exit(
                                          "strategy.max_holding_bars": "200"})
     probs = write_probabilities(tmp_path / "p.csv", {"2026-01-01T03:01:00Z": {"p_dir_short": 0.95}})
     with exchange(market) as ex:
-        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "4"), tmp_path)
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "3"), tmp_path)
         assert rc == 0, out[-3000:]
         sl = trades(tmp_path, kind="entry", event="filled")[0]["sl"]
         http = HTTP(api_key="paper", api_secret="paper")
