@@ -765,9 +765,16 @@ def main(argv: list[str] | None = None) -> int:
         report.write_backtest_report(args.report, frame, result, title=f"{cfg.symbol} backtest")
     m = result.metrics
     print(f"bars {len(frame)}  trades {m['trades']}  total return {m['total_return']:.2%}  "
-          f"sharpe {m['sharpe']:.2f}  max drawdown {m['max_drawdown']:.2%}  fees {m['fees']:.2f}  "
+          f"{sharpe_text(m['sharpe'])}  max drawdown {m['max_drawdown']:.2%}  fees {m['fees']:.2f}  "
           f"-> {args.out}" + (f", {args.report}" if args.report else ""))
     return 0
+
+
+def sharpe_text(value: float) -> str:
+    """The summary line's Sharpe: annualised from daily returns, or why there is none (too few days)."""
+    if math.isfinite(value):
+        return f"sharpe {value:.2f}"
+    return f"sharpe n/a (under {metrics_mod.MIN_DAILY_RETURNS} daily returns)"
 
 
 if __name__ == "__main__":

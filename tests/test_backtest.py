@@ -474,7 +474,14 @@ def test_cli_runs_on_a_signals_file_and_writes_outputs(tmp_path, capsys):
     assert metrics["trades"] == len(closed)
     html = rep.read_text()
     assert "Simulation assumptions" in html and "Monthly returns" in html and "plotly" in html
-    assert f"trades {len(closed)}" in capsys.readouterr().out
+    line = capsys.readouterr().out
+    assert f"trades {len(closed)}" in line and "nan" not in line
+    assert backtest.sharpe_text(metrics["sharpe"] if metrics["sharpe"] is not None else float("nan")) in line
+
+
+def test_summary_sharpe_says_why_it_is_missing_instead_of_printing_nan():
+    assert backtest.sharpe_text(1.234) == "sharpe 1.23"
+    assert backtest.sharpe_text(float("nan")) == "sharpe n/a (under 7 daily returns)"
 
 
 def test_cli_start_end_keep_whole_days(tmp_path):
