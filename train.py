@@ -54,7 +54,6 @@ MIN_SEGMENT_BARS = 24
 DEMO_DAYS = 14
 DEMO_TRIALS = 12
 DEMO_SEED = 7
-DEMO_DIRECTION_TOP = [0.02, 1.0]  # a maker entry may need a strong direction score (see demo_config)
 DEMO_SPLIT = (0.6, 0.15)  # development, OOS-1 shares: a 25% exam (~2.6 of 14 days after warm-up and gaps)
 INDEPENDENT_SEED_OFFSET = 1000  # the demo's independent market: seed + this
 INDEPENDENT_DAYS = 3            # days the champion trades on it, after the features' warm-up days
@@ -836,13 +835,7 @@ def simulator_settings(data_dir: str | Path) -> dict | None:
 
 def demo_config(args: argparse.Namespace, cfg: GlobalConfig) -> GlobalConfig:
     """The demo's config: synthetic planted-alpha data at 1m (generated on first use) and a small, fast study;
-    flags the user gave (and --set values) still win.
-
-    direction_top is searched down to DEMO_DIRECTION_TOP[0]: on the demo's tuning seeds (201-205) the maker leg
-    lost out of sample whenever it entered on most direction scores (tops 0.3-1), and its resting entries took
-    the position slots the winning taker leg needed; restricted to the strongest direction scores it is about
-    break-even and the taker leg trades twice as often.
-    """
+    flags the user gave (and --set values) still win."""
     given = {k for k, v in vars(args).items() if v is not None}
     if "cfg_symbol" not in given:
         cfg.symbol = "DEMOUSDT"
@@ -858,7 +851,6 @@ def demo_config(args: argparse.Namespace, cfg: GlobalConfig) -> GlobalConfig:
         cfg.tune.cpcv_groups, cfg.tune.cpcv_test_groups = 4, 1
         cfg.tune.n_estimators, cfg.tune.num_leaves = [30, 80], [4, 16]
         cfg.tune.dev_fraction, cfg.tune.oos1_fraction = DEMO_SPLIT
-        cfg.tune.direction_top = list(DEMO_DIRECTION_TOP)
     if "cfg_data_dir" not in given and not folder.is_dir():
         make_demo_data(folder, cfg.symbol, args.demo_seed, args.demo_alpha, args.days, cfg.data.ob_levels)
     cfg.validate("demo config")

@@ -29,8 +29,7 @@ SIM_DAYS = 14
 # trial to a few seconds; the search logic is the default one.
 FAST = ["--timeframe", "1m", "--set", "tune.n_estimators=[30,80]", "--set", "tune.num_leaves=[4,16]",
         "--set", "tune.cpcv_groups=4", "--set", "tune.cpcv_test_groups=1",
-        "--set", f"tune.dev_fraction={train.DEMO_SPLIT[0]}", "--set", f"tune.oos1_fraction={train.DEMO_SPLIT[1]}",
-        "--set", f"tune.direction_top={train.DEMO_DIRECTION_TOP}"]
+        "--set", f"tune.dev_fraction={train.DEMO_SPLIT[0]}", "--set", f"tune.oos1_fraction={train.DEMO_SPLIT[1]}"]
 MODEL_FILES = ["exec_long.txt", "exec_short.txt", "dir_long.txt", "dir_short.txt", "features.json",
                "params.json", "report.html"]
 
