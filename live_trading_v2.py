@@ -1255,18 +1255,27 @@ class Engine:
         self._feed("order", {"orderLinkId": wire, "orderStatus": "Rejected", "rejectReason": str(err),
                              "updatedTime": str(self.clock.exchange_ms())})
         if req.kind == "sl" and stop_refused(err):
-            self._emergency_exit(req.position_id, req.side, req.qty, str(err))
+            self._emergency_exit(str(req.position_idx), req.qty, str(err), req.position_id)
 
-    def _emergency_exit(self, position_id: str, side: str, qty: float, why: str) -> None:
-        """Reduce-only market exit of a position that cannot have its stop (refused: price already beyond it,
-        or no stop price known)."""
-        key = f"{position_id}|stop-refused-exit"
-        self.journals.event("error", f"stop refused for {position_id} ({why}): closing {qty} at market", "error")
+    def _emergency_exit(self, idx: str, qty: float, why: str, position_id: str = "") -> None:
+        """Reduce-only market exit of what cannot have its stop (refused: price already beyond it, or no stop
+        price known): `position_id`, or else every own position of leg `idx`, through the lifecycle
+        (Execution.exit_position, reason stop_refused), so the fill closes them there like any exit; only a
+        remainder of `qty` that no own position accounts for (not the lifecycle's) gets an engine-made order."""
+        what = position_id or f"leg-{idx}"
+        self.journals.event("error", f"stop refused for {what} ({why}): closing {qty} at market", "error")
+        own = [p for p in self._exec.slots if p is not None and _leg_of(p.side) == idx
+               and position_id in ("", p.position_id)]
+        self.send([r for p in own for r in self._exec.exit_position(p.position_id, "stop_refused")])
+        rest = 0.0 if position_id else qty - sum(p.qty for p in own)
+        if rest <= 1e-12:
+            return
+        key = f"{self.symbol}|leg-{idx}|stop-refused-exit|{self.clock.exchange_ms()}"
         self._own(key, "exit")
         try:
-            self.client.place_order(key, side, qty, order_type="Market", reduce_only=True)
+            self.client.place_order(key, "Sell" if idx == "1" else "Buy", rest, order_type="Market", reduce_only=True)
         except exc.ExchangeError as err:
-            self.journals.event("error", f"emergency exit of {position_id} failed: {err}", "critical")
+            self.journals.event("error", f"emergency exit of {rest} on leg {idx} failed: {err}", "critical")
 
     def _settle(self, wire: str) -> None:
         """Settle an order of unknown outcome by lookup; it is never re-sent under a new id."""
@@ -1403,7 +1412,7 @@ class Engine:
         self.state["exchange_positions"] = positions
         own = {"1": 0.0, "2": 0.0}
         for pos in self._exec.positions():
-            own["1" if pos.side > 0 else "2"] += pos.qty
+            own[_leg_of(pos.side)] += pos.qty
         for idx, size in positions.items():
             if size > own.get(idx, 0.0) + 1e-12:
                 self._external(f"position idx {idx} size {size} (own {own.get(idx, 0.0)})")
@@ -1448,7 +1457,7 @@ class Engine:
         key = f"{self.symbol}|protect|{idx}|{self.clock.exchange_ms()}"
         self.journals.event("error", f"position leg {idx} has {qty} without a stop: protecting it", "error")
         if not math.isfinite(trigger):
-            self._emergency_exit(f"leg-{idx}", side, qty, "no stop price known for it")
+            self._emergency_exit(idx, qty, "no stop price known for it")
             return
         self._own(key, "sl")
         try:
@@ -1456,7 +1465,7 @@ class Engine:
                                     trigger_price=trigger, trigger_direction=2 if long else 1)
         except exc.RejectedError as err:
             if stop_refused(err):
-                self._emergency_exit(f"leg-{idx}", side, qty, str(err))
+                self._emergency_exit(idx, qty, str(err))
             else:
                 self.journals.event("error", f"protecting leg {idx} failed: {err}", "critical")
 
@@ -1516,6 +1525,11 @@ class Engine:
 
 STOP_REFUSAL_WORDS = ("expectrising", "expectfalling", "triggerprice", "stoploss", "wrongside", "lossside",
                       "shouldlower", "shouldhigher", "shouldbelower", "shouldbehigher")
+
+
+def _leg_of(side: int) -> str:
+    """Hedge-mode positionIdx (as the position rows key it) of a position side: "1" long leg, "2" short leg."""
+    return "1" if side > 0 else "2"
 
 
 def leg_sizes(rows: list[dict]) -> dict[str, float]:
