@@ -34,8 +34,10 @@ Refinements of /work/coord/EXECUTION_CONTRACT.md (names kept):
     which derives the same orderLinkId). For kind "sl", `price` is the stop's trigger price.
   * orderLinkIds: `order_link_id(key)` = "ps-" + 32 hex (35 chars, Bybit allows 36); keys are
     "<SYM>|<bar open epoch s>|entry|<Buy/Sell>" for entries and "<entry key>|tp", "|sl",
-    "|exit|<bar open epoch s>" for a position's orders, so a resend (after a lost ack or a restart from
-    the state file) is the same order. `order_link_id` and `is_own_order` live here (the lifecycle names
+    "|exit|<bar open epoch s>" (or "|exit|stop_refused", exit_position) for a position's orders, so a resend
+    (after a lost ack or a restart from the state file) is the same order. An exit or a stop put back after
+    an exit that was settled cancelled/rejected (a known outcome) is a new order: its key adds "|<attempt>"
+    ("|sl|<n>" for the stop), so no two of a position's orders ever share an orderLinkId. `order_link_id` and `is_own_order` live here (the lifecycle names
     its orders); `exchange_client` imports them.
   * `ExecEvent` adds `side` (funding events: the leg "Buy" = long, "Sell" = short) and the types
     "triggered" (a stop triggered; its fill follows) and "funding" (`fee` = amount paid by the leg,
@@ -48,7 +50,9 @@ Refinements of /work/coord/EXECUTION_CONTRACT.md (names kept):
   * Bar.index should count bars on the epoch grid (bar open time // timeframe) so ages survive restarts.
   * What decide sees between a request and its answer: a PostOnly entry counts as resting from the moment
     it is requested; an entry with a cancel requested no longer does; a market entry counts once it fills
-    (the core fills it at the next open); an exit already under way is not requested again.
+    (the core fills it at the next open); an exit already under way is not requested again; an exit that
+    ended without closing its position is re-attempted at the next close (even when decide does not ask
+    again, as on a halted day), and until it fills the position has its stop back (_exit_failed_requests).
   * Journal records (`EventResult.journal`, `placed_record`): DESIGN §3 trades_<SYM>.jsonl fields
     `ts` (ms), `symbol`, `event`, `order_link_id`, `side`, `kind`, `price`, `qty`, `fee`, `pnl` (exit fills:
     net of both fees and funding, as backtest trades), `position_id`, `reason`; the engine adds `mode`
