@@ -307,6 +307,14 @@ class Execution:
         pos = self._position(position_id)
         return [] if pos is None else self._exit(pos, reason, reason, self.bar)
 
+    def unprotected_first(self, side: int) -> list[Book]:
+        """Own positions of one side (st.LONG/st.SHORT), those whose own stop does not stand (none yet, settled,
+        or a cancel asked) first: the ones to close when a stop for part of that leg is refused."""
+        def stands(pos: Book) -> bool:
+            stop = self.orders.get(pos.sl_link)
+            return stop is not None and stop.status not in TERMINAL and not stop.cancel_requested
+        return sorted((p for p in self.slots if p is not None and p.side == side), key=stands)
+
     def _exit(self, pos: Book, reason: str, tag: str, bar_index: int) -> list[OrderRequest]:
         """A reduce-only market close of `pos` (nothing if an exit is under way), key "<entry key>|exit|<tag>".
         The first attempt also cancels the position's TP and SL. A re-attempt, after an earlier exit settled

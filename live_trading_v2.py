@@ -1259,23 +1259,29 @@ class Engine:
 
     def _emergency_exit(self, idx: str, qty: float, why: str, position_id: str = "") -> None:
         """Reduce-only market exit of what cannot have its stop (refused: price already beyond it, or no stop
-        price known): `position_id`, or else every own position of leg `idx`, through the lifecycle
-        (Execution.exit_position, reason stop_refused), so the fill closes them there like any exit; only a
-        remainder of `qty` that no own position accounts for (not the lifecycle's) gets an engine-made order."""
-        what = position_id or f"leg-{idx}"
-        self.journals.event("error", f"stop refused for {what} ({why}): closing {qty} at market", "error")
-        own = [p for p in self._exec.slots if p is not None and _leg_of(p.side) == idx
-               and position_id in ("", p.position_id)]
-        self.send([r for p in own for r in self._exec.exit_position(p.position_id, "stop_refused")])
-        rest = 0.0 if position_id else qty - sum(p.qty for p in own)
-        if rest <= 1e-12:
+        price known): `position_id`, or else own positions of leg `idx` for `qty` (those whose own stop does not
+        stand first), through the lifecycle (Execution.exit_position, reason stop_refused), so the fill closes
+        them there like any exit; only a remainder of `qty` that no own position accounts for (not the
+        lifecycle's) gets an engine-made order."""
+        self.journals.event("error", f"stop refused for {position_id or f'leg-{idx}'} ({why}): closing {qty} at "
+                                     "market", "error")
+        if position_id:
+            self.send(self._exec.exit_position(position_id, "stop_refused"))
+            return
+        left = qty
+        for pos in self._exec.unprotected_first(1 if idx == "1" else -1):
+            if left <= 1e-12:
+                return
+            self.send(self._exec.exit_position(pos.position_id, "stop_refused"))
+            left -= pos.qty
+        if left <= 1e-12:
             return
         key = f"{self.symbol}|leg-{idx}|stop-refused-exit|{self.clock.exchange_ms()}"
         self._own(key, "exit")
         try:
-            self.client.place_order(key, "Sell" if idx == "1" else "Buy", rest, order_type="Market", reduce_only=True)
+            self.client.place_order(key, "Sell" if idx == "1" else "Buy", left, order_type="Market", reduce_only=True)
         except exc.ExchangeError as err:
-            self.journals.event("error", f"emergency exit of {rest} on leg {idx} failed: {err}", "critical")
+            self.journals.event("error", f"emergency exit of {left} on leg {idx} failed: {err}", "critical")
 
     def _settle(self, wire: str) -> None:
         """Settle an order of unknown outcome by lookup; it is never re-sent under a new id."""
@@ -1412,7 +1418,7 @@ class Engine:
         self.state["exchange_positions"] = positions
         own = {"1": 0.0, "2": 0.0}
         for pos in self._exec.positions():
-            own[_leg_of(pos.side)] += pos.qty
+            own["1" if pos.side > 0 else "2"] += pos.qty
         for idx, size in positions.items():
             if size > own.get(idx, 0.0) + 1e-12:
                 self._external(f"position idx {idx} size {size} (own {own.get(idx, 0.0)})")
@@ -1525,11 +1531,6 @@ class Engine:
 
 STOP_REFUSAL_WORDS = ("expectrising", "expectfalling", "triggerprice", "stoploss", "wrongside", "lossside",
                       "shouldlower", "shouldhigher", "shouldbelower", "shouldbehigher")
-
-
-def _leg_of(side: int) -> str:
-    """Hedge-mode positionIdx (as the position rows key it) of a position side: "1" long leg, "2" short leg."""
-    return "1" if side > 0 else "2"
 
 
 def leg_sizes(rows: list[dict]) -> dict[str, float]:
