@@ -315,6 +315,27 @@ class Execution:
             return stop is not None and stop.status not in TERMINAL and not stop.cancel_requested
         return sorted((p for p in self.slots if p is not None and p.side == side), key=stands)
 
+    def adopt_attached_stop(self, order_id: str, side: str, trigger: float, qty: float) -> str | None:
+        """The stop the exchange makes from an entry's attached stopLoss (tpslMode=Partial: a reduce-only
+        conditional order with NO orderLinkId, stopOrderType PartialStopLoss, one per partial fill) as an order
+        of the open position it protects, kind "sl" (key "<SYM>|attached|<orderId>", never sent), so its fill
+        closes that position here like the own stop's: the TP is cancelled and nothing else is closed. Returns
+        the id to feed its events under. Matched once, by the closing `side` ("Buy"/"Sell") and `trigger` (= the
+        entry's stop_loss; NaN when the report has none, as execution records: then the leg's first position
+        without a standing own stop); `qty` its size (0: the position's). None when no open position matches."""
+        key = f"{self.symbol}|attached|{order_id}"
+        if order_link_id(key) in self.orders:
+            return order_link_id(key)
+        leg = SIDE_OF.get(side)
+        for pos in self.unprotected_first(-leg) if leg is not None else []:
+            entry = self.orders[pos.position_id].request
+            if entry.stop_loss is not None and (math.isnan(trigger) or
+                                                math.isclose(entry.stop_loss, trigger, rel_tol=0, abs_tol=1e-9)):
+                req = self._order(pos, "sl", key, entry.reason, price=entry.stop_loss, qty=qty or pos.qty)
+                self.orders[req.order_link_id].status = "accepted"
+                return req.order_link_id
+        return None
+
     def _exit(self, pos: Book, reason: str, tag: str, bar_index: int) -> list[OrderRequest]:
         """A reduce-only market close of `pos` (nothing if an exit is under way), key "<entry key>|exit|<tag>".
         The first attempt also cancels the position's TP and SL. A re-attempt, after an earlier exit settled
@@ -525,12 +546,14 @@ class Execution:
         pos.tp_link, pos.sl_link = tp.order_link_id, sl.order_link_id
         return [tp, sl]
 
-    def _order(self, pos: Book, kind: str, key: str, reason: str) -> OrderRequest:
-        """Register one of the position's own reduce-only orders for its whole size: the TP (a GTC limit at
-        pos.tp) or the stop (kind "sl": a conditional market order triggering at pos.sl)."""
+    def _order(self, pos: Book, kind: str, key: str, reason: str, price: float | None = None,
+               qty: float | None = None) -> OrderRequest:
+        """Register one of the position's own reduce-only orders (default: for its whole size): the TP (a GTC
+        limit at pos.tp) or the stop (kind "sl": a conditional market order triggering at pos.sl)."""
         tp = kind == "tp"
+        price = price if price is not None else pos.tp if tp else pos.sl
         req = OrderRequest(action="create", order_link_id=order_link_id(key), kind=kind, side=SIDE_NAME[-pos.side],
-                           order_type="Limit" if tp else "Market", qty=pos.qty, price=pos.tp if tp else pos.sl,
+                           order_type="Limit" if tp else "Market", qty=qty or pos.qty, price=price,
                            time_in_force="GTC", reduce_only=True, position_idx=_leg(pos.side), stop_loss=None,
                            position_id=pos.position_id, reason=reason, intent_key=key)
         self.orders[req.order_link_id] = Order(req, self.bar)

@@ -1366,10 +1366,15 @@ class Engine:
         self.send(result.requests)
 
     def _request_id(self, row: dict) -> str | None:
-        """Our orderLinkId of an exchange order (None: not the lifecycle's, e.g. a stop the exchange made
-        from an entry's attached stopLoss)."""
+        """Our orderLinkId of an exchange order; a stop the exchange made from an entry's attached stopLoss (no
+        orderLinkId, stopOrderType PartialStopLoss) is the lifecycle's too, under the id
+        Execution.adopt_attached_stop gives it for the own position it protects. None: not the lifecycle's."""
         wire = row.get("orderLinkId") or ""
-        return wire if wire in self._exec.orders else None
+        if wire or "StopLoss" not in str(row.get("stopOrderType")) or not row.get("orderId"):
+            return wire if wire in self._exec.orders else None
+        return self._exec.adopt_attached_stop(str(row["orderId"]), str(row.get("side")),
+                                              float(row.get("triggerPrice") or math.nan),
+                                              float(row.get("qty") or row.get("orderQty") or 0))
 
     def _external(self, what: str) -> None:
         if what not in self.health.external:
