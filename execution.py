@@ -34,8 +34,10 @@ Refinements of /work/coord/EXECUTION_CONTRACT.md (names kept):
     which derives the same orderLinkId). For kind "sl", `price` is the stop's trigger price.
   * orderLinkIds: `order_link_id(key)` = "ps-" + 32 hex (35 chars, Bybit allows 36); keys are
     "<SYM>|<bar open epoch s>|entry|<Buy/Sell>" for entries and "<entry key>|tp", "|sl",
-    "|exit|<bar open epoch s>" for a position's orders, so a resend (after a lost ack or a restart from
-    the state file) is the same order. `order_link_id` and `is_own_order` live here (the lifecycle names
+    "|exit|<bar open epoch s>" (or "|exit|stop_refused", exit_position) for a position's orders, so a resend
+    (after a lost ack or a restart from the state file) is the same order. An exit or a stop put back after
+    an exit that was settled cancelled/rejected (a known outcome) is a new order: its key adds "|<attempt>"
+    ("|sl|<n>" for the stop), so no two of a position's orders ever share an orderLinkId. `order_link_id` and `is_own_order` live here (the lifecycle names
     its orders); `exchange_client` imports them.
   * `ExecEvent` adds `side` (funding events: the leg "Buy" = long, "Sell" = short) and the types
     "triggered" (a stop triggered; its fill follows) and "funding" (`fee` = amount paid by the leg,
@@ -48,7 +50,9 @@ Refinements of /work/coord/EXECUTION_CONTRACT.md (names kept):
   * Bar.index should count bars on the epoch grid (bar open time // timeframe) so ages survive restarts.
   * What decide sees between a request and its answer: a PostOnly entry counts as resting from the moment
     it is requested; an entry with a cancel requested no longer does; a market entry counts once it fills
-    (the core fills it at the next open); an exit already under way is not requested again.
+    (the core fills it at the next open); an exit already under way is not requested again; an exit that
+    ended without closing its position is re-attempted at the next close (even when decide does not ask
+    again, as on a halted day), and until it fills the position has its stop back (_exit_failed_requests).
   * Journal records (`EventResult.journal`, `placed_record`): DESIGN §3 trades_<SYM>.jsonl fields
     `ts` (ms), `symbol`, `event`, `order_link_id`, `side`, `kind`, `price`, `qty`, `fee`, `pnl` (exit fills:
     net of both fees and funding, as backtest trades), `position_id`, `reason`; the engine adds `mode`
@@ -75,7 +79,8 @@ TERMINAL = ("filled", "cancelled", "rejected", "expired")
 STATUS_RANK = {"pending": 0, "accepted": 1, "triggered": 2, "partially_filled": 3,
                "filled": 4, "cancelled": 4, "rejected": 4, "expired": 4}
 QTY_TOL = 1e-9          # relative tolerance of "the whole order / position" in quantity comparisons
-EXIT_EVENT = {"time": "time_exit", "kill_switch": "kill_exit"}
+EXIT_EVENT = {"time": "time_exit", "kill_switch": "kill_exit", "stop_refused": "sl"}
+EXIT_FAILED = ("cancelled", "rejected", "expired")   # an exit settled without closing its position: known outcome
 PRUNE_BARS = 1000       # settled orders of closed positions are kept this many bars
 
 
@@ -240,6 +245,8 @@ class Execution:
         requests: list[OrderRequest] = []
         for it in self.last_intents:
             requests += self._requests_for(it, bar)
+        for pos in [p for p in self.slots if p is not None and self._exit_failed(p)]:
+            requests += self._exit(pos, self.orders[pos.exit_link].request.reason, str(int(bar.time)), bar.index)
         self._prune()
         return requests
 
@@ -255,7 +262,7 @@ class Execution:
         bar = st.Bar(index=bar_index, time=bar_time, close=math.nan, atr=math.nan)
         requests = []
         for pos in [p for p in self.slots if p is not None]:
-            requests += self._exit(pos, "kill_switch", bar)
+            requests += self._exit(pos, "kill_switch", str(int(bar_time)), bar_index)
         return requests + [self._cancel(o, "kill_switch") for o in self._open_entries()]
 
     def _prune(self) -> None:
@@ -273,7 +280,7 @@ class Execution:
         if it.kind == "cancel":
             return [self._cancel(o, it.reason) for o in self._open_entries() if SIDE_OF[o.request.side] == it.side]
         if it.kind == "exit":
-            return self._exit(self.slots[it.ref], it.reason, bar)
+            return self._exit(self.slots[it.ref], it.reason, str(int(bar.time)), bar.index)
         return [self._entry(it, bar)]
 
     def _entry(self, it: st.Intent, bar: st.Bar) -> OrderRequest:
@@ -291,24 +298,90 @@ class Execution:
         self.orders[link] = Order(req, bar.index, tp_dist=it.tp_dist, sl_dist=it.sl_dist)
         return req
 
-    def _exit(self, pos: Book, reason: str, bar: st.Bar) -> list[OrderRequest]:
-        """A reduce-only market close of `pos` and cancels of its TP and SL (nothing if an exit is under way)."""
+    def exit_position(self, position_id: str, reason: str) -> list[OrderRequest]:
+        """A reduce-only market exit of one own position outside the bar-close rules, through this lifecycle so
+        its fill closes the position here like any exit (reason "stop_refused": the exchange refused the
+        position's stop because price is already beyond it; journaled as "sl"). orderLinkId key
+        "<entry key>|exit|<reason>" (+ "|<attempt>" on a re-attempt). [] for a position not held or whose
+        exit is under way."""
+        pos = self._position(position_id)
+        return [] if pos is None else self._exit(pos, reason, reason, self.bar)
+
+    def unprotected_first(self, side: int) -> list[Book]:
+        """Own positions of one side (st.LONG/st.SHORT), those whose own stop does not stand (none yet, settled,
+        or a cancel asked) first: the ones to close when a stop for part of that leg is refused."""
+        def stands(pos: Book) -> bool:
+            stop = self.orders.get(pos.sl_link)
+            return stop is not None and stop.status not in TERMINAL and not stop.cancel_requested
+        return sorted((p for p in self.slots if p is not None and p.side == side), key=stands)
+
+    def adopt_attached_stop(self, order_id: str, side: str, trigger: float, qty: float) -> str | None:
+        """The stop the exchange makes from an entry's attached stopLoss (tpslMode=Partial: a reduce-only
+        conditional order with NO orderLinkId, stopOrderType PartialStopLoss, one per partial fill) as an order
+        of the open position it protects, kind "sl" (key "<SYM>|attached|<orderId>", never sent), so its fill
+        closes that position here like the own stop's: the TP is cancelled and nothing else is closed. Returns
+        the id to feed its events under. Matched once, by the closing `side` ("Buy"/"Sell") and `trigger` (= the
+        entry's stop_loss; NaN when the report has none, as execution records: then the leg's first position
+        without a standing own stop); `qty` its size (0: the position's). None when no open position matches."""
+        key = f"{self.symbol}|attached|{order_id}"
+        if order_link_id(key) in self.orders:
+            return order_link_id(key)
+        leg = SIDE_OF.get(side)
+        for pos in self.unprotected_first(-leg) if leg is not None else []:
+            entry = self.orders[pos.position_id].request
+            if entry.stop_loss is not None and (math.isnan(trigger) or
+                                                math.isclose(entry.stop_loss, trigger, rel_tol=0, abs_tol=1e-9)):
+                req = self._order(pos, "sl", key, entry.reason, price=entry.stop_loss, qty=qty or pos.qty)
+                self.orders[req.order_link_id].status = "accepted"
+                return req.order_link_id
+        return None
+
+    def _exit(self, pos: Book, reason: str, tag: str, bar_index: int) -> list[OrderRequest]:
+        """A reduce-only market close of `pos` (nothing if an exit is under way), key "<entry key>|exit|<tag>".
+        The first attempt also cancels the position's TP and SL. A re-attempt, after an earlier exit settled
+        cancelled/rejected without closing the position (a KNOWN outcome, so a new order is no duplicate), adds
+        "|<attempt>" to the key, so no two exits of one position share an orderLinkId even within one bar, and
+        keeps the stop put back by _exit_failed_requests until it fills (the fill cancels it)."""
         current = self.orders.get(pos.exit_link)
         if current is not None and current.status not in TERMINAL:
             return []
-        key = f"{pos.entry_key}|exit|{int(bar.time)}"
+        attempt = sum(1 for o in self.orders.values()
+                      if o.request.kind == "exit" and o.request.position_id == pos.position_id)
+        key = f"{pos.entry_key}|exit|{tag}" + (f"|{attempt}" if attempt else "")
         req = OrderRequest(action="create", order_link_id=order_link_id(key), kind="exit",
                            side=SIDE_NAME[-pos.side], order_type="Market", qty=pos.qty, price=None,
                            time_in_force="IOC", reduce_only=True, position_idx=_leg(pos.side), stop_loss=None,
                            position_id=pos.position_id, reason=reason, intent_key=key)
-        self.orders[req.order_link_id] = Order(req, bar.index)
+        self.orders[req.order_link_id] = Order(req, bar_index)
         pos.exit_link = req.order_link_id
         out = [req]
-        for link in (pos.tp_link, pos.sl_link):
+        for link in (pos.tp_link, pos.sl_link) if attempt == 0 else ():
             order = self.orders.get(link)
             if order is not None and order.status not in TERMINAL and not order.cancel_requested:
                 out.append(self._cancel(order, reason))
         return out
+
+    def _exit_failed(self, pos: Book) -> bool:
+        """Whether the position's last exit settled cancelled/rejected/expired with the position still held."""
+        order = self.orders.get(pos.exit_link)
+        return order is not None and order.status in EXIT_FAILED
+
+    def _exit_failed_requests(self, order: Order) -> list[OrderRequest]:
+        """An exit that ended without (fully) closing its position (e.g. a reduce-only IOC market cancelled for
+        lack of liquidity): the rest gets its exchange-side stop back at once, at the position's stop level
+        (key "<entry key>|sl|<n>"), unless one still stands or the exchange refused that stop (reason
+        stop_refused: price is beyond it). The exit itself is re-attempted at the next bar close (on_bar_close)."""
+        pos = self._position(order.request.position_id)
+        if pos is None or pos.exit_link != order.request.order_link_id or order.request.reason == "stop_refused" \
+                or not math.isfinite(pos.sl):
+            return []
+        stop = self.orders.get(pos.sl_link)
+        if stop is not None and stop.status not in TERMINAL and not stop.cancel_requested:
+            return []
+        n = sum(1 for o in self.orders.values() if o.request.kind == "sl" and o.request.position_id == pos.position_id)
+        req = self._order(pos, "sl", f"{pos.entry_key}|sl|{n}", order.request.reason)
+        pos.sl_link = req.order_link_id
+        return [req]
 
     def _cancel(self, order: Order, reason: str) -> OrderRequest:
         order.cancel_requested = True
@@ -353,6 +426,8 @@ class Execution:
                                         reason=ev.reason or order.request.reason))
         if ev.type in TERMINAL and order.request.kind == "entry" and order.filled > 0.0:
             out.requests += self._protect(self._position(order.request.position_id))
+        if ev.type in EXIT_FAILED and order.request.kind == "exit":
+            out.requests += self._exit_failed_requests(order)
         return out
 
     def _fill(self, order: Order, ev: ExecEvent) -> EventResult:
@@ -466,18 +541,23 @@ class Execution:
         tick = self.cfg.instrument.tick_size
         pos.tp = grid.snap_round(pos.entry_price + pos.side * entry.tp_dist, tick, pos.side)
         pos.sl = entry.request.stop_loss
-        common = dict(side=SIDE_NAME[-pos.side], qty=pos.qty, reduce_only=True, position_idx=_leg(pos.side),
-                      stop_loss=None, position_id=pos.position_id, reason=entry.request.reason)
-        tp = OrderRequest(action="create", order_link_id=order_link_id(pos.entry_key + "|tp"), kind="tp",
-                          order_type="Limit", price=pos.tp, time_in_force="GTC",
-                          intent_key=pos.entry_key + "|tp", **common)
-        sl = OrderRequest(action="create", order_link_id=order_link_id(pos.entry_key + "|sl"), kind="sl",
-                          order_type="Market", price=pos.sl, time_in_force="GTC", intent_key=pos.entry_key + "|sl",
-                          **common)
-        for req in (tp, sl):
-            self.orders[req.order_link_id] = Order(req, self.bar)
+        tp = self._order(pos, "tp", pos.entry_key + "|tp", entry.request.reason)
+        sl = self._order(pos, "sl", pos.entry_key + "|sl", entry.request.reason)
         pos.tp_link, pos.sl_link = tp.order_link_id, sl.order_link_id
         return [tp, sl]
+
+    def _order(self, pos: Book, kind: str, key: str, reason: str, price: float | None = None,
+               qty: float | None = None) -> OrderRequest:
+        """Register one of the position's own reduce-only orders (default: for its whole size): the TP (a GTC
+        limit at pos.tp) or the stop (kind "sl": a conditional market order triggering at pos.sl)."""
+        tp = kind == "tp"
+        price = price if price is not None else pos.tp if tp else pos.sl
+        req = OrderRequest(action="create", order_link_id=order_link_id(key), kind=kind, side=SIDE_NAME[-pos.side],
+                           order_type="Limit" if tp else "Market", qty=qty or pos.qty, price=price,
+                           time_in_force="GTC", reduce_only=True, position_idx=_leg(pos.side), stop_loss=None,
+                           position_id=pos.position_id, reason=reason, intent_key=key)
+        self.orders[req.order_link_id] = Order(req, self.bar)
+        return req
 
     # ------------------------------------------------------------ journal
     def _record(self, event: str, order: Order, ts_ms: int, price: float | None, qty: float, fee: float,

@@ -1257,18 +1257,33 @@ class Engine:
         self._feed("order", {"orderLinkId": wire, "orderStatus": "Rejected", "rejectReason": str(err),
                              "updatedTime": str(self.clock.exchange_ms())})
         if req.kind == "sl" and stop_refused(err):
-            self._emergency_exit(req.position_id, req.side, req.qty, str(err))
+            self._emergency_exit(str(req.position_idx), req.qty, str(err), req.position_id)
 
-    def _emergency_exit(self, position_id: str, side: str, qty: float, why: str) -> None:
-        """Reduce-only market exit of a position that cannot have its stop (refused: price already beyond it,
-        or no stop price known)."""
-        key = f"{position_id}|stop-refused-exit"
-        self.journals.event("error", f"stop refused for {position_id} ({why}): closing {qty} at market", "error")
+    def _emergency_exit(self, idx: str, qty: float, why: str, position_id: str = "") -> None:
+        """Reduce-only market exit of what cannot have its stop (refused: price already beyond it, or no stop
+        price known): `position_id`, or else own positions of leg `idx` for `qty` (those whose own stop does not
+        stand first), through the lifecycle (Execution.exit_position, reason stop_refused), so the fill closes
+        them there like any exit; only a remainder of `qty` that no own position accounts for (not the
+        lifecycle's) gets an engine-made order."""
+        self.journals.event("error", f"stop refused for {position_id or f'leg-{idx}'} ({why}): closing {qty} at "
+                                     "market", "error")
+        if position_id:
+            self.send(self._exec.exit_position(position_id, "stop_refused"))
+            return
+        left = qty
+        for pos in self._exec.unprotected_first(1 if idx == "1" else -1):
+            if left <= 1e-12:
+                return
+            self.send(self._exec.exit_position(pos.position_id, "stop_refused"))
+            left -= pos.qty
+        if left <= 1e-12:
+            return
+        key = f"{self.symbol}|leg-{idx}|stop-refused-exit|{self.clock.exchange_ms()}"
         self._own(key, "exit")
         try:
-            self.client.place_order(key, side, qty, order_type="Market", reduce_only=True)
+            self.client.place_order(key, "Sell" if idx == "1" else "Buy", left, order_type="Market", reduce_only=True)
         except exc.ExchangeError as err:
-            self.journals.event("error", f"emergency exit of {position_id} failed: {err}", "critical")
+            self.journals.event("error", f"emergency exit of {left} on leg {idx} failed: {err}", "critical")
 
     def _settle(self, wire: str) -> None:
         """Settle an order of unknown outcome by lookup; it is never re-sent under a new id."""
@@ -1351,10 +1366,15 @@ class Engine:
         self.send(result.requests)
 
     def _request_id(self, row: dict) -> str | None:
-        """Our orderLinkId of an exchange order (None: not the lifecycle's, e.g. a stop the exchange made
-        from an entry's attached stopLoss)."""
+        """Our orderLinkId of an exchange order; a stop the exchange made from an entry's attached stopLoss (no
+        orderLinkId, stopOrderType PartialStopLoss) is the lifecycle's too, under the id
+        Execution.adopt_attached_stop gives it for the own position it protects. None: not the lifecycle's."""
         wire = row.get("orderLinkId") or ""
-        return wire if wire in self._exec.orders else None
+        if wire or "StopLoss" not in str(row.get("stopOrderType")) or not row.get("orderId"):
+            return wire if wire in self._exec.orders else None
+        return self._exec.adopt_attached_stop(str(row["orderId"]), str(row.get("side")),
+                                              float(row.get("triggerPrice") or math.nan),
+                                              float(row.get("qty") or row.get("orderQty") or 0))
 
     def _external(self, what: str) -> None:
         if what not in self.health.external:
@@ -1450,7 +1470,7 @@ class Engine:
         key = f"{self.symbol}|protect|{idx}|{self.clock.exchange_ms()}"
         self.journals.event("error", f"position leg {idx} has {qty} without a stop: protecting it", "error")
         if not math.isfinite(trigger):
-            self._emergency_exit(f"leg-{idx}", side, qty, "no stop price known for it")
+            self._emergency_exit(idx, qty, "no stop price known for it")
             return
         self._own(key, "sl")
         try:
@@ -1458,7 +1478,7 @@ class Engine:
                                     trigger_price=trigger, trigger_direction=2 if long else 1)
         except exc.RejectedError as err:
             if stop_refused(err):
-                self._emergency_exit(f"leg-{idx}", side, qty, str(err))
+                self._emergency_exit(idx, qty, str(err))
             else:
                 self.journals.event("error", f"protecting leg {idx} failed: {err}", "critical")
 

@@ -356,6 +356,92 @@ def test_intrabar_kill_flattens_with_reduce_only_exits_cancels_everything_and_ha
     assert close(ex, 3, BREAKOUT_LONG) == []                                   # no entries until the next UTC day
 
 
+def test_a_time_exit_that_does_not_fill_gets_its_stop_back_and_is_retried_under_new_link_ids():
+    """A reduce-only IOC market exit cancelled with no (or a partial) fill, e.g. no liquidity on that side: its
+    outcome is known, so the rest gets an exchange-side stop at once and the exit is re-attempted at the next
+    close under a new orderLinkId (never the first one's), keeping that stop until the exit fills."""
+    ex, _, _ = filled_long()
+    pos = ex.slots[0]
+    for i in range(1, 49):
+        close(ex, i)
+    exit_, c1, c2 = close(ex, 49)
+    for link in (pos.tp_link, pos.sl_link):
+        assert ex.on_event(ExecEvent("cancelled", link, ms(50))).status == "applied"
+    res = ex.on_event(ExecEvent("cancelled", exit_.order_link_id, ms(50) + 1, reason="EC_NoImmediateQtyToFill"))
+    (stop,) = res.requests
+    assert (stop.action, stop.kind, stop.side, stop.order_type, stop.price, stop.qty, stop.reduce_only) == \
+        ("create", "sl", "Sell", "Market", 97.5, 50.0, True)
+    assert stop.order_link_id not in (c2.order_link_id, exit_.order_link_id) and pos.sl_link == stop.order_link_id
+    assert ex.on_event(ExecEvent("accepted", stop.order_link_id, ms(50) + 2)).status == "applied"
+    (retry,) = close(ex, 50)                                            # the stop stays: no cancel with the retry
+    assert (retry.kind, retry.qty, retry.reason, retry.reduce_only) == ("exit", 50.0, "time", True)
+    assert retry.order_link_id != exit_.order_link_id and close(ex, 50) == []      # one attempt, one order
+    ex.on_event(ExecEvent("fill", retry.order_link_id, ms(51), exec_id="r1", qty=20.0, price=100.1, fee=1.0))
+    assert ex.on_event(ExecEvent("cancelled", retry.order_link_id, ms(51) + 1)).requests == []  # stop stands
+    (third,) = close(ex, 51)
+    assert third.qty == 30.0 and len({exit_.order_link_id, retry.order_link_id, third.order_link_id}) == 3
+    res = ex.on_event(ExecEvent("fill", third.order_link_id, ms(52), exec_id="r2", qty=30.0, price=100.2, fee=1.5))
+    assert res.journal[0]["event"] == "time_exit" and ex.positions() == []
+    assert [(r.action, r.order_link_id) for r in res.requests] == [("cancel", stop.order_link_id)]
+    assert ex.cash == pytest.approx(10_000.0 - 0.99 + 20 * 0.6 - 1.0 + 30 * 0.7 - 1.5)
+
+
+def test_a_kill_exit_that_does_not_fill_is_retried_in_the_same_bar_under_a_new_link_id():
+    """The halted day asks decide for no exit again: the lifecycle re-attempts the kill exit itself at the next
+    close, which is in the same bar as the first exit (same bar time in the key) yet gets its own orderLinkId."""
+    ex, _, _ = filled_long()
+    trigger = (9_700.0 - (10_000.0 - 0.99) + 50 * 99.5) / 50
+    exit_, _, _ = ex.check_kill(trigger, trigger, 2, DAY + 600)
+    (stop,) = ex.on_event(ExecEvent("cancelled", exit_.order_link_id, ms(2) + 1)).requests
+    assert stop.kind == "sl" and stop.qty == 50.0
+    (retry,) = close(ex, 2, price=trigger)
+    assert (retry.kind, retry.reason) == ("exit", "kill_switch") and retry.order_link_id != exit_.order_link_id
+    assert retry.intent_key == exit_.intent_key + "|1"
+    ex.on_event(ExecEvent("fill", retry.order_link_id, ms(3), exec_id="k2", qty=50.0, price=trigger, fee=1.0))
+    assert ex.positions() == [] and close(ex, 3) == []
+
+
+def test_a_refused_stop_exits_through_the_lifecycle_and_leaves_no_phantom():
+    """exit_position(.., "stop_refused"): the engine's immediate market exit of a position whose stop the
+    exchange refused is an order of this lifecycle, so its fill closes the position here (equity = cash, no
+    later exit is sent for it); a second request while it is under way sends nothing."""
+    ex, _, _ = filled_long()
+    pos = ex.slots[0]
+    assert ex.on_event(ExecEvent("rejected", pos.sl_link, ms(1) + 6, reason="expect Falling")).status == "applied"
+    exit_, tp_cancel = ex.exit_position(pos.position_id, "stop_refused")
+    assert (exit_.kind, exit_.side, exit_.order_type, exit_.reduce_only, exit_.qty, exit_.reason) == \
+        ("exit", "Sell", "Market", True, 50.0, "stop_refused")
+    assert exit_.intent_key == pos.entry_key + "|exit|stop_refused" and tp_cancel.order_link_id == pos.tp_link
+    assert ex.exit_position(pos.position_id, "stop_refused") == []
+    assert ex.on_event(ExecEvent("cancelled", exit_.order_link_id, ms(2))).requests == [], \
+        "no stop is put back where the exchange refused it; the exit is retried at the next close"
+    (retry,) = close(ex, 2, price=97.0)
+    assert retry.reason == "stop_refused" and retry.order_link_id != exit_.order_link_id
+    res = ex.on_event(ExecEvent("fill", retry.order_link_id, ms(3), exec_id="s1", qty=50.0, price=97.0, fee=2.0))
+    assert res.journal[0]["event"] == "sl" and res.journal[0]["reason"] == "stop_refused" and ex.positions() == []
+    assert ex.mark(50.0) == ex.cash == pytest.approx(10_000.0 - 0.99 + 50 * (97.0 - 99.5) - 2.0)
+    assert all(close(ex, i) == [] for i in range(3, 60)), "no later exit for a position already closed"
+    assert ex.exit_position(pos.position_id, "stop_refused") == []
+
+
+def test_a_fill_of_the_entrys_attached_stop_closes_the_position_and_cancels_its_tp():
+    """The exchange's own stop from the entry's attached stopLoss (no orderLinkId) may fill before the position's
+    own stop stands: adopted by its orderId for the position whose stop level and leg it matches, its fill
+    closes that position (journaled as sl), cancels the TP and the own stop, and closes nothing else."""
+    ex, entry, _ = filled_long()
+    pos = ex.slots[0]
+    assert ex.adopt_attached_stop("o-9", "Sell", 90.0, 50.0) is None          # another level
+    assert ex.adopt_attached_stop("o-9", "Buy", 97.5, 50.0) is None           # the short leg's closing side
+    link = ex.adopt_attached_stop("o-9", "Sell", 97.5, 50.0)
+    assert link and ex.adopt_attached_stop("o-9", "Sell", math.nan, 0.0) == link and link not in \
+        [r.order_link_id for r in ex.pending()], "adopted once, never sent"
+    res = ex.on_event(ExecEvent("fill", link, ms(2), exec_id="a1", qty=50.0, price=97.4, fee=2.0))
+    assert res.status == "applied" and res.journal[0]["event"] == "sl" and ex.positions() == []
+    assert {(r.action, r.order_link_id) for r in res.requests} == {("cancel", pos.tp_link), ("cancel", pos.sl_link)}
+    assert ex.cash == pytest.approx(10_000.0 - 0.99 + 50 * (97.4 - 99.5) - 2.0)
+    assert ex.adopt_attached_stop("o-10", "Sell", 97.5, 50.0) is None         # no open position left to match
+
+
 def test_rejected_and_cancelled_entries_stop_resting_and_repeats_are_reported():
     ex = Execution(make_cfg(), SYMBOL)
     (req,) = close(ex, 0, CHOP_LONG)

@@ -4,6 +4,8 @@ position's own TP/SL, the kill-switch (flattens, holds after a restart), entries
 position, and every decision seeing the fills pushed inside its bar."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from pybit.unified_trading import HTTP
 
@@ -152,7 +154,6 @@ def test_each_decision_sees_the_fills_pushed_inside_its_bar(market, tmp_path):
 def test_drift_halt_pauses_entries_while_psi_exceeds_the_alert_level(market, tmp_path):
     """Training quantiles the live `atr` can never match (PSI far above live.drift_psi_alert): the drift alert
     is journaled and, with --drift-halt, the breakout the probabilities ask for is not entered."""
-    import json
     model = write_model_dir(tmp_path)
     (model / "features.json").write_text(json.dumps({"quantiles": {"atr": [1e12 + i for i in range(11)]}}))
     probs = write_probabilities(tmp_path / "p.csv", {"2026-01-01T03:01:00Z": {"p_dir_long": 0.95}})
@@ -171,7 +172,9 @@ def test_a_stop_the_exchange_refuses_means_an_immediate_reduce_only_market_exit(
     """A short is left with its stops cancelled by hand while the engine is away and the market rises past
     its stop-loss. On restart the engine's stop for the uncovered leg is refused by the exchange's own
     trigger-side check (110092 "expect Rising ... trigger_price <= current") and the leg is closed at once
-    by a reduce-only market order."""
+    by a reduce-only market order of the order lifecycle (execution.py): its fill closes the position there,
+    so no phantom stays marked to market or gets a later time exit (max_holding_bars=2 on the restart would
+    send one at the first close)."""
     model = write_model_dir(tmp_path, **{"strategy.stop_loss_atr": "8", "strategy.take_profit_atr": "40",
                                          "strategy.max_holding_bars": "200"})
     probs = write_probabilities(tmp_path / "p.csv", {"2026-01-01T03:01:00Z": {"p_dir_short": 0.95}})
@@ -190,16 +193,23 @@ def test_a_stop_the_exchange_refuses_means_an_immediate_reduce_only_market_exit(
             ex.advance(60)
         held = ex.call(lambda: ex.exchange.state())["positions"][2]
         assert held < 0, "the short is still open, now beyond its stop"
-        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "1"), tmp_path)
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "3",
+                                 "--set", "strategy.max_holding_bars=2"), tmp_path)
         orders = exchange_orders(ex)
         final = ex.call(lambda: ex.exchange.state())
     assert rc == 0, out[-3000:]
     assert "retCode 110092" in out and "expect Rising" in out, "the exchange itself refused the stop"
     assert any(e["message"].startswith("stop refused for leg-2") for e in journal(tmp_path, "events"))
-    exit_ = next(o for o in orders if o.link_id and o.order_type == "Market" and o.reduce_only and o.side == "Buy"
-                 and not o.stop_order_type)
+    (exit_,) = [o for o in orders if o.link_id and o.order_type == "Market" and o.reduce_only and o.side == "Buy"
+                and not o.stop_order_type]
     assert exit_.status == "Filled" and ex.exchange.inst.qty(exit_.cum_qty) == pytest.approx(-held)
     assert final["positions"][2] == 0
+    (closed,) = [r for r in trades(tmp_path, kind="exit") if r["event"] == "sl"]
+    assert closed["reason"] == "stop_refused" and closed["order_link_id"] == exit_.link_id
+    lifecycle = json.loads(json.loads((tmp_path / "state" / f"bot_state_{SYMBOL}.json").read_text())["execution"])
+    assert not any(lifecycle["slots"]), "the lifecycle holds no phantom of the closed position"
+    assert lifecycle["last_equity"] == pytest.approx(final["wallet"], abs=0.01), "equity is the exchange's"
+    assert not [r for r in trades(tmp_path, kind="exit", event="placed") if r["reason"] == "time"]
 
 
 SHORT_WARMUP = {"features.macro_window": "15m", "features.day_window": "15m", "features.vwap_windows": "10m,15m",
