@@ -7,6 +7,8 @@ message step, LiveBars, features, execution.py) to orders on the in-process matc
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pandas as pd
@@ -152,8 +154,8 @@ def test_a_failed_reconciliation_after_a_private_rebuild_blocks_entries_but_not_
 
 
 @pytest.mark.parametrize("bids, asks, reason", [
-    ((MID + 0.02,), (MID + 0.01,), "book invalid"),            # crossed: best bid above best ask
-    ((MID - 0.01,), (), "book invalid"),                        # the ask side is empty
+    ((MID + 0.02,), (MID + 0.01,), "book invalid (crossed)"),   # best bid above best ask
+    ((MID - 0.01,), (), "book invalid (empty ask side)"),
     ((MID - 1.0,), (MID + 1.0,), "wide spread")])               # 2% > live.max_spread_pct
 def test_an_unusable_book_closes_entries_and_the_reason_is_journaled(tmp_path, monkeypatch, bids, asks, reason):
     h = Harness(tmp_path, monkeypatch, BREAKOUTS)
@@ -182,6 +184,38 @@ def test_api_errors_close_entries_but_not_exits_until_a_call_succeeds(tmp_path, 
     assert h.requests(gated[-1], "exit"), "the time exit still acts"
     assert h.engine.health.api_errors == 0, "a call that succeeds clears the count"
     assert h.minute(4)["entries_allowed"]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_sigint_stops_like_sigterm_and_keep_orders_leaves_resting_entries(tmp_path, monkeypatch, keep):
+    """A real SIGINT to this process reaches the engine's handler (a stop request, not KeyboardInterrupt); the
+    loop ends, state is saved, and the resting maker entry is cancelled unless --keep-orders."""
+    h = Harness(tmp_path, monkeypatch, {bar_time(0): {"p_exec_long": 0.99, "p_dir_long": 0.6}},
+                "--set", "strategy.limit_offset_atr=5", *(["--keep-orders"] if keep else []))
+    h.minute(0)
+
+    def resting() -> list:
+        return [o for o in h.engine.sim.orders.values() if o.is_open and not o.reduce_only and o.link_id]
+    assert len(resting()) == 1, "a maker entry rests far below the market"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, lambda *_: None)   # were the engine not to handle SIGINT, nothing would stop
+        h.engine._install_signals()
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            if h.engine.stop_event.is_set():
+                break
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert h.engine.stop_event.is_set()
+    h.engine._loop()
+    h.engine.setup.state_file.unlink()
+    h.engine._shutdown()
+    assert len(resting()) == (1 if keep else 0)
+    state = json.loads(h.engine.setup.state_file.read_text())
+    assert state["version"] == live.STATE_VERSION and json.loads(state["execution"])["orders"]
+    assert journal(h.engine, "events")[-1]["event"] == "shutdown"
 
 
 def test_model_dir_accepts_the_root_the_symbol_folder_and_a_rank_folder(tmp_path, monkeypatch):
