@@ -512,7 +512,9 @@ def complete_grid(bars: pd.DataFrame, first_ms: int, last_ms: int, bar_ms: int) 
 def extend_window(window: pd.DataFrame, bar: pd.DataFrame, keep: int) -> pd.DataFrame:
     """A new frame: the last `keep` bars of `window` + the one-row `bar` (a bar of the same time as one in
     the window replaces it). The usual case, a bar after the window's last, takes one copy instead of three."""
-    if len(window) and bar.index[0] > window.index[-1] and window.index.is_monotonic_increasing:
+    if not len(window):
+        return bar.copy()
+    if bar.index[0] > window.index[-1] and window.index.is_monotonic_increasing:
         return pd.concat([window.iloc[len(window) - keep + 1:] if len(window) >= keep else window, bar])
     joined = pd.concat([window, bar]).iloc[-keep:]
     return joined[~joined.index.duplicated(keep="last")].copy()

@@ -540,7 +540,8 @@ class Child:
         self._log = open(log_path, "w", encoding="utf-8")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, str(ROOT / f"{name}.py"), *args], cwd=cwd, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_default_sigint)
 
     def tail(self, lines: int = 15) -> str:
         text = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -571,6 +572,12 @@ class Child:
             pass
         self.proc.wait()
         self._log.close()
+
+
+def _default_sigint() -> None:
+    """In a child before exec: SIGINT handled by default again (a parent started in the background ignores it,
+    and children inherit that), so `Child.stop` can ask the script to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _terminate_on_sigterm(signum: int, frame: Any) -> None:

@@ -250,14 +250,20 @@ def test_a_missing_model_is_refused_before_anything_starts(tmp_path, capsys) -> 
 def test_a_child_is_stopped_with_its_whole_process_group(tmp_path) -> None:
     """The paper exchange on a free port: ready when it prints its URL, gone (group and all) after stop."""
     from paper_market import write_market
+    import signal
     folder = write_market(tmp_path, [100.0 + 0.01 * i for i in range(120)])
-    child = parity.Child("paper_exchange", ["--data-dir", str(folder), "--lockstep", "--port", "0"],
-                         tmp_path / "px.log", tmp_path)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)      # as in a parity run started in the background
+    try:
+        child = parity.Child("paper_exchange", ["--data-dir", str(folder), "--lockstep", "--port", "0"],
+                             tmp_path / "px.log", tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         url = child.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", 120).group(1)
         assert url.startswith("http://127.0.0.1:")
     finally:
         child.stop()
+    assert child.proc.returncode != -signal.SIGKILL, "asked to stop (SIGINT), not killed"
     with pytest.raises(ProcessLookupError):
         os.killpg(child.proc.pid, 0)
     broken = parity.Child("paper_exchange", ["--data-dir", str(tmp_path / "missing"), "--port", "0"],
