@@ -915,8 +915,9 @@ class Engine:
                 if now >= next_stop_check:
                     self._guard_stops()
                     next_stop_check = now + 1.0
-                if now >= next_reconcile or self._private_rebuilt():
-                    self.reconcile("periodic")
+                rebuilt = self._private_rebuilt()
+                if now >= next_reconcile or rebuilt:
+                    self.reconcile("after a private-stream rebuild" if rebuilt else "periodic")
                     next_reconcile = now + parse_duration(self.cfg.live.reconcile_interval)
             if now >= next_equity:
                 self._journal_equity()
@@ -1145,10 +1146,11 @@ class Engine:
         """Live-only conditions the strategy receives as input (DESIGN §1)."""
         lag = (self.clock.exchange_ms() - max(self.recv["trade"], self.recv["book"])) / 1000.0
         self.health.data_lag_s = lag
+        book = self._book_problem()
         checks = [(not warm, "not warm"), (not self.health.reconciled, "not reconciled"),
                   (bool(self.health.external), "external position/order: " + ",".join(self.health.external[:3])),
                   (lag > parse_duration(self.cfg.live.ws_stale_after), f"stale data ({lag:.0f}s)"),
-                  (self.market is not None and not self.market.book_valid, "book invalid"),
+                  (bool(book), f"book invalid ({book})"),
                   (self.health.api_errors >= self.cfg.live.max_api_errors, "API errors"),
                   (self.args.drift_halt and self.health.drift_alert, "drift halt"),
                   (bool(self.state.get("halted_day")) and self.state.get("halted_day") == self._day(), "kill-switch")]
@@ -1162,6 +1164,21 @@ class Engine:
                     self.journals.event("stale_data", f"no market data for {lag:.0f}s: entries paused", "warning")
                 return False, why
         return True, ""
+
+    def _book_problem(self) -> str:
+        """Why the stream's book cannot be traded on now ('' when it can): out of sync (no snapshot since a gap
+        or reset), a side without levels, or crossed (best bid >= best ask)."""
+        if self.market is None:
+            return ""
+        with self.market.lock:
+            book = self.market.book
+            bid, ask = book.best_bid(), book.best_ask()
+            synced = bool(book.st[ob.VALID]) and not self.market.awaiting_snapshot
+        if not synced:
+            return "out of sync"
+        if not (math.isfinite(bid) and math.isfinite(ask)):
+            return f"empty {'bid' if not math.isfinite(bid) else 'ask'} side"
+        return "crossed" if bid >= ask else ""
 
     def _day(self) -> int:
         return self.clock.exchange_ms() // 86_400_000
@@ -1412,7 +1429,9 @@ class Engine:
             wallet = self.client.wallet()
         except exc.ExchangeError as err:
             self.health.reconciled = False
-            self.journals.event("reconcile_failed", f"{why} reconciliation failed: {err}", "error")
+            self.journals.event("reconcile_failed", f"{why} reconciliation failed: {err}; entries blocked until a "
+                                                    "reconciliation succeeds (cancels and reduce-only exits still go "
+                                                    "out)", "error", entries_blocked=True)
             return False
         for row in sorted(executions, key=lambda r: int(r.get("execTime", 0))):
             self._feed("execution", row)

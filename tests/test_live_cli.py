@@ -100,20 +100,22 @@ def test_failed_startup_reconciliation_exits_4(market, tmp_path):
     assert [e["event"] for e in journal(tmp_path, "events")].count("reconcile_failed") >= 1
 
 
-def test_sigterm_stops_cleanly_cancelling_resting_entries(market, tmp_path):
+@pytest.mark.parametrize("sig, keep", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_sigterm_and_sigint_stop_cleanly_cancelling_resting_entries_unless_kept(market, tmp_path, sig, keep):
     model = write_model_dir(tmp_path)
     # a maker entry far below the market: it rests until the engine is stopped
     probs = write_probabilities(tmp_path / "p.csv", {"2026-01-01T03:01:00Z": {"p_exec_long": 0.99, "p_dir_long": 0.6}})
     with exchange(market) as ex:
         proc = spawn(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--set",
-                                "strategy.limit_offset_atr=5", "--lockstep-step", "5s"), tmp_path)
+                                "strategy.limit_offset_atr=5", "--lockstep-step", "5s",
+                                *(["--keep-orders"] if keep else [])), tmp_path)
         wait_for(lambda: any(r.get("event") == "accepted" and r.get("kind") == "entry"
                              for r in journal(tmp_path, "trades")), 90, "a resting entry")
         assert ex.call(lambda: ex.exchange.state())["open_orders"] == 1
-        rc, out = stop(proc, signal.SIGTERM)
+        rc, out = stop(proc, sig)
         left = ex.call(lambda: ex.exchange.state())["open_orders"]
     assert rc == live.EXIT_OK, out[-2000:]
-    assert left == 0
+    assert left == (1 if keep else 0)
     assert journal(tmp_path, "events")[-1]["event"] == "shutdown"
     state = json.loads((tmp_path / "state" / f"bot_state_{SYMBOL}.json").read_text())
     assert state["version"] == live.STATE_VERSION and "execution" in state
