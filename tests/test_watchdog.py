@@ -41,8 +41,11 @@ def run_watchdog(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def start_watchdog(cmd: list[str], workdir: Path) -> subprocess.Popen:
+    """The watchdog as a terminal would start it: SIGINT at its default even when this test run inherited it
+    ignored (a background launch), since the watchdog rightly keeps an inherited ignore (nohup, `&`)."""
     out = (workdir / "watchdog.out").open("w")
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def log_lines(workdir: Path) -> list[tuple[float, str]]:
