@@ -659,6 +659,13 @@ class Engine:
         except (exc.StartupCheckError, exc.AuthenticationError) as err:
             self.journals.event("error", f"startup checks refused: {err}", "critical")
             return EXIT_STARTUP
+        except exc.ExchangeError as err:
+            if self.health.reconciled:
+                raise
+            where = self.cfg.live.rest_url or "the mode's default endpoint"
+            self.journals.event("reconcile_failed", f"startup could not reach the exchange at {where}: {err}",
+                                "critical")
+            return EXIT_RECONCILE
         finally:
             self._shutdown()
 

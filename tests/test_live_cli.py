@@ -100,6 +100,18 @@ def test_failed_startup_reconciliation_exits_4(market, tmp_path):
     assert [e["event"] for e in journal(tmp_path, "events")].count("reconcile_failed") >= 1
 
 
+def test_an_unreachable_exchange_at_startup_exits_4_naming_it_without_a_traceback(market, tmp_path):
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    with exchange(market) as ex:
+        url = ex.url
+    rc, out = run(engine_cmd(url, model, market, "--probabilities", str(probs)), tmp_path)
+    assert rc == live.EXIT_RECONCILE, out[-2000:]
+    assert "Traceback" not in out
+    failed = [e for e in journal(tmp_path, "events") if e["event"] == "reconcile_failed"]
+    assert failed and f"could not reach the exchange at {url}" in failed[0]["message"]
+
+
 @pytest.mark.parametrize("sig, keep", [(signal.SIGTERM, False), (signal.SIGINT, True)])
 def test_sigterm_and_sigint_stop_cleanly_cancelling_resting_entries_unless_kept(market, tmp_path, sig, keep):
     model = write_model_dir(tmp_path)
