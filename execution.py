@@ -61,6 +61,7 @@ Refinements of /work/coord/EXECUTION_CONTRACT.md (names kept):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -81,7 +82,9 @@ STATUS_RANK = {"pending": 0, "accepted": 1, "triggered": 2, "partially_filled": 
 QTY_TOL = 1e-9          # relative tolerance of "the whole order / position" in quantity comparisons
 EXIT_EVENT = {"time": "time_exit", "kill_switch": "kill_exit", "stop_refused": "sl"}
 EXIT_FAILED = ("cancelled", "rejected", "expired")   # an exit settled without closing its position: known outcome
-PRUNE_BARS = 1000       # settled orders of closed positions are kept this many bars
+PRUNE_BARS = 60         # settled orders of closed positions are kept this many bars (the state file is rewritten
+                        # on every event, so its size is the engine's cost per event; a late event for a pruned
+                        # order is reported "unknown", never applied)
 
 
 def order_link_id(intent: str) -> str:
@@ -620,16 +623,25 @@ def _count_fill(order: Order, qty: float) -> bool:
 def _plain(obj) -> dict:
     """A record as JSON-ready values (nested records too; NaN as None, since strict JSON has no NaN)."""
     out = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            value = _plain(value)
-        elif isinstance(value, list):
+    for name in _field_names(type(obj)):
+        value = getattr(obj, name)
+        kind = type(value)
+        if kind is float:
+            value = None if value != value else value
+        elif kind is list:
             value = list(value)
-        elif isinstance(value, float) and math.isnan(value):
-            value = None
-        out[f.name] = value
+        elif kind not in _SCALARS and dataclasses.is_dataclass(value):
+            value = _plain(value)
+        out[name] = value
     return out
+
+
+_SCALARS = (str, int, bool, type(None))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _load(cls: type, data: dict):
