@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 from aiohttp import WSMsgType, web
 
 from config import ConfigError, VenueConfig, add_config_args, config_from_args
@@ -64,9 +65,12 @@ class TradePrint:
 
 
 def trade_prints(chunks: Iterable[Any]) -> Iterator[TradePrint]:
-    """Rows of data_loader.iter_trades chunks (timestamp s, side, size, price, trdMatchID) as TradePrints."""
+    """Rows of data_loader.iter_trades chunks (timestamp s, side, size, price, trdMatchID) as TradePrints. The
+    files keep 0.1 ms (Bybit's public history: 4 decimals of a second); the stream's `T` is whole ms, so the
+    stamp is truncated, never rounded up: a trade at 59.9996 s stays in the bar that data_loader puts it in
+    (the 1e-3 ms guards against 0.645 s reading as 644.9999 ms)."""
     for chunk in chunks:
-        ts = (chunk["timestamp"].to_numpy(dtype=float) * 1000.0).round().astype("int64")
+        ts = np.floor(chunk["timestamp"].to_numpy(dtype=float) * 1000.0 + 1e-3).astype("int64")
         for t, side, size, price, tid in zip(ts, chunk["side"], chunk["size"], chunk["price"], chunk["trdMatchID"]):
             yield TradePrint(int(t), float(price), float(size), str(side), str(tid))
 
@@ -324,6 +328,7 @@ class PaperExchange:
         self.tick_s = tick_s
         self.subscribe_delay_s = subscribe_delay_s
         self.rate_window_s = 1.0
+        self.rate_limits = True
         self.faults = Faults()
         self.permissions: dict[str, list[str]] = json.loads(json.dumps(DEFAULT_PERMISSIONS))
         self.conns: set[Conn] = set()
@@ -388,14 +393,18 @@ class PaperExchange:
                 self.advance((now - last) * self.speed)
             last = now
 
-    def advance(self, seconds: float) -> None:
-        """Move market time forward, pushing market data at most every market second while clients listen
-        (per_message: every recorded book message and trade as its own push, in recorded order)."""
+    def advance(self, seconds: float, until_ms: int | None = None, stop_at_private: bool = False) -> None:
+        """Move market time forward by `seconds` (or to market ms `until_ms`), pushing market data at most every
+        market second while clients listen (per_message: every recorded book message and trade as its own push,
+        in recorded order). stop_at_private (per_message): stop right after the first message that made a
+        private event (a fill, a triggered stop), so a lockstep client reacts to it at that market time, as it
+        would in real time, and then advances again."""
         if self.per_message and self.conns:
-            target = self.replay.now_ms + int(round(seconds * 1000))
+            target = until_ms if until_ms is not None else self.replay.now_ms + int(round(seconds * 1000))
             while (nxt := self.replay.next_ms()) is not None and nxt <= target:
                 self.replay.apply_next()
-                self.publish()
+                if self.publish() and stop_at_private:
+                    return
             self.replay.advance((target - self.replay.now_ms) / 1000.0)
             self.publish()
             self.replay.prune()
@@ -488,7 +497,9 @@ class PaperExchange:
             raise ExchangeError(10004, f"error sign! origin_string[{origin}]")
 
     def _rate_limit(self, path: str) -> dict[str, str]:
-        """Per-key, per-endpoint rolling limits per `rate_window_s` (Bybit: 1 s); an injected burst answers 10006."""
+        """Per-key, per-endpoint rolling limits per `rate_window_s` (Bybit: 1 s); an injected burst answers 10006.
+        `rate_limits` False (lockstep: minutes of market time pass in milliseconds of wall time, so a wall-clock
+        limit would only add sleeps that change nothing) keeps the injected bursts only."""
         limit = ORDER_LIMIT_PER_S if path in ORDER_PATHS else DEFAULT_LIMIT_PER_S
         now = time.time()
         hits = self.hits.setdefault((self.api_key, path), deque())
@@ -497,6 +508,8 @@ class PaperExchange:
         if self.faults.rate_limit_burst > 0:
             self.faults.rate_limit_burst -= 1
             raise RateLimited(self.server_ms() + 200)
+        if not self.rate_limits:
+            return self._limit_headers(path, limit, self.server_ms() + int(self.rate_window_s * 1000))
         if len(hits) >= limit:
             reset = int((hits[0] + self.rate_window_s) * 1000) + self.faults.time_skew_ms + 1
             raise RateLimited(max(reset, self.server_ms() + 1))
@@ -821,12 +834,13 @@ class PaperExchange:
                 "cts": self.replay.book_cts or self.replay.now_ms}
 
     # ------------------------------------------------------------ publishing
-    def publish(self) -> None:
-        """Push engine events and market data to subscribers (schedules sends; never blocks)."""
+    def publish(self) -> int:
+        """Push engine events and market data to subscribers (schedules sends; never blocks); returns the number
+        of private events the matching engine had made."""
         events = self.engine.drain()
         trades, self.replay.unpushed = self.replay.unpushed, []
         if not self.conns or self.faults.mute_pushes:
-            return
+            return len(events)
         frames: list[tuple[Conn, str]] = []
         for topic, record in events:
             for name in (topic, f"{topic}.linear"):  # echo the exact topic each client subscribed to
@@ -848,6 +862,7 @@ class PaperExchange:
         for conn, msg in frames:
             conn.sent += 1
             self._send(conn, msg)
+        return len(events)
 
     def _subscribed(self) -> set[str]:
         topics: set[str] = set()
@@ -984,7 +999,9 @@ class PaperExchange:
         except ValueError:
             return web.json_response({"error": "body must be JSON"}, status=400)
         if action == "advance":
-            self.advance(float(body.get("seconds", 0)))
+            until = body.get("until_ms")
+            self.advance(float(body.get("seconds", 0)), until_ms=None if until is None else int(until),
+                         stop_at_private=bool(body.get("stop_at_private", False)))
         elif action == "fault":
             for key, value in body.items():
                 if not hasattr(self.faults, key):
@@ -1140,7 +1157,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="push book/trades at most once per market second, or every recorded message")
     parser.add_argument("--lockstep", action="store_true",
                         help="market time moves only on POST /__admin/advance (the client acknowledges by "
-                             "advancing when it has processed what it was sent); implies --speed 0 --publish per-message")
+                             "advancing when it has processed what it was sent); implies --speed 0 --publish per-message "
+                             "and no wall-clock rate limits (injected 10006 bursts still answer)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -1154,6 +1172,7 @@ def main(argv: list[str] | None = None) -> None:
                                   per_message=args.lockstep or args.publish == "per-message")
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
+    exchange.rate_limits = not args.lockstep
 
     async def serve() -> None:
         url = await exchange.start("127.0.0.1", args.port)
