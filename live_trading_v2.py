@@ -24,6 +24,7 @@ follow DESIGN §3. Every clock read and random draw goes through `Clock`. Exit c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -39,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -142,6 +143,7 @@ class Journals:
         self.dir, self.symbol, self.mode, self.clock = log_dir, symbol, mode, clock
         self.dir.mkdir(parents=True, exist_ok=True)
         self._fds: dict[str, int] = {}
+        self._lines: dict[str, int] = {}
         self.lock = threading.Lock()
 
     def path(self, name: str) -> Path:
@@ -154,9 +156,21 @@ class Journals:
         with self.lock:
             fd = self._fds.get(name)
             if fd is None:
+                self._lines[name] = self.lines(name)
                 fd = self._fds[name] = os.open(self.path(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             os.write(fd, line)
+            self._lines[name] += 1
         return rec
+
+    def lines(self, name: str) -> int:
+        """Records in journal `name` so far (those of earlier runs included)."""
+        if name in self._lines:
+            return self._lines[name]
+        path = self.path(name)
+        if not path.is_file():
+            return 0
+        with path.open("rb") as f:
+            return sum(1 for _ in f)
 
     def event(self, event: str, message: str, level: str = "info", **details: Any) -> None:
         """events_<SYM>.jsonl (what the notifier sends) and the human log."""
@@ -622,6 +636,8 @@ class Engine:
         self.sim = None
         self.sim_lock = threading.RLock()
         self._exec: Any = None
+        self._state_dirty = False
+        self._deferred: list | None = None                      # order requests held until a batch of events is in
         self._last_beat = -math.inf
         self._beat_positions = -1      # open_positions in the heartbeat file as last written
 
@@ -929,6 +945,8 @@ class Engine:
             if now >= next_equity:
                 self._journal_equity()
                 next_equity = now + parse_duration(self.cfg.live.heartbeat_interval)
+            if self._state_dirty:
+                self._save()
             if self.args.max_bars and self.bars_closed >= self.args.max_bars:
                 log.info("--max-bars %d reached", self.args.max_bars)
                 break
@@ -947,6 +965,12 @@ class Engine:
             self.health.reconciled = False
         return changed
 
+    def _forget_links(self, open_links: set[str]) -> None:
+        """Keep the orderLinkIds still needed (open on the exchange now, tracked by the lifecycle, or of unknown
+        outcome): the state file, rewritten on every event, then stays as small on day 100 as on day 1."""
+        keep = open_links | set(self._exec.orders) | set(self.state.get("unsettled", {}))
+        self.links = {k: v for k, v in self.links.items() if k in keep}
+
     def _guard_stops(self) -> None:
         """Check stop coverage whenever a position leg is open (each fill is covered within about a second)."""
         if any(v > 0 for v in self._exchange_positions().values()):
@@ -956,10 +980,22 @@ class Engine:
                 log.warning("stop check failed: %s", err)
 
     def _lockstep_step(self) -> bool:
-        """Advance the paper exchange one step and wait until everything it pushed has been processed;
-        False at the end of its data."""
+        """Advance the paper exchange one step, stopping at each private event (a fill, a triggered stop) so it
+        is handled, and its follow-up orders sent, at the market time it happened, as in real time; after each
+        advance wait until everything it pushed has been processed. False at the end of its data."""
         step = parse_duration(self.args.lockstep_step) if self.args.lockstep_step else self.bar_ms / 1000
-        st = self._admin("advance", {"seconds": step})
+        target = self.clock.exchange_ms() + int(round(step * 1000))
+        while True:
+            st = self._admin("advance", {"until_ms": target, "stop_at_private": True})
+            self._await_pushes(st)
+            self.clock.saw(int(st["market_ms"]))
+            self._decide_in_market_order(self._bars.tick(int(st["market_ms"])))
+            if int(st["market_ms"]) >= target or (st.get("exhausted") and st.get("next_ms") is None) \
+                    or self.stop_event.is_set():
+                return not (st.get("exhausted") and st.get("next_ms") is None)
+
+    def _await_pushes(self, st: dict) -> None:
+        """Handle stream messages until every push an advance reported (`last_push_ts`, `private_sent`) is in."""
         pushed = st.get("last_push_ts", {})
         want_book = max([v for k, v in pushed.items() if k.startswith("orderbook.")] or [0])
         want_trade = pushed.get(f"publicTrade.{self.symbol}", 0)
@@ -975,9 +1011,6 @@ class Engine:
                 break
             self._drain(timeout=0.05)
         self._drain(timeout=0)
-        self.clock.saw(int(st["market_ms"]))
-        self._decide_in_market_order(self._bars.tick(int(st["market_ms"])))
-        return not (st.get("exhausted") and st.get("next_ms") is None)
 
     def _decide_in_market_order(self, ticked: list[pd.DataFrame]) -> None:
         """Lockstep, once the step's pushes are in: each closed bar is decided after the held private frames
@@ -988,12 +1021,14 @@ class Engine:
         i = 0
         for bar in bars:
             end = int(bar.index[0].value // 1_000_000) + self.bar_ms
-            while i < len(held) and held[i][0] < end:
-                self._on_private(held[i][1], held[i][2])
-                i += 1
+            with self._events_first():
+                while i < len(held) and held[i][0] < end:
+                    self._on_private(held[i][1], held[i][2])
+                    i += 1
             self.on_bar(bar)
-        for _, topic, rows in held[i:]:
-            self._on_private(topic, rows)
+        with self._events_first():
+            for _, topic, rows in held[i:]:
+                self._on_private(topic, rows)
 
     def _closed(self, bars: list[pd.DataFrame]) -> None:
         """Bars a public message closed: decided now, or in lockstep at the step's end in market order."""
@@ -1004,17 +1039,34 @@ class Engine:
             self.on_bar(bar)
 
     def _drain(self, timeout: float) -> None:
-        """Handle queued stream messages in arrival order."""
+        """Handle queued stream messages in arrival order; the orders they call for go out once all are in."""
         try:
             item = self.events.get(timeout=timeout) if timeout > 0 else self.events.get_nowait()
         except queue.Empty:
             return
-        while True:
-            self._handle(item)
-            try:
-                item = self.events.get_nowait()
-            except queue.Empty:
-                return
+        with self._events_first():
+            while True:
+                self._handle(item)
+                try:
+                    item = self.events.get_nowait()
+                except queue.Empty:
+                    return
+
+    @contextlib.contextmanager
+    def _events_first(self) -> Iterator[None]:
+        """Orders requested while a batch of received events is applied are sent after the whole batch: the
+        lifecycle acts on everything already known. (An entry's fill and the fill of the stop the exchange
+        attached to it can arrive together; answered one by one, the entry's own stop is refused because price
+        is beyond it and the market exit that follows closes another position's size on the shared hedge leg.)"""
+        if self._deferred is not None:
+            yield
+            return
+        self._deferred = []
+        try:
+            yield
+        finally:
+            requests, self._deferred = self._deferred, None
+            self.send(requests)
 
     def _handle(self, item: tuple) -> None:
         kind = item[0]
@@ -1103,6 +1155,7 @@ class Engine:
         allowed, reason = self._entry_gate(warm, bar)
         close = float(bar["close"].iloc[0])
         requests: list = []
+        trades_lines = self.journals.lines("trades")   # the events this decision saw: the replay's boundary
         if not self.args.signal_only and self._exec is not None:
             import strategy
             requests = self._exec.on_bar_close(strategy.Bar(index=number, time=bar_ms / 1000.0, close=close,
@@ -1119,6 +1172,7 @@ class Engine:
             "direction_threshold": s.direction_threshold, "aggressive_threshold": s.aggressive_threshold,
             "entries_allowed": allowed, "reason": reason, "latency_ms": latency,
             "late_trades": self._bars.take_late(), "late_trades_total": self._bars.late_trades,
+            "trades_lines": trades_lines,
             "intents": [{"kind": it.kind, "side": it.side, "price": it.price, "qty": it.qty, "tp_dist": it.tp_dist,
                          "sl_dist": it.sl_dist, "reason": it.reason}
                         for it in (self._exec.last_intents if self._exec is not None else [])],
@@ -1205,6 +1259,9 @@ class Engine:
         """Send order requests. A create's orderLinkId is written to the state file BEFORE it is sent (a crash
         in between leaves a known id to settle by lookup, never an orphan); an unknown outcome (timeout, 5xx,
         lost ack) stays pending and is settled by lookup, never re-sent under a new id."""
+        if self._deferred is not None:
+            self._deferred.extend(requests)
+            return
         for req in requests:
             wire = req.order_link_id
             if req.action == "create":
@@ -1289,11 +1346,15 @@ class Engine:
         stand first), through the lifecycle (Execution.exit_position, reason stop_refused), so the fill closes
         them there like any exit; only a remainder of `qty` that no own position accounts for (not the
         lifecycle's) gets an engine-made order."""
-        self.journals.event("error", f"stop refused for {position_id or f'leg-{idx}'} ({why}): closing {qty} at "
-                                     "market", "error")
         if position_id:
-            self.send(self._exec.exit_position(position_id, "stop_refused"))
+            requests = self._exec.exit_position(position_id, "stop_refused")
+            if not requests:
+                log.info("stop refused for %s (%s): already closed or its exit under way", position_id, why)
+                return
+            self.journals.event("error", f"stop refused for {position_id} ({why}): closing {qty} at market", "error")
+            self.send(requests)
             return
+        self.journals.event("error", f"stop refused for leg-{idx} ({why}): closing {qty} at market", "error")
         left = qty
         for pos in self._exec.unprotected_first(1 if idx == "1" else -1):
             if left <= 1e-12:
@@ -1396,9 +1457,16 @@ class Engine:
         wire = row.get("orderLinkId") or ""
         if wire or "StopLoss" not in str(row.get("stopOrderType")) or not row.get("orderId"):
             return wire if wire in self._exec.orders else None
-        return self._exec.adopt_attached_stop(str(row["orderId"]), str(row.get("side")),
-                                              float(row.get("triggerPrice") or math.nan),
-                                              float(row.get("qty") or row.get("orderQty") or 0))
+        order_id, side = str(row["orderId"]), str(row.get("side"))
+        trigger, qty = float(row.get("triggerPrice") or math.nan), float(row.get("qty") or row.get("orderQty") or 0)
+        known = len(self._exec.orders)
+        link = self._exec.adopt_attached_stop(order_id, side, trigger, qty)
+        if link is not None and len(self._exec.orders) > known:   # journaled, so a replay adopts it the same way
+            self.journals.write("trades", {"event": "adopted", "order_link_id": link, "order_id": order_id,
+                                           "side": side, "kind": "sl", "price": trigger, "qty": qty,
+                                           "position_id": self._exec.orders[link].request.position_id,
+                                           "reason": "attached stopLoss"})
+        return link
 
     def _external(self, what: str) -> None:
         if what not in self.health.external:
@@ -1412,8 +1480,13 @@ class Engine:
         self.clock.saw(int(row.get("updatedTime") or 0) if self.mode == "paper" else 0)
 
     def _after_events(self) -> None:
+        """Events applied: the open-orders journal now, the state file at the end of this loop pass (one write
+        per batch of events; what a crash loses in between, the restart's reconciliation reads back), at once
+        when the number of open legs changed (the heartbeat, written with it, must never disagree with it)."""
         self._journal_open_orders()
-        self._save()
+        self._state_dirty = True
+        if sum(1 for v in self._exchange_positions().values() if v) != self._beat_positions:
+            self._save()
 
     def _journal_open_orders(self) -> None:
         resting = [vars(r) if hasattr(r, "__dict__") else r for r in self._exec.resting()]
@@ -1447,6 +1520,7 @@ class Engine:
         self.health.external = []
         for order in orders:
             self._feed("order", order)
+        self._forget_links({str(o.get("orderLinkId")) for o in orders})
         positions = leg_sizes(rows)
         self.state["exchange_positions"] = positions
         own = {"1": 0.0, "2": 0.0}
@@ -1554,6 +1628,7 @@ class Engine:
             "drift": self.health.drift, "late_trades": self._bars.late_trades})
 
     def _save(self) -> None:
+        self._state_dirty = False
         if getattr(self, "_exec", None) is not None:
             self.state["execution"] = self._exec.to_json()
         self.state.update(symbol=self.symbol, mode=self.mode, links=self.links, saved_ms=self.clock.wall_ms())

@@ -195,3 +195,45 @@ def test_a_stop_refusal_is_recognised_by_kind_and_wording_not_by_one_code(code, 
     import exchange_client as exc
     err = exc.error_class(code)(f"place_order: retCode {code}: {text}", code=code)
     assert live.stop_refused(err) is refused
+
+
+def test_events_received_together_are_all_applied_before_the_orders_they_call_for(tmp_path, monkeypatch):
+    """An entry's fill and the fill of the stop the exchange attached to it can arrive in one batch (price went
+    straight through the stop). Applied one by one, the entry's own stop went out first, was refused (price
+    beyond it), and the market exit for the refused stop closed ANOTHER position's size on the shared hedge
+    leg (found by parity). Applied as a batch first, the position is already closed when the refusal comes
+    back: no exit is sent, and the other long stays held."""
+    import exchange_client as exc
+    import strategy as st
+    monkeypatch.chdir(tmp_path)
+    model = write_model_dir(tmp_path)
+    engine = live.Engine(live.prepare(live.parse_args(["--symbol", SYMBOL, "--model-dir", str(model)]), env={}))
+    ex = engine._exec = engine._load_execution()
+    day, breakout = 1_767_225_600, {"p_exec_long": 0.0, "p_exec_short": 0.0, "p_dir_long": 0.99, "p_dir_short": 0.0}
+    entries = [ex.on_bar_close(st.Bar(index=i, time=day + 60 * i, close=100.0 + i, atr=1.0, probs=breakout))[0]
+               for i in (0, 1)]
+    ex.on_event(__import__("execution").ExecEvent("fill", entries[0].order_link_id, (day + 60) * 1000,
+                                                  exec_id="a-1", qty=entries[0].qty, price=100.0, fee=0.1))
+    sent: list[str] = []
+
+    def create(req):
+        sent.append(req.kind)
+        if req.kind == "sl":
+            raise exc.RejectedError("place_order: retCode 110093: expect Falling, but trigger_price[99.00] >= "
+                                    "current[97.00]", code=110093)
+    monkeypatch.setattr(engine, "_create", create)
+    monkeypatch.setattr(engine, "_cancel", lambda req: sent.append("cancel " + req.kind))
+    second = entries[1]
+    fill = {"orderLinkId": second.order_link_id, "execId": "b-1", "execQty": str(second.qty), "execPrice": "101.0",
+            "execFee": "0.1", "execTime": str((day + 120) * 1000), "execType": "Trade"}
+    stop = {"orderId": "att-1", "orderLinkId": "", "stopOrderType": "PartialStopLoss", "side": "Sell",
+            "triggerPrice": str(second.stop_loss), "qty": str(second.qty), "reduceOnly": True,
+            "orderStatus": "Filled", "updatedTime": str((day + 121) * 1000)}
+    stop_fill = {**stop, "execId": "b-2", "execQty": str(second.qty), "execPrice": "97.0", "execFee": "0.1",
+                 "execTime": str((day + 121) * 1000), "execType": "Trade"}
+    for item in (("private", "execution", [fill], 0), ("private", "order", [stop], 0),
+                 ("private", "execution", [stop_fill], 0)):
+        engine.events.put(item)
+    engine._drain(timeout=0)
+    assert sent == ["tp", "sl", "cancel tp", "cancel sl"], "the refused stop's position was closed: no exit"
+    assert [p.position_id for p in ex.slots if p is not None] == [entries[0].position_id]
