@@ -371,29 +371,30 @@ def _intent_dict(row: pd.Series | None) -> dict | None:
 def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig) -> tuple[pd.DataFrame, pd.Series]:
     """`strategy.decide` through `execution.Execution` (the engine's decider), fed the engine's recorded
     exchange events (trades journal records of applied events, in journal order) and its bars, probabilities
-    and entry gates (signals journal): the
-    intents the engine should have sent (`Execution.last_intents`), in the shape of `engine_intents`, and
-    the engine's equity marked at each bar close (its own fills: what it sized with). intents.attrs
-    ["event_statuses"] counts how Execution took the events (anything but "applied" follows a divergence),
-    intents.attrs["states"] holds the state each decision saw (bar time -> equity, positions, resting).
-    Bar.index counts bars on the epoch grid, as the engine does. Before a bar's close the engine has applied
-    every event stamped before it (lockstep: private pushes in market order), and so every event it journaled
-    before the last of those, whatever their stamps: an answer to a follow-up request sent while it applied
-    a fill is stamped with the clock at the step's end."""
+    and entry gates (signals journal): the intents the engine should have sent (`Execution.last_intents`), in
+    the shape of `engine_intents`, and the engine's equity marked at each bar close (its own fills: what it
+    sized with). Each decision sees exactly the events journaled before it: the signals record's
+    `trades_lines` (trades journal records written before the decision); an "adopted" record (the engine took
+    the stop the exchange made from an entry's attached stopLoss as the position's) is adopted the same way. intents.attrs["event_statuses"]
+    counts how Execution took the events (anything but "applied" follows a divergence), intents.attrs
+    ["states"] holds the state each decision saw (bar time -> equity, positions, resting). Bar.index counts
+    bars on the epoch grid, as the engine does. ParityError when a signals record lacks `trades_lines`."""
     import execution
     bar_s = timeframe_seconds(cfg.data.timeframe)
     ex = execution.Execution(cfg, cfg.symbol)
-    events = [r for r in trades if r.get("event") in EXEC_EVENT_TYPES]
-    stamps = np.array([int(r["ts"]) for r in events], dtype=np.int64)
     rows, k, equity, statuses, states = [], 0, [], {}, {}
     for n, rec in enumerate(signals):
         when = _bar_time(rec, f"signals record {n + 1}")
-        close_ms = int(when.value // 1_000_000) + bar_s * 1000
-        before = np.flatnonzero(stamps[k:] < close_ms)
-        upto = k + int(before[-1]) + 1 if before.size else k
-        while k < upto:
-            status = ex.on_event(exec_event(execution, events[k])).status
-            statuses[status] = statuses.get(status, 0) + 1
+        if not isinstance(rec.get("trades_lines"), int):
+            raise ParityError(f"signals record {n + 1} ({when}) has no trades_lines: written by an older engine?")
+        while k < min(rec["trades_lines"], len(trades)):
+            event = trades[k].get("event")
+            if event == "adopted":      # the stop the exchange made from an entry's attached stopLoss
+                ex.adopt_attached_stop(str(trades[k]["order_id"]), str(trades[k]["side"]),
+                                       _num(trades[k].get("price")), _num(trades[k].get("qty")))
+            elif event in EXEC_EVENT_TYPES:
+                status = ex.on_event(exec_event(execution, trades[k])).status
+                statuses[status] = statuses.get(status, 0) + 1
             k += 1
         bar = st.Bar(index=int(when.value // 1_000_000_000) // bar_s, time=when.value / 1e9,
                      close=_num(rec.get("close")), atr=_num(rec.get("atr")),
@@ -453,20 +454,24 @@ def _trade_dict(row: pd.Series | None) -> dict | None:
 
 
 def match_trades(live: pd.DataFrame, backtest: pd.DataFrame, max_gap: pd.Timedelta) -> pd.DataFrame:
-    """One-to-one pairs: each backtest trade, in entry order, takes the earliest unmatched live trade of the
-    same side whose entry lies within max_gap; columns: both entry times, qty/price/fee/PnL differences (live -
-    backtest), the price differences in bps of price and the net return difference in bps of notional."""
-    used = np.zeros(len(live), bool)
-    entries = pd.to_datetime(live["entry_time"], utc=True)
+    """One-to-one pairs of the same side whose entries lie within max_gap, chosen to minimise the summed entry
+    time difference (an assignment problem, scipy.optimize.linear_sum_assignment; a greedy first-come match
+    pairs a trade one model made alone with its neighbour's partner); in backtest entry order. Columns: both
+    entry times, qty/price/fee/PnL differences (live - backtest), the price differences in bps of price and
+    the net return difference in bps of notional."""
+    from scipy.optimize import linear_sum_assignment
+    entries = pd.to_datetime(live["entry_time"], utc=True).to_numpy(dtype="datetime64[ns]").astype(np.int64)
+    bt_entries = pd.to_datetime(backtest["entry_time"], utc=True).to_numpy(dtype="datetime64[ns]").astype(np.int64)
+    gap = np.abs(bt_entries[:, None] - entries[None, :]) / 1e9
+    feasible = (backtest["side"].to_numpy()[:, None] == live["side"].to_numpy()[None, :]) \
+        & (gap <= max_gap.total_seconds())
+    big = 1e12
+    rows_b, cols_l = linear_sum_assignment(np.where(feasible, gap, big)) if feasible.size else ([], [])
     rows = []
-    for _, b in backtest.iterrows():
-        cand = np.flatnonzero(~used & (live["side"].to_numpy() == b["side"])
-                              & (np.abs((entries - b["entry_time"]).dt.total_seconds().to_numpy())
-                                 <= max_gap.total_seconds()))
-        if not cand.size:
+    for i, j in sorted(zip(rows_b, cols_l)):
+        if not feasible[i, j]:
             continue
-        a = live.iloc[cand[0]]
-        used[cand[0]] = True
+        a, b = live.iloc[j], backtest.iloc[i]
         rows.append({"backtest_entry": b["entry_time"], "live_entry": a["entry_time"], "side": b["side"],
                      "qty_diff": a["qty"] - b["qty"],
                      "entry_diff": a["entry_price"] - b["entry_price"], "exit_diff": a["exit_price"] - b["exit_price"],

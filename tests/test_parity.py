@@ -273,9 +273,11 @@ def test_a_child_is_stopped_with_its_whole_process_group(tmp_path) -> None:
     broken.stop()
 
 
-def test_decisions_replay_applies_each_fill_before_the_close_it_precedes() -> None:
-    """A maker entry decided at bar 0 fills inside bar 1: replayed, bar 1's close sees the position (and, with
-    no resting order left, places a new entry); the same fill stamped after that close leaves it resting."""
+def test_decisions_replay_applies_exactly_the_events_journaled_before_each_decision() -> None:
+    """A maker entry decided at bar 0 fills inside bar 1. Each signals record names how many trades-journal
+    records were written before its decision (`trades_lines`); the replay applies exactly those, whatever their
+    stamps: with the fill journaled before bar 1's decision, bar 1's close sees the position (and, with no
+    resting order left, places a new entry); with the same fill journaled after it, the entry still rests."""
     import execution
     cfg = GlobalConfig()
     cfg.symbol, cfg.data.timeframe = "TESTUSDT", "5m"
@@ -283,30 +285,33 @@ def test_decisions_replay_applies_each_fill_before_the_close_it_precedes() -> No
     frame = pd.DataFrame({"open": 100.0, "high": 100.2, "low": 99.6, "close": 100.0, "atr": 0.5}, index=times)
     probs = pd.DataFrame({"p_exec_long": 0.9, "p_exec_short": 0.0, "p_dir_long": 0.6, "p_dir_short": 0.0},
                          index=times)
-    signals = signal_records(frame, probs)
-    first = execution.Execution(cfg, cfg.symbol)
-    bar0 = st_bar(signals[0], 300)
-    entry = next(r for r in first.on_bar_close(bar0) if r.kind == "entry")
+    entry = next(r for r in execution.Execution(cfg, cfg.symbol).on_bar_close(st_bar(signal_records(
+        frame, probs)[0], 300)) if r.kind == "entry")
     close1_ms = int(times[1].value // 1_000_000) + 300_000
+    base = {"order_link_id": entry.order_link_id, "kind": "entry", "side": "Buy", "position_id": entry.position_id}
+    journal = [{**base, "event": "placed", "ts": close1_ms - 300_000},
+               {**base, "event": "accepted", "ts": close1_ms - 300_000},
+               {**base, "event": "rejected", "order_link_id": "ps-follow-up", "ts": close1_ms + 5_000},
+               {**base, "event": "filled", "ts": close1_ms, "qty": entry.qty, "price": entry.price, "fee": 0.01}]
 
-    def journal(fill_ms: int) -> list[dict]:
-        base = {"order_link_id": entry.order_link_id, "kind": "entry", "side": "Buy", "position_id": entry.position_id}
-        return [{**base, "event": "accepted", "ts": close1_ms - 300_000},
-                {**base, "event": "filled", "ts": fill_ms, "qty": entry.qty, "price": entry.price, "fee": 0.01}]
+    def replay(lines: list[int]) -> pd.DataFrame:
+        signals = signal_records(frame, probs)
+        for rec, n in zip(signals, lines):
+            rec["trades_lines"] = n
+        return parity.replay_decisions(signals, journal, cfg)[0]
 
-    inside, _ = parity.replay_decisions(signals, journal(close1_ms - 1000), cfg)
-    assert inside.attrs["event_statuses"] == {"applied": 2}
+    inside = replay([0, 4, 4])
+    assert inside.attrs["event_statuses"] == {"applied": 2, "unknown": 1}
     assert list(inside["time"]) == [times[0], times[1]] and set(inside["kind"]) == {"limit"}
     assert [len(inside.attrs["states"][str(t)]["positions"]) for t in times] == [0, 1, 1]
-    answered = journal(close1_ms - 1000)       # an answer stamped at the step's end, journaled before the fill
-    answered.insert(1, {**answered[0], "event": "rejected", "order_link_id": "ps-follow-up", "ts": close1_ms})
-    late, _ = parity.replay_decisions(signals, answered, cfg)
-    assert parity.compare_intents(late, inside).ok and late.attrs["event_statuses"] == {"applied": 2, "unknown": 1}
-    after, _ = parity.replay_decisions(signals, journal(close1_ms), cfg)
+    after = replay([0, 3, 4])
     assert list(after["time"]) == [times[0], times[2]]
     assert after.attrs["states"][str(times[1])]["resting"][0]["price"] == entry.price
     caught = parity.compare_intents(after, inside)
     assert caught.first["index"] == 1 and caught.first["bar"] == str(times[1])
+    signals = signal_records(frame, probs)
+    with pytest.raises(parity.ParityError, match="signals record 1 .* has no trades_lines"):
+        parity.replay_decisions(signals, journal, cfg)
 
 
 def st_bar(rec: dict, bar_s: int):
@@ -341,21 +346,26 @@ def test_parity_json_counts_every_layer_even_a_run_without_trades(tmp_path) -> N
 
 
 # ---------------------------------------------------------------- end to end: the real command
-E2E_START, E2E_END = "2026-01-01T23:15", "2026-01-02T00:45"     # 90 one-minute bars across a UTC day
+E2E_START, E2E_END = "2026-01-02", "2026-01-03"     # two whole UTC days of 5m bars (--end is inclusive)
+E2E_SETS = {"data.timeframe": "5m", "features.ema_spans": "15m,30m,60m", "features.atr_span": "30m",
+            "features.rsi_span": "30m", "features.htf_timeframes": "15m,1h", "features.z_window": "1h",
+            "features.vwap_windows": "1h,2h", "features.macro_window": "4h", "features.day_window": "2h"}
 
 
-def test_the_parity_command_holds_every_layer_on_a_small_model(tmp_path) -> None:
+def test_the_parity_command_holds_every_layer_over_two_days_on_a_small_model(tmp_path) -> None:
     """`parity.py` as run by hand (child processes: the lockstep paper exchange replaying a simulated market and
-    the engine trading it with a small trained model, then the backtest of the span): layers 1-3 equal, layer 4
-    within the stated tolerance, parity.json counting bars, intents and trades. The span crosses midnight, where
-    a new day's files start with a book snapshot and the day's kill-switch baseline rolls. Thresholds are
-    quantiles of the model's own probabilities, so it trades whatever the model learnt; orders are small
-    against the simulated book so the two fill models stay comparable."""
+    the engine trading it with a small trained model, then the backtest of the span) over two whole days of 5m
+    bars: layers 1-3 equal, layer 4 within the stated tolerance, parity.json counting bars, intents and trades.
+    The span crosses midnight, where a new day's files start with a book snapshot and the day's kill-switch
+    baseline rolls, and the data goes on a day past it (the last bar's book is whole). Thresholds are quantiles
+    of the model's own probabilities, so it trades whatever the model learnt; orders are small against the
+    simulated book so the two fill models stay comparable. The market trades at 0.4x the default rate, so two
+    days of every message fit the suite's time."""
     import market_sim
     from live_support import SYMBOL, live_config
-    folder = market_sim.simulate_run(symbol=SYMBOL, days=2, seed=5, out=tmp_path, book_interval="30s", levels=20,
-                                     progress=False).folder
-    cfg = live_config()
+    folder = market_sim.simulate_run(symbol=SYMBOL, days=4, seed=5, out=tmp_path, book_interval="30s", levels=20,
+                                     progress=False, params=market_sim.MarketParams(hawkes_mu=0.1)).folder
+    cfg = live_config(**E2E_SETS)
     cfg.data.data_dir = str(folder)
     bars = data_loader.load_bars(cfg)
     model = tmp_path / "models_v9" / SYMBOL / "rank_1"
@@ -366,20 +376,19 @@ def test_the_parity_command_holds_every_layer_on_a_small_model(tmp_path) -> None
     sets = {"strategy.exec_threshold": p_exec.quantile(0.5), "strategy.direction_threshold": p_dir.quantile(0.3),
             "strategy.aggressive_threshold": p_dir.quantile(0.7), "strategy.max_holding_bars": 2,
             "strategy.time_limit_bars": 2, "strategy.max_positions": 1, "strategy.daily_loss_limit": 0.9,
-            "strategy.risk_per_trade": 0.00002,
-            "live.window_bars": 1, "venue.latency_ms": 0}
+            "strategy.risk_per_trade": 0.00002, "live.window_bars": 1, "venue.latency_ms": 0, **E2E_SETS}
     out = tmp_path / "parity_out"
     args = ["--model-dir", str(model), "--data-dir", str(folder), "--start", E2E_START, "--end", E2E_END,
-            "--out", str(out), "--timeout", "600", *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])]
+            "--out", str(out), "--timeout", "1200", *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])]
     code = parity.main(args)
     summary = json.loads((out / "parity.json").read_text())
     layers = summary["layers"]
     assert code == 0, {k: v["first"] for k, v in layers.items()}
     assert summary["ok"] and all(layer["mismatches"] == 0 for layer in layers.values())
-    assert layers["bars"]["compared"] == 90 and layers["bars"]["span"] == ["2026-01-01 23:15:00+00:00",
-                                                                             "2026-01-02 00:44:00+00:00"]
-    assert layers["features"]["compared"] == 90
-    assert layers["decisions"]["compared"] >= 40 and layers["decisions"]["replayed_events"].get("applied", 0) > 0
+    assert layers["bars"]["compared"] == 576 and layers["bars"]["span"] == ["2026-01-02 00:00:00+00:00",
+                                                                              "2026-01-03 23:55:00+00:00"]
+    assert layers["features"]["compared"] == 576
+    assert layers["decisions"]["compared"] >= 100 and layers["decisions"]["replayed_events"].get("applied", 0) > 0
     four = layers["backtest_vs_live"]
     assert four["trades_live"] >= 20 and four["trades_backtest"] >= 20 and four["trades_matched"] >= 20
     tol = parity.Tolerance()
