@@ -15,6 +15,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import requests
 from pybit.exceptions import FailedRequestError, InvalidRequestError
@@ -633,6 +634,51 @@ def test_private_streams_follow_the_order_lifecycle_and_survive_drops(venue, ws_
     finally:
         ws.exit()
         pub.exit()
+
+
+def test_a_lockstep_advance_stops_at_the_message_that_made_a_private_event(venue, ws_urls):
+    """POST /__admin/advance {until_ms, stop_at_private}: market time stops at the recorded trade that filled a
+    resting bid (so a lockstep client reacts to the fill at that market time, as in real time), and the next
+    advance goes on to until_ms."""
+    trades = [(1, "Sell", 0.4, 99.95), (3, "Sell", 1.0, 99.80), (5, "Sell", 0.4, 99.95)]
+    ex = venue(trades=trades, per_message=True)
+    ws_urls(ex)
+    got, ws = private_ws()
+    try:
+        ws.execution_stream(lambda m: None)
+        got.wait(lambda fs: any(f.get("op") == "subscribe" for f in fs))
+        client(ex).place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Limit", qty="0.5",
+                               price="99.90", orderLinkId="bid")
+        body = {"until_ms": START_MS + 8_000, "stop_at_private": True}
+        first = requests.post(ex.url + "/__admin/advance", json=body, timeout=5).json()
+        assert first["market_ms"] == START_MS + 3_500 and first["next_ms"] <= START_MS + 8_000   # the 99.80 print
+        got.wait(lambda fs: any(f.get("topic") == "execution" for f in fs))
+        rest = requests.post(ex.url + "/__admin/advance", json=body, timeout=5).json()
+        assert rest["market_ms"] == START_MS + 8_000
+    finally:
+        ws.exit()
+
+
+def test_trade_stamps_are_truncated_to_the_millisecond_like_bybits_T():
+    """The files keep 0.1 ms; a trade at 59.9996 s belongs to the minute data_loader puts it in."""
+    chunk = pd.DataFrame({"timestamp": [1767398459.9996, 1767398400.645, 1767398400.0], "side": ["Buy"] * 3,
+                          "size": [1.0] * 3, "price": [100.0] * 3, "trdMatchID": ["a", "b", "c"]})
+    assert [t.ts_ms for t in trade_prints([chunk])] == [1767398459999, 1767398400645, 1767398400000]
+
+
+def test_lockstep_has_no_wall_clock_rate_limit_but_injected_bursts_still_answer(venue):
+    """Minutes of market time pass in milliseconds of wall time under lockstep: the per-second order limit
+    (answered after 10 orders in test_rate_limit_answers_10006...) would only make the client sleep. An injected
+    10006 burst still answers."""
+    ex = venue()
+    ex.exchange.rate_window_s, ex.exchange.rate_limits = 60.0, False
+    s = client(ex, retry_codes={-1})
+    for n in range(15):
+        assert s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Limit", qty="0.1",
+                             price="90.00", orderLinkId=f"o{n}")["retCode"] == 0
+    ex.exchange.faults.rate_limit_burst = 1
+    assert code_of(lambda: s.place_order(category="linear", symbol=SYMBOL, side="Buy", orderType="Limit",
+                                         qty="0.1", price="90.00", orderLinkId="o-burst")) == 10006
 
 
 def test_private_categorised_topics_are_echoed_exactly(venue, ws_urls):
