@@ -638,6 +638,7 @@ class Engine:
         self._exec: Any = None
         self._state_dirty = False
         self._deferred: list | None = None                      # order requests held until a batch of events is in
+        self._admin_http: Any = None
         self._last_beat = -math.inf
         self._beat_positions = -1      # open_positions in the heartbeat file as last written
 
@@ -835,8 +836,11 @@ class Engine:
         return self.clock.exchange_ms()
 
     def _admin(self, action: str, body: dict | None = None) -> dict:
-        import requests
-        resp = requests.post(f"{self.cfg.live.rest_url}/__admin/{action}", json=body or {}, timeout=60)
+        """The paper exchange's test control (state, lockstep advance), on one kept-alive connection."""
+        if self._admin_http is None:
+            import requests
+            self._admin_http = requests.Session()
+        resp = self._admin_http.post(f"{self.cfg.live.rest_url}/__admin/{action}", json=body or {}, timeout=60)
         resp.raise_for_status()
         return resp.json()
 
@@ -1329,12 +1333,9 @@ class Engine:
                     pass
 
     def _rejected(self, req: Any, wire: str, err: exc.ExchangeError) -> None:
-        """A refusal is final: the lifecycle hears it; a refused stop on a live position means an immediate
-        reduce-only market exit of that position."""
+        """A refusal is final: the lifecycle hears it (and journals it, once); a refused stop on a live position
+        means an immediate reduce-only market exit of that position."""
         self.state.get("unsettled", {}).pop(wire, None)
-        self.journals.write("trades", {"event": "rejected", "order_link_id": wire, "side": req.side,
-                                       "kind": req.kind, "price": req.price, "qty": req.qty,
-                                       "position_id": req.position_id, "reason": str(err)})
         self._feed("order", {"orderLinkId": wire, "orderStatus": "Rejected", "rejectReason": str(err),
                              "updatedTime": str(self.clock.exchange_ms())})
         if req.kind == "sl" and stop_refused(err):

@@ -236,4 +236,6 @@ def test_events_received_together_are_all_applied_before_the_orders_they_call_fo
         engine.events.put(item)
     engine._drain(timeout=0)
     assert sent == ["tp", "sl", "cancel tp", "cancel sl"], "the refused stop's position was closed: no exit"
+    rejected = [r for r in journal(tmp_path, "trades") if r["event"] == "rejected"]
+    assert len(rejected) == 1 and "110093" in rejected[0]["reason"], "a refusal is journaled once"
     assert [p.position_id for p in ex.slots if p is not None] == [entries[0].position_id]
