@@ -992,7 +992,8 @@ class PaperExchange:
 
     # ------------------------------------------------------------ admin
     async def _admin(self, request: web.Request) -> web.StreamResponse:
-        """Test control on the same port: advance, fault, drop_ws, permissions, state."""
+        """Test control on the same port: advance, speed (start or change a paced clock), fault, drop_ws,
+        permissions, state."""
         action = request.match_info["action"]
         try:
             body = await request.json() if request.can_read_body else {}
@@ -1002,6 +1003,12 @@ class PaperExchange:
             until = body.get("until_ms")
             self.advance(float(body.get("seconds", 0)), until_ms=None if until is None else int(until),
                          stop_at_private=bool(body.get("stop_at_private", False)))
+        elif action == "speed":
+            speed = float(body.get("speed", -1))
+            if not speed >= 0:
+                return web.json_response({"error": "speed must be a number >= 0 (market seconds per wall second)"},
+                                         status=400)
+            self.speed = speed
         elif action == "fault":
             for key, value in body.items():
                 if not hasattr(self.faults, key):

@@ -608,25 +608,33 @@ def span_bars(start: str, end: str, bar_s: int) -> int:
 
 
 def run_live(args: argparse.Namespace, cfg: GlobalConfig, out: Path) -> Path:
-    """paper_exchange.py (lockstep replay from --start) and live_trading_v2.py --paper against it, until the
-    engine has closed every bar of the span; both stopped whatever happens. Returns the engine's folder."""
+    """paper_exchange.py replaying from --start and live_trading_v2.py --paper against it, until the engine
+    has closed every bar of the span; both stopped whatever happens. Returns the engine's folder.
+    Lockstep by default; with --speed N the exchange's clock is held until the engine has reconciled, then
+    runs at N market seconds per wall second (per-message pushes) and the engine keeps its own clock: the
+    timing path, whose result depends on the machine."""
     work = out / "live"
     work.mkdir(parents=True, exist_ok=True)
     config = ["--config", str(args.model_dir / "params.json"), *sum((["--set", s] for s in args.set_values), [])]
+    clock = ["--speed", "0", "--publish", "per-message"] if args.speed else ["--lockstep"]
     children: list[Child] = []
     previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
     try:
-        exchange = Child("paper_exchange", ["--data-dir", str(args.data_dir), "--start", args.start, "--lockstep",
+        exchange = Child("paper_exchange", ["--data-dir", str(args.data_dir), "--start", args.start, *clock,
                                             "--port", "0", "--balance", repr(initial_equity(cfg)), *config],
                          out / "paper_exchange.log", work)
         children.append(exchange)
         url = exchange.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", args.timeout).group(1)
-        engine = Child("live_trading_v2", ["--symbol", cfg.symbol, "--paper", url, "--lockstep", "--model-dir",
-                                           str(args.model_dir), "--data-dir", str(args.data_dir), "--log-features",
+        engine = Child("live_trading_v2", ["--symbol", cfg.symbol, "--paper", url, "--model-dir", str(args.model_dir),
+                                           "--data-dir", str(args.data_dir), "--log-features",
+                                           *([] if args.speed else ["--lockstep"]),
                                            "--max-bars", str(span_bars(args.start, args.end, bar_seconds(cfg))),
                                            *config[2:]],
                        out / "live_trading_v2.out", work)
         children.append(engine)
+        if args.speed:
+            engine.wait_for(r"reconciled: startup", args.timeout)
+            _start_clock(url, args.speed)
         try:
             code = engine.proc.wait(args.timeout)
         except subprocess.TimeoutExpired:
@@ -638,6 +646,13 @@ def run_live(args: argparse.Namespace, cfg: GlobalConfig, out: Path) -> Path:
             child.stop()
         signal.signal(signal.SIGTERM, previous)
     return work
+
+
+def _start_clock(url: str, speed: float) -> None:
+    import requests
+    resp = requests.post(f"{url}/__admin/speed", json={"speed": speed}, timeout=30)
+    if resp.status_code != 200:
+        raise ParityError(f"paper exchange refused speed {speed}: {resp.text}")
 
 
 def bar_seconds(cfg: GlobalConfig) -> int:
@@ -725,6 +740,7 @@ def write_outputs(out: Path, args: argparse.Namespace, layers: list[LayerResult]
     import plotly.graph_objects as go
     import report
     summary = {"span": [args.start, args.end], "model_dir": str(args.model_dir), "data_dir": str(args.data_dir),
+               "clock": f"speed {args.speed:g}" if args.speed else "lockstep",
                "wall_time_s": round(wall_s, 1), "ok": all(layer.ok for layer in layers), "tolerance": asdict(tol),
                "layers": {layer.name: {"ok": layer.ok, "compared": layer.compared, "mismatches": layer.mismatches,
                                        "first": layer.first,
@@ -771,7 +787,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="config override for both sides, e.g. --set strategy.exec_threshold=0.5")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the replay may take")
+    parser.add_argument("--speed", type=float, default=0.0, help="0 (default): lockstep, the result independent of "
+                        "machine load; N > 0: real-time-paced at N market seconds per wall second, the engine on its "
+                        "own clock (the timing path; bars and fills may then differ under load)")
     args = parser.parse_args(argv)
+    if not args.speed >= 0:
+        parser.error(f"--speed {args.speed}: expected 0 (lockstep) or market seconds per wall second > 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     try:

@@ -484,6 +484,12 @@ def test_admin_endpoint_controls_clock_faults_and_permissions(venue):
     perms = client(ex).get_api_key_information()["result"]["permissions"]
     assert perms["Wallet"] == ["Withdraw"] and perms["ContractTrade"] == ["Order", "Position"]
     assert requests.post(ex.url + "/__admin/fault", json={"nonsense": 1}, timeout=5).status_code == 400
+    assert requests.post(ex.url + "/__admin/speed", json={"speed": -1}, timeout=5).status_code == 400
+    assert requests.post(ex.url + "/__admin/speed", json={"speed": 600}, timeout=5).status_code == 200
+    wait_until = time.monotonic() + 30
+    while requests.post(ex.url + "/__admin/state", timeout=5).json()["market_ms"] < START_MS + 60_000:
+        assert time.monotonic() < wait_until, "a clock started at 600x moves market time on its own"
+        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ WebSocket

@@ -335,11 +335,12 @@ def test_parity_json_counts_every_layer_even_a_run_without_trades(tmp_path) -> N
               parity.LayerResult("features", 3, 0), parity.LayerResult("decisions", 0, 0),
               parity.backtest_vs_live(empty, empty, no_trades, no_trades, equity["equity"], equity, 10000.0, 300,
                                       pd.Timedelta(minutes=65), parity.Tolerance())]
-    args = argparse.Namespace(start="2026-03-02", end="2026-03-02", model_dir=tmp_path, data_dir=tmp_path)
+    args = argparse.Namespace(start="2026-03-02", end="2026-03-02", model_dir=tmp_path, data_dir=tmp_path, speed=0.0)
     parity.write_outputs(tmp_path, args, layers, equity["equity"], equity, parity.Tolerance(), 1.0)
     out = json.loads((tmp_path / "parity.json").read_text())
     assert out["ok"] is False and out["layers"]["bars"]["first"]["column"] == "volume"
     assert out["layers"]["bars"]["compared"] == 3 and out["layers"]["decisions"]["compared"] == 0
+    assert out["clock"] == "lockstep"
     four = out["layers"]["backtest_vs_live"]
     assert four["ok"] and four["trades_live"] == 0 and four["trades_backtest"] == 0
     assert "PARITY BROKEN: bars" in (tmp_path / "parity_report.html").read_text()
@@ -350,6 +351,18 @@ E2E_START, E2E_END = "2026-01-02", "2026-01-03"     # two whole UTC days of 5m b
 E2E_SETS = {"data.timeframe": "5m", "features.ema_spans": "15m,30m,60m", "features.atr_span": "30m",
             "features.rsi_span": "30m", "features.htf_timeframes": "15m,1h", "features.z_window": "1h",
             "features.vwap_windows": "1h,2h", "features.macro_window": "4h", "features.day_window": "2h"}
+
+
+def busy_settings(bars: pd.DataFrame, cfg: GlobalConfig, bundle, start: str, end: str) -> dict:
+    """Thresholds at quantiles of the model's own probabilities over [start, end], so it trades whatever it
+    learnt; short holds, one position, small orders against the simulated book, no latency (lockstep has none)."""
+    feats = feature_engine.compute_features(bars, cfg)
+    probs = bundle.predict_where(feats[bundle.feature_names], feats["is_warm"].to_numpy(bool)).loc[start:end]
+    p_exec, p_dir = probs.filter(like="p_exec").stack(), probs.filter(like="p_dir").stack()
+    return {"strategy.exec_threshold": p_exec.quantile(0.5), "strategy.direction_threshold": p_dir.quantile(0.3),
+            "strategy.aggressive_threshold": p_dir.quantile(0.7), "strategy.max_holding_bars": 2,
+            "strategy.time_limit_bars": 2, "strategy.max_positions": 1, "strategy.daily_loss_limit": 0.9,
+            "strategy.risk_per_trade": 0.00002, "live.window_bars": 1, "venue.latency_ms": 0}
 
 
 def test_the_parity_command_holds_every_layer_over_two_days_on_a_small_model(tmp_path) -> None:
@@ -370,13 +383,7 @@ def test_the_parity_command_holds_every_layer_over_two_days_on_a_small_model(tmp
     bars = data_loader.load_bars(cfg)
     model = tmp_path / "models_v9" / SYMBOL / "rank_1"
     bundle = train_small_model(bars.loc[bars.index < pd.Timestamp(E2E_START, tz="UTC")], cfg, model)
-    feats = feature_engine.compute_features(bars, cfg)
-    probs = bundle.predict_where(feats[bundle.feature_names], feats["is_warm"].to_numpy(bool)).loc[E2E_START:E2E_END]
-    p_exec, p_dir = probs.filter(like="p_exec").stack(), probs.filter(like="p_dir").stack()
-    sets = {"strategy.exec_threshold": p_exec.quantile(0.5), "strategy.direction_threshold": p_dir.quantile(0.3),
-            "strategy.aggressive_threshold": p_dir.quantile(0.7), "strategy.max_holding_bars": 2,
-            "strategy.time_limit_bars": 2, "strategy.max_positions": 1, "strategy.daily_loss_limit": 0.9,
-            "strategy.risk_per_trade": 0.00002, "live.window_bars": 1, "venue.latency_ms": 0, **E2E_SETS}
+    sets = {**busy_settings(bars, cfg, bundle, E2E_START, E2E_END), **E2E_SETS}
     out = tmp_path / "parity_out"
     args = ["--model-dir", str(model), "--data-dir", str(folder), "--start", E2E_START, "--end", E2E_END,
             "--out", str(out), "--timeout", "1200", *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])]
@@ -397,3 +404,34 @@ def test_the_parity_command_holds_every_layer_over_two_days_on_a_small_model(tmp
     assert (out / "parity_report.html").read_text().count("PARITY HOLDS") == 1
     events = parity.read_jsonl(out / "live" / "logs" / f"events_{SYMBOL}.jsonl")
     assert not [e["message"] for e in events if "without a stop" in e["message"]], "the stop guard saw a covered leg bare"
+
+
+def test_the_real_time_paced_replay_runs_the_timing_path_and_keeps_the_replayable_layers(tmp_path) -> None:
+    """--speed N: the exchange's clock waits for the engine's startup reconciliation, then runs at N market
+    seconds per wall second while the engine keeps its own clock (the timing path). Bars and fills may then
+    depend on the machine; the layers computed from the engine's own window and journals cannot: every bar of
+    the span is closed, and features and decisions hold."""
+    import market_sim
+    from live_support import SYMBOL, live_config
+    folder = market_sim.simulate_run(symbol=SYMBOL, days=2, seed=6, out=tmp_path, book_interval="30s", levels=20,
+                                     progress=False, params=market_sim.MarketParams(hawkes_mu=0.1)).folder
+    cfg = live_config()
+    cfg.data.data_dir = str(folder)
+    bars = data_loader.load_bars(cfg)
+    model = tmp_path / "models_v9" / SYMBOL / "rank_1"
+    bundle = train_small_model(bars.loc[bars.index < pd.Timestamp("2026-01-02", tz="UTC")], cfg, model)
+    sets = busy_settings(bars, cfg, bundle, "2026-01-02T00:00", "2026-01-02T00:11")
+    out = tmp_path / "parity_out"
+    code = parity.main(["--model-dir", str(model), "--data-dir", str(folder), "--start", "2026-01-02T00:00",
+                        "--end", "2026-01-02T00:12", "--out", str(out), "--speed", "60", "--timeout", "600",
+                        *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])])
+    summary = json.loads((out / "parity.json").read_text())
+    layers = summary["layers"]
+    assert code in (0, 1) and summary["clock"] == "speed 60"
+    assert layers["bars"]["compared"] == 12 and layers["bars"]["bars_the_engine_skipped"] == 0
+    assert layers["features"]["ok"] and layers["features"]["compared"] == 12
+    assert layers["decisions"]["ok"] and layers["decisions"]["compared"] > 0, layers["decisions"]["first"]
+    with pytest.raises(SystemExit) as refused:
+        parity.main(["--model-dir", str(model), "--data-dir", str(folder), "--start", "2026-01-02", "--end",
+                     "2026-01-02", "--speed", "-1"])
+    assert refused.value.code == 2
