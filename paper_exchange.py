@@ -48,6 +48,7 @@ KLINE_INTERVALS: dict[str, int] = {"1": 60, "3": 180, "5": 300, "15": 900, "30":
 BOOK_DEPTHS = (1, 50, 200, 1000)
 MAX_OUTBOX = 100_000
 ORDER_LIMIT_PER_S = 10
+CANDLE_DAYS = 8                 # days of 1-minute candles kept for the kline endpoint
 DEFAULT_LIMIT_PER_S = 50
 ORDER_PATHS = {"/v5/order/create", "/v5/order/amend", "/v5/order/cancel", "/v5/order/cancel-all",
                "/v5/position/set-leverage", "/v5/position/trading-stop"}
@@ -125,10 +126,20 @@ class MarketReplay:
                  start_ms: int | None = None) -> "MarketReplay":
         """Replay a data folder (Trade/ and Orderbook/) through the shared loader.
 
-        start_ms: the replay begins there; everything earlier is applied silently (book state, candles
-        and recent trades for warm-up), never pushed. With rebase_to_ms that moment becomes rebase_to_ms."""
+        start_ms: the replay begins there; what comes before it is applied silently (book state, candles and
+        recent trades for warm-up), never pushed: the book from the opening snapshot of start's UTC day file
+        (every day file opens with one, so earlier days cannot change it), trades from CANDLE_DAYS before.
+        With rebase_to_ms that moment becomes rebase_to_ms."""
         import data_loader
-        return cls(engine, data_loader.iter_book_messages(data_dir), trade_prints(data_loader.iter_trades(data_dir)),
+        book_from = trades_from = ""
+        if start_ms is not None:
+            day = datetime.datetime.fromtimestamp(start_ms / 1000, datetime.timezone.utc)
+            book_from = day.strftime("%Y-%m-%d")
+            trades_from = (day - datetime.timedelta(days=CANDLE_DAYS)).strftime("%Y-%m-%d")
+            log.info("replay from %s: book from the %s file's opening snapshot, candles from %s", day.isoformat(),
+                     book_from, trades_from)
+        return cls(engine, data_loader.iter_book_messages(data_dir, book_from),
+                   trade_prints(data_loader.iter_trades(data_dir, trades_from)),
                    rebase_to_ms=rebase_to_ms, start_ms=start_ms)
 
     def next_ms(self) -> int | None:
@@ -248,8 +259,8 @@ class MarketReplay:
                 "prev24h": rows[0][1][0], "prev1h": hour[0][0] if hour else last}
 
     def prune(self) -> None:
-        """Keep at most ~8 days of 1-minute candles in memory."""
-        horizon = self.now_ms - 8 * 86_400_000
+        """Keep at most CANDLE_DAYS of 1-minute candles in memory."""
+        horizon = self.now_ms - CANDLE_DAYS * 86_400_000
         if self.minutes and min(self.minutes) < horizon:
             self.minutes = {m: b for m, b in self.minutes.items() if m >= horizon}
 
@@ -1158,8 +1169,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--leverage", type=float, default=10.0, help="initial leverage")
     parser.add_argument("--rebase-time", action="store_true",
                         help="shift market timestamps (whole minutes) so the data (or --start) is now; use with --speed 1")
-    parser.add_argument("--start", default="", help="YYYY-MM-DD[THH:MM] UTC: the replay begins there (earlier "
-                                                    "data only builds the book, candles and recent trades)")
+    parser.add_argument("--start", default="", help="YYYY-MM-DD[THH:MM] UTC: the replay begins there (the book "
+                                                    "from that day file's opening snapshot, candles and recent "
+                                                    "trades from the 8 days before; nothing earlier is pushed)")
     parser.add_argument("--publish", choices=("per-second", "per-message"), default="per-second",
                         help="push book/trades at most once per market second, or every recorded message")
     parser.add_argument("--lockstep", action="store_true",

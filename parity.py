@@ -1,7 +1,7 @@
 """parity.py: the shadow replay that proves the bot trades what was tested.
 
-    python parity.py --model-dir models_v9/DEMOUSDT/rank_1 --data-dir data/DEMOUSDT_Sim \
-        --start 2026-01-04 --end 2026-01-05 [--out parity_out] [--set section.field=value ...]
+    python parity.py --model-dir models_v9/DEMOUSDT/rank_1 --data-dir data/DEMOUSDT_Sim_s7_a1 \
+        --start 2026-01-13T00:00 --end 2026-01-13T01:00 [--out parity_out] [--set section.field=value ...] [--speed N]
 
 One command, four layers (issue 14). `paper_exchange.py` replays --data-dir from --start in lockstep (market
 time moves only when the engine has processed what it was sent) and `live_trading_v2.py --paper` trades it

@@ -15,6 +15,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import requests
@@ -24,7 +25,7 @@ import pybit.unified_trading as ut
 
 from config import InstrumentConfig, VenueConfig
 from matching import ExchangeError, MatchingEngine, load_instrument
-from paper_exchange import ExchangeThread, MarketReplay, build_exchange, trade_prints
+from paper_exchange import ExchangeThread, MarketReplay, build_exchange, parse_start, trade_prints
 from paper_market import START_MS, SYMBOL, write_market
 
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
@@ -663,6 +664,25 @@ def test_a_lockstep_advance_stops_at_the_message_that_made_a_private_event(venue
         assert rest["market_ms"] == START_MS + 8_000
     finally:
         ws.exit()
+
+
+def test_a_replay_from_start_reads_the_book_from_that_days_snapshot_and_equals_a_full_replay(tmp_path):
+    """--start builds the book from the opening snapshot of start's day file (every day file opens with one),
+    not by replaying every earlier day: the book, the candles and the recent trades at start are those of a
+    replay from the first file advanced to the same moment."""
+    import market_sim
+    folder = market_sim.simulate_run(symbol="SIMUSDT", days=2, seed=3, out=tmp_path, book_interval="30s",
+                                     levels=20, progress=False).folder
+    start = parse_start("2026-01-02T00:10")
+    late = build_exchange(folder, start="2026-01-02T00:10").replay
+    full = build_exchange(folder).replay
+    full._apply_until(start - 1)
+    full.now_ms = start
+    assert late.now_ms == full.now_ms == start and late.book_updates < full.book_updates
+    for a, b in zip(late.book.top(20), full.book.top(20)):
+        np.testing.assert_array_equal(a, b)
+    assert late.candles(60, limit=3000) == full.candles(60, limit=3000)
+    assert list(late.recent) == list(full.recent) and late.next_ms() == full.next_ms()
 
 
 def test_trade_stamps_are_truncated_to_the_millisecond_like_bybits_T():
