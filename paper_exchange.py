@@ -410,8 +410,8 @@ class PaperExchange:
         in recorded order). stop_at_private (per_message): stop right after the first message that made a
         private event (a fill, a triggered stop), so a lockstep client reacts to it at that market time, as it
         would in real time, and then advances again."""
+        target = until_ms if until_ms is not None else self.replay.now_ms + int(round(seconds * 1000))
         if self.per_message and self.conns:
-            target = until_ms if until_ms is not None else self.replay.now_ms + int(round(seconds * 1000))
             while (nxt := self.replay.next_ms()) is not None and nxt <= target:
                 self.replay.apply_next()
                 if self.publish() and stop_at_private:
@@ -420,6 +420,7 @@ class PaperExchange:
             self.publish()
             self.replay.prune()
             return
+        seconds = max(0.0, (target - self.replay.now_ms) / 1000.0)
         step = 1.0 if self.conns else seconds
         remaining = seconds
         while remaining > 1e-9:

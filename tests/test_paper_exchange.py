@@ -478,6 +478,8 @@ def test_admin_endpoint_controls_clock_faults_and_permissions(venue):
     ex = venue()
     state = requests.post(ex.url + "/__admin/advance", json={"seconds": 30}, timeout=5).json()
     assert state["market_ms"] == START_MS + 30_000
+    state = requests.post(ex.url + "/__admin/advance", json={"until_ms": START_MS + 45_000}, timeout=5).json()
+    assert state["market_ms"] == START_MS + 45_000, "until_ms holds with no client listening too"
     requests.post(ex.url + "/__admin/fault", json={"http_5xx": 1, "http_status": 503}, timeout=5)
     assert requests.get(ex.url + "/v5/market/time", timeout=5).status_code == 503
     assert requests.get(ex.url + "/v5/market/time", timeout=5).status_code == 200
