@@ -1,10 +1,12 @@
 """train.py end to end on synthetic markets: verdicts, artifacts, reproduction, distributed studies, bad input."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -181,6 +183,18 @@ def test_backtest_cli_trades_the_requested_days_and_warns_inside_the_training_sp
     assert exam.returncode == 0 and "overlaps" not in exam.stderr  # the Super-OOS slice is not in-sample
 
 
+def _completed_in_file(db: Path) -> int:
+    """COMPLETE trials in an Optuna SQLite file, read-only and without Optuna: polling with optuna.load_study
+    would create the schema while train.py may be creating it too (a race that made train.py exit)."""
+    if not db.is_file():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return int(con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0])
+    except sqlite3.Error:      # the schema is not there yet
+        return 0
+
+
 def _complete_trials(storage, name: str) -> list[optuna.trial.FrozenTrial]:
     study = optuna.load_study(study_name=name, storage=storage)
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -215,15 +229,12 @@ def test_two_workers_share_a_postgresql_study(noise_dir, tmp_path) -> None:
 def test_ctrl_c_stops_after_the_running_trial_and_resume_finishes(noise_dir, tmp_path) -> None:
     args = train_args(noise_dir, "NOISEUSDT", 5)
     proc = start_cli("train.py", args, tmp_path)
-    storage = f"sqlite:///{tmp_path / 'models_v9' / 'NOISEUSDT' / 'study.db'}"
+    db = tmp_path / "models_v9" / "NOISEUSDT" / "study.db"
+    storage = f"sqlite:///{db}"
     deadline = time.time() + 600
-    while time.time() < deadline:
-        try:
-            if _complete_trials(storage, "NOISEUSDT_1m"):
-                break
-        except (KeyError, Exception):  # the study does not exist yet
-            pass
+    while time.time() < deadline and proc.poll() is None and not _completed_in_file(db):
         time.sleep(0.5)
+    assert proc.poll() is None, f"train.py exited with {proc.returncode} before a trial completed"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err[-3000:]
