@@ -365,6 +365,11 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                                               grace_period=180)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             time.sleep(0.5 + attempt)  # workers starting together race to create the schema; retry finds it
+        except sqlalchemy.exc.OperationalError as exc:
+            if "already exists" not in str(exc) and "locked" not in str(exc):
+                raise TrainError(f"cannot open study storage {redact(url)}: "
+                                 f"{redact(str(exc).strip().splitlines()[0])}") from None
+            time.sleep(0.5 + attempt)  # SQLite's form of the same race (optuna issues 1092, 4621)
         except Exception as exc:  # noqa: BLE001 — every driver error becomes one readable message
             text = str(exc).strip()
             reason = redact(text.splitlines()[0] if text else type(exc).__name__)

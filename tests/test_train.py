@@ -249,6 +249,29 @@ def test_ctrl_c_stops_after_the_running_trial_and_resume_finishes(noise_dir, tmp
     assert (tmp_path / "models_v9" / "NOISEUSDT" / "rank_1" / "params.json").is_file()
 
 
+def test_a_worker_that_loses_the_sqlite_schema_race_retries(tmp_path, monkeypatch) -> None:
+    """Two processes opening a fresh SQLite study file race to create its schema; SQLite's loser sees
+    'table ... already exists' (an OperationalError, optuna issues 1092/4621). open_storage retries and finds
+    the schema; any other OperationalError is a clear TrainError."""
+    import sqlalchemy.exc
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kw):
+        calls.append(url)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+        return real(url, **kw)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(train.time, "sleep", lambda s: None)
+    assert train.open_storage(f"sqlite:///{tmp_path / 'study.db'}") is not None and len(calls) == 2
+
+    def broken(url, **kw):
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("unable to open database file"))
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(train.TrainError, match="unable to open database file"):
+        train.open_storage(f"sqlite:///{tmp_path / 'nowhere' / 'study.db'}")
+
+
 def test_resumed_and_parallel_studies_draw_new_points(tmp_path) -> None:
     cfg = GlobalConfig(symbol="NOISEUSDT")
     cfg.tune.trials = 12                      # 4 random start-up trials per run, as in a real study
