@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 import grid
 from config import InstrumentConfig
@@ -52,6 +56,15 @@ class RateLimited(ExchangeError):
 
 
 # ---------------------------------------------------------------- instrument and number formats
+def fixed_point(units: int, decimals: int) -> str:
+    """An integer count of 10^-decimals as a fixed-point string: what format(Decimal, f".{decimals}f") prints
+    for that exact value (-0.05 for -5 at 2 decimals), without Decimal's cost on the per-message path."""
+    if decimals == 0:
+        return str(units)
+    whole, frac = divmod(abs(units), 10 ** decimals)
+    return f"{'-' if units < 0 else ''}{whole}.{frac:0{decimals}d}"
+
+
 @dataclass(frozen=True)
 class Instrument:
     """Trading rules of the one replayed symbol, exact as decimals."""
@@ -63,20 +76,52 @@ class Instrument:
     max_qty: Decimal = Decimal("1000000")
     max_mkt_qty: Decimal = Decimal("500000")
 
-    @property
+    @cached_property
     def price_decimals(self) -> int:
         return max(0, -self.tick_size.normalize().as_tuple().exponent)
 
-    @property
+    @cached_property
     def qty_decimals(self) -> int:
         return max(0, -self.qty_step.normalize().as_tuple().exponent)
 
+    @cached_property
+    def _tick_units(self) -> int:
+        return int(self.tick_size.scaleb(self.price_decimals))
+
+    @cached_property
+    def _step_units(self) -> int:
+        return int(self.qty_step.scaleb(self.qty_decimals))
+
+    @cached_property
+    def _tick_float(self) -> float:
+        return float(self.tick_size)
+
+    @cached_property
+    def _step_float(self) -> float:
+        return float(self.qty_step)
+
     def price_str(self, ticks: int) -> str:
-        """Ticks as Bybit prints prices: fixed decimals of the tick size."""
-        return f"{Decimal(ticks) * self.tick_size:.{self.price_decimals}f}"
+        """Ticks as Bybit prints prices: fixed decimals of the tick size (exact: integer arithmetic)."""
+        return fixed_point(operator.index(ticks) * self._tick_units, self.price_decimals)
 
     def qty_str(self, lots: int) -> str:
-        return f"{Decimal(lots) * self.qty_step:.{self.qty_decimals}f}"
+        return fixed_point(operator.index(lots) * self._step_units, self.qty_decimals)
+
+    @cached_property
+    def _price_strs(self) -> Callable[[int], str]:
+        return lru_cache(maxsize=1 << 16)(self.price_str)
+
+    @cached_property
+    def _qty_strs(self) -> Callable[[int], str]:
+        return lru_cache(maxsize=1 << 16)(self.qty_str)
+
+    def level_strs(self, prices: np.ndarray, qtys: np.ndarray) -> list[list[str]]:
+        """[[price, size], ...] of book levels as Bybit prints them: nearest tick, size floored to the lot
+        (grid.py's rule, vectorised; strings cached, as a replay repeats the same few thousand prices)."""
+        ticks = grid.grid_indices(np.asarray(prices, dtype=np.float64), self._tick_float, grid.NEAREST)
+        lots = grid.grid_indices(np.asarray(qtys, dtype=np.float64) + 1e-12, self._step_float, grid.DOWN)
+        ps, qs = self._price_strs, self._qty_strs
+        return [[ps(t), qs(q)] for t, q in zip(ticks.tolist(), lots.tolist())]
 
     def px(self, ticks: int) -> float:
         return float(Decimal(ticks) * self.tick_size)
@@ -86,11 +131,11 @@ class Instrument:
 
     def to_ticks(self, price: float) -> int:
         """Nearest tick of a float price from the replayed book or trades (grid.py's one rule)."""
-        return int(grid.grid_index(price, float(self.tick_size), grid.NEAREST))
+        return int(grid.grid_index(price, self._tick_float, grid.NEAREST))
 
     def to_lots_floor(self, qty: float) -> int:
         """Whole lots in a float quantity, rounded down by grid.py's one rule."""
-        return int(grid.grid_index(qty, float(self.qty_step), grid.DOWN))
+        return int(grid.grid_index(qty, self._step_float, grid.DOWN))
 
 
 def load_instrument(data_dir: str | Path | None, symbol: str, defaults: InstrumentConfig | None = None) -> Instrument:

@@ -584,10 +584,7 @@ class PaperExchange:
         if not book.valid:
             return [], []
         bp, bq, ap, aq = book.top(n)
-        ip, iq = self.inst.price_str, self.inst.qty_str
-        to, lots = self.inst.to_ticks, self.inst.to_lots_floor
-        return ([[ip(to(float(x))), iq(lots(float(q) + 1e-12))] for x, q in zip(bp, bq)],
-                [[ip(to(float(x))), iq(lots(float(q) + 1e-12))] for x, q in zip(ap, aq)])
+        return self.inst.level_strs(bp, bq), self.inst.level_strs(ap, aq)
 
     def h_orderbook(self, p: dict) -> dict:
         self._check_market(p)

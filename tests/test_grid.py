@@ -77,3 +77,31 @@ def test_quantities_round_down_and_decimal_rejects_non_numbers():
     assert grid.snap_round(0.1 + 0.2, 0.1, grid.DOWN) == 0.3
     with pytest.raises(ValueError, match="nan"):
         grid.snap_round_dec(float("nan"), Decimal("0.01"), grid.DOWN)
+
+
+@pytest.mark.parametrize("tick", TICKS + ["0.50", "10", "0.001"])
+def test_exchange_wire_strings_equal_decimal_formatting_for_every_grid_index(tick):
+    """matching.Instrument prints prices and sizes with integer arithmetic; Decimal is the reference."""
+    from matching import Instrument
+    t = Decimal(tick)
+    inst = Instrument("X", tick_size=t, qty_step=t, min_qty=t, min_notional=Decimal(5))
+    decimals = max(0, -t.normalize().as_tuple().exponent)
+    for k in [*range(-1200, 1200), 10**9 + 7, -(10**12) - 3, np.int64(123456)]:
+        want = f"{Decimal(int(k)) * t:.{decimals}f}"
+        assert inst.price_str(k) == want and inst.qty_str(k) == want, (tick, k)
+    with pytest.raises(TypeError):
+        inst.price_str(3.0)
+
+
+@pytest.mark.parametrize("tick", ["0.01", "0.5", "0.0001"])
+def test_book_levels_print_each_price_and_size_by_the_scalar_rule(tick):
+    """Instrument.level_strs (vectorised, cached) equals price_str(to_ticks(p)) and qty_str(floor lots) per level."""
+    from matching import Instrument
+    t = Decimal(tick)
+    inst = Instrument("X", tick_size=t, qty_step=Decimal("0.001"), min_qty=t, min_notional=Decimal(5))
+    ks, prices = grid_prices(t, np.random.default_rng(5))
+    sizes = np.random.default_rng(6).uniform(0, 50, len(prices)).round(3) * np.where(np.arange(len(prices)) % 3, 1, 1 - 1e-15)
+    for _ in range(2):   # the second pass is served from the string cache
+        got = inst.level_strs(np.array(prices), sizes)
+        assert got == [[inst.price_str(inst.to_ticks(p)), inst.qty_str(inst.to_lots_floor(q + 1e-12))]
+                       for p, q in zip(prices, sizes)]
