@@ -1009,9 +1009,10 @@ class PaperExchange:
         except ValueError:
             return web.json_response({"error": "body must be JSON"}, status=400)
         if action == "advance":
-            until = body.get("until_ms")
-            self.advance(float(body.get("seconds", 0)), until_ms=None if until is None else int(until),
-                         stop_at_private=bool(body.get("stop_at_private", False)))
+            step = _advance_args(body)
+            if isinstance(step, str):
+                return web.json_response({"error": step}, status=400)
+            self.advance(step[0], until_ms=step[1], stop_at_private=bool(body.get("stop_at_private", False)))
         elif action == "speed":
             speed = float(body.get("speed", -1))
             if not speed >= 0:
@@ -1043,6 +1044,22 @@ class PaperExchange:
                 "open_orders": sum(o.is_open for o in self.engine.orders.values()),
                 "positions": {i: self.inst.qty(p.size) for i, p in self.engine.positions.items()},
                 "connections": len(self.conns)}
+
+
+def _advance_args(body: dict) -> tuple[float, int | None] | str:
+    """(seconds, until_ms) of an admin advance, or the message naming the bad field."""
+    try:
+        seconds = float(body.get("seconds", 0))
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        return f"advance: seconds must be a finite number >= 0, got {body.get('seconds')!r}"
+    until = body.get("until_ms")
+    if until is None:
+        return seconds, None
+    if isinstance(until, bool) or not isinstance(until, (int, str)) or not str(until).lstrip("-").isdigit():
+        return f"advance: until_ms must be an integer market time in ms, got {until!r}"
+    return seconds, int(until)
 
 
 ROUTES: dict[str, tuple[str, str, bool]] = {

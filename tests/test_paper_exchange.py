@@ -480,6 +480,11 @@ def test_admin_endpoint_controls_clock_faults_and_permissions(venue):
     assert state["market_ms"] == START_MS + 30_000
     state = requests.post(ex.url + "/__admin/advance", json={"until_ms": START_MS + 45_000}, timeout=5).json()
     assert state["market_ms"] == START_MS + 45_000, "until_ms holds with no client listening too"
+    for bad, field in (({"seconds": "soon"}, "seconds"), ({"seconds": -1}, "seconds"), ({"seconds": "inf"}, "seconds"),
+                       ({"until_ms": "noon"}, "until_ms"), ({"until_ms": 1.5e12}, "until_ms")):
+        resp = requests.post(ex.url + "/__admin/advance", json=bad, timeout=5)
+        assert resp.status_code == 400 and field in resp.json()["error"], (bad, resp.status_code, resp.text)
+    assert requests.post(ex.url + "/__admin/state", timeout=5).json()["market_ms"] == START_MS + 45_000
     requests.post(ex.url + "/__admin/fault", json={"http_5xx": 1, "http_status": 503}, timeout=5)
     assert requests.get(ex.url + "/v5/market/time", timeout=5).status_code == 503
     assert requests.get(ex.url + "/v5/market/time", timeout=5).status_code == 200
