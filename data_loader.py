@@ -500,11 +500,18 @@ def partial_trade_bars(chunk: pd.DataFrame, bar_us: int) -> pd.DataFrame:
         "close": price[ends], "last_ts": ts_us[ends]}, index=pd.Index(bar[starts], name="bar"))
 
 
+_TRADE_SUMS = ["volume", "vol_buy", "vol_sell", "dollar_val", "trade_count"]
+_TRADE_COLS = _TRADE_SUMS + ["high", "low", "open", "close"]
+
+
 def _merge_trade_bars(parts: list[pd.DataFrame]) -> pd.DataFrame:
-    """Merge per-chunk partials: sums add, open from the earliest trade, close from the latest."""
+    """Merge per-chunk partials: sums add, open from the earliest trade, close from the latest.
+    One part with strictly increasing bars is already merged (the live close: one bar, one chunk)."""
+    if len(parts) == 1 and parts[0].index.is_monotonic_increasing and parts[0].index.is_unique:
+        return parts[0][_TRADE_COLS]
     frame = pd.concat(parts)
     g = frame.groupby(level=0, sort=True)
-    out = g[["volume", "vol_buy", "vol_sell", "dollar_val", "trade_count"]].sum()
+    out = g[_TRADE_SUMS].sum()
     out["high"] = g["high"].max()
     out["low"] = g["low"].min()
     out["open"] = frame.sort_values("first_ts", kind="stable").groupby(level=0)["open"].first()
@@ -519,10 +526,16 @@ def bar_frame(trade_parts: list[pd.DataFrame], book_parts: list[pd.DataFrame], b
     build_bars calls it over whole files, the live engine over each closed bar's messages.
     span_ms: (first, last) bar open in ms (default: the trades' span); prev_close seeds empty leading bars."""
     trade = _merge_trade_bars(trade_parts) if trade_parts else pd.DataFrame(
-        columns=["volume", "vol_buy", "vol_sell", "dollar_val", "trade_count", "high", "low", "open", "close"],
-        index=pd.Index([], dtype=np.int64), dtype=float)
+        columns=_TRADE_COLS, index=pd.Index([], dtype=np.int64), dtype=float)
     book = ob.finalize_book_bars(ob.merge_partial_book_bars(book_parts))
     return _grid(trade, book, bar_ms, span_ms, prev_close)
+
+
+def _on_grid(index: np.ndarray, idx_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(grid positions, row numbers) of the rows whose bar open (ms) lies on the grid idx_ms."""
+    pos = np.searchsorted(idx_ms, index)
+    hit = (pos < len(idx_ms)) & (idx_ms[np.minimum(pos, len(idx_ms) - 1)] == index)
+    return pos[hit], np.flatnonzero(hit)
 
 
 def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int, span_ms: tuple[int, int] | None = None,
@@ -532,28 +545,33 @@ def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int, span_ms: tuple[i
     is_gap is False here: gaps are runs across bars, marked on a whole frame or window by mark_gaps."""
     first, last = span_ms or (trade.index.min() // 1000, trade.index.max() // 1000)
     idx_ms = np.arange(first, last + bar_ms, bar_ms, dtype=np.int64)
-    trade = trade.copy()
-    trade.index = trade.index // 1000
-    bars = trade.reindex(idx_ms)
-    empty = bars["trade_count"].isna().to_numpy()
-    close = bars["close"].ffill().fillna(prev_close)
+    at, rows = _on_grid(trade.index.to_numpy() // 1000, idx_ms)
+    cols: dict[str, np.ndarray] = {}
+    for col in _TRADE_COLS:
+        cols[col] = np.full(len(idx_ms), np.nan)
+        cols[col][at] = trade[col].to_numpy(dtype=float)[rows]
+    empty = np.ones(len(idx_ms), dtype=bool)
+    empty[at] = False
+    close = pd.Series(cols["close"]).ffill().fillna(prev_close).to_numpy()
     for col in ("open", "high", "low"):
-        bars[col] = bars[col].where(~empty, close)
-    bars["close"] = close
-    for col in ("volume", "vol_buy", "vol_sell", "dollar_val", "trade_count"):
-        bars[col] = bars[col].fillna(0.0)
-    bars["trade_count"] = bars["trade_count"].astype(np.int64)
-    vol = bars["volume"].to_numpy()
+        cols[col] = np.where(~empty, cols[col], close)
+    cols["close"] = close
+    for col in _TRADE_SUMS:
+        cols[col] = np.nan_to_num(cols[col], nan=0.0)
+    cols["trade_count"] = cols["trade_count"].astype(np.int64)
+    vol = cols["volume"]
     with np.errstate(invalid="ignore", divide="ignore"):
-        bars["vwap"] = np.where(empty, bars["close"], bars["dollar_val"] / vol)
-        bars["taker_buy_ratio"] = np.where(empty, 0.5, bars["vol_buy"] / vol)
-    bars["is_empty"] = empty
-    bars = bars.join(book.reindex(idx_ms)) if len(book) else bars.assign(
-        **{c: np.nan for c in ob.BOOK_BAR_COLUMNS})
-    bars["ob_samples"] = bars["ob_samples"].fillna(0).astype(np.int64)
-    bars["is_gap"] = False
-    bars.index = pd.DatetimeIndex(pd.to_datetime(idx_ms, unit="ms", utc=True), name="time")
-    return bars[BAR_COLUMNS]
+        cols["vwap"] = np.where(empty, close, cols["dollar_val"] / vol)
+        cols["taker_buy_ratio"] = np.where(empty, 0.5, cols["vol_buy"] / vol)
+    cols["is_empty"] = empty
+    at, rows = _on_grid(book.index.to_numpy(dtype=np.int64), idx_ms) if len(book) else (idx_ms[:0], idx_ms[:0])
+    for col in ob.BOOK_BAR_COLUMNS:
+        cols[col] = np.full(len(idx_ms), np.nan)
+        cols[col][at] = book[col].to_numpy(dtype=float)[rows]
+    cols["ob_samples"] = np.nan_to_num(cols["ob_samples"], nan=0.0).astype(np.int64)
+    cols["is_gap"] = np.zeros(len(idx_ms), dtype=bool)
+    index = pd.DatetimeIndex(pd.to_datetime(idx_ms, unit="ms", utc=True), name="time")
+    return pd.DataFrame({c: cols[c] for c in BAR_COLUMNS}, index=index)
 
 
 @dataclass(frozen=True)

@@ -954,17 +954,56 @@ BOOK_BAR_COLUMNS = ["ob_spread_mean", "ob_micro_dev_mean", "ob_micro_dev_std", "
                     "ob_mid_last", "ob_ofi_sum", "ob_samples"]
 
 
+_SUM_SRC = list(dict.fromkeys(list(_MEAN_COLS.values()) + ["micro_dev_sq", "ofi"]))
+_LAST_SRC = ["t_ms"] + list(dict.fromkeys(_LAST_COLS.values()))
+_SUM_IDX = np.array([SAMPLE_COLUMNS.index(c) if c != "micro_dev_sq" else -1 for c in _SUM_SRC], dtype=np.int64)
+_LAST_IDX = np.array([SAMPLE_COLUMNS.index(c) for c in _LAST_SRC], dtype=np.int64)
+_MICRO_DEV = SAMPLE_COLUMNS.index("micro_dev")
+
+
+@njit(cache=True)
+def _reduce_bars(samples: np.ndarray, bar_ms: int, sum_idx: np.ndarray, last_idx: np.ndarray, micro_dev: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per bar (ascending opens): NaN-skipping sums (column -1: micro_dev squared), row counts, and the last
+    non-NaN value of each `last_idx` column. The sums are pandas' groupby-sum algorithm (Kahan compensation,
+    row order, +-inf kept: pandas/_libs/groupby.pyx group_sum), so results equal `DataFrame.groupby().sum()`
+    bit for bit; `last` equals `groupby().last()`."""
+    bar = (samples[:, 0].astype(np.int64) // bar_ms) * bar_ms
+    keys = np.unique(bar)
+    label = np.searchsorted(keys, bar)
+    k, m = len(keys), len(sum_idx)
+    sums, comp = np.zeros((k, m)), np.zeros((k, m))
+    counts = np.zeros(k, dtype=np.int64)
+    last = np.full((k, len(last_idx)), np.nan)
+    for i in range(len(samples)):
+        g = label[i]
+        counts[g] += 1
+        for j in range(m):
+            c = sum_idx[j]
+            val = samples[i, micro_dev] ** 2 if c < 0 else samples[i, c]
+            if val != val:
+                continue
+            y = val - comp[g, j]
+            t = sums[g, j] + y
+            comp[g, j] = t - sums[g, j] - y
+            if comp[g, j] != comp[g, j]:
+                comp[g, j] = 0.0
+            sums[g, j] = t
+        for j in range(len(last_idx)):
+            val = samples[i, last_idx[j]]
+            if val == val:
+                last[g, j] = val
+    return keys, sums, counts, last
+
+
 def partial_book_bars(samples: np.ndarray, bar_ms: int) -> pd.DataFrame:
     """Per-bar sums, sums of squares, counts and last values of samples (mergeable across chunks)."""
-    frame = pd.DataFrame(samples, columns=list(SAMPLE_COLUMNS))
-    frame["bar"] = (frame["t_ms"].to_numpy().astype(np.int64) // bar_ms) * bar_ms
-    frame["micro_dev_sq"] = frame["micro_dev"] ** 2
-    sums = list(dict.fromkeys(list(_MEAN_COLS.values()) + ["micro_dev_sq", "ofi"]))
-    grouped = frame.groupby("bar", sort=True)
-    out = grouped[sums].sum().add_prefix("sum_")
-    out["n"] = grouped.size()
-    last = grouped[["t_ms"] + list(dict.fromkeys(_LAST_COLS.values()))].last()
-    return out.join(last.add_prefix("last_"))
+    keys, sums, counts, last = _reduce_bars(np.ascontiguousarray(samples, dtype=np.float64), bar_ms, _SUM_IDX,
+                                            _LAST_IDX, _MICRO_DEV)
+    cols = {f"sum_{c}": sums[:, j] for j, c in enumerate(_SUM_SRC)}
+    cols["n"] = counts
+    cols.update({f"last_{c}": last[:, j] for j, c in enumerate(_LAST_SRC)})
+    return pd.DataFrame(cols, index=pd.Index(keys, name="bar"))
 
 
 class BookBarSums:
@@ -1000,9 +1039,12 @@ class BookBarSums:
 
 
 def merge_partial_book_bars(parts: list[pd.DataFrame]) -> pd.DataFrame:
-    """Combine partial per-bar frames from several chunks into one partial frame."""
+    """Combine partial per-bar frames from several chunks into one partial frame (one part with strictly
+    increasing bars is already combined: `BookBarSums` reduces each bar once)."""
     if not parts:
         return pd.DataFrame()
+    if len(parts) == 1 and parts[0].index.is_monotonic_increasing and parts[0].index.is_unique:
+        return parts[0]
     frame = pd.concat(parts).sort_values("last_t_ms", kind="stable")
     grouped = frame.groupby(level=0, sort=True)
     sum_cols = [c for c in frame.columns if c.startswith("sum_")] + ["n"]
@@ -1015,16 +1057,13 @@ def finalize_book_bars(partial: pd.DataFrame) -> pd.DataFrame:
     if partial.empty:
         return pd.DataFrame(columns=BOOK_BAR_COLUMNS, dtype=float)
     n = partial["n"].to_numpy(dtype=float)
-    out = pd.DataFrame(index=partial.index)
-    for col, src in _MEAN_COLS.items():
-        out[col] = partial[f"sum_{src}"].to_numpy() / n
-    var = partial["sum_micro_dev_sq"].to_numpy() / n - out["ob_micro_dev_mean"].to_numpy() ** 2
+    out = {col: partial[f"sum_{src}"].to_numpy() / n for col, src in _MEAN_COLS.items()}
+    var = partial["sum_micro_dev_sq"].to_numpy() / n - out["ob_micro_dev_mean"] ** 2
     out["ob_micro_dev_std"] = np.sqrt(np.clip(var, 0.0, None))
-    for col, src in _LAST_COLS.items():
-        out[col] = partial[f"last_{src}"].to_numpy()
+    out.update({col: partial[f"last_{src}"].to_numpy() for col, src in _LAST_COLS.items()})
     out["ob_ofi_sum"] = partial["sum_ofi"].to_numpy()
     out["ob_samples"] = partial["n"].to_numpy().astype(np.int64)
-    return out[BOOK_BAR_COLUMNS]
+    return pd.DataFrame({c: out[c] for c in BOOK_BAR_COLUMNS}, index=partial.index)
 
 
 def aggregate_book_samples(samples: np.ndarray, bar_seconds: int) -> pd.DataFrame:
