@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import urlparse
 
 import requests
 from pybit import unified_trading
@@ -263,6 +264,9 @@ class Endpoints:
         if self.rest_url:
             return self.rest_url
         return ("demo-" if self.demo else "") + ("testnet" if self.testnet else "mainnet")
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def resolve_endpoints(live: LiveSettings, creds: Credentials | None) -> Endpoints:
@@ -503,6 +507,8 @@ class ExchangeClient:
         session = _SyncedHTTP(**kwargs)
         if self.endpoints.rest_url:
             session.endpoint = self.endpoints.rest_url
+        if urlparse(session.endpoint).hostname in LOOPBACK_HOSTS:
+            session.client.trust_env = False   # no HTTP(S)_PROXY for our own 127.0.0.1 exchange (nor an environ scan per call)
         return session
 
     def close(self) -> None:

@@ -280,6 +280,17 @@ def test_startup_checks_load_rules_and_accept_a_trade_only_key(paper):
     assert c.set_position_mode("oneway") is False  # 110025 is benign
 
 
+def test_a_proxy_in_the_environment_is_not_used_for_the_paper_exchange_on_127_0_0_1(paper, monkeypatch):
+    """requests would send 127.0.0.1 through HTTP(S)_PROXY (no NO_PROXY on Linux); the paper venue is local."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")     # the discard port: nothing listens, a proxied call fails
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    c = make_client(paper)
+    assert c.startup_checks().rules.tick_size == Decimal("0.01")
+    c.close()
+
+
 def test_startup_switches_to_hedge_mode(paper):
     c = make_client(paper, position_mode="hedge")
     c.startup_checks()
