@@ -840,6 +840,7 @@ class Engine:
         if self._admin_http is None:
             import requests
             self._admin_http = requests.Session()
+            self._admin_http.trust_env = False   # 127.0.0.1: no proxy from the environment
         resp = self._admin_http.post(f"{self.cfg.live.rest_url}/__admin/{action}", json=body or {}, timeout=60)
         resp.raise_for_status()
         return resp.json()
@@ -1170,8 +1171,7 @@ class Engine:
         self.journals.write("signals", {
             "bar_time": iso(bar_ms), "bar_ms": bar_ms, **{c: float(bar[c].iloc[0]) for c in
                                                           ("open", "high", "low", "close", "volume")},
-            "bar": {c: bar[c].iloc[0].item() if hasattr(bar[c].iloc[0], "item") else bar[c].iloc[0]
-                    for c in data_loader.BAR_COLUMNS},
+            "bar": bar[data_loader.BAR_COLUMNS].to_dict("records")[0],
             "atr": atr, "warm": warm, **probs, "exec_threshold": s.exec_threshold,
             "direction_threshold": s.direction_threshold, "aggressive_threshold": s.aggressive_threshold,
             "entries_allowed": allowed, "reason": reason, "latency_ms": latency,
@@ -1184,7 +1184,7 @@ class Engine:
                           "order_link_id": r.order_link_id} for r in requests],
             **({"features": {k: float(v) for k, v in row.items() if k != "is_warm"}} if self.args.log_features else {})})
         self.send(requests)
-        self._save()
+        self._state_dirty = True   # written at the end of this loop pass, with the events it handles
 
     def _probabilities(self, bar_ms: int, feats: pd.DataFrame) -> dict[str, float]:
         table = self.setup.probabilities
@@ -1266,12 +1266,14 @@ class Engine:
         if self._deferred is not None:
             self._deferred.extend(requests)
             return
+        creates = [req for req in requests if req.action == "create"]
+        for req in creates:
+            self.links[req.order_link_id] = req.kind
+            self.state.setdefault("unsettled", {})[req.order_link_id] = self.clock.exchange_ms()
+        if creates:
+            self._save()   # one write ahead of the batch: an id written but never sent settles as never placed
         for req in requests:
             wire = req.order_link_id
-            if req.action == "create":
-                self.links[wire] = req.kind
-                self.state.setdefault("unsettled", {})[wire] = self.clock.exchange_ms()
-                self._save()
             if req.action != "cancel":
                 self.journals.write("trades", self._exec.placed_record(req, self.clock.exchange_ms()))
             try:
