@@ -804,8 +804,9 @@ class Engine:
                  "warm now" if wait == 0 else f"warm in {wait} bars ({wait * self.bar_ms / 60000:.0f} min)")
 
     def _load_kernels(self) -> None:
-        """Features and probabilities once on the warm-up window, so the first live bar does not pay for loading
-        the compiled feature kernels and LightGBM (about 100 ms); results unused."""
+        """Features, probabilities and the book-bar reduction once on the warm-up window, so the first live bar
+        does not pay for loading the compiled kernels and LightGBM (about 0.7 s); results unused."""
+        ob.partial_book_bars(np.zeros((1, ob.N_SAMPLE_COLS)), self.bar_ms)
         feats = feature_engine.compute_features(self.window, self.cfg)
         if self.bundle is not None and len(feats):
             self.bundle.predict(feats.iloc[-1:])

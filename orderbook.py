@@ -703,8 +703,10 @@ def replay_chunk(buf: np.ndarray, pos: int, final: bool, line: int, ts_lo: int, 
 def _levels(levels: Any) -> np.ndarray:
     """[[price, qty], ...] (strings or numbers) -> float64 array (n, 2); rejects non-positive prices."""
     arr = np.asarray(levels, dtype=np.float64).reshape(-1, 2) if len(levels) else np.empty((0, 2))
-    if arr.size and not (np.all(arr[:, 0] > 0) and np.all(arr[:, 1] >= 0) and np.all(np.isfinite(arr))):
-        raise ValueError("book levels need finite prices > 0 and sizes >= 0")
+    if arr.size:
+        low = arr.min(axis=0)   # NaN propagates into min, so one comparison each rejects it
+        if not (low[0] > 0 and low[1] >= 0 and arr.max() < np.inf):
+            raise ValueError("book levels need finite prices > 0 and sizes >= 0")
     return arr
 
 
@@ -962,16 +964,13 @@ _MICRO_DEV = SAMPLE_COLUMNS.index("micro_dev")
 
 
 @njit(cache=True)
-def _reduce_bars(samples: np.ndarray, bar_ms: int, sum_idx: np.ndarray, last_idx: np.ndarray, micro_dev: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per bar (ascending opens): NaN-skipping sums (column -1: micro_dev squared), row counts, and the last
-    non-NaN value of each `last_idx` column. The sums are pandas' groupby-sum algorithm (Kahan compensation,
-    row order, +-inf kept: pandas/_libs/groupby.pyx group_sum), so results equal `DataFrame.groupby().sum()`
-    bit for bit; `last` equals `groupby().last()`."""
-    bar = (samples[:, 0].astype(np.int64) // bar_ms) * bar_ms
-    keys = np.unique(bar)
-    label = np.searchsorted(keys, bar)
-    k, m = len(keys), len(sum_idx)
+def _reduce_bars(samples: np.ndarray, label: np.ndarray, k: int, sum_idx: np.ndarray, last_idx: np.ndarray,
+                 micro_dev: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group 0..k-1 (`label` of each sample row): NaN-skipping sums (column -1: micro_dev squared), row
+    counts, and the last non-NaN value of each `last_idx` column. The sums are pandas' groupby-sum algorithm
+    (Kahan compensation in row order, +-inf kept: pandas/_libs/groupby.pyx group_sum), so they equal
+    `DataFrame.groupby().sum()` bit for bit; `last` equals `groupby().last()`."""
+    m = len(sum_idx)
     sums, comp = np.zeros((k, m)), np.zeros((k, m))
     counts = np.zeros(k, dtype=np.int64)
     last = np.full((k, len(last_idx)), np.nan)
@@ -993,13 +992,14 @@ def _reduce_bars(samples: np.ndarray, bar_ms: int, sum_idx: np.ndarray, last_idx
             val = samples[i, last_idx[j]]
             if val == val:
                 last[g, j] = val
-    return keys, sums, counts, last
+    return sums, counts, last
 
 
 def partial_book_bars(samples: np.ndarray, bar_ms: int) -> pd.DataFrame:
     """Per-bar sums, sums of squares, counts and last values of samples (mergeable across chunks)."""
-    keys, sums, counts, last = _reduce_bars(np.ascontiguousarray(samples, dtype=np.float64), bar_ms, _SUM_IDX,
-                                            _LAST_IDX, _MICRO_DEV)
+    samples = np.ascontiguousarray(samples, dtype=np.float64).reshape(-1, N_SAMPLE_COLS)
+    keys, label = np.unique((samples[:, 0].astype(np.int64) // bar_ms) * bar_ms, return_inverse=True)
+    sums, counts, last = _reduce_bars(samples, label.astype(np.int64), len(keys), _SUM_IDX, _LAST_IDX, _MICRO_DEV)
     cols = {f"sum_{c}": sums[:, j] for j, c in enumerate(_SUM_SRC)}
     cols["n"] = counts
     cols.update({f"last_{c}": last[:, j] for j, c in enumerate(_LAST_SRC)})

@@ -362,3 +362,13 @@ def test_compiled_bar_reduction_equals_pandas_groupby_bit_for_bit() -> None:
         if trial % 5 == 0:
             s[rng.integers(0, n), ob.SAMPLE_COLUMNS.index("ofi")] = np.inf
         pd.testing.assert_frame_equal(ob.partial_book_bars(s, 60_000), pandas_book_bars(s, 60_000), check_exact=True)
+
+
+@pytest.mark.parametrize("level", [["nan", "1"], ["1", "nan"], ["inf", "1"], ["-inf", "1"], ["1", "inf"], ["0", "1"],
+                                   ["-2", "1"], ["1", "-1"], ["nan", "nan"]])
+def test_a_level_without_a_finite_positive_price_or_a_finite_size_is_refused_and_the_book_kept(level) -> None:
+    book = OrderBook()
+    assert book.apply_bybit(_msg("snapshot", 1, [(100, 1)], [(101, 2)]))
+    with pytest.raises(ValueError, match="finite prices"):
+        book.apply_bybit(_msg("delta", 2, [("99", "1"), tuple(level)]))
+    assert book_levels(book) == ([(100.0, 1.0)], [(101.0, 2.0)]) and book.last_u == 1
