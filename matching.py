@@ -108,20 +108,29 @@ class Instrument:
         return fixed_point(operator.index(lots) * self._step_units, self.qty_decimals)
 
     @cached_property
-    def _price_strs(self) -> Callable[[int], str]:
+    def price_strs(self) -> Callable[[int], str]:
+        """price_str with its strings cached (a replay prints the same few thousand prices again and again)."""
         return lru_cache(maxsize=1 << 16)(self.price_str)
 
     @cached_property
-    def _qty_strs(self) -> Callable[[int], str]:
+    def qty_strs(self) -> Callable[[int], str]:
+        """qty_str, cached likewise."""
         return lru_cache(maxsize=1 << 16)(self.qty_str)
 
-    def level_strs(self, prices: np.ndarray, qtys: np.ndarray) -> list[list[str]]:
-        """[[price, size], ...] of book levels as Bybit prints them: nearest tick, size floored to the lot
-        (grid.py's rule, vectorised; strings cached, as a replay repeats the same few thousand prices)."""
+    def _level_grid(self, prices: np.ndarray, qtys: np.ndarray) -> tuple[list[int], list[int]]:
+        """Ticks (nearest) and lots (floored) of book levels: grid.py's rule, vectorised."""
         ticks = grid.grid_indices(np.asarray(prices, dtype=np.float64), self._tick_float, grid.NEAREST)
         lots = grid.grid_indices(np.asarray(qtys, dtype=np.float64) + 1e-12, self._step_float, grid.DOWN)
-        ps, qs = self._price_strs, self._qty_strs
-        return [[ps(t), qs(q)] for t, q in zip(ticks.tolist(), lots.tolist())]
+        return ticks.tolist(), lots.tolist()
+
+    def level_ints(self, prices: np.ndarray, qtys: np.ndarray) -> dict[int, int]:
+        """Book levels as {ticks: lots}, best first."""
+        return dict(zip(*self._level_grid(prices, qtys)))
+
+    def level_strs(self, prices: np.ndarray, qtys: np.ndarray) -> list[list[str]]:
+        """[[price, size], ...] of book levels as Bybit prints them (every level kept)."""
+        ps, qs = self.price_strs, self.qty_strs
+        return [[ps(t), qs(q)] for t, q in zip(*self._level_grid(prices, qtys))]
 
     def px(self, ticks: int) -> float:
         return float(Decimal(ticks) * self.tick_size)
@@ -382,6 +391,8 @@ class MatchingEngine:
         self.now_ms = max(self.now_ms, int(ts_ms))
         ticks = self.inst.to_ticks(price)
         self.last_price = ticks
+        if not self.active:
+            return   # nothing rests or waits for a trigger (the replay of the days before --start, a flat account)
         remaining = size
         touch = self.fill_rule == "touch"
         for order in self._resting():

@@ -259,10 +259,11 @@ class MarketReplay:
                 "prev24h": rows[0][1][0], "prev1h": hour[0][0] if hour else last}
 
     def prune(self) -> None:
-        """Keep at most CANDLE_DAYS of 1-minute candles in memory."""
+        """Keep at most CANDLE_DAYS of 1-minute candles in memory (minutes are made in time order, so the
+        oldest are first: each advance drops what fell out, without rebuilding 11,520 minutes)."""
         horizon = self.now_ms - CANDLE_DAYS * 86_400_000
-        if self.minutes and min(self.minutes) < horizon:
-            self.minutes = {m: b for m, b in self.minutes.items() if m >= horizon}
+        while self.minutes and (first := next(iter(self.minutes))) < horizon:
+            del self.minutes[first]
 
 
 # ---------------------------------------------------------------- server
@@ -303,11 +304,11 @@ class Conn:
 
 @dataclass
 class BookTopic:
-    """Per-depth orderbook stream state: last levels sent and the update id."""
+    """Per-depth orderbook stream state: last levels sent ({ticks: lots}, best first) and the update id."""
     depth: int
     u: int = 0
-    bids: dict[str, str] = field(default_factory=dict)
-    asks: dict[str, str] = field(default_factory=dict)
+    bids: dict[int, int] = field(default_factory=dict)
+    asks: dict[int, int] = field(default_factory=dict)
 
 
 DEFAULT_PERMISSIONS: dict[str, list[str]] = {
@@ -819,8 +820,7 @@ class PaperExchange:
         """What a new subscriber gets first: the orderbook snapshot (current u) or the full ticker."""
         if topic.startswith("orderbook."):
             state = self._book_topic(int(topic.split(".")[1]))
-            return self._book_msg(topic, state, "snapshot", [[p, q] for p, q in state.bids.items()],
-                                  [[p, q] for p, q in state.asks.items()])
+            return self._book_msg(topic, state, "snapshot", self._wire(state.bids), self._wire(state.asks))
         if topic.startswith("tickers."):
             ticker = self._ticker()
             return {"topic": topic, "type": "snapshot", "data": ticker, "cs": self.replay.book_seq,
@@ -831,11 +831,22 @@ class PaperExchange:
         state = self.book_topics.get(depth)
         if state is None:
             state = BookTopic(depth)
-            bids, asks = self._levels_str(depth)
-            state.bids, state.asks = dict((p, q) for p, q in bids), dict((p, q) for p, q in asks)
+            state.bids, state.asks = self._level_ints(depth)
             state.u = 1
             self.book_topics[depth] = state
         return state
+
+    def _level_ints(self, n: int) -> tuple[dict[int, int], dict[int, int]]:
+        """The top n levels per side as {ticks: lots}, best first (what the wire strings print, compared as ints)."""
+        book = self.replay.book
+        if not book.valid:
+            return {}, {}
+        bp, bq, ap, aq = book.top(n)
+        return self.inst.level_ints(bp, bq), self.inst.level_ints(ap, aq)
+
+    def _wire(self, levels: dict[int, int]) -> list[list[str]]:
+        ps, qs = self.inst.price_strs, self.inst.qty_strs
+        return [[ps(t), qs(q)] for t, q in levels.items()]
 
     def _book_msg(self, topic: str, state: BookTopic, kind: str, bids: list, asks: list) -> dict:
         return {"topic": topic, "type": kind, "ts": self.replay.book_ts or self.replay.now_ms,
@@ -924,21 +935,20 @@ class PaperExchange:
         """The delta (depth 1: snapshot) between the last levels sent and the book now; u=1 on a reset;
         force: an empty delta rather than nothing when the levels did not change."""
         state = self._book_topic(depth)
-        bids, asks = self._levels_str(depth)
-        new_b, new_a = dict((p, q) for p, q in bids), dict((p, q) for p, q in asks)
+        new_b, new_a = self._level_ints(depth)
         if reset:
             state.u, state.bids, state.asks = 1, new_b, new_a
-            return self._book_msg(topic, state, "snapshot", bids, asks)
+            return self._book_msg(topic, state, "snapshot", self._wire(new_b), self._wire(new_a))
         if depth == 1:
             if new_b == state.bids and new_a == state.asks and not force:
                 return None
             state.u += 1
             state.bids, state.asks = new_b, new_a
-            return self._book_msg(topic, state, "snapshot", bids, asks)
-        db = [[p, q] for p, q in new_b.items() if state.bids.get(p) != q] + \
-             [[p, "0"] for p in state.bids if p not in new_b]
-        da = [[p, q] for p, q in new_a.items() if state.asks.get(p) != q] + \
-             [[p, "0"] for p in state.asks if p not in new_a]
+            return self._book_msg(topic, state, "snapshot", self._wire(new_b), self._wire(new_a))
+        db = self._wire({t: q for t, q in new_b.items() if state.bids.get(t) != q}) + \
+            [[self.inst.price_strs(t), "0"] for t in state.bids if t not in new_b]
+        da = self._wire({t: q for t, q in new_a.items() if state.asks.get(t) != q}) + \
+            [[self.inst.price_strs(t), "0"] for t in state.asks if t not in new_a]
         if not db and not da and not force:
             return None
         state.u += 1
