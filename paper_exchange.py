@@ -286,6 +286,7 @@ class Faults:
     book_reset: bool = False
     mute_pushes: bool = False
     refuse_mode_switch: bool = False   # an account whose position mode cannot be changed
+    invalid_utf8_pushes: int = 0       # public pushes sent as text frames whose last byte is 0xff (not UTF-8)
 
 
 @dataclass(eq=False)
@@ -726,7 +727,11 @@ class PaperExchange:
             if conn.ws.closed:
                 return
             try:
-                await conn.ws.send_str(text)
+                if self.faults.invalid_utf8_pushes > 0 and not conn.private and text.startswith('{"topic"'):
+                    self.faults.invalid_utf8_pushes -= 1
+                    await conn.ws.send_frame(text.encode()[:-1] + b"\xff", web.WSMsgType.TEXT)
+                else:
+                    await conn.ws.send_str(text)
             except (ConnectionResetError, RuntimeError):
                 self.conns.discard(conn)
                 return

@@ -659,6 +659,19 @@ def test_duplicated_push_is_ignored_without_a_resync(paper, market):
     assert market.book.gaps == 0 and market.book_valid and market.top()[0] == 99.49
 
 
+def test_a_push_that_is_not_utf8_is_refused_and_the_stream_rebuilt(paper, market):
+    """The frame check the client keeps (a strict decode, not websocket-client's Python loop) still refuses it."""
+    set_fault(paper, invalid_utf8_pushes=1)
+    paper.advance(6)
+    assert wait_until(lambda: not market.connected and market.health() != "ok")
+    assert market.trades == [], "nothing of the refused frame reached the handlers"
+    watchdog = ec.StreamWatchdog([market], interval=0.05).start()
+    try:
+        assert wait_until(lambda: market.rebuilds >= 1 and in_sync(market, paper), timeout=10)
+    finally:
+        watchdog.stop()
+
+
 def test_bad_frames_and_failing_callbacks_do_not_kill_the_stream(paper, client, caplog):
     def explode(rows):
         raise RuntimeError("user handler bug")
