@@ -375,7 +375,9 @@ def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig)
     the shape of `engine_intents`, and the engine's equity marked at each bar close (its own fills: what it
     sized with). Each decision sees exactly the events journaled before it: the signals record's
     `trades_lines` (trades journal records written before the decision); an "adopted" record (the engine took
-    the stop the exchange made from an entry's attached stopLoss as the position's) is adopted the same way. intents.attrs["event_statuses"]
+    the stop the exchange made from an entry's attached stopLoss as the position's) is adopted the same way, and
+    a "placed" exit with reason stop_refused (the engine closing a position whose stop the exchange refused,
+    `Execution.exit_position`, not a bar-close decision) is asked for the same way. intents.attrs["event_statuses"]
     counts how Execution took the events (anything but "applied" follows a divergence), intents.attrs
     ["states"] holds the state each decision saw (bar time -> equity, positions, resting). Bar.index counts
     bars on the epoch grid, as the engine does. ParityError when a signals record lacks `trades_lines`."""
@@ -392,6 +394,8 @@ def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig)
             if event == "adopted":      # the stop the exchange made from an entry's attached stopLoss
                 ex.adopt_attached_stop(str(trades[k]["order_id"]), str(trades[k]["side"]),
                                        _num(trades[k].get("price")), _num(trades[k].get("qty")))
+            elif event == "placed" and trades[k].get("kind") == "exit" and trades[k].get("reason") == "stop_refused":
+                ex.exit_position(str(trades[k].get("position_id") or ""), "stop_refused")   # the engine's own call
             elif event in EXEC_EVENT_TYPES:
                 status = ex.on_event(exec_event(execution, trades[k])).status
                 statuses[status] = statuses.get(status, 0) + 1

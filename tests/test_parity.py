@@ -314,6 +314,40 @@ def test_decisions_replay_applies_exactly_the_events_journaled_before_each_decis
         parity.replay_decisions(signals, journal, cfg)
 
 
+def test_decisions_replay_closes_a_position_the_engine_exited_because_its_stop_was_refused() -> None:
+    """The engine, not a bar close, asks the lifecycle for a market exit when the exchange refuses a position's
+    stop (Execution.exit_position, reason stop_refused). The replay asks the same when it reads that "placed"
+    record, so the exit's fills close the position there too (they were "unknown" before, and the replay kept
+    a position the engine no longer had: every later bar then differed)."""
+    import execution
+    cfg = GlobalConfig()
+    cfg.symbol, cfg.data.timeframe = "TESTUSDT", "5m"
+    times = pd.date_range("2026-03-02", periods=3, freq="5min", tz="UTC")
+    frame = pd.DataFrame({"open": 100.0, "high": 100.2, "low": 99.6, "close": 100.0, "atr": 0.5}, index=times)
+    probs = pd.DataFrame({"p_exec_long": 0.9, "p_exec_short": 0.0, "p_dir_long": 0.6, "p_dir_short": 0.0},
+                         index=times)
+    signals = signal_records(frame, probs)
+    live = execution.Execution(cfg, cfg.symbol)
+    entry = next(r for r in live.on_bar_close(st_bar(signals[0], 300)) if r.kind == "entry")
+    close1_ms = int(times[1].value // 1_000_000) + 300_000
+    base = {"order_link_id": entry.order_link_id, "kind": "entry", "side": "Buy", "position_id": entry.position_id}
+    journal = [{**base, "event": "placed", "ts": close1_ms - 300_000},
+               {**base, "event": "accepted", "ts": close1_ms - 300_000},
+               {**base, "event": "filled", "ts": close1_ms - 1, "qty": entry.qty, "price": entry.price, "fee": 0.01}]
+    for rec in journal[1:]:
+        live.on_event(parity.exec_event(execution, rec))
+    out = live.exit_position(entry.position_id, "stop_refused")[0]
+    exit_base = {"order_link_id": out.order_link_id, "kind": "exit", "side": "Sell", "position_id": entry.position_id,
+                 "reason": "stop_refused"}
+    journal += [{**exit_base, "event": "placed", "ts": close1_ms + 1_000},
+                {**exit_base, "event": "sl", "ts": close1_ms + 2_000, "qty": entry.qty, "price": 99.5, "fee": 0.02}]
+    for rec, n in zip(signals, [0, 3, 5]):
+        rec["trades_lines"] = n
+    intents = parity.replay_decisions(signals, journal, cfg)[0]
+    assert intents.attrs["event_statuses"] == {"applied": 3}
+    assert [len(intents.attrs["states"][str(t)]["positions"]) for t in times] == [0, 1, 0]
+
+
 def st_bar(rec: dict, bar_s: int):
     """The strategy.Bar the engine builds from a signals record (epoch-grid index)."""
     import strategy
