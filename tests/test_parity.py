@@ -273,11 +273,8 @@ def test_a_child_is_stopped_with_its_whole_process_group(tmp_path) -> None:
     broken.stop()
 
 
-def test_decisions_replay_applies_exactly_the_events_journaled_before_each_decision() -> None:
-    """A maker entry decided at bar 0 fills inside bar 1. Each signals record names how many trades-journal
-    records were written before its decision (`trades_lines`); the replay applies exactly those, whatever their
-    stamps: with the fill journaled before bar 1's decision, bar 1's close sees the position (and, with no
-    resting order left, places a new entry); with the same fill journaled after it, the entry still rests."""
+def maker_entry_at_bar_0() -> tuple:
+    """(cfg, 3 bar times, bars, probabilities, the Execution that decided, its maker entry at bar 0) on 5m bars."""
     import execution
     cfg = GlobalConfig()
     cfg.symbol, cfg.data.timeframe = "TESTUSDT", "5m"
@@ -285,8 +282,17 @@ def test_decisions_replay_applies_exactly_the_events_journaled_before_each_decis
     frame = pd.DataFrame({"open": 100.0, "high": 100.2, "low": 99.6, "close": 100.0, "atr": 0.5}, index=times)
     probs = pd.DataFrame({"p_exec_long": 0.9, "p_exec_short": 0.0, "p_dir_long": 0.6, "p_dir_short": 0.0},
                          index=times)
-    entry = next(r for r in execution.Execution(cfg, cfg.symbol).on_bar_close(st_bar(signal_records(
-        frame, probs)[0], 300)) if r.kind == "entry")
+    live = execution.Execution(cfg, cfg.symbol)
+    entry = next(r for r in live.on_bar_close(st_bar(signal_records(frame, probs)[0], 300)) if r.kind == "entry")
+    return cfg, times, frame, probs, live, entry
+
+
+def test_decisions_replay_applies_exactly_the_events_journaled_before_each_decision() -> None:
+    """A maker entry decided at bar 0 fills inside bar 1. Each signals record names how many trades-journal
+    records were written before its decision (`trades_lines`); the replay applies exactly those, whatever their
+    stamps: with the fill journaled before bar 1's decision, bar 1's close sees the position (and, with no
+    resting order left, places a new entry); with the same fill journaled after it, the entry still rests."""
+    cfg, times, frame, probs, _, entry = maker_entry_at_bar_0()
     close1_ms = int(times[1].value // 1_000_000) + 300_000
     base = {"order_link_id": entry.order_link_id, "kind": "entry", "side": "Buy", "position_id": entry.position_id}
     journal = [{**base, "event": "placed", "ts": close1_ms - 300_000},
@@ -320,15 +326,8 @@ def test_decisions_replay_closes_a_position_the_engine_exited_because_its_stop_w
     record, so the exit's fills close the position there too (they were "unknown" before, and the replay kept
     a position the engine no longer had: every later bar then differed)."""
     import execution
-    cfg = GlobalConfig()
-    cfg.symbol, cfg.data.timeframe = "TESTUSDT", "5m"
-    times = pd.date_range("2026-03-02", periods=3, freq="5min", tz="UTC")
-    frame = pd.DataFrame({"open": 100.0, "high": 100.2, "low": 99.6, "close": 100.0, "atr": 0.5}, index=times)
-    probs = pd.DataFrame({"p_exec_long": 0.9, "p_exec_short": 0.0, "p_dir_long": 0.6, "p_dir_short": 0.0},
-                         index=times)
+    cfg, times, frame, probs, live, entry = maker_entry_at_bar_0()
     signals = signal_records(frame, probs)
-    live = execution.Execution(cfg, cfg.symbol)
-    entry = next(r for r in live.on_bar_close(st_bar(signals[0], 300)) if r.kind == "entry")
     close1_ms = int(times[1].value // 1_000_000) + 300_000
     base = {"order_link_id": entry.order_link_id, "kind": "entry", "side": "Buy", "position_id": entry.position_id}
     journal = [{**base, "event": "placed", "ts": close1_ms - 300_000},
