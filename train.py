@@ -357,24 +357,29 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         path = Path(url[len("journal:"):])
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    import sqlalchemy.exc
     engine_kwargs = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
     for attempt in range(4):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
                                               grace_period=180)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            time.sleep(0.5 + attempt)  # workers starting together race to create the schema; retry finds it
-        except sqlalchemy.exc.OperationalError as exc:
-            if "already exists" not in str(exc) and "locked" not in str(exc):
-                raise TrainError(f"cannot open study storage {redact(url)}: "
-                                 f"{redact(str(exc).strip().splitlines()[0])}") from None
-            time.sleep(0.5 + attempt)  # SQLite's form of the same race (optuna issues 1092, 4621)
         except Exception as exc:  # noqa: BLE001 — every driver error becomes one readable message
+            if _schema_race(exc):
+                time.sleep(0.5 + attempt)  # workers starting together race to create the schema; retry finds it
+                continue
             text = str(exc).strip()
             reason = redact(text.splitlines()[0] if text else type(exc).__name__)
             raise TrainError(f"cannot open study storage {redact(url)}: {reason}") from None
     raise TrainError(f"cannot create the study schema in {redact(url)}: concurrent workers kept colliding")
+
+
+def _schema_race(exc: Exception) -> bool:
+    """Whether opening the storage lost the race to create its schema: PostgreSQL's IntegrityError or
+    ProgrammingError, SQLite's OperationalError "table ... already exists" or "database is locked" (optuna
+    issues 1092, 4621)."""
+    import sqlalchemy.exc
+    if isinstance(exc, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)):
+        return True
+    return isinstance(exc, sqlalchemy.exc.OperationalError) and ("already exists" in str(exc) or "locked" in str(exc))
 
 
 def redact(text: str) -> str:
