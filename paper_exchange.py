@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -586,7 +587,7 @@ class PaperExchange:
         if not book.valid:
             return [], []
         bp, bq, ap, aq = book.top(n)
-        return self.inst.level_strs(bp, bq), self.inst.level_strs(ap, aq)
+        return self._wire(self.inst.level_grid(bp, bq)), self._wire(self.inst.level_grid(ap, aq))
 
     def h_orderbook(self, p: dict) -> dict:
         self._check_market(p)
@@ -825,7 +826,8 @@ class PaperExchange:
         """What a new subscriber gets first: the orderbook snapshot (current u) or the full ticker."""
         if topic.startswith("orderbook."):
             state = self._book_topic(int(topic.split(".")[1]))
-            return self._book_msg(topic, state, "snapshot", self._wire(state.bids), self._wire(state.asks))
+            return self._book_msg(topic, state, "snapshot", self._wire(state.bids.items()),
+                                  self._wire(state.asks.items()))
         if topic.startswith("tickers."):
             ticker = self._ticker()
             return {"topic": topic, "type": "snapshot", "data": ticker, "cs": self.replay.book_seq,
@@ -847,11 +849,12 @@ class PaperExchange:
         if not book.valid:
             return {}, {}
         bp, bq, ap, aq = book.top(n)
-        return self.inst.level_ints(bp, bq), self.inst.level_ints(ap, aq)
+        return dict(self.inst.level_grid(bp, bq)), dict(self.inst.level_grid(ap, aq))
 
-    def _wire(self, levels: dict[int, int]) -> list[list[str]]:
+    def _wire(self, levels: Iterable[tuple[int, int]]) -> list[list[str]]:
+        """(ticks, lots) levels as Bybit's [[price, size], ...] strings."""
         ps, qs = self.inst.price_strs, self.inst.qty_strs
-        return [[ps(t), qs(q)] for t, q in levels.items()]
+        return [[ps(t), qs(q)] for t, q in levels]
 
     def _book_msg(self, topic: str, state: BookTopic, kind: str, bids: list, asks: list) -> dict:
         return {"topic": topic, "type": kind, "ts": self.replay.book_ts or self.replay.now_ms,
@@ -943,16 +946,16 @@ class PaperExchange:
         new_b, new_a = self._level_ints(depth)
         if reset:
             state.u, state.bids, state.asks = 1, new_b, new_a
-            return self._book_msg(topic, state, "snapshot", self._wire(new_b), self._wire(new_a))
+            return self._book_msg(topic, state, "snapshot", self._wire(new_b.items()), self._wire(new_a.items()))
         if depth == 1:
             if new_b == state.bids and new_a == state.asks and not force:
                 return None
             state.u += 1
             state.bids, state.asks = new_b, new_a
-            return self._book_msg(topic, state, "snapshot", self._wire(new_b), self._wire(new_a))
-        db = self._wire({t: q for t, q in new_b.items() if state.bids.get(t) != q}) + \
+            return self._book_msg(topic, state, "snapshot", self._wire(new_b.items()), self._wire(new_a.items()))
+        db = self._wire([(t, q) for t, q in new_b.items() if state.bids.get(t) != q]) + \
             [[self.inst.price_strs(t), "0"] for t in state.bids if t not in new_b]
-        da = self._wire({t: q for t, q in new_a.items() if state.asks.get(t) != q}) + \
+        da = self._wire([(t, q) for t, q in new_a.items() if state.asks.get(t) != q]) + \
             [[self.inst.price_strs(t), "0"] for t in state.asks if t not in new_a]
         if not db and not da and not force:
             return None
@@ -1029,10 +1032,10 @@ class PaperExchange:
                 return web.json_response({"error": step}, status=400)
             self.advance(step[0], until_ms=step[1], stop_at_private=bool(body.get("stop_at_private", False)))
         elif action == "speed":
-            speed = float(body.get("speed", -1))
-            if not speed >= 0:
-                return web.json_response({"error": "speed must be a number >= 0 (market seconds per wall second)"},
-                                         status=400)
+            speed = _non_negative(body.get("speed"))
+            if speed is None:
+                return web.json_response({"error": "speed must be a finite number >= 0 (market seconds per wall "
+                                                   f"second), got {body.get('speed')!r}"}, status=400)
             self.speed = speed
         elif action == "fault":
             for key, value in body.items():
@@ -1061,18 +1064,24 @@ class PaperExchange:
                 "connections": len(self.conns)}
 
 
+def _non_negative(value: Any) -> float | None:
+    """A finite number >= 0 from a JSON field (number or numeric string), else None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
 def _advance_args(body: dict) -> tuple[float, int | None] | str:
     """(seconds, until_ms) of an admin advance, or the message naming the bad field."""
-    try:
-        seconds = float(body.get("seconds", 0))
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0):
+    seconds = _non_negative(body.get("seconds", 0))
+    if seconds is None:
         return f"advance: seconds must be a finite number >= 0, got {body.get('seconds')!r}"
     until = body.get("until_ms")
     if until is None:
         return seconds, None
-    if isinstance(until, bool) or not isinstance(until, (int, str)) or not str(until).lstrip("-").isdigit():
+    if isinstance(until, bool) or not re.fullmatch(r"-?\d+", str(until)) or isinstance(until, float):
         return f"advance: until_ms must be an integer market time in ms, got {until!r}"
     return seconds, int(until)
 

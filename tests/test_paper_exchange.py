@@ -481,7 +481,8 @@ def test_admin_endpoint_controls_clock_faults_and_permissions(venue):
     state = requests.post(ex.url + "/__admin/advance", json={"until_ms": START_MS + 45_000}, timeout=5).json()
     assert state["market_ms"] == START_MS + 45_000, "until_ms holds with no client listening too"
     for bad, field in (({"seconds": "soon"}, "seconds"), ({"seconds": -1}, "seconds"), ({"seconds": "inf"}, "seconds"),
-                       ({"until_ms": "noon"}, "until_ms"), ({"until_ms": 1.5e12}, "until_ms")):
+                       ({"until_ms": "noon"}, "until_ms"), ({"until_ms": 1.5e12}, "until_ms"),
+                       ({"until_ms": "--5"}, "until_ms")):
         resp = requests.post(ex.url + "/__admin/advance", json=bad, timeout=5)
         assert resp.status_code == 400 and field in resp.json()["error"], (bad, resp.status_code, resp.text)
     assert requests.post(ex.url + "/__admin/state", timeout=5).json()["market_ms"] == START_MS + 45_000
@@ -493,6 +494,9 @@ def test_admin_endpoint_controls_clock_faults_and_permissions(venue):
     assert perms["Wallet"] == ["Withdraw"] and perms["ContractTrade"] == ["Order", "Position"]
     assert requests.post(ex.url + "/__admin/fault", json={"nonsense": 1}, timeout=5).status_code == 400
     assert requests.post(ex.url + "/__admin/speed", json={"speed": -1}, timeout=5).status_code == 400
+    for bad in ("fast", "nan", None, [1]):
+        resp = requests.post(ex.url + "/__admin/speed", json={"speed": bad}, timeout=5)
+        assert resp.status_code == 400 and "speed" in resp.json()["error"], (bad, resp.status_code, resp.text)
     assert requests.post(ex.url + "/__admin/speed", json={"speed": 600}, timeout=5).status_code == 200
     wait_until = time.monotonic() + 30
     while requests.post(ex.url + "/__admin/state", timeout=5).json()["market_ms"] < START_MS + 60_000:
