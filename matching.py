@@ -117,20 +117,12 @@ class Instrument:
         """qty_str, cached likewise."""
         return lru_cache(maxsize=1 << 16)(self.qty_str)
 
-    def _level_grid(self, prices: np.ndarray, qtys: np.ndarray) -> tuple[list[int], list[int]]:
-        """Ticks (nearest) and lots (floored) of book levels: grid.py's rule, vectorised."""
+    def level_grid(self, prices: np.ndarray, qtys: np.ndarray) -> list[tuple[int, int]]:
+        """Book levels as (ticks, lots), best first: nearest tick, size floored to the lot (grid.py's rule,
+        vectorised); price_strs/qty_strs print them as Bybit does."""
         ticks = grid.grid_indices(np.asarray(prices, dtype=np.float64), self._tick_float, grid.NEAREST)
         lots = grid.grid_indices(np.asarray(qtys, dtype=np.float64) + 1e-12, self._step_float, grid.DOWN)
-        return ticks.tolist(), lots.tolist()
-
-    def level_ints(self, prices: np.ndarray, qtys: np.ndarray) -> dict[int, int]:
-        """Book levels as {ticks: lots}, best first."""
-        return dict(zip(*self._level_grid(prices, qtys)))
-
-    def level_strs(self, prices: np.ndarray, qtys: np.ndarray) -> list[list[str]]:
-        """[[price, size], ...] of book levels as Bybit prints them (every level kept)."""
-        ps, qs = self.price_strs, self.qty_strs
-        return [[ps(t), qs(q)] for t, q in zip(*self._level_grid(prices, qtys))]
+        return list(zip(ticks.tolist(), lots.tolist()))
 
     def px(self, ticks: int) -> float:
         return float(Decimal(ticks) * self.tick_size)
