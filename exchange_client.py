@@ -1407,7 +1407,8 @@ class PrivateStream(_Stream):
         return ""
 
     def _kept(self, topic: str, row: dict, reason: str) -> bool:
-        """Count and log a dropped row (what and why); True when the row was applied."""
+        """Count and log a dropped row (what and why); True when the row was applied. An unchanged position
+        row is only counted (debug log): Bybit re-pushes the position on every order create/amend/cancel."""
         if not reason:
             return True
         kind = reason.split(":")[0]
@@ -1415,8 +1416,8 @@ class PrivateStream(_Stream):
         what = " ".join(f"{k}={row[k]}" for k in ("orderLinkId", "orderId", "execId", "positionIdx", "accountType",
                                                    "orderStatus", "cumExecQty", "seq", "updatedTime")
                         if row.get(k) not in (None, ""))
-        log.log(logging.INFO if kind == "duplicate" else logging.WARNING, "private stream: dropped %s row %s (%s)",
-                topic, what or "without ids", reason)
+        level = logging.WARNING if kind != "duplicate" else logging.DEBUG if topic == "position" else logging.INFO
+        log.log(level, "private stream: dropped %s row %s (%s)", topic, what or "without ids", reason)
         return False
 
     def wait_for(self, predicate: Callable[["PrivateStream"], bool], timeout: float) -> bool:

@@ -859,18 +859,20 @@ def test_stream_applies_each_row_once_and_tells_what_it_dropped_and_why(caplog):
     push(stream, "order", [order_row("PartiallyFilled", 8, "0.05")])
     push(stream, "position", [position_row(7, 9)])
     push(stream, "position", [position_row(6, 8, "0.05")])
+    push(stream, "position", [position_row(7, 9)])   # Bybit re-pushes it on every order create/amend/cancel
     push(stream, "wallet", [{"accountType": "UNIFIED", "totalEquity": "10"}], created=9)
     push(stream, "wallet", [{"accountType": "UNIFIED", "totalEquity": "11"}], created=8)
     assert stream.orders["ps-a"]["orderStatus"] == "Filled" and stream.positions[0]["seq"] == 7
     assert stream.wallet["totalEquity"] == "10"
     assert stream.dropped == {("execution", "duplicate"): 1, ("order", "stale"): 1, ("position", "stale"): 1,
-                              ("wallet", "stale"): 1}
+                              ("position", "duplicate"): 1, ("wallet", "stale"): 1}
     assert seen == [("execution", [fill]), ("execution", [late]), ("order", [order_row("Filled", 9, "0.15")]),
                     ("position", [position_row(7, 9)]), ("wallet", [stream.wallet])]
     assert "dropped execution row orderLinkId=ps-a execId=e1 seq=7 (duplicate: execId already applied)" in caplog.text
     assert ("dropped order row orderLinkId=ps-a orderId=o-1 orderStatus=PartiallyFilled cumExecQty=0.05 "
             "updatedTime=8 (stale: updatedTime 8 < stored 9)") in caplog.text
     assert "dropped wallet row accountType=UNIFIED (stale: creationTime 8 < stored 9)" in caplog.text
+    assert "(duplicate: this row is already applied)" not in caplog.text   # the routine position re-push: counted
 
 
 def test_remembered_exec_ids_are_bounded():
