@@ -343,6 +343,8 @@ class LiveSettings(_Section):
     reconcile_interval: str = _f("30s", _duration, "how often to reconcile with the exchange")
     heartbeat_interval: str = _f("30s", _duration, "equity/heartbeat record interval")
     ws_stale_after: str = _f("60s", _duration, "rebuild a WebSocket silent for this long")
+    streams_ready_within: str = _f("15s", _duration, "startup: wait this long for every stream's subscriptions; "
+                                   "then live warns (the watchdog rebuilds), lockstep refuses (pushes would be lost)")
     max_time_offset: str = _f("3s", _duration, "refuse to trade with a larger clock offset")
     drift_window: int = _f(200, _positive, "bars in the drift monitor window")
     drift_psi_alert: float = _f(0.25, _positive, "alert when a feature's PSI against training exceeds this")

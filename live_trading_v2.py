@@ -866,9 +866,18 @@ class Engine:
                                        ("private", topic, rows, self.private.frame_ms)))
             self.private.start()
             streams.append(self.private)
-        deadline = self.clock.monotonic() + 15
+        wait = parse_duration(self.cfg.live.streams_ready_within)
+        deadline = self.clock.monotonic() + wait
         while not all(s.ready for s in streams) and self.clock.monotonic() < deadline:
             self.clock.sleep(0.05)
+        late = " and ".join("public" if s is self.market else "private" for s in streams if not s.ready)
+        if late and self.args.lockstep:
+            raise Refusal(EXIT_STARTUP, f"lockstep: {late} stream subscriptions not confirmed within {wait:g} s "
+                                        "(live.streams_ready_within); what the exchange pushed before would be lost")
+        if late:
+            self.journals.event("error", f"{late} stream subscriptions not confirmed within {wait:g} s: the stream "
+                                         "watchdog rebuilds them; bars begun before they listen count as missing",
+                                "warning")
         self.watchdog = exc.StreamWatchdog(streams).start()
         self._seed_recent_trades()
 
@@ -916,6 +925,8 @@ class Engine:
             parse_duration(self.cfg.data.book_sample_interval) * 1000), levels=self.cfg.data.ob_levels)
         self._bars = LiveBars(self.bar_ms, self.market.book, self.market.lock,
                               0 if self.args.lockstep else int(parse_duration(self.cfg.live.bar_close_grace) * 1000))
+        if len(self.window):   # a first live bar without trades is flat at the last close, as in data_loader
+            self._bars.prev_close = float(self.window["close"].iloc[-1])
         self._recorder = self._make_recorder(depth)
 
     def _make_recorder(self, depth: int) -> Any:

@@ -3,6 +3,7 @@ per-message publish mode into the engine (real pybit WS), column for column and 
 own recording reads back into the same bars; late trades are counted, never lost."""
 from __future__ import annotations
 
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -182,3 +183,39 @@ def test_recent_trades_complete_the_bar_in_progress_when_the_engine_starts(marke
                 "vwap", "taker_buy_ratio"):
         assert float(first["bar"][col]) == float(want[col]), col
     assert want["trade_count"] > 0 and "recent trades since" in out
+
+
+def test_a_first_live_bar_without_trades_carries_the_warm_up_close(market, tmp_path):
+    """No trade in the first live bar (a quiet minute of an illiquid symbol): the bar is flat at the last
+    close of the warm-up window, as data_loader makes it, instead of NaN prices that stop the engine."""
+    quiet = tmp_path / market.name
+    shutil.copytree(market, quiet)
+    day = quiet / "Trade" / f"{SYMBOL}2026-01-01.csv"
+    trades = pd.read_csv(day, dtype=str)
+    ts = trades["timestamp"].astype(float) * 1000
+    trades[(ts < START_MS) | (ts >= START_MS + 60_000)].to_csv(day, index=False)
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    with exchange(quiet) as ex:
+        rc, out = run(engine_cmd(ex.url, model, quiet, "--signal-only", "--probabilities", str(probs),
+                                 "--max-bars", "2"), tmp_path)
+    assert rc == 0, out[-3000:]
+    signals = journal(tmp_path, "signals")
+    want = loader_bars(quiet)
+    assert signals[0]["bar"]["trade_count"] == 0 and signals[1]["bar"]["trade_count"] > 0
+    assert signals[0]["bar"]["open"] == want["close"].loc[:pd.Timestamp(START_MS - 60_000, unit="ms", tz="UTC")].iloc[-1]
+    assert_bars_equal(signals, want)
+
+
+def test_lockstep_refuses_to_start_before_the_streams_listen(market, tmp_path):
+    """A lockstep replay whose public stream is not subscribed in time would lose the pushes of its first step
+    (bars without their trades): the engine stops with the startup exit code and says which stream and why."""
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    with exchange(market) as ex:
+        ex.exchange.subscribe_delay_s = 30.0
+        rc, out = run(engine_cmd(ex.url, model, market, "--signal-only", "--probabilities", str(probs),
+                                 "--max-bars", "2", "--set", "live.streams_ready_within=1s"), tmp_path)
+    assert rc == 3, out[-3000:]
+    assert "lockstep: public and private stream subscriptions not confirmed within 1 s" in out
+    assert not journal(tmp_path, "signals")
