@@ -107,7 +107,8 @@ class MarketReplay:
         self.unpushed: list[TradePrint] = []
         self.minutes: dict[int, list[float]] = {}
         self.exhausted = False
-        self.book_updates = 0
+        self.book_updates = 0   # book lines applied
+        self.book_lines = 0     # book lines seen (applied or refused): the book cannot have changed without one
         streams = (((_book_ts(m), 0, i, m) for i, m in enumerate(book_messages)),
                    ((t.ts_ms, 1, i, t) for i, t in enumerate(trades)))
         self._events = heapq.merge(*streams, key=lambda e: (e[0], e[1], e[2]))
@@ -187,6 +188,7 @@ class MarketReplay:
             log.info("market replay reached the end of its data at %d", ts)
 
     def _on_book(self, msg: dict, ts: int) -> None:
+        self.book_lines += 1
         if self.book.apply_bybit(msg):
             data = msg["data"]
             self.book_u, self.book_seq = int(data["u"]), int(data.get("seq", 0))
@@ -339,6 +341,7 @@ class PaperExchange:
         self.per_message = per_message
         self.last_push_ts: dict[str, int] = {}
         self._book_updates_sent = 0
+        self._book_lines_sent = 0
         self.tick_s = tick_s
         self.subscribe_delay_s = subscribe_delay_s
         self.rate_window_s = 1.0
@@ -917,9 +920,11 @@ class PaperExchange:
         self.faults.book_reset = False
         force = self.per_message and self.replay.book_updates != self._book_updates_sent
         self._book_updates_sent = self.replay.book_updates
+        moved = reset or self.replay.book_lines != self._book_lines_sent   # else every topic holds the book now
+        self._book_lines_sent = self.replay.book_lines
         for depth in BOOK_DEPTHS:
             topic = f"orderbook.{depth}.{sym}"
-            if topic in subscribed or depth in self.book_topics:
+            if moved and (topic in subscribed or depth in self.book_topics):
                 msg = self._book_update(topic, depth, reset, force)
                 if msg is not None:
                     out.append((topic, json.dumps(msg), msg["ts"]))
