@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import orjson
 import pandas as pd
 
 import data_loader
@@ -1133,7 +1134,7 @@ class Engine:
 
     def _recorder_book(self, msg: dict) -> None:
         try:
-            self._recorder.on_book(msg, json.dumps(msg).encode())
+            self._recorder.on_book(msg, orjson.dumps(msg))
         except (OSError, KeyError, ValueError) as err:
             log.warning("recording book message failed: %s", err)
 
