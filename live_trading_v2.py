@@ -24,6 +24,7 @@ follow DESIGN §3. Every clock read and random draw goes through `Clock`. Exit c
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime as dt
 import json
@@ -640,6 +641,8 @@ class Engine:
         self._state_dirty = False
         self._deferred: list | None = None                      # order requests held until a batch of events is in
         self._admin_http: Any = None
+        self._admin_lock = threading.Lock()   # one admin request at a time on the kept-alive connection
+        self._advancer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lockstep")  # see _advance
         self._last_beat = -math.inf
         self._beat_positions = -1      # open_positions in the heartbeat file as last written
 
@@ -712,6 +715,7 @@ class Engine:
                 (stream.stop if stream is self.watchdog else stream.close)()
         if getattr(self, "_recorder", None) is not None:
             self._recorder.close()
+        self._advancer.shutdown(wait=False)
         self.journals.event("shutdown", f"{self.symbol} engine stopped", bars=self.bars_closed,
                             late_trades=self._bars.late_trades if hasattr(self, "_bars") else 0)
         self.stop_event.set()
@@ -839,13 +843,14 @@ class Engine:
 
     def _admin(self, action: str, body: dict | None = None) -> dict:
         """The paper exchange's test control (state, lockstep advance), on one kept-alive connection."""
-        if self._admin_http is None:
-            import requests
-            self._admin_http = requests.Session()
-            self._admin_http.trust_env = False   # 127.0.0.1: no proxy from the environment
-        resp = self._admin_http.post(f"{self.cfg.live.rest_url}/__admin/{action}", json=body or {}, timeout=60)
-        resp.raise_for_status()
-        return resp.json()
+        with self._admin_lock:
+            if self._admin_http is None:
+                import requests
+                self._admin_http = requests.Session()
+                self._admin_http.trust_env = False   # 127.0.0.1: no proxy from the environment
+            resp = self._admin_http.post(f"{self.cfg.live.rest_url}/__admin/{action}", json=body or {}, timeout=60)
+            resp.raise_for_status()
+            return resp.json()
 
     def _start_streams(self) -> None:
         self._open_market(self.client.endpoints)
@@ -1004,13 +1009,26 @@ class Engine:
         step = parse_duration(self.args.lockstep_step) if self.args.lockstep_step else self.bar_ms / 1000
         target = self.clock.exchange_ms() + int(round(step * 1000))
         while True:
-            st = self._admin("advance", {"until_ms": target, "stop_at_private": True})
+            st = self._advance({"until_ms": target, "stop_at_private": True})
             self._await_pushes(st)
             self.clock.saw(int(st["market_ms"]))
             self._decide_in_market_order(self._bars.tick(int(st["market_ms"])))
             if int(st["market_ms"]) >= target or (st.get("exhausted") and st.get("next_ms") is None) \
                     or self.stop_event.is_set():
                 return not (st.get("exhausted") and st.get("next_ms") is None)
+
+    def _advance(self, body: dict) -> dict:
+        """One lockstep advance, handling its pushes while the exchange is still making them (the two processes
+        then share the machine's cores instead of taking turns). Every order those pushes call for is held
+        until the advance has returned, so the exchange receives it at the market time the step stopped, as if
+        the pushes had been handled afterwards: the result does not depend on how far the handling got."""
+        step = self._advancer.submit(self._admin, "advance", body)
+        step.add_done_callback(lambda _: self.events.put(("advanced",)))   # wakes the drain below
+        with self._events_first():
+            while not step.done():
+                self.beat()
+                self._drain(timeout=1.0)
+        return step.result()
 
     def _await_pushes(self, st: dict) -> None:
         """Handle stream messages until every push an advance reported (`last_push_ts`, `private_sent`) is in."""
@@ -1115,6 +1133,8 @@ class Engine:
             self._on_private(item[1], item[2])
         elif kind == "frame":
             self.recv["private"] += 1
+        elif kind != "advanced":
+            raise ValueError(f"unknown event {kind!r}")
 
     def _after_market_update(self) -> None:
         """Simulated fills (dry-run) and the intrabar kill-switch check on the latest price."""

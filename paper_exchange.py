@@ -355,6 +355,7 @@ class PaperExchange:
         self.held: dict[str, str] = {}
         self.hits: dict[tuple[str, str], deque[float]] = {}
         self.url = ""
+        self._market_lock = asyncio.Lock()   # held by a streaming advance: REST waits for its end
         self._runner: web.AppRunner | None = None
         self._task: asyncio.Task | None = None
         self.app = self._build_app()
@@ -416,12 +417,27 @@ class PaperExchange:
         in recorded order). stop_at_private (per_message): stop right after the first message that made a
         private event (a fill, a triggered stop), so a lockstep client reacts to it at that market time, as it
         would in real time, and then advances again."""
+        for _ in self._advance_steps(seconds, until_ms, stop_at_private):
+            pass
+
+    async def advance_streaming(self, seconds: float, until_ms: int | None = None,
+                                stop_at_private: bool = False) -> None:
+        """`advance`, letting each push leave while the next message is applied: a lockstep client handles
+        them as they come (its process runs on the other core) instead of after the whole step. REST requests
+        wait for the step's end (`_market_lock`), so market state still changes only in recorded order."""
+        async with self._market_lock:
+            for _ in self._advance_steps(seconds, until_ms, stop_at_private):
+                await asyncio.sleep(0)
+
+    def _advance_steps(self, seconds: float, until_ms: int | None, stop_at_private: bool) -> Iterator[None]:
+        """The steps of `advance`: yields after each publish."""
         target = until_ms if until_ms is not None else self.replay.now_ms + int(round(seconds * 1000))
         if self.per_message and self.conns:
             while (nxt := self.replay.next_ms()) is not None and nxt <= target:
                 self.replay.apply_next()
                 if self.publish() and stop_at_private:
                     return
+                yield
             self.replay.advance((target - self.replay.now_ms) / 1000.0)
             self.publish()
             self.replay.prune()
@@ -434,6 +450,7 @@ class PaperExchange:
             self.replay.advance(chunk)
             remaining -= chunk
             self.publish()
+            yield
         self.replay.prune()
 
     def server_ms(self) -> int:
@@ -451,20 +468,21 @@ class PaperExchange:
             self.faults.http_5xx -= 1
             return web.Response(status=self.faults.http_status, text="Internal Server Error")
         body = await request.read()
-        headers: dict[str, str] = {}
-        try:
-            if signed:
-                self._authenticate(request, body)
-                headers = self._rate_limit(path)
-            params = self._params(request, body)
-            result = getattr(self, handler_name)(params)
-            payload = _envelope(result, self.server_ms())
-        except RateLimited as exc:
-            payload = _envelope({}, self.server_ms(), exc.code, exc.msg)
-            headers = self._limit_headers(path, 0, exc.reset_ms)
-        except ExchangeError as exc:
-            payload = _envelope({}, self.server_ms(), exc.code, exc.msg)
-        self.publish()
+        async with self._market_lock:   # not in the middle of a streaming advance
+            headers: dict[str, str] = {}
+            try:
+                if signed:
+                    self._authenticate(request, body)
+                    headers = self._rate_limit(path)
+                params = self._params(request, body)
+                result = getattr(self, handler_name)(params)
+                payload = _envelope(result, self.server_ms())
+            except RateLimited as exc:
+                payload = _envelope({}, self.server_ms(), exc.code, exc.msg)
+                headers = self._limit_headers(path, 0, exc.reset_ms)
+            except ExchangeError as exc:
+                payload = _envelope({}, self.server_ms(), exc.code, exc.msg)
+            self.publish()
         if path in ACK_PATHS:
             if self.faults.lose_acks > 0:
                 self.faults.lose_acks -= 1
@@ -1035,7 +1053,8 @@ class PaperExchange:
             step = _advance_args(body)
             if isinstance(step, str):
                 return web.json_response({"error": step}, status=400)
-            self.advance(step[0], until_ms=step[1], stop_at_private=bool(body.get("stop_at_private", False)))
+            await self.advance_streaming(step[0], until_ms=step[1],
+                                         stop_at_private=bool(body.get("stop_at_private", False)))
         elif action == "speed":
             speed = _non_negative(body.get("speed"))
             if speed is None:

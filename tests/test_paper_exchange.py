@@ -6,6 +6,7 @@ its own trades. Every expected number below is derived from that layout.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -675,6 +676,32 @@ def test_a_lockstep_advance_stops_at_the_message_that_made_a_private_event(venue
         assert rest["market_ms"] == START_MS + 8_000
     finally:
         ws.exit()
+
+
+def test_rest_waits_for_the_end_of_a_streaming_advance(venue):
+    """POST /__admin/advance lets each push leave while it applies the next message (a lockstep client handles
+    them meanwhile), but a REST request arriving then is served after the step: market state changes only in
+    recorded order, so what a client is told does not depend on when its request landed."""
+    import aiohttp
+    ex = venue(per_message=True)
+
+    async def race() -> tuple[list[bool], dict, int]:
+        async with aiohttp.ClientSession() as http, http.ws_connect(ex.ws_public.format(CHANNEL_TYPE="linear")) as ws:
+            await ws.send_json({"op": "subscribe", "args": [f"publicTrade.{SYMBOL}"], "req_id": "t"})
+            assert (await ws.receive_json())["success"]
+            step = asyncio.ensure_future(ex.exchange.advance_streaming(60.0))
+            first = await ws.receive_json(timeout=5)           # a push of the advance, before its end
+            busy = [ex.exchange._market_lock.locked(), step.done()]
+            async with http.get(ex.url + "/v5/market/recent-trade",
+                                params={"category": "linear", "symbol": SYMBOL, "limit": "1"}) as resp:
+                answer = await resp.json()
+            busy.append(step.done())
+            return busy, answer, first["ts"]
+
+    busy, answer, first_ts = ex.call(race)
+    assert busy == [True, False, True]   # mid-advance when asked; answered only once it was over
+    newest = int(answer["result"]["list"][0]["time"])
+    assert first_ts < newest == ex.exchange.replay.recent[-1].ts_ms and newest > START_MS + 55_000
 
 
 def test_a_replay_from_start_reads_the_book_from_that_days_snapshot_and_equals_a_full_replay(tmp_path):
