@@ -275,6 +275,37 @@ def feature_warmups(cfg: GlobalConfig) -> dict[str, int]:
     return w
 
 
+def book_reach(cfg: GlobalConfig) -> dict[str, int]:
+    """Book-reading features -> bars over which one bar's book columns (ob_*) reach them: a feature at bar t
+    reads the book stats of bars t-reach+1 .. t (its window over them, plus the features.book_ffill carry that
+    lends a bar's stats to the bookless bars after it). Every feature not named here reads trade columns only.
+    Used after a bar whose book columns are partial (the engine began listening inside it): from that bar +
+    reach on, the feature is exact again, whatever its (longer) warm-up over the trade columns."""
+    fc, tf = cfg.features, cfg.data.timeframe
+
+    def bars(d: str) -> int:
+        return _bars(d, tf)
+
+    z_w, iz_w, tr_w = max(2, bars(fc.z_window)), max(2, bars(fc.imbalance_z_window)), bars(fc.trend_window)
+    reach = dict.fromkeys(("micro_pressure", "micro_dev_vol", "ob_spread_bps", "ob_depth_log_ratio",
+                           "ob_bid_elasticity", "ob_ask_elasticity", "ob_slope_ratio", "ob_integrity_skew",
+                           "ob_bid_integrity_mean", "ob_ask_integrity_mean", "ofi_norm", "liq_dominance"), 1)
+    reach.update(dict.fromkeys(("bid_depth_chg", "ask_depth_chg", "price_liq_div", "bid_integrity_chg",
+                                "ask_integrity_chg"), 2))
+    reach.update({"spread_z": z_w, "bid_slope_z": z_w, "ofi_z": z_w, "ob_imbalance_z": iz_w,
+                  "ob_imb_trend": tr_w, "ofi_trend": tr_w})
+    for htf in _htf_list(cfg):   # the higher bar holding it is seen until the next one closes
+        reach[f"htf_{htf}_imbalance"] = 2 * (timeframe_seconds(htf) // timeframe_seconds(tf))
+    carry = bars(fc.book_ffill)
+    return {name: r + carry for name, r in reach.items()}
+
+
+def book_warmup_bars(cfg: GlobalConfig) -> int:
+    """Bars after a bar with partial book columns until every model feature is exact again (see book_reach)."""
+    reach = book_reach(cfg)
+    return max([reach[n] for n in feature_names(cfg) if n in reach], default=0)
+
+
 def _select(warmups: dict[str, int], cfg: GlobalConfig) -> list[str]:
     """Model inputs among the registry's names, honouring microstructure_only."""
     names = [n for n in warmups if n != "atr"]

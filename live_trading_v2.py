@@ -639,6 +639,7 @@ class Engine:
         self.sim_lock = threading.RLock()
         self._exec: Any = None
         self._state_dirty = False
+        self._first_trades_whole = False   # recent trades reached back to the first bar's open (_seed_recent_trades)
         self._deferred: list | None = None                      # order requests held until a batch of events is in
         self._admin_http: Any = None
         self._admin_lock = threading.Lock()   # one admin request at a time on the kept-alive connection
@@ -890,8 +891,8 @@ class Engine:
     def _seed_recent_trades(self) -> None:
         """The bar in progress began before the stream listened: its earlier trades come from REST recent
         trades (Bybit keeps the latest 1000), handled before any queued push (a trade in both is dropped by
-        its id). Its trade columns are then whole when the answer reaches back to the bar's open; its book
-        columns are not, so it still counts as missing for the warm-up."""
+        its id). Its trade columns are then whole when the answer reaches back to the bar's open: only the
+        book features wait for it (feature_engine.book_warmup_bars); otherwise every feature does."""
         open_ms = self.clock.exchange_ms() // self.bar_ms * self.bar_ms
         try:
             env = self.client.request("get_public_trade_history", {"category": "linear", "symbol": self.symbol,
@@ -901,6 +902,7 @@ class Engine:
                         err)
             return
         newest_first = (env.get("result") or {}).get("list") or []
+        self._first_trades_whole = len(newest_first) < 1000 or int(newest_first[-1]["time"]) < open_ms
         rows = [{"T": int(r["time"]), "S": r["side"], "v": r["size"], "p": r["price"], "i": str(r["execId"])}
                 for r in reversed(newest_first) if int(r["time"]) >= open_ms]
         rows.sort(key=lambda r: r["T"])   # stable: the exchange's order within one millisecond is kept
@@ -1173,8 +1175,10 @@ class Engine:
             first = int(self.window.index[0].value // 1_000_000)
             self.window, _ = complete_grid(self.window, first, bar_ms - self.bar_ms, self.bar_ms)
             self.missing_until = max(self.missing_until, number + feature_engine.warmup_bars(self.cfg))
-        if bar.attrs.get("partial"):
-            self.missing_until = max(self.missing_until, number + 1 + feature_engine.warmup_bars(self.cfg))
+        if bar.attrs.get("partial"):   # its book began late: the book features wait until it is out of reach
+            wait = feature_engine.book_warmup_bars(self.cfg) if self._first_trades_whole \
+                else 1 + feature_engine.warmup_bars(self.cfg)
+            self.missing_until = max(self.missing_until, number + wait)
         self.window = extend_window(self.window, bar, max(self.cfg.live.window_bars,
                                                           feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS))
         data_loader.mark_gaps(self.window, self.bar_ms // 1000, self.cfg.data.gap_threshold,

@@ -515,3 +515,39 @@ def test_backtest_makes_no_entry_decision_on_a_gap_bar(missing_day_folder) -> No
         bars_with_entries = intents.loc[intents["kind"].isin(["market", "limit"]), "bar"].to_numpy()
         assert np.isin(bars_with_entries, cold).any() == entries_in_gap
         assert len(bars_with_entries) > 0
+
+
+@pytest.mark.parametrize("timeframe", ["1m", "5m"])
+def test_a_bar_with_partial_book_columns_reaches_only_the_book_features_and_only_for_their_declared_reach(
+        timeframe: str) -> None:
+    """The engine that starts listening inside a bar has that bar's trades (REST recent trades) but only part of
+    its book: every feature outside book_reach must be untouched, and each book feature exact again from that
+    bar + its reach on; the engine waits book_warmup_bars, not the days of the longest warm-up."""
+    cfg = small_cfg()
+    set_path(cfg, "data.timeframe", timeframe)
+    bars = make_bars(fe.warmup_bars(cfg) + 400, seed=7, timeframe=timeframe, empty_every=29)
+    k = fe.warmup_bars(cfg) + 37
+    partial = bars.copy()
+    book = [c for c in bars.columns if c.startswith("ob_")]
+    partial.loc[partial.index[k], book] = bars.iloc[k + 150][book].to_numpy() * 1.3   # another bar's book, off
+    partial.loc[partial.index[k:k + 20], book] = np.nan   # then bookless bars: the carry lends it its stats
+    partial.loc[partial.index[k + 1:k + 20], "ob_samples"] = 0.0
+    bars.loc[bars.index[k + 1:k + 20], book] = np.nan
+    bars.loc[bars.index[k + 1:k + 20], "ob_samples"] = 0.0
+    partial.loc[partial.index[k], "ob_samples"] = 12.0
+    full, seen = fe.compute_features(bars, cfg), fe.compute_features(partial, cfg)
+    reach = fe.book_reach(cfg)
+    touched = []
+    for name in fe.feature_names(cfg) + ["atr"]:
+        a, b = seen[name].to_numpy(), full[name].to_numpy()
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        if name not in reach:
+            assert same.all(), f"{name} reads book columns but is not in book_reach"
+            continue
+        after = k + reach[name]
+        scale = np.maximum(1.0, np.abs(b[after:]))
+        assert np.nanmax(np.abs(a[after:] - b[after:]) / scale) < 1e-9, f"{name}: reach {reach[name]} too short"
+        assert np.array_equal(np.isnan(a[after:]), np.isnan(b[after:])), name
+        touched.append(not same[k:after].all())
+    assert sum(touched) >= len(touched) - 2   # the partial bar did reach (almost) every book feature
+    assert 0 < fe.book_warmup_bars(cfg) < fe.warmup_bars(cfg) / 3

@@ -219,3 +219,22 @@ def test_lockstep_refuses_to_start_before_the_streams_listen(market, tmp_path):
     assert rc == 3, out[-3000:]
     assert "lockstep: public and private stream subscriptions not confirmed within 1 s" in out
     assert not journal(tmp_path, "signals")
+
+
+def test_a_start_inside_a_bar_waits_only_for_the_book_features(market, tmp_path):
+    """A watchdog restart lands inside a bar: recent trades make its trade columns whole, its book began late.
+    Entries wait feature_engine.book_warmup_bars bars (the reach of the book features), not the longest
+    warm-up of all features (3.2 days of 1m bars with the default windows)."""
+    import feature_engine
+    cfg = live_config()
+    wait = feature_engine.book_warmup_bars(cfg)
+    assert wait < feature_engine.warmup_bars(cfg)
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    with exchange(market) as ex:
+        ex.advance(30)
+        rc, out = run(engine_cmd(ex.url, model, market, "--signal-only", "--probabilities", str(probs),
+                                 "--max-bars", str(wait + 2)), tmp_path)
+    assert rc == 0, out[-3000:]
+    warm = [s["warm"] for s in journal(tmp_path, "signals")]
+    assert warm == [False] * wait + [True, True]
