@@ -413,7 +413,9 @@ def health_section(feed: SymbolFeed) -> list:
     streams = [dict(v, name=k) for k, v in (last.get("streams") or {}).items() if isinstance(v, dict)]
     drift = last.get("drift") or {}
     pairs = drift.items() if isinstance(drift, dict) else [tuple(p) for p in drift]
-    drift_rows = sorted(({"feature": k, "psi": v} for k, v in pairs), key=lambda r: -float(r["psi"] or 0))
+    levels = last.get("drift_levels") if isinstance(last.get("drift_levels"), dict) else {}
+    drift_rows = sorted(({"feature": k, "psi": v, "level": levels.get(k)} for k, v in pairs),
+                        key=lambda r: -float(r["psi"] or 0) / float(r["level"] or 1))   # furthest above its level
     latencies = [s["latency_ms"] for s in feed.signals if isinstance(s.get("latency_ms"), (int, float))]
     return [html.H3("Health"),
             html.Div(f"data lag {fmt(last.get('data_lag_s'))} s | API errors {fmt(last.get('api_errors'))} | "
@@ -421,7 +423,8 @@ def health_section(feed: SymbolFeed) -> list:
                      f"max {fmt(max(latencies) if latencies else None)} ms", id="health-line"),
             table(streams, [("name", "stream"), ("age_s", "age s"), ("state", "state"), ("reconnects", "reconnects"),
                             ("gaps", "book gaps")], "streams-table"),
-            table(drift_rows, [("feature", "feature"), ("psi", "PSI vs training")], "drift-table")]
+            table(drift_rows, [("feature", "feature"), ("psi", "PSI vs training"),
+                               ("level", "alert above (chance level)")], "drift-table")]
 
 
 def model_card(feed: SymbolFeed) -> tuple[list, float | None]:

@@ -53,6 +53,7 @@ import feature_engine
 import orderbook as ob
 from config import (ConfigError, GlobalConfig, LiveSettings, add_config_args, atomic_write_text, config_from_args,
                     parse_duration, timeframe_seconds)
+from models import psi
 
 log = logging.getLogger("live_trading_v2")
 
@@ -537,17 +538,16 @@ def extend_window(window: pd.DataFrame, bar: pd.DataFrame, keep: int) -> pd.Data
 
 
 # ---------------------------------------------------------------- drift (PSI against training)
-def psi(values: np.ndarray, edges: list[float]) -> float:
-    """Population stability index of `values` against training deciles `edges` (each bin holds an equal
-    share in training): sum (a - e) ln(a / e), shares floored at 1e-4 (Siddiqi, Credit Risk Scorecards)."""
-    x = values[np.isfinite(values)]
-    if x.size == 0 or len(edges) < 3:
-        return math.nan
-    inner = np.asarray(edges[1:-1], dtype=float)
-    counts = np.bincount(np.searchsorted(inner, x, side="right"), minlength=len(inner) + 1)
-    actual = np.maximum(counts / x.size, 1e-4)
-    expected = np.full(actual.size, 1.0 / actual.size)
-    return float(np.sum((actual - expected) * np.log(actual / expected)))
+def drift_levels(report: dict[str, float], limits: dict[str, float], floor: float) -> dict[str, float]:
+    """feature -> the PSI above which it counts as drifted: its chance level from training (models.psi_limits)
+    when the model has one, never below `floor` (live.drift_psi_alert)."""
+    return {name: max(floor, limits.get(name, 0.0)) for name in report}
+
+
+def worst_drift(report: dict[str, float], levels: dict[str, float]) -> tuple[str, float] | None:
+    """The feature furthest above its level (PSI / level), or None when every feature is within its level."""
+    over = [(name, value) for name, value in report.items() if value > levels[name]]
+    return max(over, key=lambda kv: kv[1] / levels[kv[0]], default=None)
 
 
 def drift_report(feats: pd.DataFrame, quantiles: dict[str, list[float]], window: int) -> dict[str, float]:
@@ -601,6 +601,7 @@ class Health:
     api_errors: int = 0
     external: list[str] = field(default_factory=list)
     drift: dict[str, float] = field(default_factory=dict)
+    drift_levels: dict[str, float] = field(default_factory=dict)
     drift_alert: bool = False
     data_lag_s: float = math.inf
     unprotected: int = 0
@@ -630,6 +631,7 @@ class Engine:
         self._due_bars: list[pd.DataFrame] = []                # lockstep: closed, decided at the step's end
         self._held_private: list[tuple[int, str, list]] = []   # lockstep: (push ms, topic, rows) not yet applied
         self.quantiles: dict[str, list[float]] = {}
+        self.psi_limits: dict[str, float] = {}   # feature -> chance PSI of a drift window (models.psi_limits)
         self.bundle = None
         self.client: exc.ExchangeClient | None = None
         self.market: exc.MarketStream | None = None
@@ -755,6 +757,12 @@ class Engine:
         meta = json.loads((folder / "features.json").read_text(encoding="utf-8")) \
             if (folder / "features.json").is_file() else {}
         self.quantiles = dict(meta.get("quantiles") or {})
+        window = self.cfg.live.drift_window
+        if int(meta.get("psi_window") or 0) == window:
+            self.psi_limits = {k: float(v) for k, v in (meta.get("psi_limits") or {}).items()}
+        elif self.quantiles:
+            log.info("drift: the model has no chance levels for %d-bar windows (trained for %s): every feature "
+                     "alerts above PSI %g", window, meta.get("psi_window") or "none", self.cfg.live.drift_psi_alert)
         if self.setup.probabilities is None:
             from models import ModelBundle, ModelFileError
             try:
@@ -1236,13 +1244,15 @@ class Engine:
                 else float(pred[c].iloc[0]) for c in PROB_COLUMNS}
 
     def _drift(self, feats: pd.DataFrame) -> None:
-        self.health.drift = drift_report(feats, self.quantiles, self.cfg.live.drift_window)
-        worst = next(iter(self.health.drift.items()), None)
-        alert = worst is not None and worst[1] > self.cfg.live.drift_psi_alert
-        if alert and not self.health.drift_alert:
+        report = drift_report(feats, self.quantiles, self.cfg.live.drift_window)
+        levels = drift_levels(report, self.psi_limits, self.cfg.live.drift_psi_alert)
+        worst = worst_drift(report, levels)
+        if worst is not None and not self.health.drift_alert:
             self.journals.event("drift", f"feature {worst[0]} drifted from training: PSI {worst[1]:.3f} > "
-                                         f"{self.cfg.live.drift_psi_alert}", "warning", drift=self.health.drift)
-        self.health.drift_alert = alert
+                                         f"{levels[worst[0]]:.3g} (its level: the most a {len(feats)}-bar stretch of "
+                                         "training reached, at least live.drift_psi_alert)", "warning",
+                                drift=report, drift_levels=levels)
+        self.health.drift, self.health.drift_levels, self.health.drift_alert = report, levels, worst is not None
 
     def _entry_gate(self, warm: bool, bar: pd.DataFrame) -> tuple[bool, str]:
         """Live-only conditions the strategy receives as input (DESIGN §1)."""
@@ -1665,7 +1675,8 @@ class Engine:
                                     "dropped": {"/".join(k): v for k, v in getattr(s, "dropped", {}).items()}}
                         for s in (self.market, self.private) if s is not None},
             "reconciled": self.health.reconciled, "api_errors": self.health.api_errors,
-            "drift": self.health.drift, "late_trades": self._bars.late_trades})
+            "drift": self.health.drift, "drift_levels": self.health.drift_levels,
+            "late_trades": self._bars.late_trades})
 
     def _save(self) -> None:
         self._state_dirty = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,8 @@ class ModelBundle:
         self.seed = int(seed)
         self.models: dict[str, FittedModel] = {}
         self.quantiles: dict[str, list[float]] = {}
+        self.psi_window = 0                        # bars of the chance levels below (0: none)
+        self.psi_limits: dict[str, float] = {}     # feature -> highest PSI of a psi_window stretch of training
 
     # ------------------------------------------------------------ training
     def fit(self, X: pd.DataFrame, labels: pd.DataFrame, valid: pd.DataFrame | None = None) -> "ModelBundle":
@@ -190,7 +193,7 @@ class ModelBundle:
         for name, model in self.models.items():
             atomic_write_text(folder / f"{name}.txt", model.booster.model_to_string())
         meta = {"features": self.feature_names, "models": self.summary(), "seed": self.seed,
-                "quantiles": self.quantiles,
+                "quantiles": self.quantiles, "psi_window": self.psi_window, "psi_limits": self.psi_limits,
                 "model_config": dataclasses.asdict(self.cfg), "lightgbm_version": lgb.__version__}
         atomic_write_text(folder / FEATURES_FILE, json.dumps(meta, indent=2))
 
@@ -231,6 +234,40 @@ def training_quantiles(X: pd.DataFrame, bins: int = 10) -> dict[str, list[float]
         col = col[np.isfinite(col)]
         if col.size:
             out[name] = [float(v) for v in np.quantile(col, qs)]
+    return out
+
+
+def psi(values: np.ndarray, edges: list[float]) -> float:
+    """Population stability index of `values` against training deciles `edges` (each bin holds an equal
+    share in training): sum (a - e) ln(a / e), shares floored at 1e-4 (Siddiqi, Credit Risk Scorecards)."""
+    x = values[np.isfinite(values)]
+    if x.size == 0 or len(edges) < 3:
+        return math.nan
+    inner = np.asarray(edges[1:-1], dtype=float)
+    counts = np.bincount(np.searchsorted(inner, x, side="right"), minlength=len(inner) + 1)
+    actual = np.maximum(counts / x.size, 1e-4)
+    expected = np.full(actual.size, 1.0 / actual.size)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def psi_limits(X: pd.DataFrame, quantiles: dict[str, list[float]], window: int) -> dict[str, float]:
+    """feature -> the highest PSI that any stretch of `window` consecutive training rows (non-overlapping blocks,
+    time order) reaches against the training deciles: the chance level of the live drift monitor's window.
+
+    A slow feature (a 24 h VWAP distance), a step-like one (a 1 h feature on 1 m bars) or a discrete one fills
+    few deciles in any short stretch, so its PSI is high with no drift at all (8.3 for 200 bars of a 24 h
+    feature); a fixed alert level (0.25) then fires forever. Fewer than 10 blocks: {} (no chance level)."""
+    blocks = len(X) // window if window > 0 else 0
+    if blocks < 10:
+        return {}
+    out: dict[str, float] = {}
+    for name, edges in quantiles.items():
+        if name not in X.columns:
+            continue
+        rows = X[name].to_numpy(np.float64)[:blocks * window].reshape(blocks, window)
+        values = [v for v in (psi(row, edges) for row in rows) if math.isfinite(v)]
+        if values:
+            out[name] = max(values)
     return out
 
 

@@ -39,7 +39,7 @@ import metrics
 import validation
 from config import (ConfigError, GlobalConfig, add_config_args, atomic_write_text, bars_for,
                     config_from_args, parse_duration, timeframe_seconds)
-from models import ModelBundle
+from models import ModelBundle, psi_limits
 
 log = logging.getLogger("train")
 LABEL_COLUMNS = ["exec_long", "exec_short", "dir_long", "dir_short"]
@@ -289,6 +289,8 @@ def fit_bundle(frame: pd.DataFrame, features: list[str], cfg: GlobalConfig, time
         raise TrainError(f"only {len(rows)} labelled rows to train on")
     bundle = ModelBundle(cfg.model, features, seed=cfg.seed)
     timer.timed_fit(bundle, rows[features], lab)
+    bundle.psi_window = cfg.live.drift_window
+    bundle.psi_limits = psi_limits(rows[features], bundle.quantiles, cfg.live.drift_window)
     return bundle
 
 

@@ -129,6 +129,7 @@ def equity_record(i: int, fx: Fixture) -> dict:
         "data_lag_s": 0.3,
         "streams": {"market": {"state": "ok", "age_s": 0.2}, "private": {"state": "ok", "age_s": 4.0}},
         "reconciled": True, "api_errors": 1, "drift": {"ob_imbalance": 0.31, "ret_5": 0.12, "vol_20": 0.04},
+        "drift_levels": {"ob_imbalance": 0.25, "ret_5": 0.05, "vol_20": 0.25},
     })
     return rec
 

@@ -149,6 +149,9 @@ def test_page_shows_candles_markers_gauges_and_mode(browser: webdriver.Chrome, l
     assert {"chop maker entry", "breakout taker entry", "TP exit", "SL exit", "time exit", "kill-switch exit"} <= set(names)
     assert "phase trading" in js(browser, "document.getElementById('engine-status').innerText")
     assert js(browser, "document.querySelectorAll('#closed-table tbody tr').length") == 4
+    drift = js(browser, "[...document.querySelectorAll('#drift-table tbody tr')].map(r => r.innerText)")
+    assert [r.split()[0] for r in drift] == ["ret_5", "ob_imbalance", "vol_20"]   # furthest above its level first
+    assert drift[0].split()[1:] == ["0.12", "0.05"], drift
     ages = js(browser, "[...document.querySelectorAll('#positions-table tbody td')].map(c => c.innerText)"
                        ".filter(t => t.endsWith(' min'))")
     # a position's age runs on the journal's market clock: it cannot exceed the journalled span

@@ -147,6 +147,9 @@ def test_psi_drift_is_zero_on_the_training_distribution_and_alerts_on_a_shift():
     assert max(live.drift_report(same, q, 2000).values()) < 0.05
     report = live.drift_report(shifted, q, 2000)
     assert list(report) == ["b", "a"] and report["b"] > 0.25
+    assert live.worst_drift(report, live.drift_levels(report, {}, 0.25)) == ("b", report["b"])
+    calm = live.drift_levels(report, {"b": report["b"] * 2, "a": 0.01}, 0.25)   # b moves this much by chance
+    assert calm == {"b": report["b"] * 2, "a": 0.25} and live.worst_drift(report, calm) is None
 
 
 def test_dry_run_follows_public_data_with_simulated_orders_and_its_own_state(market, tmp_path):

@@ -168,6 +168,25 @@ def test_drift_halt_pauses_entries_while_psi_exceeds_the_alert_level(market, tmp
     assert not trades(tmp_path, kind="entry")
 
 
+def test_a_feature_within_its_chance_level_does_not_alert(market, tmp_path):
+    """The same PSI, but training showed stretches of live.drift_window bars reaching it by chance
+    (features.json psi_limits for that window): no drift alert, and --drift-halt lets the entry through."""
+    model = write_model_dir(tmp_path)
+    window = live_config().live.drift_window
+    (model / "features.json").write_text(json.dumps({"quantiles": {"atr": [1e12 + i for i in range(11)]},
+                                                     "psi_window": window, "psi_limits": {"atr": 9.0}}))
+    probs = write_probabilities(tmp_path / "p.csv", {"2026-01-01T03:01:00Z": {"p_dir_long": 0.95}})
+    with exchange(market) as ex:
+        rc, out = run(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--max-bars", "3",
+                                 "--drift-halt"), tmp_path)
+    assert rc == 0, out[-3000:]
+    assert not [e for e in journal(tmp_path, "events") if e["event"] == "drift"]
+    equity = journal(tmp_path, "equity")[-1]
+    assert equity["drift"]["atr"] > live_config().live.drift_psi_alert and equity["drift_levels"]["atr"] == 9.0
+    sig = next(s for s in journal(tmp_path, "signals") if s["bar_time"].startswith("2026-01-01T03:01"))
+    assert sig["entries_allowed"] is True
+
+
 def test_a_stop_the_exchange_refuses_means_an_immediate_reduce_only_market_exit(market, tmp_path):
     """A short is left with its stops cancelled by hand while the engine is away and the market rises past
     its stop-loss. On restart the engine's stop for the uncovered leg is refused by the exchange's own

@@ -255,3 +255,30 @@ def test_probabilities_do_not_depend_on_the_prediction_thread_count():
     bundle.cfg.num_threads = 0   # LightGBM default: every core
     pd.testing.assert_frame_equal(bundle.predict(X), one_thread, check_exact=True)
     pd.testing.assert_frame_equal(bundle.predict(X.iloc[[-1]]), one_thread.iloc[[-1]], check_exact=True)
+
+
+def test_psi_chance_levels_are_high_for_a_slow_feature_and_low_for_noise() -> None:
+    """200 consecutive bars of a slow feature (a random walk, like a 24 h VWAP distance) fill few deciles, so its
+    PSI is large with no drift; the chance level records that, and stays near 0 for a fast (i.i.d.) feature."""
+    from models import psi, psi_limits, training_quantiles
+    rng = np.random.default_rng(11)
+    n = 36_000
+    X = pd.DataFrame({"noise": rng.normal(size=n), "slow": np.cumsum(rng.normal(size=n)),
+                      "steps": np.repeat(rng.normal(size=n // 60), 60)})   # a 1 h feature on 1 m bars
+    q = training_quantiles(X)
+    limits = psi_limits(X, q, 200)
+    assert limits["noise"] < 0.3 < 2.0 < limits["steps"] and limits["slow"] > 4.0
+    later = np.cumsum(rng.normal(size=200)) + X["slow"].iloc[-1]   # the same process, live: no drift
+    assert 0.25 < psi(later, q["slow"]) <= limits["slow"]
+    assert psi_limits(X.iloc[:1999], q, 200) == {}   # 9 blocks: too few to tell chance from drift
+
+
+def test_a_saved_bundle_keeps_its_psi_chance_levels(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    X = pd.DataFrame({"a": rng.normal(size=600), "b": rng.normal(size=600)})
+    y = pd.DataFrame({n: (rng.random(600) > 0.5).astype(int) for n in MODEL_NAMES}, index=X.index)
+    bundle = ModelBundle(ModelConfig(n_estimators=5), ["a", "b"]).fit(X, y)
+    bundle.psi_window, bundle.psi_limits = 50, {"a": 0.4, "b": 0.3}
+    bundle.save(tmp_path)
+    meta = json.loads((tmp_path / "features.json").read_text())
+    assert meta["psi_window"] == 50 and meta["psi_limits"] == {"a": 0.4, "b": 0.3} and set(meta["quantiles"]) == {"a", "b"}
