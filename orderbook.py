@@ -773,11 +773,14 @@ class OrderBook:
     # -------------------------------------------------------------- applying messages
     def apply_arrays(self, mode: int, is_snap: bool, ts: int, u: int, pu: int, bids: np.ndarray,
                      asks: np.ndarray, line: int = 0) -> int:
-        """Run one message through the shared rules (growing buffers as needed); returns APPLIED/IGNORED."""
+        """Run one message through the shared rules (growing buffers as needed); returns APPLIED/IGNORED.
+        The level columns go in contiguous: one compiled kernel whatever the message's number of levels (a
+        strided column of 2+ levels and a one-level column are different numba types)."""
+        bp, bq, ap, aq = (np.ascontiguousarray(side[:, i]) for side in (bids, asks) for i in (0, 1))
         while True:
             res = on_message(self.st, self.prev, self.bp, self.bq, self.ap, self.aq, mode, is_snap, int(ts),
-                             int(u), int(pu), bids[:, 0], bids[:, 1], bids.shape[0], asks[:, 0], asks[:, 1],
-                             asks.shape[0], self.samples, self.ns, self.events, self.ne, int(line))
+                             int(u), int(pu), bp, bq, bids.shape[0], ap, aq, asks.shape[0], self.samples, self.ns,
+                             self.events, self.ne, int(line))
             if res == NEED_GROW:
                 self.grow(3 * (max(self.st[NB], self.st[NA]) + max(bids.shape[0], asks.shape[0]) + 1))
             elif res == NEED_FLUSH:

@@ -238,3 +238,28 @@ def test_a_start_inside_a_bar_waits_only_for_the_book_features(market, tmp_path)
     assert rc == 0, out[-3000:]
     warm = [s["warm"] for s in journal(tmp_path, "signals")]
     assert warm == [False] * wait + [True, True]
+
+
+def test_the_book_kernels_are_loaded_before_the_streams_start(market):
+    """After load_book_kernels (the engine's warm-up), the stream's own work on recorded messages (apply, sample,
+    top, stats, bar reduction) compiles or loads no further kernel: none is left for the stream thread."""
+    import subprocess
+    import sys
+    from live_support import ROOT
+    probe = f"""
+import numba, data_loader, live_trading_v2 as lt, orderbook as ob
+kernels = lambda: {{n: len(f.signatures) for n, f in vars(ob).items() if isinstance(f, numba.core.registry.CPUDispatcher)}}
+lt.load_book_kernels(50, 60_000)
+warmed = kernels()
+book = ob.OrderBook(capacity=4096, sample_interval_ms=1000, levels=50)
+for i, msg in zip(range(40), data_loader.iter_book_messages({str(market)!r})):
+    book.apply_bybit(msg)
+    book.advance(msg["ts"])
+book.flush_samples()
+ob.partial_book_bars(book.drain_samples(), 60_000)
+book.top(1 << 62), book.stats(50)
+assert kernels() == warmed, (warmed, kernels())
+assert all(warmed[k] for k in ("on_message", "advance_clock", "book_stats", "_reduce_bars")), warmed
+"""
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
