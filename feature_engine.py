@@ -300,9 +300,30 @@ def book_reach(cfg: GlobalConfig) -> dict[str, int]:
     return {name: r + carry for name, r in reach.items()}
 
 
+def flow_reach(cfg: GlobalConfig) -> dict[str, int]:
+    """Features reading the taker split or the trade count (vol_buy, vol_sell, trade_count: what REST klines
+    lack besides the book) -> bars over which one bar's values reach them (as book_reach)."""
+    fc, tf = cfg.features, cfg.data.timeframe
+    z_w, intra_w, day_w = max(2, _bars(fc.z_window, tf)), _bars(fc.intraday_window, tf), _bars(fc.day_window, tf)
+    reach = {"taker_buy_ratio": 1, "taker_buy_z": z_w, "trade_intensity": day_w,
+             "trade_intensity_regime": max(intra_w, day_w)}
+    for htf in _htf_list(cfg):
+        reach[f"htf_{htf}_taker_buy"] = 2 * (timeframe_seconds(htf) // timeframe_seconds(tf))
+    return reach
+
+
 def book_warmup_bars(cfg: GlobalConfig) -> int:
     """Bars after a bar with partial book columns until every model feature is exact again (see book_reach)."""
     reach = book_reach(cfg)
+    return max([reach[n] for n in feature_names(cfg) if n in reach], default=0)
+
+
+def kline_warmup_bars(cfg: GlobalConfig) -> int:
+    """Bars after a bar known only from REST klines (OHLCV and turnover whole; book, taker split and trade count
+    not) until every model feature is exact again: the longest book_reach or flow_reach of a model feature."""
+    reach = {**book_reach(cfg)}
+    for name, bars in flow_reach(cfg).items():
+        reach[name] = max(bars, reach.get(name, 0))
     return max([reach[n] for n in feature_names(cfg) if n in reach], default=0)
 
 

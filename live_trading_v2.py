@@ -479,11 +479,11 @@ def empty_bars() -> pd.DataFrame:
     return pd.DataFrame(columns=data_loader.BAR_COLUMNS, index=pd.DatetimeIndex([], tz="UTC", name="time"))
 
 
-def file_bars(cfg: GlobalConfig, folders: list[Path], before_ms: int) -> pd.DataFrame:
-    """Bars from recorded folders (data contract, through data_loader.load_bars and its Parquet cache),
-    complete bars opening before `before_ms`; later folders only fill bars the earlier ones lack."""
+def file_bars(cfg: GlobalConfig, folders: list[tuple[Path, int]]) -> pd.DataFrame:
+    """Bars from recorded folders (data contract, through data_loader.load_bars and its Parquet cache), each
+    as (folder, ms): its bars opening before ms; later folders only fill bars the earlier ones lack."""
     frames = []
-    for folder in folders:
+    for folder, before_ms in folders:
         if not folder.is_dir():
             continue
         one = GlobalConfig.from_dict(cfg.to_dict())
@@ -811,9 +811,10 @@ class Engine:
         first_live = now // self.bar_ms * self.bar_ms
         need = max(self.cfg.live.window_bars, feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS)
         first = first_live - need * self.bar_ms
-        folders = [Path(self.args.cfg_data_dir)] if self.args.cfg_data_dir else []
-        folders.append(self.own_recordings())
-        files = file_bars(self.cfg, folders, first_live)
+        folders = [(Path(self.args.cfg_data_dir), first_live)] if self.args.cfg_data_dir else []
+        own_until = int(self.state.get("recorded_until_ms") or first_live)   # the bar it stopped in is partial
+        folders.append((self.own_recordings(), min(first_live, own_until)))
+        files = file_bars(self.cfg, folders)
         files = files[files.index >= pd.Timestamp(first, unit="ms", tz="UTC")]
         have_until = int(files.index[-1].value // 1_000_000) + self.bar_ms if len(files) else first
         klines = self._klines(max(have_until, first), first_live - self.bar_ms) if have_until < first_live else []
@@ -821,12 +822,17 @@ class Engine:
         merged = merged[~merged.index.duplicated(keep="first")].sort_index()
         start = int(merged.index[0].value // 1_000_000) if len(merged) else first_live - self.bar_ms
         grid, missing = complete_grid(merged, start, first_live - self.bar_ms, self.bar_ms)
-        unknown = missing | ~grid.index.isin(files.index)
+        from_klines = ~missing & ~grid.index.isin(files.index)
         self.window = grid
         self.missing_until = 0
-        if unknown.any():
-            last_unknown = int(grid.index[np.flatnonzero(unknown)[-1]].value // 1_000_000) // self.bar_ms
-            self.missing_until = last_unknown + 1 + feature_engine.warmup_bars(self.cfg)
+        for unknown, wait in ((missing, 1 + feature_engine.warmup_bars(self.cfg)),   # no data: every feature
+                              (from_klines, feature_engine.kline_warmup_bars(self.cfg))):   # book and taker flow
+            if unknown.any():
+                last = int(grid.index[np.flatnonzero(unknown)[-1]].value // 1_000_000) // self.bar_ms
+                self.missing_until = max(self.missing_until, last + wait)
+        partial, wait = self.state.get("partial_bar") or (-1, 0)   # the last run's first bar, recorded partial
+        if first <= partial < first_live:
+            self.missing_until = max(self.missing_until, partial // self.bar_ms + wait)
         self._load_kernels()
         wait = max(0, self.missing_until - first_live // self.bar_ms)
         log.info("warm-up: %d bars from files, %d from klines; %s", len(files), len(klines),
@@ -1203,6 +1209,8 @@ class Engine:
             wait = feature_engine.book_warmup_bars(self.cfg) if self._first_trades_whole \
                 else 1 + feature_engine.warmup_bars(self.cfg)
             self.missing_until = max(self.missing_until, number + wait)
+            self.state["partial_bar"] = [bar_ms, wait]   # so a restart soon after waits for it too
+        self.state["recorded_until_ms"] = bar_ms + self.bar_ms   # own recordings hold whole bars up to here
         self.window = extend_window(self.window, bar, max(self.cfg.live.window_bars,
                                                           feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS))
         data_loader.mark_gaps(self.window, self.bar_ms // 1000, self.cfg.data.gap_threshold,

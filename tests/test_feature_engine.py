@@ -551,3 +551,38 @@ def test_a_bar_with_partial_book_columns_reaches_only_the_book_features_and_only
         touched.append(not same[k:after].all())
     assert sum(touched) >= len(touched) - 2   # the partial bar did reach (almost) every book feature
     assert 0 < fe.book_warmup_bars(cfg) < fe.warmup_bars(cfg) / 3
+
+
+@pytest.mark.parametrize("m", [7, 40])   # shorter and longer than the book_ffill carry
+def test_bars_known_only_from_klines_reach_only_the_book_and_flow_features(m: int) -> None:
+    """A restart fills the bars it missed from REST klines: OHLCV and turnover whole, the book, the taker split
+    and the trade count unknown. Every feature outside book_reach and flow_reach is untouched, each inside is
+    exact again from the last such bar + its reach, so the engine waits kline_warmup_bars, not the longest
+    warm-up."""
+    cfg = small_cfg()
+    set_path(cfg, "data.timeframe", "1m")
+    bars = make_bars(fe.warmup_bars(cfg) + 700, seed=9, timeframe="1m", empty_every=31)
+    k = fe.warmup_bars(cfg) + 41
+    klines = bars.copy()
+    rows = klines.index[k:k + m]
+    book = [c for c in bars.columns if c.startswith("ob_")]
+    klines.loc[rows, book] = np.nan
+    klines.loc[rows, "ob_samples"] = 0.0
+    klines.loc[rows, ["vol_buy", "vol_sell"]] = (klines.loc[rows, ["volume", "volume"]] / 2).to_numpy()
+    klines.loc[rows, "taker_buy_ratio"] = 0.5
+    klines.loc[rows, "trade_count"] = (klines.loc[rows, "volume"] > 0).astype(float)
+    full, seen = fe.compute_features(bars, cfg), fe.compute_features(klines, cfg)
+    reach = {**fe.book_reach(cfg)}
+    for name, n in fe.flow_reach(cfg).items():
+        reach[name] = max(n, reach.get(name, 0))
+    last = k + m - 1
+    for name in fe.feature_names(cfg) + ["atr"]:
+        a, b = seen[name].to_numpy(), full[name].to_numpy()
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        if name not in reach:
+            assert same.all(), f"{name} reads book or flow columns but is in neither reach"
+            continue
+        after = last + reach[name]
+        scale = np.maximum(1.0, np.abs(b[after:]))
+        assert np.nanmax(np.abs(a[after:] - b[after:]) / scale) < 1e-9, f"{name}: reach {reach[name]} too short"
+    assert fe.book_warmup_bars(cfg) <= fe.kline_warmup_bars(cfg) < fe.warmup_bars(cfg)

@@ -3,6 +3,7 @@ per-message publish mode into the engine (real pybit WS), column for column and 
 own recording reads back into the same bars; late trades are counted, never lost."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -263,3 +264,42 @@ assert all(warmed[k] for k in ("on_message", "advance_clock", "book_stats", "_re
 """
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def truncated_before(market, root, end_ms: int):
+    """A copy of the market's files holding only what was recorded before end_ms."""
+    folder = root / market.name
+    shutil.copytree(market, folder)
+    for path in (folder / "Orderbook").iterdir():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if json.loads(line)["ts"] < end_ms))
+    for path in (folder / "Trade").iterdir():
+        trades = pd.read_csv(path, dtype=str)
+        trades[trades["timestamp"].astype(float) * 1000 < end_ms].to_csv(path, index=False)
+    return folder
+
+
+def test_a_restart_does_not_trust_the_bar_the_last_run_stopped_in(market, tmp_path):
+    """Run 1 stops 20 s into the 03:03 bar: its own recording holds that bar in part. Run 2 starts at 03:04 with
+    research files only up to 03:00, so its warm-up reads 03:00-03:03 from the recording: the three bars run 1
+    closed are whole and used; 03:03 is not (the state says where the recording is whole), so it comes from
+    REST klines, instead of a short bar taken as the truth, and the book and taker-flow features wait for it
+    (feature_engine.kline_warmup_bars), not every feature."""
+    files = truncated_before(market, tmp_path / "files", START_MS)
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    with exchange(market) as ex:
+        rc, out = run(engine_cmd(ex.url, model, files, "--signal-only", "--probabilities", str(probs),
+                                 "--lockstep-step", "40s", "--max-bars", "3"), tmp_path)
+    assert rc == 0, out[-3000:]
+    assert [s["bar_time"][11:16] for s in journal(tmp_path, "signals")] == ["03:00", "03:01", "03:02"]
+    state = json.loads((tmp_path / "state" / f"bot_state_{SYMBOL}.json").read_text())
+    assert state["recorded_until_ms"] == START_MS + 3 * 60_000
+    with exchange(market, start="2026-01-01T03:04") as ex:
+        rc, out = run(engine_cmd(ex.url, model, files, "--signal-only", "--probabilities", str(probs),
+                                 "--max-bars", "1"), tmp_path)
+    assert rc == 0, out[-3000:]
+    import feature_engine
+    wait = feature_engine.kline_warmup_bars(live_config()) - 1   # from 03:04, the bar after the kline bar
+    assert f"warm-up: 183 bars from files, 1 from klines; warm in {wait} bars" in out, out[-3000:]   # 180 + 3
+    assert wait + 1 < feature_engine.warmup_bars(live_config()) and not journal(tmp_path, "signals")[-1]["warm"]

@@ -240,10 +240,14 @@ SHORT_WARMUP = {"features.macro_window": "15m", "features.day_window": "15m", "f
 
 def test_warm_up_from_rest_klines_trades_nothing_until_the_logged_warm_bar(market, tmp_path):
     """No history files: the window comes from the exchange's REST klines (00:00-02:59), whose book and
-    taker-flow columns are unknown. The log says how long until warm; every bar before that is not warm and
-    enters nothing although the probabilities ask for a breakout on every bar; from that bar on it trades."""
+    taker-flow columns are unknown: the book and taker-flow features wait until the last kline bar is out of
+    their reach (feature_engine.kline_warmup_bars). The log says how long until warm; every bar before that is
+    not warm and enters nothing although the probabilities ask for a breakout on every bar; from that bar on it
+    trades."""
     import feature_engine
-    warm = feature_engine.warmup_bars(live_config(**SHORT_WARMUP))
+    cfg = live_config(**SHORT_WARMUP)
+    warm = feature_engine.kline_warmup_bars(cfg) - 1   # counted from 03:00, the bar after the last kline bar
+    assert 0 < warm < feature_engine.warmup_bars(cfg)
     model = write_model_dir(tmp_path, **SHORT_WARMUP)
     probs = write_probabilities(tmp_path / "p.csv", {f"2026-01-01T03:{m:02d}:00Z": {"p_dir_long": 0.95}
                                                      for m in range(0, 40)})
