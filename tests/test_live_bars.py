@@ -303,3 +303,26 @@ def test_a_restart_does_not_trust_the_bar_the_last_run_stopped_in(market, tmp_pa
     wait = feature_engine.kline_warmup_bars(live_config()) - 1   # from 03:04, the bar after the kline bar
     assert f"warm-up: 183 bars from files, 1 from klines; warm in {wait} bars" in out, out[-3000:]   # 180 + 3
     assert wait + 1 < feature_engine.warmup_bars(live_config()) and not journal(tmp_path, "signals")[-1]["warm"]
+
+
+def test_a_restart_soon_after_a_start_inside_a_bar_still_waits_for_that_bar(market, tmp_path):
+    """Run 1 starts 30 s into 03:00 (its book from then on) and stops at 03:03:00; run 2 starts at once.
+    Its warm-up reads 03:00-03:02 from run 1's recording, 03:00's book columns partial: the book features wait
+    until that bar is out of their reach, as run 1 did, instead of being warm at once."""
+    import feature_engine
+    files = truncated_before(market, tmp_path / "files", START_MS)
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    with exchange(market) as ex:
+        ex.advance(30)
+        rc, out = run(engine_cmd(ex.url, model, files, "--signal-only", "--probabilities", str(probs),
+                                 "--lockstep-step", "30s", "--max-bars", "3"), tmp_path)
+    assert rc == 0, out[-3000:]
+    wait = feature_engine.book_warmup_bars(live_config())
+    state = json.loads((tmp_path / "state" / f"bot_state_{SYMBOL}.json").read_text())
+    assert state["partial_bar"] == [START_MS, wait] and state["recorded_until_ms"] == START_MS + 3 * 60_000
+    with exchange(market, start="2026-01-01T03:03") as ex:
+        rc, out = run(engine_cmd(ex.url, model, files, "--signal-only", "--probabilities", str(probs),
+                                 "--max-bars", "1"), tmp_path)
+    assert rc == 0, out[-3000:]
+    assert f"warm-up: 183 bars from files, 0 from klines; warm in {wait - 3} bars" in out, out[-3000:]
