@@ -318,12 +318,18 @@ def book_warmup_bars(cfg: GlobalConfig) -> int:
     return max([reach[n] for n in feature_names(cfg) if n in reach], default=0)
 
 
-def kline_warmup_bars(cfg: GlobalConfig) -> int:
-    """Bars after a bar known only from REST klines (OHLCV and turnover whole; book, taker split and trade count
-    not) until every model feature is exact again: the longest book_reach or flow_reach of a model feature."""
-    reach = {**book_reach(cfg)}
+def kline_reach(cfg: GlobalConfig) -> dict[str, int]:
+    """Features a bar known only from REST klines reaches (OHLCV and turnover whole; book, taker split and
+    trade count not) -> bars: book_reach and flow_reach together."""
+    reach = book_reach(cfg)
     for name, bars in flow_reach(cfg).items():
         reach[name] = max(bars, reach.get(name, 0))
+    return reach
+
+
+def kline_warmup_bars(cfg: GlobalConfig) -> int:
+    """Bars after a bar known only from REST klines until every model feature is exact again (kline_reach)."""
+    reach = kline_reach(cfg)
     return max([reach[n] for n in feature_names(cfg) if n in reach], default=0)
 
 

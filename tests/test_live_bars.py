@@ -11,8 +11,22 @@ import pandas as pd
 import pytest
 
 import data_loader
-from live_support import START_MS, SYMBOL, engine_cmd, exchange, journal, make_market, run, live_config, \
+from live_support import START, START_MS, SYMBOL, engine_cmd, exchange, journal, make_market, run, live_config, \
     write_model_dir, write_probabilities
+
+
+def signal_only(cwd, market, *extra: str, data=None, start: str = START, advance: float = 0.0) -> str:
+    """A --signal-only engine (flat scripted probabilities, warm-up from `data`, default `market`) against a
+    per-message paper exchange replaying `market` from `start` (`advance` s later); its log, after a clean exit."""
+    model = write_model_dir(cwd)
+    probs = write_probabilities(cwd / "p.csv", {})
+    with exchange(market, start=start) as ex:
+        if advance:
+            ex.advance(advance)
+        rc, out = run(engine_cmd(ex.url, model, data or market, "--signal-only", "--probabilities", str(probs),
+                                 *extra), cwd)
+    assert rc == 0, out[-3000:]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +38,7 @@ def market(tmp_path_factory):
 def replayed(market, tmp_path_factory):
     """25 bars of the simulated day replayed message by message into a --signal-only engine."""
     cwd = tmp_path_factory.mktemp("replayed")
-    model = write_model_dir(cwd)
-    probs = write_probabilities(cwd / "p.csv", {})
-    with exchange(market) as ex:
-        rc, out = run(engine_cmd(ex.url, model, market, "--signal-only", "--probabilities", str(probs),
-                                 "--max-bars", "25"), cwd)
-    assert rc == 0, out[-3000:]
+    signal_only(cwd, market, "--max-bars", "25")
     return cwd
 
 
@@ -170,13 +179,7 @@ def test_real_binance_recording_through_the_live_path_equals_data_loader_on_its_
 def test_recent_trades_complete_the_bar_in_progress_when_the_engine_starts(market, tmp_path):
     """Started 30 s into the 03:00 bar: REST recent trades give the trades the stream missed, so that bar's
     trade columns equal data_loader's; its book columns began late, so it is not warm."""
-    model = write_model_dir(tmp_path)
-    probs = write_probabilities(tmp_path / "p.csv", {})
-    with exchange(market) as ex:
-        ex.advance(30)
-        rc, out = run(engine_cmd(ex.url, model, market, "--signal-only", "--probabilities", str(probs),
-                                 "--max-bars", "2"), tmp_path)
-    assert rc == 0, out[-3000:]
+    out = signal_only(tmp_path, market, "--max-bars", "2", advance=30)
     first = journal(tmp_path, "signals")[0]
     assert first["bar_ms"] == START_MS and not first["warm"]
     want = loader_bars(market).loc[pd.Timestamp(START_MS, unit="ms", tz="UTC")]
@@ -195,12 +198,7 @@ def test_a_first_live_bar_without_trades_carries_the_warm_up_close(market, tmp_p
     trades = pd.read_csv(day, dtype=str)
     ts = trades["timestamp"].astype(float) * 1000
     trades[(ts < START_MS) | (ts >= START_MS + 60_000)].to_csv(day, index=False)
-    model = write_model_dir(tmp_path)
-    probs = write_probabilities(tmp_path / "p.csv", {})
-    with exchange(quiet) as ex:
-        rc, out = run(engine_cmd(ex.url, model, quiet, "--signal-only", "--probabilities", str(probs),
-                                 "--max-bars", "2"), tmp_path)
-    assert rc == 0, out[-3000:]
+    signal_only(tmp_path, quiet, "--max-bars", "2")
     signals = journal(tmp_path, "signals")
     want = loader_bars(quiet)
     assert signals[0]["bar"]["trade_count"] == 0 and signals[1]["bar"]["trade_count"] > 0
@@ -230,13 +228,7 @@ def test_a_start_inside_a_bar_waits_only_for_the_book_features(market, tmp_path)
     cfg = live_config()
     wait = feature_engine.book_warmup_bars(cfg)
     assert wait < feature_engine.warmup_bars(cfg)
-    model = write_model_dir(tmp_path)
-    probs = write_probabilities(tmp_path / "p.csv", {})
-    with exchange(market) as ex:
-        ex.advance(30)
-        rc, out = run(engine_cmd(ex.url, model, market, "--signal-only", "--probabilities", str(probs),
-                                 "--max-bars", str(wait + 2)), tmp_path)
-    assert rc == 0, out[-3000:]
+    signal_only(tmp_path, market, "--max-bars", str(wait + 2), advance=30)
     warm = [s["warm"] for s in journal(tmp_path, "signals")]
     assert warm == [False] * wait + [True, True]
 
@@ -286,19 +278,11 @@ def test_a_restart_does_not_trust_the_bar_the_last_run_stopped_in(market, tmp_pa
     REST klines, instead of a short bar taken as the truth, and the book and taker-flow features wait for it
     (feature_engine.kline_warmup_bars), not every feature."""
     files = truncated_before(market, tmp_path / "files", START_MS)
-    model = write_model_dir(tmp_path)
-    probs = write_probabilities(tmp_path / "p.csv", {})
-    with exchange(market) as ex:
-        rc, out = run(engine_cmd(ex.url, model, files, "--signal-only", "--probabilities", str(probs),
-                                 "--lockstep-step", "40s", "--max-bars", "3"), tmp_path)
-    assert rc == 0, out[-3000:]
+    signal_only(tmp_path, market, "--lockstep-step", "40s", "--max-bars", "3", data=files)
     assert [s["bar_time"][11:16] for s in journal(tmp_path, "signals")] == ["03:00", "03:01", "03:02"]
     state = json.loads((tmp_path / "state" / f"bot_state_{SYMBOL}.json").read_text())
     assert state["recorded_until_ms"] == START_MS + 3 * 60_000
-    with exchange(market, start="2026-01-01T03:04") as ex:
-        rc, out = run(engine_cmd(ex.url, model, files, "--signal-only", "--probabilities", str(probs),
-                                 "--max-bars", "1"), tmp_path)
-    assert rc == 0, out[-3000:]
+    out = signal_only(tmp_path, market, "--max-bars", "1", data=files, start="2026-01-01T03:04")
     import feature_engine
     wait = feature_engine.kline_warmup_bars(live_config()) - 1   # from 03:04, the bar after the kline bar
     assert f"warm-up: 183 bars from files, 1 from klines; warm in {wait} bars" in out, out[-3000:]   # 180 + 3
@@ -311,18 +295,9 @@ def test_a_restart_soon_after_a_start_inside_a_bar_still_waits_for_that_bar(mark
     until that bar is out of their reach, as run 1 did, instead of being warm at once."""
     import feature_engine
     files = truncated_before(market, tmp_path / "files", START_MS)
-    model = write_model_dir(tmp_path)
-    probs = write_probabilities(tmp_path / "p.csv", {})
-    with exchange(market) as ex:
-        ex.advance(30)
-        rc, out = run(engine_cmd(ex.url, model, files, "--signal-only", "--probabilities", str(probs),
-                                 "--lockstep-step", "30s", "--max-bars", "3"), tmp_path)
-    assert rc == 0, out[-3000:]
+    signal_only(tmp_path, market, "--lockstep-step", "30s", "--max-bars", "3", data=files, advance=30)
     wait = feature_engine.book_warmup_bars(live_config())
     state = json.loads((tmp_path / "state" / f"bot_state_{SYMBOL}.json").read_text())
     assert state["partial_bar"] == [START_MS, wait] and state["recorded_until_ms"] == START_MS + 3 * 60_000
-    with exchange(market, start="2026-01-01T03:03") as ex:
-        rc, out = run(engine_cmd(ex.url, model, files, "--signal-only", "--probabilities", str(probs),
-                                 "--max-bars", "1"), tmp_path)
-    assert rc == 0, out[-3000:]
+    out = signal_only(tmp_path, market, "--max-bars", "1", data=files, start="2026-01-01T03:03")
     assert f"warm-up: 183 bars from files, 0 from klines; warm in {wait - 3} bars" in out, out[-3000:]
