@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 from pybit.unified_trading import HTTP
@@ -38,13 +39,14 @@ def positions(http: HTTP) -> dict[int, float]:
 
 
 def stop_cover(http: HTTP) -> dict[int, float]:
-    """positionIdx -> quantity of open reduce-only stop orders, from GET /v5/order/realtime (conditional)."""
+    """positionIdx -> quantity of open reduce-only stop orders, from GET /v5/order/realtime (conditional), summed
+    exactly (Decimal: 30.016 + 43.565 as floats is 73.58099999999999, short of a 73.581 position)."""
     rows = http.get_open_orders(category="linear", symbol=SYMBOL, orderFilter="StopOrder", limit=50)["result"]["list"]
-    cover: dict[int, float] = {}
+    cover: dict[int, Decimal] = {}
     for o in rows:
         if o["reduceOnly"] and "Stop" in o["stopOrderType"]:
-            cover[int(o["positionIdx"])] = cover.get(int(o["positionIdx"]), 0.0) + float(o["qty"])
-    return cover
+            cover[int(o["positionIdx"])] = cover.get(int(o["positionIdx"]), Decimal(0)) + Decimal(o["qty"])
+    return {idx: float(qty) for idx, qty in cover.items()}
 
 
 def send(pid: int, sig: int) -> None:
