@@ -1215,7 +1215,8 @@ class Engine:
                                                           feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS))
         data_loader.mark_gaps(self.window, self.bar_ms // 1000, self.cfg.data.gap_threshold,
                               self.window["is_gap"].to_numpy(bool))   # the research gap rule, on the window
-        drift_due = bool(self.quantiles) and number % 10 == 0
+        drift_due = (bool(self.quantiles) and number % 10 == 0   # over known bars only: klines' neutral taker
+                     and number - self.cfg.live.drift_window >= self.missing_until)   # split is not drift
         feats = feature_engine.compute_features(self.window, self.cfg,   # only the rows used: equal to a full run's
                                                 last=self.cfg.live.drift_window if drift_due else 1)
         row = feats.iloc[-1]

@@ -168,6 +168,22 @@ def test_drift_halt_pauses_entries_while_psi_exceeds_the_alert_level(market, tmp
     assert not trades(tmp_path, kind="entry")
 
 
+def test_no_drift_is_computed_over_bars_known_only_from_klines(market, tmp_path):
+    """The same impossible quantiles, but the window comes from REST klines (no files): its bars' taker split and
+    book are placeholders, not the market, so no PSI is computed over them and nothing alerts."""
+    model = write_model_dir(tmp_path)
+    (model / "features.json").write_text(json.dumps({"quantiles": {"atr": [1e12 + i for i in range(11)]}}))
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    (tmp_path / "empty").mkdir()
+    with exchange(market) as ex:
+        rc, out = run(engine_cmd(ex.url, model, tmp_path / "empty", "--probabilities", str(probs), "--max-bars",
+                                 "3"), tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "from klines; warm in" in out
+    assert not [e for e in journal(tmp_path, "events") if e["event"] == "drift"]
+    assert journal(tmp_path, "equity")[-1]["drift"] == {}
+
+
 def test_a_feature_within_its_chance_level_does_not_alert(market, tmp_path):
     """The same PSI, but training showed stretches of live.drift_window bars reaching it by chance
     (features.json psi_limits for that window): no drift alert, and --drift-halt lets the entry through."""
