@@ -105,8 +105,9 @@ class Clock:
             self._seen_mono = self.monotonic()
 
     def exchange_ms(self) -> int:
+        """Exchange time in ms; in paper mode 0 until the first exchange stamp (unknown, not 1970)."""
         if self.market:
-            if self.lockstep:
+            if self.lockstep or not self.seen_ms:
                 return self.seen_ms
             return self.seen_ms + int((self.monotonic() - self._seen_mono) * 1000)
         return max(self.seen_ms, int(self.wall_ms() + self.offset_ms))
@@ -824,7 +825,7 @@ class Engine:
         grid, missing = complete_grid(merged, start, first_live - self.bar_ms, self.bar_ms)
         from_klines = ~missing & ~grid.index.isin(files.index)
         self.window = grid
-        self.missing_until = 0
+        self.missing_until = start // self.bar_ms + feature_engine.warmup_bars(self.cfg)   # history shorter than it
         for unknown, wait in ((missing, 1 + feature_engine.warmup_bars(self.cfg)),   # no data: every feature
                               (from_klines, feature_engine.kline_warmup_bars(self.cfg))):   # book and taker flow
             if unknown.any():
@@ -1208,6 +1209,10 @@ class Engine:
         if bar.attrs.get("partial"):   # its book began late: the book features wait until it is out of reach
             wait = feature_engine.book_warmup_bars(self.cfg) if self._first_trades_whole \
                 else 1 + feature_engine.warmup_bars(self.cfg)
+            if number + wait > self.missing_until:
+                log.info("the first bar (%s) began before the engine listened: %s wait %d bars, warm at %s",
+                         iso(bar_ms), "its book columns are partial, the book features" if self._first_trades_whole
+                         else "its trades are partial, all features", wait, iso(bar_ms + wait * self.bar_ms))
             self.missing_until = max(self.missing_until, number + wait)
             self.state["partial_bar"] = [bar_ms, wait]   # so a restart soon after waits for it too
         self.state["recorded_until_ms"] = bar_ms + self.bar_ms   # own recordings hold whole bars up to here

@@ -301,3 +301,13 @@ def test_a_restart_soon_after_a_start_inside_a_bar_still_waits_for_that_bar(mark
     assert state["partial_bar"] == [START_MS, wait] and state["recorded_until_ms"] == START_MS + 3 * 60_000
     out = signal_only(tmp_path, market, "--max-bars", "1", data=files, start="2026-01-01T03:03")
     assert f"warm-up: 183 bars from files, 0 from klines; warm in {wait - 3} bars" in out, out[-3000:]
+
+
+def test_history_shorter_than_the_warm_up_is_logged_as_the_wait_it_is(market, tmp_path):
+    """A start one hour into the recorded data: 60 bars of files, the features need 135. The warm-up log says
+    'warm in 75 bars', not 'warm now', and the 75th bar after the start is the first warm one."""
+    import feature_engine
+    need = feature_engine.warmup_bars(live_config())
+    out = signal_only(tmp_path, market, "--max-bars", str(need - 60 + 2), start="2026-01-01T01:00")
+    assert f"warm-up: 60 bars from files, 0 from klines; warm in {need - 60} bars" in out, out[-3000:]
+    assert [s["warm"] for s in journal(tmp_path, "signals")] == [False] * (need - 60) + [True, True]

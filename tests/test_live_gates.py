@@ -237,3 +237,17 @@ def test_log_features_journals_each_bars_feature_vector(tmp_path, monkeypatch):
     (tmp_path / "plain").mkdir()
     plain = Harness(tmp_path / "plain", monkeypatch, {})
     assert "features" not in plain.minute(0)
+
+
+def test_a_paper_engines_journal_is_stamped_with_wall_time_until_the_exchange_speaks(tmp_path, monkeypatch):
+    """Paper time is the market's: before the first exchange stamp it is unknown (0), so a journal record made
+    then (model_loaded) carries the wall clock, never a 1970 time of a few ms; after it, the market's."""
+    clock = live.Clock(market=True)
+    journals = live.Journals(tmp_path, SYMBOL, "paper", clock)
+    monkeypatch.setattr(clock, "wall_ms", lambda: T0 + 123)
+    monkeypatch.setattr(clock, "monotonic", lambda: clock._seen_mono + 0.025)   # 25 ms after the engine began
+    assert clock.exchange_ms() == 0
+    assert journals.write("events", {"event": "model_loaded"})["ts"] == T0 + 123
+    clock.saw(T0 - MIN)
+    assert journals.write("events", {"event": "reconciled"})["ts"] >= T0 - MIN
+    assert journals.write("events", {"event": "reconciled"})["ts"] < T0
