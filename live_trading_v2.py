@@ -62,6 +62,8 @@ STATE_VERSION = 1
 HEARTBEAT_S = 5.0               # state/heartbeat_<SYM>.json rewrite period (contract: at least every 10 s)
 WARM_MARGIN_BARS = 50           # feature window beyond the model's warm-up
 BYBIT_DEPTHS = (1, 50, 200, 500)
+RECENT_TRADES_LIMIT = 1000      # Bybit V5 GET /v5/market/recent-trade: linear limit 1-1000
+KLINE_PAGE = 1000               # Bybit V5 GET /v5/market/kline: limit 1-1000 per page
 PROB_COLUMNS = ("p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short")
 
 
@@ -825,7 +827,7 @@ class Engine:
         grid, missing = complete_grid(merged, start, first_live - self.bar_ms, self.bar_ms)
         from_klines = ~missing & ~grid.index.isin(files.index)
         self.window = grid
-        self.missing_until = start // self.bar_ms + feature_engine.warmup_bars(self.cfg)   # history shorter than it
+        self.missing_until = 0
         for unknown, wait in ((missing, 1 + feature_engine.warmup_bars(self.cfg)),   # no data: every feature
                               (from_klines, feature_engine.kline_warmup_bars(self.cfg))):   # book and taker flow
             if unknown.any():
@@ -835,7 +837,8 @@ class Engine:
         if first <= partial < first_live:
             self.missing_until = max(self.missing_until, partial // self.bar_ms + wait)
         self._load_kernels()
-        wait = max(0, self.missing_until - first_live // self.bar_ms)
+        history_warm = start // self.bar_ms + feature_engine.warmup_bars(self.cfg)   # is_warm's rule on short history
+        wait = max(0, max(self.missing_until, history_warm) - first_live // self.bar_ms)
         log.info("warm-up: %d bars from files, %d from klines; %s", len(files), len(klines),
                  "warm now" if wait == 0 else f"warm in {wait} bars ({wait * self.bar_ms / 60000:.0f} min)")
 
@@ -852,17 +855,18 @@ class Engine:
         return Path("data") / f"{self.symbol}_Bybit"
 
     def _klines(self, start_ms: int, end_ms: int) -> list[list[str]]:
-        """REST klines [start_ms, end_ms] (bar opens), paged 1000 at a time."""
+        """REST klines [start_ms, end_ms] (bar opens), KLINE_PAGE at a time."""
         interval = str(self.bar_ms // 60000) if self.bar_ms < 86_400_000 else "D"
         rows: list[list[str]] = []
         cursor = start_ms
         while cursor <= end_ms:
             env = self.client.request("get_kline", {"category": "linear", "symbol": self.symbol,
                                                     "interval": interval, "start": cursor,
-                                                    "end": min(end_ms, cursor + 999 * self.bar_ms), "limit": 1000})
+                                                    "end": min(end_ms, cursor + (KLINE_PAGE - 1) * self.bar_ms),
+                                                    "limit": KLINE_PAGE})
             got = (env.get("result") or {}).get("list") or []
             rows.extend(r for r in got if start_ms <= int(r[0]) <= end_ms)
-            cursor += 1000 * self.bar_ms
+            cursor += KLINE_PAGE * self.bar_ms
         return rows
 
     def _market_now(self) -> int:
@@ -927,13 +931,13 @@ class Engine:
         open_ms = self.clock.exchange_ms() // self.bar_ms * self.bar_ms
         try:
             env = self.client.request("get_public_trade_history", {"category": "linear", "symbol": self.symbol,
-                                                                   "limit": 1000})
+                                                                   "limit": RECENT_TRADES_LIMIT})
         except exc.ExchangeError as err:
             log.warning("warm-up: recent trades unavailable (%s); the first bar keeps only what the stream sends",
                         err)
             return
         newest_first = (env.get("result") or {}).get("list") or []
-        self._first_trades_whole = len(newest_first) < 1000 or int(newest_first[-1]["time"]) < open_ms
+        self._first_trades_whole = len(newest_first) < RECENT_TRADES_LIMIT or int(newest_first[-1]["time"]) < open_ms
         rows = [{"T": int(r["time"]), "S": r["side"], "v": r["size"], "p": r["price"], "i": str(r["execId"])}
                 for r in reversed(newest_first) if int(r["time"]) >= open_ms]
         rows.sort(key=lambda r: r["T"])   # stable: the exchange's order within one millisecond is kept
