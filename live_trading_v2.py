@@ -821,7 +821,8 @@ class Engine:
         files = files[files.index >= pd.Timestamp(first, unit="ms", tz="UTC")]
         have_until = int(files.index[-1].value // 1_000_000) + self.bar_ms if len(files) else first
         klines = self._klines(max(have_until, first), first_live - self.bar_ms) if have_until < first_live else []
-        merged = pd.concat([files, kline_bars(klines, self.bar_ms)]) if klines else files
+        parts = [part for part in (files, kline_bars(klines, self.bar_ms)) if len(part)]   # no empty frame's dtypes
+        merged = pd.concat(parts) if len(parts) > 1 else (parts[0] if parts else files)
         merged = merged[~merged.index.duplicated(keep="first")].sort_index()
         start = int(merged.index[0].value // 1_000_000) if len(merged) else first_live - self.bar_ms
         grid, missing = complete_grid(merged, start, first_live - self.bar_ms, self.bar_ms)
