@@ -167,9 +167,18 @@ class BadLine(ValueError):
 
 
 def _level_array(levels: object, side: str) -> np.ndarray:
-    """Validate [[price, size], ...] (strings or numbers) into float64 (n, 2)."""
+    """Validate [[price, size], ...] (strings or numbers) into float64 (n, 2). Whole-array conversion first;
+    a list it cannot take, or any bad value, goes level by level, which names the first bad level."""
     if not isinstance(levels, list):
         raise BadLine(f"field data.{side} is not a list")
+    try:
+        arr = np.array(levels, dtype=np.float64) if levels else np.empty((0, 2))
+    except (TypeError, ValueError):
+        arr = None
+    if arr is not None and arr.ndim == 2 and arr.shape[1] >= 2:
+        arr = np.ascontiguousarray(arr[:, :2])
+        if np.isfinite(arr).all() and (arr[:, 0] > 0).all() and (arr[:, 1] >= 0).all():
+            return arr
     out = np.empty((len(levels), 2))
     for i, lv in enumerate(levels):
         if not isinstance(lv, list) or len(lv) < 2:
@@ -465,13 +474,14 @@ def iter_book_messages(data_dir: str | Path, start: str = "", end: str = "") -> 
     files = list_files(data_dir, start, end)
     budget = _WarnBudget()
     for path in files.books:
+        window = _ts_window(path, 1000)
         try:
             with _open_binary(path) as fh:
                 for line, raw in enumerate(fh, start=1):
                     if not raw.strip():
                         continue
                     try:
-                        msg = parse_book_line(raw, files.symbol, _ts_window(path, 1000))
+                        msg = parse_book_line(raw, files.symbol, window)
                     except BadLine as exc:
                         budget.warn(path, line, f"bad book line skipped: {exc}")
                         continue

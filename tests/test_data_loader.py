@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 import subprocess
 import sys
 from decimal import Decimal
@@ -482,3 +483,18 @@ def test_mark_gaps_on_a_live_window_marks_a_run_once_it_reaches_the_threshold(tm
     gaps = dl.mark_gaps(reached, 300, "30m")
     assert [(g.start, g.bars) for g in gaps] == [(bars.index[first], 6)]
     assert reached["is_gap"].tolist() == bars["is_gap"].iloc[:first + 6].tolist()
+
+
+@pytest.mark.parametrize("levels, why", [
+    ([["1", "2"], ["3", "x"]], "data.b[1] has a non-numeric price or size ['3', 'x']"),
+    ([["1", "2"], ["nan", "1"]], "data.b[1] has an invalid price or size ['nan', '1']"),
+    ([["1", "2"], ["0", "1"], ["2", "-1"]], "data.b[1] has an invalid price or size ['0', '1']"),
+    ([["1", "2"], ["3"]], "data.b[1] is not a [price, size] pair"),
+    ([["1", "2"], None], "data.b[1] is not a [price, size] pair")])
+def test_a_bad_level_is_named_by_its_index_whatever_the_others(levels, why):
+    """The whole-array conversion of a book side falls back to level by level on anything odd, so the
+    message still names the first bad level; good sides give exactly float() of each string."""
+    with pytest.raises(dl.BadLine, match=re.escape(why)):
+        dl._level_array(levels, "b")
+    for good in ([["101.25", "0.5"], ["1e2", "0"], [" 99.5 ", "3"], ["1_0", "2"]], [["1", "2"], ["3", "4", "x"]]):
+        assert dl._level_array(good, "b").tolist() == [[float(p), float(q)] for p, q, *_ in good]
