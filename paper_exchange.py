@@ -66,15 +66,38 @@ class TradePrint:
     trade_id: str
 
 
+def trade_ms(chunk: Any) -> np.ndarray:
+    """Stream stamps (whole ms, int64) of a data_loader.iter_trades chunk. The files keep 0.1 ms (Bybit's public
+    history: 4 decimals of a second); the stream's `T` is whole ms, so the stamp is truncated, never rounded
+    up: a trade at 59.9996 s stays in the bar that data_loader puts it in (the 1e-3 ms guards against 0.645 s
+    reading as 644.9999 ms)."""
+    return np.floor(chunk["timestamp"].to_numpy(dtype=float) * 1000.0 + 1e-3).astype("int64")
+
+
 def trade_prints(chunks: Iterable[Any]) -> Iterator[TradePrint]:
-    """Rows of data_loader.iter_trades chunks (timestamp s, side, size, price, trdMatchID) as TradePrints. The
-    files keep 0.1 ms (Bybit's public history: 4 decimals of a second); the stream's `T` is whole ms, so the
-    stamp is truncated, never rounded up: a trade at 59.9996 s stays in the bar that data_loader puts it in
-    (the 1e-3 ms guards against 0.645 s reading as 644.9999 ms)."""
+    """Rows of data_loader.iter_trades chunks (timestamp s, side, size, price, trdMatchID) as TradePrints."""
     for chunk in chunks:
-        ts = np.floor(chunk["timestamp"].to_numpy(dtype=float) * 1000.0 + 1e-3).astype("int64")
-        for t, side, size, price, tid in zip(ts, chunk["side"], chunk["size"], chunk["price"], chunk["trdMatchID"]):
+        for t, side, size, price, tid in zip(trade_ms(chunk), chunk["side"], chunk["size"], chunk["price"],
+                                             chunk["trdMatchID"]):
             yield TradePrint(int(t), float(price), float(size), str(side), str(tid))
+
+
+def split_trades(chunks: Iterable[Any], before_ms: int) -> tuple[list[Any], Iterator[Any]]:
+    """(the chunk parts stamped before `before_ms`, an iterator over the rest), reading only as far as needed."""
+    chunks = iter(chunks)
+    early: list[Any] = []
+    for chunk in chunks:
+        cut = int(np.searchsorted(trade_ms(chunk), before_ms))   # files are in time order
+        if cut:
+            early.append(chunk.iloc[:cut])
+        if cut < len(chunk):
+            return early, _chain([chunk.iloc[cut:]], chunks)
+    return early, iter(())
+
+
+def _chain(first: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
+    yield from first
+    yield from rest
 
 
 def _book_ts(msg: dict) -> int:
@@ -91,7 +114,7 @@ class MarketReplay:
     at 1x with a live engine that compares exchange times with its clock); by default times are as recorded.
     """
 
-    def __init__(self, engine: MatchingEngine, book_messages: Iterable[dict], trades: Iterable[TradePrint],
+    def __init__(self, engine: MatchingEngine, book_messages: Iterable[dict], trades: Iterable[Any],
                  book: Any = None, rebase_to_ms: int | None = None, start_ms: int | None = None):
         if book is None:
             from orderbook import OrderBook
@@ -109,16 +132,22 @@ class MarketReplay:
         self.exhausted = False
         self.book_updates = 0   # book lines applied
         self.book_lines = 0     # book lines seen (applied or refused): the book cannot have changed without one
+        early, trades = split_trades(trades, start_ms) if start_ms is not None else ([], trades)
         streams = (((_book_ts(m), 0, i, m) for i, m in enumerate(book_messages)),
-                   ((t.ts_ms, 1, i, t) for i, t in enumerate(trades)))
+                   ((t.ts_ms, 1, i, t) for i, t in enumerate(trade_prints(trades))))
         self._events = heapq.merge(*streams, key=lambda e: (e[0], e[1], e[2]))
         self._next: tuple | None = next(self._events, None)
-        if self._next is None:
+        if self._next is None and not early:
             raise ValueError("market replay has no book messages and no trades")
-        first = self._next[0] if start_ms is None else max(self._next[0], start_ms)
+        first = start_ms if early else self._next[0] if start_ms is None else max(self._next[0], start_ms)
         self.offset_ms = 0 if rebase_to_ms is None else (rebase_to_ms - first) // 60000 * 60000
         self.now_ms = first + self.offset_ms
         self.start_ms = self.now_ms
+        for chunk in early:
+            self._on_early_trades(chunk)
+        if self._next is None:
+            self.exhausted = True
+            log.info("market replay holds nothing from its start on")
         self._apply_until(self.now_ms if start_ms is None else self.now_ms - 1)  # messages at start are replayed
         self.now_ms = self.start_ms
         self.unpushed = []
@@ -141,8 +170,7 @@ class MarketReplay:
             log.info("replay from %s: book from the %s file's opening snapshot, candles from %s", day.isoformat(),
                      book_from, trades_from)
         return cls(engine, data_loader.iter_book_messages(data_dir, book_from),
-                   trade_prints(data_loader.iter_trades(data_dir, trades_from)),
-                   rebase_to_ms=rebase_to_ms, start_ms=start_ms)
+                   data_loader.iter_trades(data_dir, trades_from), rebase_to_ms=rebase_to_ms, start_ms=start_ms)
 
     def next_ms(self) -> int | None:
         """Market time of the next recorded message (None at the end of the data)."""
@@ -210,6 +238,38 @@ class MarketReplay:
             bar[4] += t.size
             bar[5] += t.price * t.size
         self.engine.on_trade(t.price, t.size, t.side, t.ts_ms)
+
+    def _on_early_trades(self, chunk: Any) -> None:
+        """Trades before the start, at once: candles (sums in time order within each minute, as `_on_trade`),
+        recent trades, the last price. Nothing rests or waits for a trigger yet, so no trade can fill."""
+        if self.engine.active:
+            raise RuntimeError("trades before the start are applied at once only while no order rests")
+        ts = trade_ms(chunk) + self.offset_ms
+        price, size = chunk["price"].to_numpy(dtype=float), chunk["size"].to_numpy(dtype=float)
+        minute = ts // 60000 * 60000
+        starts = np.flatnonzero(np.r_[True, minute[1:] != minute[:-1]])
+        ends = np.r_[starts[1:], len(ts)]
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            part = [price[a], price[a:b].max(), price[a:b].min(), price[b - 1], 0.0, 0.0]
+            for p, q in zip(price[a:b].tolist(), size[a:b].tolist()):
+                part[4] += q
+                part[5] += p * q
+            self._merge_minute(int(minute[a]), part)
+        tail = chunk.iloc[-self.recent.maxlen:]
+        self.recent.extend(TradePrint(int(t) + self.offset_ms, float(p), float(q), str(side), str(tid))
+                           for t, side, q, p, tid in zip(trade_ms(tail), tail["side"], tail["size"], tail["price"],
+                                                         tail["trdMatchID"]))
+        last = self.recent[-1]
+        self.engine.on_trade(last.price, last.size, last.side, last.ts_ms)
+
+    def _merge_minute(self, minute: int, part: list[float]) -> None:
+        bar = self.minutes.get(minute)
+        if bar is None:
+            self.minutes[minute] = part
+            return
+        bar[1], bar[2], bar[3] = max(bar[1], part[1]), min(bar[2], part[2]), part[3]
+        bar[4] += part[4]
+        bar[5] += part[5]
 
     def candles(self, interval_s: int, start_ms: int = 0, end_ms: int = 0, limit: int = 200) -> list[list[float]]:
         """[start_ms, o, h, l, c, volume, turnover] newest first; empty intervals are flat at the last close."""

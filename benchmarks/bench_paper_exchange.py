@@ -39,7 +39,7 @@ def main() -> None:
     import pandas as pd
     from orderbook import OrderBook
     from matching import MatchingEngine, load_instrument
-    from paper_exchange import MarketReplay, trade_prints
+    from paper_exchange import MarketReplay
 
     out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_paper_"))
     folder = market_sim.simulate(days=args.days, out=out, levels=50, book_interval="1s")
@@ -68,7 +68,7 @@ def main() -> None:
     def exchange() -> tuple[int, int]:
         engine = MatchingEngine(load_instrument(folder, "DEMOUSDT"), balance=1e9)
         replay = MarketReplay(engine, data_loader.iter_book_messages(folder),
-                              trade_prints(data_loader.iter_trades(folder)))
+                              data_loader.iter_trades(folder))
         bid, ask = engine.best()
         mid = engine.inst.px((bid + ask) // 2)
         for k in range(1, 11):

@@ -721,6 +721,7 @@ def test_a_replay_from_start_reads_the_book_from_that_days_snapshot_and_equals_a
         np.testing.assert_array_equal(a, b)
     assert late.candles(60, limit=3000) == full.candles(60, limit=3000)
     assert list(late.recent) == list(full.recent) and late.next_ms() == full.next_ms()
+    assert late.engine.last_price == full.engine.last_price and late.stats_24h() == full.stats_24h()
 
 
 def test_trade_stamps_are_truncated_to_the_millisecond_like_bybits_T():
@@ -823,7 +824,7 @@ def test_engine_replays_hours_of_market_without_a_server(tmp_path):
     folder = write_market(tmp_path, mids)
     import data_loader
     engine = MatchingEngine(load_instrument(folder, SYMBOL))
-    replay = MarketReplay(engine, data_loader.iter_book_messages(folder), trade_prints(data_loader.iter_trades(folder)))
+    replay = MarketReplay(engine, data_loader.iter_book_messages(folder), data_loader.iter_trades(folder))
     engine.place_order({"category": "linear", "symbol": SYMBOL, "side": "Sell", "orderType": "Limit",
                         "qty": "1", "price": "100.40"})
     replay.advance(4 * 3600)
@@ -1031,7 +1032,7 @@ def test_engine_caps_active_orders_at_500(tmp_path):
     import data_loader
     folder = write_market(tmp_path, FLAT)
     engine = MatchingEngine(load_instrument(folder, SYMBOL))
-    MarketReplay(engine, data_loader.iter_book_messages(folder), trade_prints(data_loader.iter_trades(folder)))
+    MarketReplay(engine, data_loader.iter_book_messages(folder), data_loader.iter_trades(folder))
     params = {"category": "linear", "symbol": SYMBOL, "side": "Buy", "orderType": "Limit", "qty": "0.1"}
     for i in range(500):
         engine.place_order({**params, "price": f"{95 - 0.01 * (i % 100):.2f}"})
