@@ -507,7 +507,7 @@ def partial_trade_bars(chunk: pd.DataFrame, bar_us: int) -> pd.DataFrame:
         "vol_sell": np.add.reduceat(size - vol_buy, starts), "dollar_val": np.add.reduceat(price * size, starts),
         "trade_count": np.diff(np.r_[starts, len(bar)]), "high": np.maximum.reduceat(price, starts),
         "low": np.minimum.reduceat(price, starts), "open": price[starts], "first_ts": ts_us[starts],
-        "close": price[ends], "last_ts": ts_us[ends]}, index=pd.Index(bar[starts], name="bar"))
+        "close": price[ends], "last_ts": ts_us[ends]}, index=pd.Index(bar[starts], name="bar"), copy=False)
 
 
 _TRADE_SUMS = ["volume", "vol_buy", "vol_sell", "dollar_val", "trade_count"]
@@ -557,12 +557,14 @@ def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int, span_ms: tuple[i
     idx_ms = np.arange(first, last + bar_ms, bar_ms, dtype=np.int64)
     at, rows = _on_grid(trade.index.to_numpy() // 1000, idx_ms)
     cols: dict[str, np.ndarray] = {}
-    for col in _TRADE_COLS:
+    values = trade[_TRADE_COLS].to_numpy(dtype=float)   # one block read, not a Series per column
+    for j, col in enumerate(_TRADE_COLS):
         cols[col] = np.full(len(idx_ms), np.nan)
-        cols[col][at] = trade[col].to_numpy(dtype=float)[rows]
+        cols[col][at] = values[rows, j]
     empty = np.ones(len(idx_ms), dtype=bool)
     empty[at] = False
-    close = pd.Series(cols["close"]).ffill().fillna(prev_close).to_numpy()
+    last = np.maximum.accumulate(np.where(np.isnan(cols["close"]), -1, np.arange(len(idx_ms))))   # forward fill
+    close = np.where(last >= 0, cols["close"][np.maximum(last, 0)], prev_close)
     for col in ("open", "high", "low"):
         cols[col] = np.where(~empty, cols[col], close)
     cols["close"] = close
@@ -575,13 +577,14 @@ def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int, span_ms: tuple[i
         cols["taker_buy_ratio"] = np.where(empty, 0.5, cols["vol_buy"] / vol)
     cols["is_empty"] = empty
     at, rows = _on_grid(book.index.to_numpy(dtype=np.int64), idx_ms) if len(book) else (idx_ms[:0], idx_ms[:0])
-    for col in ob.BOOK_BAR_COLUMNS:
+    values = book[ob.BOOK_BAR_COLUMNS].to_numpy(dtype=float) if len(book) else np.empty((0, len(ob.BOOK_BAR_COLUMNS)))
+    for j, col in enumerate(ob.BOOK_BAR_COLUMNS):
         cols[col] = np.full(len(idx_ms), np.nan)
-        cols[col][at] = book[col].to_numpy(dtype=float)[rows]
+        cols[col][at] = values[rows, j]
     cols["ob_samples"] = np.nan_to_num(cols["ob_samples"], nan=0.0).astype(np.int64)
     cols["is_gap"] = np.zeros(len(idx_ms), dtype=bool)
-    index = pd.DatetimeIndex(pd.to_datetime(idx_ms, unit="ms", utc=True), name="time")
-    return pd.DataFrame({c: cols[c] for c in BAR_COLUMNS}, index=index)
+    index = pd.DatetimeIndex((idx_ms * 1_000_000).view("datetime64[ns]"), tz="UTC", name="time")
+    return pd.DataFrame({c: cols[c] for c in BAR_COLUMNS}, index=index, copy=False)   # the arrays are ours
 
 
 @dataclass(frozen=True)

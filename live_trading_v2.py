@@ -1237,8 +1237,9 @@ class Engine:
         probs = self._probabilities(bar_ms, feats) if warm else {c: math.nan for c in PROB_COLUMNS}
         if drift_due:
             self._drift(feats)
-        allowed, reason = self._entry_gate(warm, bar)
-        close = float(bar["close"].iloc[0])
+        values = dict(zip(bar.columns, bar.to_numpy(dtype=object)[0]))   # one row: 60x cheaper than to_dict
+        allowed, reason = self._entry_gate(warm, values)
+        close = float(values["close"])
         requests: list = []
         trades_lines = self.journals.lines("trades")   # the events this decision saw: the replay's boundary
         if not self.args.signal_only and self._exec is not None:
@@ -1249,9 +1250,9 @@ class Engine:
         latency = (time.perf_counter() - t0) * 1000.0
         s = self.cfg.strategy
         self.journals.write("signals", {
-            "bar_time": iso(bar_ms), "bar_ms": bar_ms, **{c: float(bar[c].iloc[0]) for c in
+            "bar_time": iso(bar_ms), "bar_ms": bar_ms, **{c: float(values[c]) for c in
                                                           ("open", "high", "low", "close", "volume")},
-            "bar": bar[data_loader.BAR_COLUMNS].to_dict("records")[0],
+            "bar": {c: values[c] for c in data_loader.BAR_COLUMNS},
             "atr": atr, "warm": warm, **probs, "exec_threshold": s.exec_threshold,
             "direction_threshold": s.direction_threshold, "aggressive_threshold": s.aggressive_threshold,
             "entries_allowed": allowed, "reason": reason, "latency_ms": latency,
@@ -1289,7 +1290,7 @@ class Engine:
                                 drift=report, drift_levels=levels)
         self.health.drift, self.health.drift_levels, self.health.drift_alert = report, levels, worst is not None
 
-    def _entry_gate(self, warm: bool, bar: pd.DataFrame) -> tuple[bool, str]:
+    def _entry_gate(self, warm: bool, bar: dict[str, Any]) -> tuple[bool, str]:
         """Live-only conditions the strategy receives as input (DESIGN §1)."""
         lag = (self.clock.exchange_ms() - max(self.recv["trade"], self.recv["book"])) / 1000.0
         self.health.data_lag_s = lag
@@ -1301,8 +1302,7 @@ class Engine:
                   (self.health.api_errors >= self.cfg.live.max_api_errors, "API errors"),
                   (self.args.drift_halt and self.health.drift_alert, "drift halt"),
                   (bool(self.state.get("halted_day")) and self.state.get("halted_day") == self._day(), "kill-switch")]
-        spread = float(bar["ob_spread_mean"].iloc[0]) if "ob_spread_mean" in bar else math.nan
-        mid = float(bar["ob_mid_last"].iloc[0]) if "ob_mid_last" in bar else math.nan
+        spread, mid = float(bar.get("ob_spread_mean", math.nan)), float(bar.get("ob_mid_last", math.nan))
         if math.isfinite(spread) and math.isfinite(mid) and mid > 0:
             checks.append((spread / mid > self.cfg.live.max_spread_pct, f"wide spread ({spread / mid:.4%})"))
         for failed, why in checks:

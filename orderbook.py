@@ -1006,7 +1006,7 @@ def partial_book_bars(samples: np.ndarray, bar_ms: int) -> pd.DataFrame:
     cols = {f"sum_{c}": sums[:, j] for j, c in enumerate(_SUM_SRC)}
     cols["n"] = counts
     cols.update({f"last_{c}": last[:, j] for j, c in enumerate(_LAST_SRC)})
-    return pd.DataFrame(cols, index=pd.Index(keys, name="bar"))
+    return pd.DataFrame(cols, index=pd.Index(keys, name="bar"), copy=False)   # fresh arrays: no copy
 
 
 class BookBarSums:
@@ -1066,7 +1066,7 @@ def finalize_book_bars(partial: pd.DataFrame) -> pd.DataFrame:
     out.update({col: partial[f"last_{src}"].to_numpy() for col, src in _LAST_COLS.items()})
     out["ob_ofi_sum"] = partial["sum_ofi"].to_numpy()
     out["ob_samples"] = partial["n"].to_numpy().astype(np.int64)
-    return pd.DataFrame({c: out[c] for c in BOOK_BAR_COLUMNS}, index=partial.index)
+    return pd.DataFrame({c: out[c] for c in BOOK_BAR_COLUMNS}, index=partial.index, copy=False)
 
 
 def aggregate_book_samples(samples: np.ndarray, bar_seconds: int) -> pd.DataFrame:
