@@ -1145,17 +1145,19 @@ class Engine:
     def _handle(self, item: tuple) -> None:
         kind = item[0]
         if kind == "trades":
+            low, high = math.inf, -math.inf
             for row in item[1]:
                 ts = int(row["T"])
                 self.recv["trade"] = max(self.recv["trade"], ts)
                 self.clock.saw(ts)
                 self.last_price = float(row["p"])
+                low, high = min(low, self.last_price), max(high, self.last_price)
                 self._record_trade(row)
                 if self.sim is not None:
                     with self.sim_lock:
                         self.sim.on_trade(float(row["p"]), float(row["v"]), row["S"], ts)
                 self._closed(self._bars.on_trade(ts, row["S"], float(row["v"]), float(row["p"]), str(row["i"])))
-            self._after_market_update()
+            self._after_market_update(low, high)
         elif kind == "book":
             ts, msg = item[1], item[2]
             self.recv["book"] = max(self.recv["book"], ts)
@@ -1174,14 +1176,15 @@ class Engine:
         elif kind != "advanced":
             raise ValueError(f"unknown event {kind!r}")
 
-    def _after_market_update(self) -> None:
-        """Simulated fills (dry-run) and the intrabar kill-switch check on the latest price."""
+    def _after_market_update(self, low: float, high: float) -> None:
+        """Simulated fills (dry-run) and the intrabar kill-switch check on the prices of the trades just handled
+        (one publicTrade push may hold several: a sweep's worst price need not be its last)."""
         if self.sim is not None:
             with self.sim_lock:
                 events = self.sim.drain()
             for topic, record in events:
                 self._on_private(topic, [record])
-        self._check_kill_switch()
+        self._check_kill_switch(low, high)
 
     def _record_trade(self, row: dict) -> None:
         try:
@@ -1668,27 +1671,28 @@ class Engine:
                 self.journals.event("error", f"protecting leg {idx} failed: {err}", "critical")
 
     # ------------------------------------------------------------ risk and journals
-    def _check_kill_switch(self) -> None:
-        """Daily loss including unrealised PnL, on every price update: the strategy's intrabar rule
-        (Execution.check_kill -> strategy.intrabar_kill, the rule the backtest core applies inside bars) compares
-        the price now with the trigger price of the own positions and cash; when reached: flatten, cancel, halt
-        until the next UTC day. The halt is kept in the state file so it survives a restart."""
-        if self._exec is None or not math.isfinite(self.last_price) or self._bars.open_ms is None:
+    def _check_kill_switch(self, low: float, high: float) -> None:
+        """Daily loss including unrealised PnL, on every trade push: the strategy's intrabar rule
+        (Execution.check_kill -> strategy.intrabar_kill, the rule the backtest core applies inside bars on the
+        bar's adverse extreme) compares the prices traded in [low, high] with the trigger price of the own
+        positions and cash; when reached: flatten, cancel, halt until the next UTC day. The halt is kept in the
+        state file so it survives a restart."""
+        if self._exec is None or not (math.isfinite(low) and math.isfinite(high)) or self._bars.open_ms is None:
             return
         day = self._bars.open_ms // 86_400_000
         if self.state.get("halted_day") == day:
             return
         import strategy
-        requests = self._exec.check_kill(self.last_price, self.last_price, self._bars.open_ms // self.bar_ms,
-                                         self._bars.open_ms / 1000.0)
+        requests = self._exec.check_kill(low, high, self._bars.open_ms // self.bar_ms, self._bars.open_ms / 1000.0)
         if not (self._exec.day.halted and self._exec.day.day == day):
             return
         armed = strategy.DayState(day, self._exec.day.start_equity, False, self._exec.day.last_equity)
-        trigger, _ = strategy.kill_price(self._exec.positions(), self._exec.cash, armed, self.cfg.strategy)
-        equity, start = self._exec.mark(self.last_price), self._exec.day.start_equity
+        trigger, direction = strategy.kill_price(self._exec.positions(), self._exec.cash, armed, self.cfg.strategy)
+        worst = low if direction == 1 else high if direction == -1 else self.last_price   # the adverse extreme
+        equity, start = self._exec.mark(worst), self._exec.day.start_equity
         self.state["halted_day"] = day
         self.journals.event("kill_switch", f"daily loss {equity - start:.2f} reached the "
-                                           f"{self.cfg.strategy.daily_loss_limit:.1%} limit at {self.last_price} "
+                                           f"{self.cfg.strategy.daily_loss_limit:.1%} limit at {worst} "
                                            f"(trigger {trigger:.6g}): flattening, halted until the next UTC day",
                             "critical", equity=equity, day_start=start, trigger=trigger)
         self.beat("flattening")

@@ -251,3 +251,23 @@ def test_a_paper_engines_journal_is_stamped_with_wall_time_until_the_exchange_sp
     clock.saw(T0 - MIN)
     assert journals.write("events", {"event": "reconciled"})["ts"] >= T0 - MIN
     assert journals.write("events", {"event": "reconciled"})["ts"] < T0
+
+
+def test_the_intrabar_kill_switch_sees_every_price_of_a_trade_push(tmp_path, monkeypatch):
+    """One publicTrade push may hold several trades (a sweep): a price inside it beyond the kill trigger halts
+    the day even when the push's last price is back above it, as the backtest's adverse-extreme rule would."""
+    import strategy
+    h = Harness(tmp_path, monkeypatch, BREAKOUTS, "--set", "strategy.daily_loss_limit=0.002")
+    h.minute(0)
+    h.minute(1)
+    assert long_leg(h) > 0
+    e = h.engine
+    trigger, direction = strategy.kill_price(e._exec.positions(), e._exec.cash, e._exec.day, e.cfg.strategy)
+    assert direction == 1 and trigger < MID
+    h.book(T0 + 2 * MIN, [MID - 0.01], [MID + 0.01])
+    ts = T0 + 2 * MIN + 5000
+    e._handle(("trades", [{"T": ts, "S": "Sell", "v": "0.001", "p": f"{trigger - 0.01:.2f}", "i": "sweep-1"},
+                          {"T": ts, "S": "Buy", "v": "0.001", "p": f"{MID:.2f}", "i": "sweep-2"}]))
+    halts = [ev for ev in journal(e, "events") if ev["event"] == "kill_switch"]
+    assert len(halts) == 1 and f"at {float(f'{trigger - 0.01:.2f}')}" in halts[0]["message"]
+    assert e.state["halted_day"] == (T0 + 2 * MIN) // 86_400_000
