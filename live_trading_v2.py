@@ -53,6 +53,7 @@ import feature_engine
 import orderbook as ob
 from config import (ConfigError, GlobalConfig, LiveSettings, add_config_args, atomic_write_text, config_from_args,
                     parse_duration, timeframe_seconds)
+from data_collector import utc_day
 from models import psi
 
 log = logging.getLogger("live_trading_v2")
@@ -386,9 +387,13 @@ class LiveBars:
             self.open_ms = ms // self.bar_ms * self.bar_ms
             self.first_ms = self.open_ms if ms > self.open_ms else None
 
+    def seen(self, trade_id: str) -> bool:
+        """Whether a trade with this id was handled already (a duplicated push, or one REST also returned)."""
+        return trade_id in self._seen_set
+
     def on_trade(self, ts_ms: int, side: str, size: float, price: float, trade_id: str) -> list[pd.DataFrame]:
         """Add one trade; returns bars this message closed. Duplicated pushes (same id) are dropped."""
-        if trade_id in self._seen_set:
+        if self.seen(trade_id):
             return []
         if len(self.seen_ids) == self.seen_ids.maxlen:
             self._seen_set.discard(self.seen_ids[0])
@@ -1147,6 +1152,9 @@ class Engine:
         if kind == "trades":
             low, high = math.inf, -math.inf
             for row in item[1]:
+                if self._bars.seen(str(row["i"])):   # never recorded, simulated or counted twice
+                    self._recorder.integrity.bump(utc_day(int(row["T"])), "duplicate_trades")
+                    continue
                 ts = int(row["T"])
                 self.recv["trade"] = max(self.recv["trade"], ts)
                 self.clock.saw(ts)

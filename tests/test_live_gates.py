@@ -271,3 +271,18 @@ def test_the_intrabar_kill_switch_sees_every_price_of_a_trade_push(tmp_path, mon
     halts = [ev for ev in journal(e, "events") if ev["event"] == "kill_switch"]
     assert len(halts) == 1 and f"at {float(f'{trigger - 0.01:.2f}')}" in halts[0]["message"]
     assert e.state["halted_day"] == (T0 + 2 * MIN) // 86_400_000
+
+
+def test_a_trade_pushed_twice_is_recorded_once(tmp_path, monkeypatch):
+    """The same trade id twice (a duplicated push, or a trade in both the REST seed and the first pushes):
+    the engine's own recording holds it once and counts the duplicate."""
+    h = Harness(tmp_path, monkeypatch, {})
+    h.minute(0)
+    ts = T0 + MIN + 2000
+    h.trade(ts, MID + 0.03)
+    h.trade(ts, MID + 0.03)
+    h.engine._recorder.flush()
+    day = pd.Timestamp(ts, unit="ms", tz="UTC").strftime("%Y-%m-%d")
+    rows = pd.read_csv(tmp_path / "data" / f"{SYMBOL}_Bybit" / "Trade" / f"{SYMBOL}{day}.csv", dtype=str)
+    assert (rows["trdMatchID"] == f"t{ts}").sum() == 1
+    assert h.engine._recorder.integrity.total("duplicate_trades") == 1
