@@ -106,6 +106,11 @@ class DataFiles:
     books: list[Path]
     skipped: list[str]
 
+    def span(self) -> tuple[str, str]:
+        """(first, last) UTC day 'YYYY-MM-DD' of the dated files; ('', '') when none is dated."""
+        days = sorted(d for d in map(_date_of, self.trades + self.books) if d)
+        return (days[0], days[-1]) if days else ("", "")
+
 
 def list_files(data_dir: str | Path, start: str = "", end: str = "") -> DataFiles:
     """Find Trade/*.csv[.gz] and Orderbook/*.data[.gz]; files for another symbol are skipped with a warning."""

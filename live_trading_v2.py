@@ -343,6 +343,9 @@ def prepare(args: argparse.Namespace, env: dict | None = None) -> Setup:
                                    "(use --allow-no-edge to trade it anyway)")
     if args.lockstep and mode != "paper":
         raise Refusal(EXIT_CONFIG, "--lockstep drives a paper exchange's clock: it needs --paper")
+    if args.cfg_data_dir and not Path(args.cfg_data_dir).is_dir():
+        raise Refusal(EXIT_CONFIG, f"--data-dir {args.cfg_data_dir}: no such folder (the warm-up reads its files; "
+                                   "leave it out to warm up from the engine's own recordings and REST klines)")
     creds = None
     if mode != "dry-run":
         try:

@@ -1207,6 +1207,14 @@ def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
+    if start:
+        import data_loader
+        try:
+            first, last = data_loader.list_files(data_dir).span()
+        except data_loader.DataError as err:
+            raise ValueError(str(err)) from None
+        if first and not first <= start[:10] <= last:
+            raise ValueError(f"--start {start}: the data in {data_dir} covers {first} to {last} (UTC days)")
     costs = venue or VenueConfig()
     sym = symbol or data_dir.name.split("_")[0]
     inst = load_instrument(data_dir, sym)

@@ -780,6 +780,20 @@ def resolve_model_dir(path: Path) -> Path:
     raise ParityError(f"no params.json in {path} or {path / 'rank_1'}: give a trained model's rank folder")
 
 
+def check_span(data_dir: Path, start: str, end: str) -> None:
+    """ValueError naming the folder's days when --start or --end lies outside them (the replay would begin at the
+    data's first message, or find none)."""
+    import data_loader
+    try:
+        first, last = data_loader.list_files(data_dir).span()
+    except data_loader.DataError as err:
+        raise ValueError(str(err)) from None
+    last_day = end if "T" not in end else (pd.Timestamp(end, tz="UTC") - pd.Timedelta(1, "ms")).strftime("%Y-%m-%d")
+    for flag, value, day in (("--start", start, start[:10]), ("--end", end, last_day)):   # a timed --end is exclusive
+        if first and not first <= day <= last:
+            raise ValueError(f"{flag} {value}: the data in {data_dir} covers {first} to {last} (UTC days)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Shadow replay: the live engine against the backtest, in layers.")
     parser.add_argument("--model-dir", type=Path, required=True, help="a rank folder (models_v9/SYM/rank_1)")
@@ -803,6 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model_dir, args.data_dir = resolve_model_dir(args.model_dir).resolve(), args.data_dir.resolve()
         cfg = load_config(args.model_dir, args.data_dir, args.set_values)
         span_bars(args.start, args.end, bar_seconds(cfg))
+        check_span(args.data_dir, args.start, args.end)
         import models
         bundle = models.ModelBundle.load(args.model_dir)
         work = run_live(args, cfg, args.out)

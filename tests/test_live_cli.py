@@ -41,6 +41,7 @@ def test_bad_arguments_keys_model_and_state_exit_2_before_any_network(tmp_path, 
     text = refused(tmp_path, monkeypatch, *m, "--demo", "--allow-no-edge", "--keys-file", str(keys))
     assert "invalid JSON" in text and "SECRETVALUE" not in text
     assert "no model" in refused(tmp_path, monkeypatch, "--model-dir", str(tmp_path / "nowhere"))
+    assert "--data-dir" in refused(tmp_path, monkeypatch, *m, "--data-dir", str(tmp_path / "nowhere"))
     assert "live.mode" in refused(tmp_path, monkeypatch, *m, "--set", "live.mode=live")
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / f"bot_state_{SYMBOL}_dry-run.json").write_text(json.dumps({"version": 99}))

@@ -724,6 +724,14 @@ def test_a_replay_from_start_reads_the_book_from_that_days_snapshot_and_equals_a
     assert late.engine.last_price == full.engine.last_price and late.stats_24h() == full.stats_24h()
 
 
+def test_a_start_outside_the_data_is_refused_naming_the_days_it_covers(tmp_path):
+    """--start before the first file would replay from the data's beginning as if nothing were wrong."""
+    folder = write_market(tmp_path, [100.0] * 10)
+    with pytest.raises(ValueError, match=r"--start 2025-12-01: the data in .* covers 2026-01-01 to 2026-01-01"):
+        build_exchange(folder, start="2025-12-01")
+    assert build_exchange(folder, start="2026-01-01T00:00").replay.now_ms == parse_start("2026-01-01T00:00")
+
+
 def test_trade_stamps_are_truncated_to_the_millisecond_like_bybits_T():
     """The files keep 0.1 ms; a trade at 59.9996 s belongs to the minute data_loader puts it in."""
     chunk = pd.DataFrame({"timestamp": [1767398459.9996, 1767398400.645, 1767398400.0], "side": ["Buy"] * 3,

@@ -247,6 +247,20 @@ def test_a_missing_model_is_refused_before_anything_starts(tmp_path, capsys) -> 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_span_outside_the_data_is_refused_naming_the_days_it_covers(tmp_path) -> None:
+    """A --start before the first file (the engine would begin at the data's first message) or an --end after
+    the last is refused with the folder's days; a timed --end at the midnight after the last day is inside."""
+    from paper_market import write_market
+    folder = write_market(tmp_path, [100.0] * 10)
+    first = last = "2026-01-01"   # paper_market's one day
+    with pytest.raises(ValueError, match=f"--start 2020-01-01: the data in .* covers {first} to {last}"):
+        parity.check_span(folder, "2020-01-01", last)
+    after = "2026-01-02"
+    with pytest.raises(ValueError, match=f"--end {after}: the data in .* covers {first} to {last}"):
+        parity.check_span(folder, first, after)
+    parity.check_span(folder, f"{first}T00:00", f"{after}T00:00")
+
+
 def test_a_child_is_stopped_with_its_whole_process_group(tmp_path) -> None:
     """The paper exchange on a free port: ready when it prints its URL, gone (group and all) after stop."""
     from paper_market import write_market
