@@ -593,7 +593,10 @@ class ExchangeClient:
 
     def load_instrument(self) -> InstrumentRules:
         """Fetch and keep the symbol's trading rules."""
-        env = self.request("get_instruments_info", {"category": CATEGORY, "symbol": self.symbol})
+        try:
+            env = self.request("get_instruments_info", {"category": CATEGORY, "symbol": self.symbol})
+        except InvalidParameterError as err:   # an unknown symbol can be answered as a parameter error
+            raise StartupCheckError(f"instrument {self.symbol} not found on {self.endpoints.name} ({err})") from None
         items = (env.get("result") or {}).get("list") or []
         match = [it for it in items if it.get("symbol") == self.symbol]
         if not match:

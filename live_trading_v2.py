@@ -713,8 +713,8 @@ class Engine:
             if self.health.reconciled:
                 raise
             where = self.cfg.live.rest_url or "the mode's default endpoint"
-            self.journals.event("reconcile_failed", f"startup could not reach the exchange at {where}: {err}",
-                                "critical")
+            what = "refused a startup request" if isinstance(err, exc.RejectedError) else "could not be reached"
+            self.journals.event("reconcile_failed", f"startup: the exchange at {where} {what}: {err}", "critical")
             return EXIT_RECONCILE
         finally:
             self._shutdown()

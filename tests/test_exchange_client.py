@@ -280,6 +280,16 @@ def test_startup_checks_load_rules_and_accept_a_trade_only_key(paper):
     assert c.set_position_mode("oneway") is False  # 110025 is benign
 
 
+def test_an_unknown_symbol_is_a_refused_startup_check_not_an_unreachable_exchange(paper):
+    """The venue answers an instruments query for a symbol it does not list with a parameter error (10001):
+    the startup checks refuse the instrument (the engine's exit 3), they do not report the exchange as down."""
+    c = make_client(paper)
+    c.symbol = "NOPEUSDT"
+    with pytest.raises(ec.StartupCheckError, match="instrument NOPEUSDT not found"):
+        c.startup_checks()
+    c.close()
+
+
 def test_a_proxy_in_the_environment_is_not_used_for_the_paper_exchange_on_127_0_0_1(paper, monkeypatch):
     """requests would send 127.0.0.1 through HTTP(S)_PROXY (no NO_PROXY on Linux); the paper venue is local."""
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
