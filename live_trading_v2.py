@@ -651,6 +651,7 @@ class Engine:
         self.window = empty_bars()
         self.missing_until = 0         # bar number before which the window holds bars with unknown columns
         self.bars_closed = 0
+        self.warm = False               # the last closed bar's features and model were usable
         self.last_stop_check = 0
         self.last_price = math.nan
         self.recv = {"book": 0, "trade": 0, "private": 0}
@@ -1248,6 +1249,10 @@ class Engine:
         self.state["last_atr"] = atr
         self._recorder.flush()
         warm = bool(row["is_warm"]) and number >= self.missing_until
+        if warm != self.warm:
+            log.info("bar %s: %s", iso(bar_ms), "warm: features and model in use, entries allowed when the other "
+                     "gates are open" if warm else "not warm: no model probabilities, no entries")
+            self.warm = warm
         probs = self._probabilities(bar_ms, feats) if warm else {c: math.nan for c in PROB_COLUMNS}
         if drift_due:
             self._drift(feats)

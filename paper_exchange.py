@@ -1207,14 +1207,16 @@ def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
-    if start:
-        import data_loader
-        try:
-            first, last = data_loader.list_files(data_dir).span()
-        except data_loader.DataError as err:
-            raise ValueError(str(err)) from None
-        if first and not first <= start[:10] <= last:
-            raise ValueError(f"--start {start}: the data in {data_dir} covers {first} to {last} (UTC days)")
+    import data_loader
+    try:
+        files = data_loader.list_files(data_dir)
+    except data_loader.DataError as err:
+        raise ValueError(str(err)) from None
+    if symbol and files.symbol and symbol != files.symbol:
+        raise ValueError(f"--symbol {symbol}: the data in {data_dir} is {files.symbol}")
+    first, last = files.span()
+    if start and first and not first <= start[:10] <= last:
+        raise ValueError(f"--start {start}: the data in {data_dir} covers {first} to {last} (UTC days)")
     costs = venue or VenueConfig()
     sym = symbol or data_dir.name.split("_")[0]
     inst = load_instrument(data_dir, sym)
@@ -1337,6 +1339,8 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve())
     except KeyboardInterrupt:
         pass
+    except OSError as err:   # the port is taken (or not ours to bind)
+        parser.error(f"cannot listen on 127.0.0.1:{args.port}: {err.strerror or err}")
 
 
 if __name__ == "__main__":

@@ -71,13 +71,15 @@ class LayerResult:
     mismatches: int = 0
     first: dict | None = None
     details: dict = field(default_factory=dict)
+    note: str = ""      # what the counts alone do not say (layer 4: intents and trades each side, first fill)
 
     @property
     def ok(self) -> bool:
         return self.mismatches == 0
 
     def summary(self) -> str:
-        head = f"{self.name}: {self.compared} compared, {self.mismatches} differ"
+        head = f"{self.name}: {self.compared} compared, {self.mismatches} differ" + (f" ({self.note})" if self.note
+                                                                                     else "")
         return head if self.first is None else f"{head}; first: {json.dumps(metrics.json_safe(self.first))}"
 
 
@@ -535,6 +537,9 @@ def backtest_vs_live(live_intents: pd.DataFrame, bt_intents: pd.DataFrame, live:
         "largest_abs": {c: float(pairs[c].abs().max()) if len(pairs) else 0.0
                         for c in ("entry_diff", "exit_diff", "fee_diff", "pnl_diff", "qty_diff")},
         "final_equity_diff": final_diff, "pairs": pairs}
+    res.note = (f"intents {len(live_intents)} live / {len(bt_intents)} backtest, equal until "
+                f"{res.details['intents_equal_until']}; trades {len(live)} live / {len(bt)} backtest, {len(pairs)} "
+                f"matched" + (f"; fills first settled differently at {fill['bar']}" if fill is not None else ""))
     return res
 
 

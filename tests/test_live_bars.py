@@ -310,4 +310,6 @@ def test_history_shorter_than_the_warm_up_is_logged_as_the_wait_it_is(market, tm
     need = feature_engine.warmup_bars(live_config())
     out = signal_only(tmp_path, market, "--max-bars", str(need - 60 + 2), start="2026-01-01T01:00")
     assert f"warm-up: 60 bars from files, 0 from klines; warm in {need - 60} bars" in out, out[-3000:]
-    assert [s["warm"] for s in journal(tmp_path, "signals")] == [False] * (need - 60) + [True, True]
+    signals = journal(tmp_path, "signals")
+    assert [s["warm"] for s in signals] == [False] * (need - 60) + [True, True]
+    assert f"bar {signals[need - 60]['bar_time']}: warm: features and model in use" in out   # the moment it changes

@@ -730,6 +730,25 @@ def test_a_start_outside_the_data_is_refused_naming_the_days_it_covers(tmp_path)
     with pytest.raises(ValueError, match=r"--start 2025-12-01: the data in .* covers 2026-01-01 to 2026-01-01"):
         build_exchange(folder, start="2025-12-01")
     assert build_exchange(folder, start="2026-01-01T00:00").replay.now_ms == parse_start("2026-01-01T00:00")
+    with pytest.raises(ValueError, match=f"--symbol BTCUSDT: the data in .* is {SYMBOL}"):
+        build_exchange(folder, symbol="BTCUSDT")
+
+
+def test_a_taken_port_is_refused_in_one_line(tmp_path):
+    """paper_exchange.py on a port another server holds: a one-line error (exit 2), not a traceback."""
+    import socket
+    import subprocess
+    import sys
+    folder = write_market(tmp_path, [100.0] * 10)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, str(ROOT / "paper_exchange.py"), "--data-dir", str(folder), "--port",
+                               str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
 
 
 def test_trade_stamps_are_truncated_to_the_millisecond_like_bybits_T():

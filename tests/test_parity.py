@@ -198,6 +198,8 @@ def test_backtest_vs_live_reports_the_first_differently_settled_fill_within_tole
     assert fill["backtest_state"]["equity"] == pytest.approx(eq.loc[:bt.at[k, "entry_time"]].iloc[-1])
     assert ok.details["trades_matched"] == len(closed) and ok.details["backtest_open_at_end"] == len(bt) - len(closed)
     assert ok.details["largest"]["price_bps"] == pytest.approx(3.0, rel=1e-6)
+    assert (f"trades {len(closed)} live / {len(closed)} backtest, {len(closed)} matched; fills first settled "
+            f"differently at {fill['bar']}") in ok.summary()   # the printed line says what the counts hide
     strict = parity.backtest_vs_live(*args, parity.Tolerance(price_bps=2.0))
     assert strict.mismatches == 1 and strict.first["what"] == "beyond tolerance"
     silent = parity.backtest_vs_live(args[0], args[1], parity.live_trades([]), *args[3:], parity.Tolerance())
