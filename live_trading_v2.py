@@ -55,10 +55,12 @@ from config import (ConfigError, GlobalConfig, LiveSettings, add_config_args, at
                     parse_duration, timeframe_seconds)
 from data_collector import utc_day
 from models import psi
+from watchdog import acquire_lock   # stdlib-only: one OS lock for the watchdog and the engine
 
 log = logging.getLogger("live_trading_v2")
 
 EXIT_OK, EXIT_CONFIG, EXIT_STARTUP, EXIT_RECONCILE = 0, 2, 3, 4
+EXIT_UNREACHABLE = 5   # the exchange could not be reached at startup: a crash to the watchdog (restart, backoff)
 STATE_VERSION = 1
 HEARTBEAT_S = 5.0               # state/heartbeat_<SYM>.json rewrite period (contract: at least every 10 s)
 WARM_MARGIN_BARS = 50           # feature window beyond the model's warm-up
@@ -678,7 +680,14 @@ class Engine:
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
-        """Startup, loop, shutdown; the exit code of DESIGN §3."""
+        """Startup, loop, shutdown; the exit code of DESIGN §3. One engine per state file: a second one (the
+        same symbol and state folder) is refused before it writes anything."""
+        lock_path = self.setup.state_file.with_suffix(".lock")
+        self._lock, holder = acquire_lock(lock_path)
+        if self._lock is None:
+            log.error("refused: another engine (pid %s) holds %s and trades this state; stop it first", holder,
+                      lock_path)
+            return EXIT_CONFIG
         self._install_signals()
         self.beat("starting")
         self.journals.event("startup", f"{self.symbol} {self.mode} engine starting (model "
@@ -714,11 +723,16 @@ class Engine:
             if self.health.reconciled:
                 raise
             where = self.cfg.live.rest_url or "the mode's default endpoint"
-            what = "refused a startup request" if isinstance(err, exc.RejectedError) else "could not be reached"
-            self.journals.event("reconcile_failed", f"startup: the exchange at {where} {what}: {err}", "critical")
-            return EXIT_RECONCILE
+            if isinstance(err, exc.RejectedError):
+                self.journals.event("reconcile_failed", f"startup: the exchange at {where} refused a startup "
+                                                        f"request: {err}", "critical")
+                return EXIT_RECONCILE
+            self.journals.event("error", f"startup: the exchange at {where} could not be reached: {err} (exit "
+                                         f"{EXIT_UNREACHABLE}: the watchdog restarts with backoff)", "critical")
+            return EXIT_UNREACHABLE
         finally:
             self._shutdown()
+            self._lock.close()   # the state is saved: another engine may take it over
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():

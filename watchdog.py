@@ -50,6 +50,7 @@ NO_RESTART = {
     3: "startup checks refused (key permissions, clock, account mode)",
     4: "reconciliation failed",
 }
+RESTART_CAUSES = {5: "the exchange could not be reached at startup"}   # restarted with backoff, as a crash
 EXIT_CLEAN, EXIT_GAVE_UP, EXIT_REFUSED = 0, 1, 2
 PROTECTED_PHASES = frozenset({"flattening", "settling"})
 ALERT_ENV = {"discord_webhook": "DISCORD_WEBHOOK_URL", "telegram_token": "TELEGRAM_BOT_TOKEN",
@@ -227,7 +228,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def acquire_lock(path: Path) -> tuple[IO[str] | None, str]:
-    """Take the per-symbol OS lock (fcntl.flock on POSIX, msvcrt.locking on Windows) without waiting.
+    """Take an OS lock on `path` without waiting (fcntl.flock on POSIX, msvcrt.locking on Windows): the
+    watchdog's per symbol, and the live engine's per state file (it imports this stdlib-only function).
 
     Returns (open lock file to keep for the process lifetime, "") or (None, the holder's pid text).
     The OS releases the lock when the process dies, however it dies.
@@ -427,7 +429,8 @@ class Supervisor:
             log.info("engine exited with code %d; watchdog received %s: not restarting, exiting 0",
                      rc, self.stop_requested)
             return EXIT_CLEAN
-        why = "after a stale heartbeat" if cause == "stale" else "crash"
+        why = "after a stale heartbeat" if cause == "stale" else RESTART_CAUSES.get(
+            rc, f"killed by signal {-rc}" if rc < 0 else "crash")
         now = self.clock.mono()
         while self.restarts and now - self.restarts[0] > self.cfg.restart_window:
             self.restarts.popleft()

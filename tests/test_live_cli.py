@@ -101,16 +101,35 @@ def test_failed_startup_reconciliation_exits_4(market, tmp_path):
     assert [e["event"] for e in journal(tmp_path, "events")].count("reconcile_failed") >= 1
 
 
-def test_an_unreachable_exchange_at_startup_exits_4_naming_it_without_a_traceback(market, tmp_path):
+def test_an_unreachable_exchange_at_startup_exits_5_naming_it_without_a_traceback(market, tmp_path):
+    """Exit 5, which the watchdog restarts with backoff (a network still coming up), not 4 (a failed
+    reconciliation, which it does not restart)."""
     model = write_model_dir(tmp_path)
     probs = write_probabilities(tmp_path / "p.csv", {})
     with exchange(market) as ex:
         url = ex.url
     rc, out = run(engine_cmd(url, model, market, "--probabilities", str(probs)), tmp_path)
-    assert rc == live.EXIT_RECONCILE, out[-2000:]
+    assert rc == live.EXIT_UNREACHABLE == 5, out[-2000:]
     assert "Traceback" not in out
-    failed = [e for e in journal(tmp_path, "events") if e["event"] == "reconcile_failed"]
-    assert failed and f"the exchange at {url} could not be reached" in failed[0]["message"]
+    failed = [e for e in journal(tmp_path, "events") if e["event"] == "error"]
+    assert failed and f"the exchange at {url} could not be reached" in failed[-1]["message"]
+
+
+def test_a_second_engine_on_the_same_state_is_refused_before_it_writes_anything(tmp_path, monkeypatch):
+    """Two engines on one state file would both trade it: the second (another terminal, or one started beside
+    the watchdog's) is refused, exit 2, and writes no heartbeat or journal; once the first is gone it starts."""
+    from watchdog import acquire_lock
+    model = write_model_dir(tmp_path)
+    probs = write_probabilities(tmp_path / "p.csv", {})
+    monkeypatch.chdir(tmp_path)
+    argv = ["--symbol", SYMBOL, "--model-dir", str(model), "--probabilities", str(probs), "--paper",
+            "http://127.0.0.1:9"]
+    held, _ = acquire_lock(tmp_path / "state" / f"bot_state_{SYMBOL}.lock")
+    assert live.main(argv, env={}) == live.EXIT_CONFIG
+    assert not (tmp_path / "state" / f"heartbeat_{SYMBOL}.json").exists()
+    assert not list((tmp_path / "logs").glob("*.jsonl"))   # no journal record (its refusal is in the log file)
+    held.close()
+    assert live.main(argv, env={}) == live.EXIT_UNREACHABLE   # free now: it starts (and finds no exchange at :9)
 
 
 @pytest.mark.parametrize("sig, keep", [(signal.SIGTERM, False), (signal.SIGINT, True)])

@@ -122,6 +122,15 @@ def test_restarts_older_than_the_window_no_longer_count_toward_the_limit(tmp_pat
     assert not logged(tmp_path, "giving up")
 
 
+def test_an_exchange_unreachable_at_startup_is_restarted_with_backoff_and_named(tmp_path):
+    """Exit 5 (the exchange could not be reached at startup: a machine whose network is still coming up) is
+    restarted like a crash, not given up on like a failed reconciliation (4)."""
+    done = run_watchdog(watchdog_cmd(tmp_path, "exit:5,exit:0", "--backoff-base", "0.1"))
+    assert done.returncode == 0, done.stderr
+    assert len(logged(tmp_path, "engine started (pid")) == 2
+    assert logged(tmp_path, "engine exited with code 5 (the exchange could not be reached at startup): restart 1")
+
+
 @pytest.mark.parametrize("code", [0, 2, 3, 4])
 def test_clean_and_no_restart_exit_codes_are_not_restarted(tmp_path, code):
     done = run_watchdog(watchdog_cmd(tmp_path, f"exit:{code},run", "--backoff-base", "0.1"))
