@@ -233,12 +233,16 @@ class LiveStore:
 
 # ---------------------------------------------------------------- page pieces
 def fmt(value: Any, spec: str = ".4g") -> str:
+    """A table cell: `spec` for numbers below 1000, thousands with cents above (an equity of 10234.56 as
+    '10,234.56', never the '1.023e+04' four significant digits would print)."""
     if isinstance(value, bool) or value is None:
         return "-" if value is None else ("yes" if value else "no")
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, (int, float)):
-        return format(value, spec) if math.isfinite(value) else "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        return f"{value:,.2f}" if abs(value) >= 1000 else format(value, spec)
     return str(value)
 
 

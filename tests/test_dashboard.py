@@ -216,3 +216,9 @@ def test_empty_log_folder_says_no_engine_running_behind_basic_auth(browser: webd
     finally:
         stop(proc)
     assert "Traceback" not in (tmp_path / "dashboard_stderr.log").read_text()
+
+
+def test_table_cells_print_money_in_full_and_small_numbers_to_four_digits() -> None:
+    """An equity of 10,000 is not '1e+04': cells of 1000 and more print with thousands and cents."""
+    assert [live_dashboard.fmt(v) for v in (10000.0, -10234.567, 999.87654, 0.000123456, float("nan"), 7, None, True)] == [
+        "10,000.00", "-10,234.57", "999.9", "0.0001235", "-", "7", "-", "yes"]
