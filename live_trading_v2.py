@@ -1718,7 +1718,8 @@ class Engine:
             return
         armed = strategy.DayState(day, self._exec.day.start_equity, False, self._exec.day.last_equity)
         trigger, direction = strategy.kill_price(self._exec.positions(), self._exec.cash, armed, self.cfg.strategy)
-        worst = low if direction == 1 else high if direction == -1 else self.last_price   # the adverse extreme
+        worst = strategy.adverse_price(low, high, direction)
+        worst = worst if math.isfinite(worst) else self.last_price
         equity, start = self._exec.mark(worst), self._exec.day.start_equity
         self.state["halted_day"] = day
         self.journals.event("kill_switch", f"daily loss {equity - start:.2f} reached the "

@@ -136,14 +136,22 @@ def kill_trigger(pos_side: np.ndarray, pos_qty: np.ndarray, pos_entry: np.ndarra
 
 
 @njit(cache=True)
+def adverse_price(low: float, high: float, direction: int) -> float:
+    """The adverse extreme of prices traded in [low, high] for kill_trigger's direction: the low for a net
+    long (1), the high for a net short (-1); NaN when flat (0)."""
+    if direction == 1:
+        return low
+    if direction == -1:
+        return high
+    return math.nan
+
+
+@njit(cache=True)
 def kill_crossed(low: float, high: float, trigger: float, direction: int) -> bool:
     """Whether prices traded in [low, high] breach kill_trigger's (trigger, direction): the adverse extreme
-    (the low for a net long, the high for a net short) at or beyond the trigger."""
-    if direction == 1:
-        return low <= trigger
-    if direction == -1:
-        return high >= trigger
-    return False
+    (adverse_price) at or beyond the trigger."""
+    worst = adverse_price(low, high, direction)
+    return worst <= trigger if direction == 1 else worst >= trigger if direction == -1 else False
 
 
 @njit(cache=True)
