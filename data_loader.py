@@ -111,6 +111,12 @@ class DataFiles:
         days = sorted(d for d in map(_date_of, self.trades + self.books) if d)
         return (days[0], days[-1]) if days else ("", "")
 
+    def require_day(self, flag: str, value: str, day: str) -> None:
+        """ValueError naming the folder's days when `day` (YYYY-MM-DD, given as `flag value`) lies outside them."""
+        first, last = self.span()
+        if first and not first <= day <= last:
+            raise ValueError(f"{flag} {value}: the data in {self.root} covers {first} to {last} (UTC days)")
+
 
 def list_files(data_dir: str | Path, start: str = "", end: str = "") -> DataFiles:
     """Find Trade/*.csv[.gz] and Orderbook/*.data[.gz]; files for another symbol are skipped with a warning."""

@@ -23,6 +23,7 @@ import datetime
 import hashlib
 import heapq
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -91,13 +92,8 @@ def split_trades(chunks: Iterable[Any], before_ms: int) -> tuple[list[Any], Iter
         if cut:
             early.append(chunk.iloc[:cut])
         if cut < len(chunk):
-            return early, _chain([chunk.iloc[cut:]], chunks)
+            return early, itertools.chain([chunk.iloc[cut:]], chunks)
     return early, iter(())
-
-
-def _chain(first: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
-    yield from first
-    yield from rest
 
 
 def _book_ts(msg: dict) -> int:
@@ -227,16 +223,7 @@ class MarketReplay:
     def _on_trade(self, t: TradePrint) -> None:
         self.recent.append(t)
         self.unpushed.append(t)
-        minute = t.ts_ms // 60000 * 60000
-        bar = self.minutes.get(minute)
-        if bar is None:
-            self.minutes[minute] = [t.price, t.price, t.price, t.price, t.size, t.price * t.size]
-        else:
-            bar[1] = max(bar[1], t.price)
-            bar[2] = min(bar[2], t.price)
-            bar[3] = t.price
-            bar[4] += t.size
-            bar[5] += t.price * t.size
+        self._merge_minute(t.ts_ms // 60000 * 60000, [t.price, t.price, t.price, t.price, t.size, t.price * t.size])
         self.engine.on_trade(t.price, t.size, t.side, t.ts_ms)
 
     def _on_early_trades(self, chunk: Any) -> None:
@@ -255,14 +242,13 @@ class MarketReplay:
                 part[4] += q
                 part[5] += p * q
             self._merge_minute(int(minute[a]), part)
-        tail = chunk.iloc[-self.recent.maxlen:]
-        self.recent.extend(TradePrint(int(t) + self.offset_ms, float(p), float(q), str(side), str(tid))
-                           for t, side, q, p, tid in zip(trade_ms(tail), tail["side"], tail["size"], tail["price"],
-                                                         tail["trdMatchID"]))
+        self.recent.extend(TradePrint(t.ts_ms + self.offset_ms, t.price, t.size, t.side, t.trade_id)
+                           for t in trade_prints([chunk.iloc[-self.recent.maxlen:]]))
         last = self.recent[-1]
         self.engine.on_trade(last.price, last.size, last.side, last.ts_ms)
 
     def _merge_minute(self, minute: int, part: list[float]) -> None:
+        """Add trades' [open, high, low, close, volume, turnover] of one minute (later than those it holds)."""
         bar = self.minutes.get(minute)
         if bar is None:
             self.minutes[minute] = part
@@ -1214,9 +1200,8 @@ def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float 
         raise ValueError(str(err)) from None
     if symbol and files.symbol and symbol != files.symbol:
         raise ValueError(f"--symbol {symbol}: the data in {data_dir} is {files.symbol}")
-    first, last = files.span()
-    if start and first and not first <= start[:10] <= last:
-        raise ValueError(f"--start {start}: the data in {data_dir} covers {first} to {last} (UTC days)")
+    if start:
+        files.require_day("--start", start, start[:10])
     costs = venue or VenueConfig()
     sym = symbol or data_dir.name.split("_")[0]
     inst = load_instrument(data_dir, sym)

@@ -790,13 +790,12 @@ def check_span(data_dir: Path, start: str, end: str) -> None:
     data's first message, or find none)."""
     import data_loader
     try:
-        first, last = data_loader.list_files(data_dir).span()
+        files = data_loader.list_files(data_dir)
     except data_loader.DataError as err:
         raise ValueError(str(err)) from None
     last_day = end if "T" not in end else (pd.Timestamp(end, tz="UTC") - pd.Timedelta(1, "ms")).strftime("%Y-%m-%d")
-    for flag, value, day in (("--start", start, start[:10]), ("--end", end, last_day)):   # a timed --end is exclusive
-        if first and not first <= day <= last:
-            raise ValueError(f"{flag} {value}: the data in {data_dir} covers {first} to {last} (UTC days)")
+    files.require_day("--start", start, start[:10])
+    files.require_day("--end", end, last_day)   # a timed --end is exclusive
 
 
 def main(argv: list[str] | None = None) -> int:
