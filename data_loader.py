@@ -528,9 +528,10 @@ _TRADE_COLS = _TRADE_SUMS + ["high", "low", "open", "close"]
 
 def _merge_trade_bars(parts: list[pd.DataFrame]) -> pd.DataFrame:
     """Merge per-chunk partials: sums add, open from the earliest trade, close from the latest.
-    One part with strictly increasing bars is already merged (the live close: one bar, one chunk)."""
+    One part with strictly increasing bars is already merged (the live close: one bar, one chunk): returned as
+    it is, extra columns included (a column subset is a copy; `_grid` reads only _TRADE_COLS)."""
     if len(parts) == 1 and parts[0].index.is_monotonic_increasing and parts[0].index.is_unique:
-        return parts[0][_TRADE_COLS]
+        return parts[0]
     frame = pd.concat(parts)
     g = frame.groupby(level=0, sort=True)
     out = g[_TRADE_SUMS].sum()
@@ -569,10 +570,9 @@ def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int, span_ms: tuple[i
     idx_ms = np.arange(first, last + bar_ms, bar_ms, dtype=np.int64)
     at, rows = _on_grid(trade.index.to_numpy() // 1000, idx_ms)
     cols: dict[str, np.ndarray] = {}
-    values = trade[_TRADE_COLS].to_numpy(dtype=float)   # one block read, not a Series per column
-    for j, col in enumerate(_TRADE_COLS):
+    for col in _TRADE_COLS:   # column by column: a column-list subset costs a copy and a reindex
         cols[col] = np.full(len(idx_ms), np.nan)
-        cols[col][at] = values[rows, j]
+        cols[col][at] = trade[col].to_numpy(dtype=float)[rows]
     empty = np.ones(len(idx_ms), dtype=bool)
     empty[at] = False
     last = np.maximum.accumulate(np.where(np.isnan(cols["close"]), -1, np.arange(len(idx_ms))))   # forward fill
@@ -589,10 +589,10 @@ def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int, span_ms: tuple[i
         cols["taker_buy_ratio"] = np.where(empty, 0.5, cols["vol_buy"] / vol)
     cols["is_empty"] = empty
     at, rows = _on_grid(book.index.to_numpy(dtype=np.int64), idx_ms) if len(book) else (idx_ms[:0], idx_ms[:0])
-    values = book[ob.BOOK_BAR_COLUMNS].to_numpy(dtype=float) if len(book) else np.empty((0, len(ob.BOOK_BAR_COLUMNS)))
-    for j, col in enumerate(ob.BOOK_BAR_COLUMNS):
+    for col in ob.BOOK_BAR_COLUMNS:
         cols[col] = np.full(len(idx_ms), np.nan)
-        cols[col][at] = values[rows, j]
+        if len(book):
+            cols[col][at] = book[col].to_numpy(dtype=float)[rows]
     cols["ob_samples"] = np.nan_to_num(cols["ob_samples"], nan=0.0).astype(np.int64)
     cols["is_gap"] = np.zeros(len(idx_ms), dtype=bool)
     index = pd.DatetimeIndex((idx_ms * 1_000_000).view("datetime64[ns]"), tz="UTC", name="time")
