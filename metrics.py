@@ -131,8 +131,9 @@ def liquidity_share(trades: pd.DataFrame, bars: pd.DataFrame) -> dict[str, float
 
     depth_share: qty / the book depth of the side a market entry takes (ob_ask_depth_mean for a long,
     ob_bid_depth_mean for a short; the data.ob_levels best levels, bar mean), in median, max and the count of
-    trades above LIQUIDITY_WARN_SHARE; volume_share: qty / the entry bar's traded volume (median).
-    NaN (count 0) without trades or without those bar columns (e.g. a --signals run). A backtest fills whole
+    trades above LIQUIDITY_WARN_SHARE; volume_share: qty / the entry bar's traded volume (median). An entry bar
+    without book samples is left out; an empty side or a bar without trades counts as unbounded.
+    NaN (count 0) without trades, without those bar columns (e.g. a --signals run) or without book samples. A backtest fills whole
     orders at bar prices: orders that are a real share of the book would walk it (see parity.py layer 4)."""
     out = {"depth_share_median": math.nan, "depth_share_max": math.nan, "volume_share_median": math.nan,
            "trades_over_depth_share": 0}
@@ -142,12 +143,14 @@ def liquidity_share(trades: pd.DataFrame, bars: pd.DataFrame) -> dict[str, float
     long = (trades["side"] == "long").to_numpy()
     depth = np.where(long, bars["ob_ask_depth_mean"].to_numpy(float)[at], bars["ob_bid_depth_mean"].to_numpy(float)[at])
     qty = trades["qty"].to_numpy(float)
+    volume = bars["volume"].to_numpy(float)[at]
     with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.where(depth > 0, qty / depth, np.inf)
-        volume = bars["volume"].to_numpy(float)[at]
-        vol_share = np.where(volume > 0, qty / volume, np.inf)
-    out.update(depth_share_median=float(np.median(share)), depth_share_max=float(np.max(share)),
-               volume_share_median=float(np.median(vol_share)),
+        share = np.where(depth == 0, np.inf, qty / depth)   # an empty side: unbounded; no book sample: NaN
+        vol_share = np.where(volume == 0, np.inf, qty / volume)
+    if np.isnan(share).all():
+        return out
+    out.update(depth_share_median=float(np.nanmedian(share)), depth_share_max=float(np.nanmax(share)),
+               volume_share_median=float(np.nanmedian(vol_share)),
                trades_over_depth_share=int((share > LIQUIDITY_WARN_SHARE).sum()))
     return out
 

@@ -147,3 +147,6 @@ def test_liquidity_share_is_nan_without_book_columns_or_trades():
     trades, bars = liquidity_case()
     assert math.isnan(metrics.liquidity_share(trades, bars[["volume"]])["depth_share_median"])
     assert metrics.liquidity_share(trades.iloc[:0], bars)["trades_over_depth_share"] == 0
+    bars.loc[bars.index[1], "ob_bid_depth_mean"] = np.nan   # bar 1 had no book sample: its trade is left out
+    m = metrics.liquidity_share(trades, bars)
+    assert m["depth_share_max"] == pytest.approx(0.05) and m["trades_over_depth_share"] == 0
