@@ -29,6 +29,7 @@ log = logging.getLogger("backtest")
 
 PROB_COLUMNS = ["p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short"]
 PRICE_COLUMNS = ["open", "high", "low", "close"]
+DEPTH_COLUMNS = ["ob_bid_depth_mean", "ob_ask_depth_mean"]   # what strategy.max_book_share caps entries by
 FUNDING_PERIOD_S = 8 * 3600
 
 # trade record layout (float64 rows written by the core)
@@ -82,7 +83,9 @@ ASSUMPTIONS = [
     "Funding (if set) is charged at bar opens on 00/08/16 UTC on open notional at that open; longs pay a "
     "positive rate.",
     "Equity is marked to market at every bar close; positions open at the end are closed at the last close "
-    "(slippage, taker fee) and counted. No partial fills, queue position or market impact are modelled.",
+    "(slippage, taker fee) and counted. No partial fills, queue position or market impact are modelled: entries "
+    "are capped at strategy.max_book_share of the bar's book depth on the side they take or join (the live rule), "
+    "and metrics.json's depth_share_* say how large the orders were against that book.",
     "Fill times are the open time of the bar (or finer bar) in which the fill happened.",
 ]
 
@@ -228,11 +231,12 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
                   fstart: np.ndarray, fend: np.ndarray, lat_steps: int,
                   params: np.ndarray, maker_fee: float, taker_fee: float, slip: float, funding_rate: float,
                   touch: bool, initial_equity: float, bar_seconds: float, record_intents: bool,
-                  allowed: np.ndarray) -> tuple:
+                  allowed: np.ndarray, bid_depth: np.ndarray, ask_depth: np.ndarray) -> tuple:
     """Run the whole simulation; returns (trades, n_trades, equity_rows, intents_log, n_intents, counters).
 
     t/ft are bar open times in epoch seconds; fstart/fend index each bar's fine bars (empty = none);
-    allowed[i] is the entry gate at bar i's close (strategy.EntryGate).
+    allowed[i] is the entry gate at bar i's close (strategy.EntryGate); bid_depth/ask_depth[i] the bar's
+    book depth per side for strategy.max_book_share (NaN: unknown, no cap).
     """
     n = t.shape[0]
     cap = int(params[st.P_MAX_POS])
@@ -403,8 +407,8 @@ def simulate_core(t: np.ndarray, o: np.ndarray, h: np.ndarray, lo_: np.ndarray, 
         if (npos == 0 and rq[0] == 0.0 and rq[1] == 0.0
                 and st.is_idle(day, equity, pel[i], pes[i], pdl[i], pds[i], day_state, params)):
             continue
-        npend = st.decide_core(i, day, c[i], atr[i], pel[i], pes[i], pdl[i], pds[i], equity,
-                               day_state, side, qty, fill_bar, rq, rp, rbar, params, pend, allowed[i])
+        npend = st.decide_core(i, day, c[i], atr[i], bid_depth[i], ask_depth[i], pel[i], pes[i], pdl[i], pds[i],
+                               equity, day_state, side, qty, fill_bar, rq, rp, rbar, params, pend, allowed[i])
         if record_intents:
             while ilog.shape[0] - ni < npend:
                 ilog = _grow(ilog)
@@ -510,7 +514,7 @@ def run_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg: GlobalConfig,
         np.ascontiguousarray(p[:, 3]), ft, fo, fh, fl, fstart, fend, lat_steps,
         st.strategy_params(sc, cfg.instrument), venue.maker_fee, venue.taker_fee, venue.slippage_bps / 1e4,
         venue.funding_rate_8h, venue.fill_rule == "touch", venue.initial_equity, float(bar_s), record_intents,
-        _gate_array(entries_allowed, len(frame)))
+        _gate_array(entries_allowed, len(frame)), *_depth_arrays(frame))
     trades = _trades_frame(trades_raw[:nt], frame.index)
     equity = _equity_frame(eq, frame.index)
     result = BacktestResult(
@@ -524,6 +528,13 @@ def run_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg: GlobalConfig,
     result.metrics = metrics_mod.compute_metrics(result)
     result.metrics.update(metrics_mod.liquidity_share(trades, frame))
     return result
+
+
+def _depth_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(bid, ask) book depth per bar for the strategy's max_book_share; NaN (no cap) where the bars carry no
+    ob_*_depth_mean columns (a --signals run without a data folder)."""
+    return tuple(np.ascontiguousarray(frame[col].to_numpy(np.float64)) if col in frame.columns
+                 else np.full(len(frame), np.nan) for col in DEPTH_COLUMNS)
 
 
 def _gate_array(entries_allowed: np.ndarray | None, n: int) -> np.ndarray:
@@ -622,7 +633,8 @@ def save_outputs(result: BacktestResult, out_dir: Path) -> None:
 
 # ---------------------------------------------------------------- CLI
 def _read_signals(path: Path) -> pd.DataFrame:
-    """Read a signals CSV (time + the four probabilities, optionally open/high/low/close/atr)."""
+    """Read a signals CSV (time + the four probabilities, optionally open/high/low/close/atr, and volume and
+    the book depths DEPTH_COLUMNS for the entry size cap and the capacity check)."""
     try:
         df = pd.read_csv(path)
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -653,7 +665,8 @@ def _load_market(cfg: GlobalConfig, signals: pd.DataFrame | None) -> tuple:
     """Bars with ATR for the run (from the signals file when it carries prices, else from the data), 1m bars,
     and the features computed on the way (None when the signals file carried the prices)."""
     if signals is not None and all(col in signals.columns for col in PRICE_COLUMNS + ["atr"]):
-        return signals[PRICE_COLUMNS + ["atr"]], None, None
+        kept = [c for c in PRICE_COLUMNS + ["atr", "volume"] + DEPTH_COLUMNS if c in signals.columns]
+        return signals[kept].astype(np.float64), None, None
     import data_loader
     import feature_engine
     bars = data_loader.load_bars(cfg)

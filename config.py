@@ -232,6 +232,9 @@ class StrategyConfig(_Section):
     risk_per_trade: float = _f(0.01, _probability, "equity fraction lost at the stop")
     max_positions: int = _f(3, _positive, "concurrent positions plus resting entries")
     max_leverage: float = _f(5.0, _positive, "cap on total notional / equity")
+    max_book_share: float = _f(0.1, _non_negative, "cap on an entry's size as a fraction of the book depth (the "
+                               "data.ob_levels best levels, bar mean) on the side it takes (a market entry) or "
+                               "joins (a PostOnly entry); 0 = no cap")
     daily_loss_limit: float = _f(0.03, _probability, "kill-switch: loss fraction of the day's start equity")
 
     def _cross_checks(self, name: str) -> None:

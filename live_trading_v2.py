@@ -1278,7 +1278,9 @@ class Engine:
         if not self.args.signal_only and self._exec is not None:
             import strategy
             requests = self._exec.on_bar_close(strategy.Bar(index=number, time=bar_ms / 1000.0, close=close,
-                                                            atr=atr, probs=probs),
+                                                            atr=atr, probs=probs,
+                                                            bid_depth=float(values["ob_bid_depth_mean"]),
+                                                            ask_depth=float(values["ob_ask_depth_mean"])),
                                                strategy.EntryGate(allowed=allowed, reason=reason))
         latency = (time.perf_counter() - t0) * 1000.0
         s = self.cfg.strategy

@@ -122,7 +122,7 @@ def turnover(trades: pd.DataFrame) -> float:
 
 
 LIQUIDITY_COLUMNS = ["volume", "ob_bid_depth_mean", "ob_ask_depth_mean"]
-LIQUIDITY_WARN_SHARE = 0.1   # an order above a tenth of the book it takes walks it: whole-order fills flatter
+LIQUIDITY_WARN_SHARE = 0.2   # twice the default strategy.max_book_share: past this, whole-order fills flatter
 
 
 def liquidity_share(trades: pd.DataFrame, bars: pd.DataFrame) -> dict[str, float]:

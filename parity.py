@@ -42,7 +42,7 @@ import pandas as pd
 
 import metrics
 import strategy as st
-from backtest import PROB_COLUMNS
+from backtest import DEPTH_COLUMNS, PROB_COLUMNS
 from config import ConfigError, GlobalConfig, LiveSettings, atomic_write_text, config_from_args, timeframe_seconds
 
 log = logging.getLogger("parity")
@@ -154,7 +154,7 @@ def _num(value: Any) -> float:
 
 def signals_frame(records: list[dict], source: str = "signals") -> pd.DataFrame:
     """One row per closed bar (index = bar open, UTC): open..volume, atr, warm, p_*, entries_allowed,
-    window_bars. Duplicate or backwards bar times are an error naming the record."""
+    window_bars, the book depths DEPTH_COLUMNS (NaN when the record has no `bar`). Duplicate or backwards bar times are an error naming the record."""
     rows, times = [], []
     for n, rec in enumerate(records, start=1):
         times.append(_bar_time(rec, f"{source} record {n}"))
@@ -162,7 +162,8 @@ def signals_frame(records: list[dict], source: str = "signals") -> pd.DataFrame:
                      "close": _num(rec.get("close")), "volume": _num(rec.get("volume")), "atr": _num(rec.get("atr")),
                      "warm": bool(rec.get("warm", False)), **{c: _num(rec.get(c)) for c in PROB_COLUMNS},
                      "entries_allowed": bool(rec.get("entries_allowed", True)),
-                     "window_bars": int(rec.get("window_bars") or 0)})
+                     "window_bars": int(rec.get("window_bars") or 0),
+                     **{c: _num((rec.get("bar") or {}).get(c)) for c in DEPTH_COLUMNS}})
     index = pd.DatetimeIndex(times, name="time")
     if len(index) and not index.is_monotonic_increasing or index.has_duplicates:
         bad = int(np.flatnonzero(np.r_[False, np.diff(index.asi8) <= 0])[0]) + 1
@@ -260,7 +261,8 @@ def live_trades(records: list[dict], source: str = "trades") -> pd.DataFrame:
 
 # ---------------------------------------------------------------- signals -> backtest.py --signals
 def signals_to_backtest_csv(signals_path: Path, out_csv: Path) -> int:
-    """Write `backtest.py --signals` input (time, p_*, open, high, low, close, atr) from a live
+    """Write `backtest.py --signals` input (time, p_*, open, high, low, close, atr, volume and the book depths
+    the entry size cap reads) from a live
     `signals_<SYM>.jsonl`; returns the rows written. Bars before the first warm one are left out (the
     backtest starts there); a later bar that is not warm gets probability 0 (no signal), as the engine
     treats it."""
@@ -271,7 +273,7 @@ def signals_to_backtest_csv(signals_path: Path, out_csv: Path) -> int:
     frame = frame.iloc[int(np.argmax(warm)):].copy()
     cold = ~warm[int(np.argmax(warm)):]
     frame.loc[cold, PROB_COLUMNS] = 0.0
-    out = frame[PROB_COLUMNS + ["open", "high", "low", "close", "atr"]]
+    out = frame[PROB_COLUMNS + ["open", "high", "low", "close", "atr", "volume", *DEPTH_COLUMNS]]
     atomic_write_text(out_csv, out.to_csv(index_label="time", float_format="%.17g"))
     return len(out)
 
@@ -402,9 +404,11 @@ def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig)
                 status = ex.on_event(exec_event(execution, trades[k])).status
                 statuses[status] = statuses.get(status, 0) + 1
             k += 1
+        book = rec.get("bar") or {}
         bar = st.Bar(index=int(when.value // 1_000_000_000) // bar_s, time=when.value / 1e9,
                      close=_num(rec.get("close")), atr=_num(rec.get("atr")),
-                     probs={c: _num(rec.get(c)) for c in PROB_COLUMNS})
+                     probs={c: _num(rec.get(c)) for c in PROB_COLUMNS},
+                     bid_depth=_num(book.get("ob_bid_depth_mean")), ask_depth=_num(book.get("ob_ask_depth_mean")))
         equity.append(ex.mark(bar.close))
         states[str(when)] = {"equity": equity[-1], "positions": [asdict(p) for p in ex.positions()],
                              "resting": [asdict(o) for o in ex.resting()]}

@@ -46,8 +46,8 @@ N_INTENT_COLS = 9
 
 # parameter vector layout (float64), built by `strategy_params`
 (P_OFFSET, P_TP, P_SL, P_TIME_LIMIT, P_MAX_HOLD, P_EXEC_THR, P_DIR_THR, P_AGGR_THR, P_AGGR_MULT, P_RISK,
- P_MAX_POS, P_MAX_LEV, P_DAILY_LOSS, P_TICK, P_QTY_STEP, P_MIN_QTY, P_MIN_NOTIONAL) = range(17)
-N_PARAMS = 17
+ P_MAX_POS, P_MAX_LEV, P_DAILY_LOSS, P_TICK, P_QTY_STEP, P_MIN_QTY, P_MIN_NOTIONAL, P_BOOK_SHARE) = range(18)
+N_PARAMS = 18
 
 # day-state vector layout: current UTC day, equity at its start, halted flag, equity at the last decision
 D_DAY, D_START_EQUITY, D_HALTED, D_LAST_EQUITY = range(4)
@@ -73,6 +73,7 @@ def strategy_params(strategy: StrategyConfig, instrument: InstrumentConfig) -> n
     p[P_QTY_STEP] = instrument.qty_step
     p[P_MIN_QTY] = instrument.min_qty
     p[P_MIN_NOTIONAL] = instrument.min_notional
+    p[P_BOOK_SHARE] = strategy.max_book_share
     return p
 
 
@@ -170,8 +171,11 @@ def limit_price(close: float, atr: float, side: int, params: np.ndarray) -> floa
 
 
 @njit(cache=True)
-def position_size(equity: float, price: float, sl_dist: float, notional_used: float, params: np.ndarray) -> float:
-    """Quantity risking risk_per_trade·equity at the stop, within the leverage cap; 0 when too small."""
+def position_size(equity: float, price: float, sl_dist: float, notional_used: float, params: np.ndarray,
+                  depth: float) -> float:
+    """Quantity risking risk_per_trade·equity at the stop, within the leverage cap and max_book_share of the
+    book `depth` (base units; NaN: no book sample, no cap); 0 when too small. The book cap keeps an order to
+    a size that fills near the bar's prices, as the backtest assumes (metrics.liquidity_share measures it)."""
     if equity <= 0.0 or price <= 0.0 or sl_dist <= 0.0:
         return 0.0
     qty = params[P_RISK] * equity / sl_dist
@@ -179,6 +183,8 @@ def position_size(equity: float, price: float, sl_dist: float, notional_used: fl
     if room <= 0.0:
         return 0.0
     qty = min(qty, room / price)
+    if params[P_BOOK_SHARE] > 0.0 and depth == depth:
+        qty = min(qty, params[P_BOOK_SHARE] * depth)
     qty = snap_round(qty, params[P_QTY_STEP], DOWN)
     if qty < params[P_MIN_QTY] - 1e-12 or qty * price < params[P_MIN_NOTIONAL]:
         return 0.0
@@ -202,7 +208,7 @@ def _emit(out: np.ndarray, n: int, kind: int, side: int, ref: int, price: float,
 
 
 @njit(cache=True)
-def decide_core(bar: int, day: int, close: float, atr: float,
+def decide_core(bar: int, day: int, close: float, atr: float, bid_depth: float, ask_depth: float,
                 p_exec_long: float, p_exec_short: float, p_dir_long: float, p_dir_short: float,
                 equity: float, day_state: np.ndarray,
                 pos_side: np.ndarray, pos_qty: np.ndarray, pos_fill_bar: np.ndarray,
@@ -212,6 +218,8 @@ def decide_core(bar: int, day: int, close: float, atr: float,
 
     Positions are slots with pos_qty > 0; resting entries are indexed 0 = long, 1 = short with
     rest_qty > 0. `day` is the UTC day number of the bar's open; day_state is updated in place.
+    bid_depth, ask_depth: the bar's book depth per side (base units, NaN when unknown) for max_book_share: a
+    market entry is capped by the side it takes (a long: the asks), a PostOnly entry by the side it joins.
     allowed = False (an entry gate is closed, see EntryGate) stops new entries only: the kill-switch,
     time exits and expiries still act.
     """
@@ -267,7 +275,8 @@ def decide_core(bar: int, day: int, close: float, atr: float,
             own_notional = rest_qty[s] * rest_price[s] if has_resting else 0.0
             if count - own >= params[P_MAX_POS]:
                 continue
-            qty = position_size(equity, close, sl_dist, notional - own_notional, params)
+            qty = position_size(equity, close, sl_dist, notional - own_notional, params,
+                                ask_depth if side == LONG else bid_depth)
             if qty <= 0.0:
                 continue
             if has_resting:
@@ -284,7 +293,7 @@ def decide_core(bar: int, day: int, close: float, atr: float,
             price = limit_price(close, atr, side, params)
             if price <= 0.0:
                 continue
-            qty = position_size(equity, price, sl_dist, notional, params)
+            qty = position_size(equity, price, sl_dist, notional, params, bid_depth if side == LONG else ask_depth)
             if qty <= 0.0:
                 continue
             n = _emit(out, n, LIMIT, side, s, price, qty, params[P_TP] * atr, sl_dist, R_CHOP, atr)
@@ -372,12 +381,15 @@ class EntryGate:
 
 @dataclass
 class Bar:
-    """The closed bar a decision is made on (time = bar open, epoch seconds)."""
+    """The closed bar a decision is made on (time = bar open, epoch seconds; depths: the bar's
+    ob_bid_depth_mean / ob_ask_depth_mean in base units, NaN when unknown)."""
     index: int
     time: float
     close: float
     atr: float
     probs: dict = field(default_factory=dict)
+    bid_depth: float = math.nan
+    ask_depth: float = math.nan
 
 
 def decide(bar: Bar, positions: list[Position], resting: list[RestingOrder], equity: float,
@@ -401,7 +413,7 @@ def decide(bar: Bar, positions: list[Position], resting: list[RestingOrder], equ
     state = day.to_array()
     out = np.zeros((2 * slots + 8, N_INTENT_COLS))
     pr = bar.probs
-    n = decide_core(bar.index, int(bar.time // 86400), bar.close, bar.atr,
+    n = decide_core(bar.index, int(bar.time // 86400), bar.close, bar.atr, bar.bid_depth, bar.ask_depth,
                     float(pr.get("p_exec_long", math.nan)), float(pr.get("p_exec_short", math.nan)),
                     float(pr.get("p_dir_long", math.nan)), float(pr.get("p_dir_short", math.nan)),
                     equity, state, pos_side, pos_qty, pos_fill, rest_qty, rest_price, rest_bar,

@@ -50,8 +50,9 @@ def on_grid(value, step, direction):
     return round(n * step, max(0, -Decimal(repr(step)).as_tuple().exponent))
 
 
-def size(equity, price, sl_dist, used, s, inst):
-    """Risk-based quantity within the leverage cap, rounded down to the step; 0 if too small."""
+def size(equity, price, sl_dist, used, s, inst, depth):
+    """Risk-based quantity within the leverage cap and max_book_share of the book depth (NaN: no cap), rounded
+    down to the step; 0 if too small."""
     if equity <= 0 or price <= 0 or sl_dist <= 0:
         return 0.0
     qty = s.risk_per_trade * equity / sl_dist
@@ -59,14 +60,17 @@ def size(equity, price, sl_dist, used, s, inst):
     if room <= 0:
         return 0.0
     qty = min(qty, room / price)
+    if s.max_book_share > 0 and not math.isnan(depth):
+        qty = min(qty, s.max_book_share * depth)
     qty = on_grid(qty, inst.qty_step, math.floor)
     if qty < inst.min_qty - 1e-12 or qty * price < inst.min_notional:
         return 0.0
     return qty
 
 
-def ref_decide(i, day, close, atr, probs, equity, state, slots, resting, s, inst):
-    """Intents as tuples (kind, side, ref, price, qty, tp_dist, sl_dist, reason)."""
+def ref_decide(i, day, close, atr, probs, equity, state, slots, resting, s, inst, depth):
+    """Intents as tuples (kind, side, ref, price, qty, tp_dist, sl_dist, reason). depth: side (1 bids, -1 asks)
+    -> the bar's book depth (NaN: unknown); a market entry takes the other side, a limit joins its own."""
     out = []
     if day != state["day"]:
         state["start"] = equity if state["day"] < 0 else state["last"]
@@ -113,7 +117,7 @@ def ref_decide(i, day, close, atr, probs, equity, state, slots, resting, s, inst
             own_value = resting[side].qty * resting[side].price if live[side] else 0.0
             if count - own_n >= s.max_positions:
                 continue
-            qty = size(equity, close, sl_dist, used - own_value, s, inst)
+            qty = size(equity, close, sl_dist, used - own_value, s, inst, depth[-side])
             if qty <= 0:
                 continue
             if live[side]:
@@ -132,7 +136,7 @@ def ref_decide(i, day, close, atr, probs, equity, state, slots, resting, s, inst
             price = on_grid(raw, tick, math.floor if side == 1 else math.ceil)
             if price <= 0:
                 continue
-            qty = size(equity, price, sl_dist, used, s, inst)
+            qty = size(equity, price, sl_dist, used, s, inst, depth[side])
             if qty <= 0:
                 continue
             out.append(("limit", side, -1, price, qty, s.take_profit_atr * atr, sl_dist, "chop"))
@@ -323,8 +327,9 @@ def reference_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg, fine: pd.D
                             "positions": sum(p is not None for p in slots)})
         if i == n - 1:
             break
+        depth = {1: bar.get("ob_bid_depth_mean", math.nan), -1: bar.get("ob_ask_depth_mean", math.nan)}
         own = ref_decide(i, t // 86400, bar["close"], bar["atr"], prob_rows[i], cash + upnl, state, slots,
-                         resting, s, inst)
+                         resting, s, inst, depth)
         if check_decide is not None:
             check_decide(i, t, bar["close"], bar["atr"], prob_rows[i], cash + upnl, slots, resting, own)
         intents.extend((i,) + x for x in own)

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import backtest
+import metrics
 import strategy as st
 from config import GlobalConfig
 from reference_sim import reference_backtest
@@ -27,8 +28,9 @@ def make_cfg(**settings) -> GlobalConfig:
     return cfg
 
 
-def random_market(n_fine: int, seed: int, per_bar: int = 5, start: str = "2026-03-01 20:00"):
-    """1m random walk with gaps, rounded to ticks, and its 5m aggregate with ATR and random probabilities."""
+def random_market(n_fine: int, seed: int, per_bar: int = 5, start: str = "2026-03-01 20:00", book: bool = False):
+    """1m random walk with gaps, rounded to ticks, and its 5m aggregate with ATR and random probabilities;
+    book: also random book depths per side (some bars without a book sample: NaN)."""
     rng = np.random.default_rng(seed)
     vol = 0.0025
     o = np.empty(n_fine)
@@ -47,6 +49,9 @@ def random_market(n_fine: int, seed: int, per_bar: int = 5, start: str = "2026-0
     coarse["atr"] = (coarse["high"] - coarse["low"]).rolling(6).mean()
     probs = pd.DataFrame(rng.uniform(0, 1, (len(coarse), 4)), index=coarse.index, columns=backtest.PROB_COLUMNS)
     probs.iloc[rng.random(len(coarse)) < 0.02] = np.nan
+    if book:
+        for col in backtest.DEPTH_COLUMNS:
+            coarse[col] = np.where(rng.random(len(coarse)) < 0.05, np.nan, rng.uniform(20.0, 2000.0, len(coarse)))
     return coarse, probs, fine
 
 
@@ -109,15 +114,24 @@ RANDOM_CASES = {
                                  "aggressive_threshold": 0.95, "exec_threshold": 0.5, "limit_offset_atr": 0.1},
     "wide_offset_rebate": {"limit_offset_atr": 1.5, "maker_fee": -0.0001, "take_profit_atr": 3.0,
                            "stop_loss_atr": 0.8, "max_positions": 5, "max_holding_bars": 6},
+    "book_capped": {"max_book_share": 0.05, "risk_per_trade": 0.02},   # random_market(book=True): depths
 }
 
 
 @pytest.mark.parametrize("name", list(RANDOM_CASES))
 def test_core_agrees_with_reference_trade_for_trade(name):
-    coarse, probs, _ = random_market(12000, seed=len(name))
+    coarse, probs, _ = random_market(12000, seed=len(name), book=name == "book_capped")
     cfg = make_cfg(**RANDOM_CASES[name])
     result, ref_trades, ref_eq, ref_intents, rejected = run_both(coarse, probs, cfg)
     assert len(ref_trades) > 30
+    if name == "book_capped":   # entries stay within 5 % of the book they take or join; the cap binds often
+        entries = result.intents[result.intents["kind"].isin(["market", "limit"])]
+        asks = (entries["kind"] == "market") == (entries["side"] == 1)
+        depth = np.where(asks, coarse["ob_ask_depth_mean"].to_numpy()[entries["bar"]],
+                         coarse["ob_bid_depth_mean"].to_numpy()[entries["bar"]])
+        known = ~np.isnan(depth)
+        assert (entries["qty"].to_numpy()[known] <= 0.05 * depth[known] + 1e-9).all() and (~known).any()
+        assert np.isclose(entries["qty"].to_numpy(), 0.05 * depth, atol=cfg.instrument.qty_step).sum() > 20
     assert_same_trades(result, ref_trades)
     np.testing.assert_allclose(result.equity["equity"], [r["equity"] for r in ref_eq], rtol=1e-9)
     assert result.counters["rejected_postonly"] == rejected
@@ -538,7 +552,7 @@ def test_cli_loads_bars_atr_and_1m_bars_from_a_data_folder(tmp_path, capsys):
     assert (fills.dt.minute % 5 != 0).any(), "1m bars were not used inside the 5m bars"
     m = json.loads((out / "metrics.json").read_text())   # the capacity check read the folder's book and volume
     assert 0 < m["depth_share_median"] <= m["depth_share_max"]
-    assert ("warning: capacity" in capsys.readouterr().out) == (m["depth_share_median"] > 0.1)
+    assert ("warning: capacity" in capsys.readouterr().out) == (m["depth_share_median"] > metrics.LIQUIDITY_WARN_SHARE)
 
 
 def test_cli_reports_a_missing_data_folder_cleanly(tmp_path, capsys):

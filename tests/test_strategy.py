@@ -17,9 +17,9 @@ def cfg(**kw) -> StrategyConfig:
 
 
 def decide(probs, positions=(), resting=(), equity=10_000.0, close=100.0, atr=1.0, index=10, time=DAY0 + 3600,
-           day=None, strategy=None, instrument=None, gate=None):
+           day=None, strategy=None, instrument=None, gate=None, bid_depth=math.nan, ask_depth=math.nan):
     day = day if day is not None else st.DayState()
-    bar = st.Bar(index=index, time=time, close=close, atr=atr, probs=probs)
+    bar = st.Bar(index=index, time=time, close=close, atr=atr, probs=probs, bid_depth=bid_depth, ask_depth=ask_depth)
     return st.decide(bar, list(positions), list(resting), equity, day, strategy or cfg(),
                      instrument or InstrumentConfig(), gate)
 
@@ -163,6 +163,24 @@ def test_size_rounds_down_to_the_quantity_step():
     assert it.qty == pytest.approx(29.4)
 
 
+def test_size_is_capped_by_the_book_a_market_entry_takes_and_a_postonly_entry_joins():
+    book = dict(bid_depth=1000.0, ask_depth=200.0)   # uncapped size: 10_000 * 0.01 / 2 = 50
+    (it,) = decide(probs(dl=0.95), **book)                      # a market buy takes the asks
+    assert it.kind == "market" and it.qty == pytest.approx(0.1 * 200.0)
+    (it,) = decide(probs(ds=0.95), **book)                      # a market sell takes the bids: 100 > 50
+    assert it.kind == "market" and it.qty == pytest.approx(50.0)
+    (it,) = decide(probs(es=0.7, ds=0.6), **book)               # a PostOnly sell joins the asks
+    assert it.kind == "limit" and it.qty == pytest.approx(0.1 * 200.0)
+    (it,) = decide(probs(el=0.7, dl=0.6), **book, strategy=cfg(max_book_share=0.02))   # joins the bids
+    assert it.kind == "limit" and it.qty == pytest.approx(0.02 * 1000.0)
+
+
+def test_no_book_cap_without_a_book_sample_or_with_share_zero_and_no_entry_into_an_empty_side():
+    assert decide(probs(dl=0.95))[0].qty == pytest.approx(50.0)                            # depth unknown
+    assert decide(probs(dl=0.95), ask_depth=1.0, strategy=cfg(max_book_share=0.0))[0].qty == pytest.approx(50.0)
+    assert decide(probs(dl=0.95), bid_depth=1000.0, ask_depth=0.0) == []
+
+
 def test_orders_below_min_quantity_or_min_notional_are_skipped():
     small = dict(equity=100.0, atr=1.0, close=5.0, strategy=cfg(risk_per_trade=0.01))
     assert decide(probs(dl=0.95), **small, instrument=InstrumentConfig(min_qty=0.001, min_notional=5.0)) == []
@@ -173,8 +191,8 @@ def test_orders_below_min_quantity_or_min_notional_are_skipped():
 
 def test_no_size_with_non_positive_equity():
     params = st.strategy_params(cfg(), InstrumentConfig())
-    assert st.position_size(0.0, 100.0, 2.0, 0.0, params) == 0.0
-    assert st.position_size(10_000.0, 100.0, 2.0, 0.0, params) == pytest.approx(50.0)
+    assert st.position_size(0.0, 100.0, 2.0, 0.0, params, math.nan) == 0.0
+    assert st.position_size(10_000.0, 100.0, 2.0, 0.0, params, math.nan) == pytest.approx(50.0)
 
 
 # ------------------------------------------------------------ idle pre-check (lets the backtester skip decide_core)
@@ -192,7 +210,8 @@ def test_is_idle_only_when_decide_core_would_do_nothing():
         p = np.where(rng.random(4) < 0.8, rng.choice([0.0, 0.49, 0.5, 0.59, 0.6, 0.86, 0.87, math.nan], 4), 0.0)
         idle = st.is_idle(day, equity, *p, state, params)
         before = state.copy()
-        n = st.decide_core(bar, day, 100.0, 1.0, *p, equity, state, empty, empty, empty, rest, rest, rest, params, out, True)
+        n = st.decide_core(bar, day, 100.0, 1.0, 50.0, 50.0, *p, equity, state, empty, empty, empty, rest, rest, rest,
+                           params, out, True)
         if idle:
             assert n == 0 and np.array_equal(state, before, equal_nan=True), (bar, p)
             idle_seen += 1
@@ -203,8 +222,9 @@ def test_is_idle_only_when_decide_core_would_do_nothing():
 def test_is_idle_is_false_on_a_new_day_a_new_equity_or_any_entry_signal():
     params = st.strategy_params(cfg(), InstrumentConfig())
     state = st.new_day_state()
-    st.decide_core(0, 5, 100.0, 1.0, 0.0, 0.0, 0.0, 0.0, 10_000.0, state, np.zeros(3), np.zeros(3), np.zeros(3),
-                   np.zeros(2), np.zeros(2), np.zeros(2), params, np.zeros((8, st.N_INTENT_COLS)), True)
+    st.decide_core(0, 5, 100.0, 1.0, math.nan, math.nan, 0.0, 0.0, 0.0, 0.0, 10_000.0, state, np.zeros(3),
+                   np.zeros(3), np.zeros(3), np.zeros(2), np.zeros(2), np.zeros(2), params,
+                   np.zeros((8, st.N_INTENT_COLS)), True)
     assert st.is_idle(5, 10_000.0, 0.0, 0.0, 0.0, 0.0, state, params)
     assert not st.is_idle(6, 10_000.0, 0.0, 0.0, 0.0, 0.0, state, params)
     assert not st.is_idle(5, 9_999.0, 0.0, 0.0, 0.0, 0.0, state, params)
