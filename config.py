@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -71,6 +72,16 @@ def _timeframe(v: Any) -> bool:
     return v in TIMEFRAMES
 
 
+def _day(v: Any) -> bool:
+    """Empty, or a real UTC calendar day written YYYY-MM-DD."""
+    if v == "":
+        return True
+    try:
+        return re.fullmatch(r"\d{4}-\d{2}-\d{2}", v) is not None and bool(datetime.date.fromisoformat(v))
+    except ValueError:
+        return False
+
+
 def _duration(v: Any) -> bool:
     try:
         return parse_duration(v) > 0
@@ -96,6 +107,7 @@ def _one_of(*choices: str) -> Callable[[Any], bool]:
 _CHECK_TEXT = {
     _positive: "> 0", _non_negative: ">= 0", _probability: "strictly between 0 and 1",
     _fraction: "between 0 and 1", _range: "[low, high] with low <= high",
+    _day: "a UTC day YYYY-MM-DD (empty = no limit)",
     _timeframe: f"one of {', '.join(TIMEFRAMES)}", _duration: "a positive duration such as '4h'",
     _durations: "positive durations such as '4h'", _timeframes: f"timeframes among {', '.join(TIMEFRAMES)}",
 }
@@ -162,14 +174,19 @@ class DataConfig(_Section):
     ob_levels: int = _f(50, _positive, "order-book levels used for statistics")
     book_sample_interval: str = _f("1s", _duration, "exchange-time clock for book statistics")
     cache: bool = _f(True, help="cache bars as Parquet under <data_dir>/.cache")
-    start: str = _f("", help="first UTC day to load (YYYY-MM-DD), empty = all")
-    end: str = _f("", help="last UTC day to load (YYYY-MM-DD), empty = all")
+    start: str = _f("", _day, "first UTC day to load (YYYY-MM-DD), empty = all")
+    end: str = _f("", _day, "last UTC day to load (YYYY-MM-DD, included), empty = all")
     # 30m: a traded perpetual's book stream pushes every second or faster, so half an hour with neither a
     # trade nor a book message is a recording outage, not a quiet market. Shorter stalls (reconnects last
     # seconds to minutes) stay ordinary bars: book features carry at most features.book_ffill (15m) and are
     # unknown (not warm) beyond it, without restarting the features' multi-day warm-up as a gap does.
     gap_threshold: str = _f("30m", _duration, "a stretch this long with no trades and no book is a data gap: "
                             "its bars are marked is_gap, never warm, labelled or traded")
+
+    def _cross_checks(self, name: str) -> None:
+        if self.start and self.end and self.end < self.start:
+            raise ConfigError(f"{name}.end = {self.end!r} is before {name}.start = {self.start!r}: --end must be on "
+                              "or after --start (both days are included)")
 
 
 @dataclass

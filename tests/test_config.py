@@ -49,6 +49,9 @@ def test_params_json_with_config_key_loads(tmp_path) -> None:
     ("strategy", "aggressive_threshold", 1.2, "strategy.aggressive_threshold"),
     ("data", "timeframe", "7m", "data.timeframe"),
     ("data", "ob_levels", "fifty", "data.ob_levels"),
+    ("data", "start", "2026-13-01", "data.start"),
+    ("data", "end", "2026-02-30", "data.end"),
+    ("data", "start", "2026-1-5", "data.start"),
     ("model", "boosting_type", "goss", "model.boosting_type"),
     ("venue", "fill_rule", "magic", "venue.fill_rule"),
     ("tune", "embargo", "soon", "tune.embargo"),
@@ -81,6 +84,12 @@ def test_cross_field_rules() -> None:
     data["tune"]["cpcv_test_groups"] = data["tune"]["cpcv_groups"]
     with pytest.raises(ConfigError, match="cpcv_test_groups"):
         GlobalConfig.from_dict(data)
+    data = GlobalConfig().to_dict()
+    data["data"].update(start="2026-01-14", end="2026-01-13")
+    with pytest.raises(ConfigError, match=r"data\.end = '2026-01-13' is before .*data\.start = '2026-01-14'"):
+        GlobalConfig.from_dict(data)
+    data["data"]["end"] = "2026-01-14"                # one day: both ends are included
+    assert GlobalConfig.from_dict(data).data.end == "2026-01-14"
 
 
 def test_invalid_json_and_missing_file_are_clear(tmp_path) -> None:
