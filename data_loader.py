@@ -117,6 +117,11 @@ class DataFiles:
         if first and not first <= day <= last:
             raise ValueError(f"{flag} {value}: the data in {self.root} covers {first} to {last} (UTC days)")
 
+    def require_symbol(self, flag: str, symbol: str) -> None:
+        """ValueError naming the folder's symbol (its name's prefix, else its files') when `symbol` is another."""
+        if symbol and self.symbol and symbol != self.symbol:
+            raise ValueError(f"{flag} {symbol}: the data in {self.root} is {self.symbol}")
+
 
 def list_files(data_dir: str | Path, start: str = "", end: str = "") -> DataFiles:
     """Find Trade/*.csv[.gz] and Orderbook/*.data[.gz]; files for another symbol are skipped with a warning."""
@@ -155,6 +160,20 @@ def list_files(data_dir: str | Path, start: str = "", end: str = "") -> DataFile
             keep[kind].append(p)
         keep[kind].sort(key=lambda p: (_date_of(p), p.name))
     return DataFiles(root, symbol, keep["trades"], keep["books"], skipped)
+
+
+def require_data(cfg: GlobalConfig) -> DataFiles:
+    """cfg's data folder, checked before any slow work: DataError when it is missing or empty, holds another
+    symbol than cfg.symbol, or data.start/data.end lie outside its days (naming what the folder holds)."""
+    files = list_files(cfg.data.data_dir)
+    try:
+        files.require_symbol("symbol", cfg.symbol)
+        for flag, day in (("start", cfg.data.start), ("end", cfg.data.end)):
+            if day:
+                files.require_day(flag, day, day)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    return files
 
 
 def missing_days(files: DataFiles) -> dict[str, list[str]]:

@@ -1198,8 +1198,7 @@ def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float 
         files = data_loader.list_files(data_dir)
     except data_loader.DataError as err:
         raise ValueError(str(err)) from None
-    if symbol and files.symbol and symbol != files.symbol:
-        raise ValueError(f"--symbol {symbol}: the data in {data_dir} is {files.symbol}")
+    files.require_symbol("--symbol", symbol or "")
     if start:
         files.require_day("--start", start, start[:10])
     costs = venue or VenueConfig()

@@ -304,6 +304,22 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
         dl.load_bars(config(tmp_path / "empty"))
 
 
+def test_require_data_names_the_symbol_and_days_the_folder_holds(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path)
+    write_trades(folder / "Trade" / "DEMOUSDT2026-01-03.csv", trade_rows(50))
+    cfg = config(folder, start="2026-01-01", end="2026-01-03")
+    assert dl.require_data(cfg).symbol == "DEMOUSDT"
+    cfg.symbol = "BTCUSDT"
+    with pytest.raises(dl.DataError, match=f"symbol BTCUSDT: the data in {folder} is DEMOUSDT"):
+        dl.require_data(cfg)
+    for start, end, wrong in (("2026-03-01", "", "start 2026-03-01"), ("", "2026-01-04", "end 2026-01-04"),
+                              ("2025-12-31", "2026-01-02", "start 2025-12-31")):
+        with pytest.raises(dl.DataError, match=f"{wrong}: the data in .* covers 2026-01-01 to 2026-01-03"):
+            dl.require_data(config(folder, start=start, end=end))
+    with pytest.raises(dl.DataError, match="does not exist"):
+        dl.require_data(config(tmp_path / "nope"))
+
+
 def test_cli_error_exit_code_without_traceback(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "data_loader.py"), "inspect", str(tmp_path / "missing")],
                          capture_output=True, text=True, cwd=ROOT)
