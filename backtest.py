@@ -662,17 +662,19 @@ def _read_signals(path: Path) -> pd.DataFrame:
 
 
 def _load_market(cfg: GlobalConfig, signals: pd.DataFrame | None) -> tuple:
-    """Bars with ATR for the run (from the signals file when it carries prices, else from the data), 1m bars,
-    and the features computed on the way (None when the signals file carried the prices)."""
+    """Bars with ATR for the run (from the signals file when it carries prices, else from the data; for a model,
+    from the features' warm-up before data.start on, so the first requested bar is warm), 1m bars, and the
+    features computed on the way (None when the signals file carried the prices)."""
     if signals is not None and all(col in signals.columns for col in PRICE_COLUMNS + ["atr"]):
         kept = [c for c in PRICE_COLUMNS + ["atr", "volume"] + DEPTH_COLUMNS if c in signals.columns]
         return signals[kept].astype(np.float64), None, None
     import data_loader
     import feature_engine
-    bars = data_loader.load_bars(cfg)
+    loaded = feature_engine.with_warmup(cfg) if signals is None else cfg
+    bars = data_loader.load_bars(loaded)
     feats = feature_engine.compute_features(bars, cfg)
     frame = bars[PRICE_COLUMNS + metrics_mod.LIQUIDITY_COLUMNS].assign(atr=feats["atr"]).loc[feats["atr"].notna()]
-    fine = data_loader.load_bars(cfg, "1m") if cfg.data.timeframe != "1m" else None
+    fine = data_loader.load_bars(loaded, "1m") if cfg.data.timeframe != "1m" else None
     return frame, fine, feats
 
 
@@ -701,20 +703,6 @@ def _saved_span(config_path: Path) -> tuple[pd.Timestamp, pd.Timestamp] | None:
 def _between(df: pd.DataFrame | None, lo: pd.Timestamp, hi: pd.Timestamp) -> pd.DataFrame | None:
     """Rows with bar open time in [lo, hi]."""
     return None if df is None else df.loc[(df.index >= lo) & (df.index <= hi)]
-
-
-def _with_warmup(cfg: GlobalConfig) -> GlobalConfig:
-    """The config to load data with: --start moved back by the features' warm-up, so the first requested bar
-    already has warm features and the backtest trades the requested span, not the span after warm-up."""
-    import copy
-
-    import feature_engine
-    if not cfg.data.start:
-        return cfg
-    seconds = feature_engine.warmup_bars(cfg) * timeframe_seconds(cfg.data.timeframe)
-    loaded = copy.deepcopy(cfg)
-    loaded.data.start = (pd.Timestamp(cfg.data.start) - pd.Timedelta(seconds=seconds)).strftime("%Y-%m-%d")
-    return loaded
 
 
 def _training_overlap(config_path: Path, frame: pd.DataFrame) -> str:
@@ -755,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.signals is None and not args.config:
             raise ConfigError("give --signals FILE or --config params.json of a trained model")
         signals = _read_signals(args.signals) if args.signals else None
-        frame, fine, feats = _load_market(_with_warmup(cfg) if signals is None else cfg, signals)
+        frame, fine, feats = _load_market(cfg, signals)
         probs = (signals[PROB_COLUMNS] if signals is not None
                  else _model_probs(cfg, Path(args.config), feats, frame.index))
         span = (_saved_span(Path(args.config)) if args.config and signals is None

@@ -748,14 +748,14 @@ def load_bars(cfg: GlobalConfig, timeframe: str | None = None) -> pd.DataFrame:
             _log_gaps(known, files.symbol, tf, d.gap_threshold)  # cached bars keep their gaps loud
             return bars
     bars, _ = build_bars(files, tf, d.ob_levels, d.book_sample_interval, gap_threshold=d.gap_threshold)
-    bars = _clip_days(bars, d.start, d.end)
+    bars = clip_days(bars, d.start, d.end)
     if d.cache:
         _write_cache(bars, cache)
     return bars
 
 
-def _clip_days(bars: pd.DataFrame, start: str, end: str) -> pd.DataFrame:
-    """Keep bars inside [start 00:00, end+1d) UTC when given."""
+def clip_days(bars: pd.DataFrame, start: str, end: str) -> pd.DataFrame:
+    """Keep the rows of `bars` (any frame indexed by UTC bar times) inside [start 00:00, end+1d) when given."""
     if start:
         bars = bars[bars.index >= pd.Timestamp(start, tz="UTC")]
     if end:

@@ -24,6 +24,7 @@ Conventions every feature keeps:
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import logging
 import math
@@ -352,6 +353,17 @@ def warmup_bars(cfg: GlobalConfig) -> int:
     return max(warm[n] for n in _select(warm, cfg) + ["atr"])
 
 
+def with_warmup(cfg: GlobalConfig) -> GlobalConfig:
+    """The config to load bars with: data.start moved back by the features' warm-up (to a whole UTC day), so the
+    first requested bar already has warm features; cfg itself when it sets no start."""
+    if not cfg.data.start:
+        return cfg
+    seconds = warmup_bars(cfg) * timeframe_seconds(cfg.data.timeframe)
+    loaded = copy.deepcopy(cfg)
+    loaded.data.start = (pd.Timestamp(cfg.data.start) - pd.Timedelta(seconds=seconds)).strftime("%Y-%m-%d")
+    return loaded
+
+
 # ---------------------------------------------------------------- input checks
 def _validate(bars: pd.DataFrame, cfg: GlobalConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Reject frames the features would silently misread; return bar open times in seconds and the checked
@@ -580,7 +592,8 @@ def compute_features(bars: pd.DataFrame, cfg: GlobalConfig, last: int | None = N
 
 # ---------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    """Write the feature frame of a data folder so users can inspect what the models see."""
+    """Write the feature frame of a data folder so users can inspect what the models see. With --start the bars
+    of the features' warm-up before it are loaded too (not written), so the requested days' rows are warm."""
     parser = argparse.ArgumentParser(description="Compute model features from a data folder's bars.")
     add_config_args(parser, ["--data-dir", "--timeframe", "--symbol", "--start", "--end", "--ob-levels",
                              "--book-interval"])
@@ -591,27 +604,35 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     if out.suffix not in (".parquet", ".csv"):
         parser.error(f"--output {out}: expected a .parquet or .csv file name")
+    import data_loader  # the CLI reads files; the feature function itself needs only bars
+
     try:
         cfg = config_from_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    from data_loader import load_bars  # the CLI reads files; the feature function itself needs only bars
-
-    bars = load_bars(cfg)
+        data_loader.require_data(cfg)
+        loaded = data_loader.load_bars(with_warmup(cfg))
+    except (ConfigError, data_loader.DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
-    frame = compute_features(bars, cfg)
+    features = compute_features(loaded, cfg)
     elapsed = time.perf_counter() - started
-    n_warm = int(frame["is_warm"].sum())
-    if not args.all_rows:
-        frame = frame[frame["is_warm"]]
+    span = data_loader.clip_days(features, cfg.data.start, cfg.data.end)
+    n_warm = int(span["is_warm"].sum())
+    if not (n_warm or args.all_rows):
+        print(f"error: none of the {len(span)} {cfg.data.timeframe} bars is warm: the features need "
+              f"{warmup_bars(cfg)} bars of history after the data's start or a gap (or pass --all-rows)",
+              file=sys.stderr)
+        return 2
+    frame = span if args.all_rows else span[span["is_warm"]]
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":
         frame.to_parquet(out)
     else:
         frame.to_csv(out, index_label="time")
-    print(f"{len(bars)} bars ({cfg.data.timeframe}), {len(feature_names(cfg))} features, warm-up "
-          f"{warmup_bars(cfg)} bars, {n_warm} warm rows; computed in {elapsed * 1000:.0f} ms; wrote {len(frame)} "
-          f"rows to {out}")
+    before = len(features) - len(span)   # bars loaded before --start for the warm-up (the end is loaded as given)
+    print(f"{len(span)} bars ({cfg.data.timeframe})" + (f" after {before} warm-up bars" if before else "")
+          + f", {len(feature_names(cfg))} features, warm-up {warmup_bars(cfg)} bars, {n_warm} warm rows; "
+          f"computed in {elapsed * 1000:.0f} ms; wrote {len(frame)} rows to {out}")
     return 0
 
 

@@ -469,6 +469,56 @@ def test_cli_writes_the_features_of_a_simulated_data_folder(tmp_path, capsys) ->
     assert ".parquet or .csv" in capsys.readouterr().err
 
 
+SMALL_SETS = [a for s in ("features.day_window=4h", "features.macro_window=12h", "features.htf_span=2",
+                          "features.vwap_windows=1h,4h") for a in ("--set", s)]
+
+
+def test_cli_start_loads_the_warmup_before_it_so_the_days_rows_are_warm(missing_day_folder, tmp_path, capsys) -> None:
+    """--start D --end D: the warm-up bars before D are loaded (not written), so every bar of D is written warm,
+    with the values the whole history up to D gives them, and the printed counts say so."""
+    import data_loader
+
+    out = tmp_path / "day.parquet"
+    args = ["--data-dir", str(missing_day_folder), "--timeframe", "5m", *SMALL_SETS, "-o", str(out)]
+    assert fe.main([*args, "--start", "2026-01-06", "--end", "2026-01-06"]) == 0
+    written = pd.read_parquet(out)
+    day = pd.date_range("2026-01-06", periods=288, freq="5min", tz="UTC")
+    assert written.index.equals(day) and written["is_warm"].all()
+    cfg = small_cfg(htf_span=2)
+    set_path(cfg, "data.data_dir", str(missing_day_folder))
+    set_path(cfg, "data.end", "2026-01-06")
+    full = fe.compute_features(data_loader.load_bars(cfg), cfg).loc[day]
+    for name in fe.feature_names(cfg) + ["atr"]:
+        a, b = written[name].to_numpy(), full[name].to_numpy()
+        assert np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b))) < 5e-3, name
+    before = fe.warmup_bars(cfg) * 300 / 86400       # days of warm-up, loaded as whole days before the 6th
+    text = capsys.readouterr().out
+    assert f"288 bars (5m) after {288 * math.ceil(before)} warm-up bars" in text
+    assert "288 warm rows; " in text and f"wrote 288 rows to {out}" in text
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "start_after_end", "span_without_data", "invalid_date",
+                                  "other_symbol", "no_warm_row"])
+def test_cli_refuses_ordinary_mistakes_in_one_line(case, missing_day_folder, tmp_path, capsys) -> None:
+    folder = str(missing_day_folder)
+    args, needle = {
+        "missing_folder": (["--data-dir", str(tmp_path / "nope")], f"data folder {tmp_path / 'nope'} does not exist"),
+        "start_after_end": (["--data-dir", folder, "--start", "2026-01-05", "--end", "2026-01-04"],
+                            "data.end = '2026-01-04' is before config.data.start = '2026-01-05'"),
+        "span_without_data": (["--data-dir", folder, "--start", "2026-03-01"],
+                              f"start 2026-03-01: the data in {folder} covers 2026-01-01 to 2026-01-07"),
+        "invalid_date": (["--data-dir", folder, "--start", "2026-13-01"], "data.start = '2026-13-01' is invalid"),
+        "other_symbol": (["--data-dir", folder, "--symbol", "BTCUSDT"], f"the data in {folder} is DEMOUSDT"),
+        "no_warm_row": (["--data-dir", folder, "--start", "2026-01-04", "--end", "2026-01-04"],
+                        "none of the 288 5m bars is warm"),   # the default 3-day warm-up restarts after the gap
+    }[case]
+    out = tmp_path / "f.parquet"
+    assert fe.main([*args, "--timeframe", "5m", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- data gaps (issue 17, item 4)
 def test_gap_bars_are_never_warm_and_features_rewarm_after_the_gap(missing_day_folder) -> None:
     """The missing day's 288 fabricated bars: none warm, none of the next warm-up warm; once warm again the
