@@ -662,14 +662,15 @@ def _read_signals(path: Path) -> pd.DataFrame:
 
 
 def _load_market(cfg: GlobalConfig, signals: pd.DataFrame | None) -> tuple:
-    """Bars with ATR for the run (from the signals file when it carries prices, else from the data; for a model,
-    from the features' warm-up before data.start on, so the first requested bar is warm), 1m bars, and the
-    features computed on the way (None when the signals file carried the prices)."""
+    """Bars with ATR for the run (from the signals file when it carries prices, else from the data folder, refused
+    when it lacks cfg's symbol or days; for a model from the features' warm-up before data.start on, so the first
+    requested bar is warm), 1m bars, and the features computed on the way (None when the signals carried prices)."""
     if signals is not None and all(col in signals.columns for col in PRICE_COLUMNS + ["atr"]):
         kept = [c for c in PRICE_COLUMNS + ["atr", "volume"] + DEPTH_COLUMNS if c in signals.columns]
         return signals[kept].astype(np.float64), None, None
     import data_loader
     import feature_engine
+    data_loader.require_data(cfg)
     loaded = feature_engine.with_warmup(cfg) if signals is None else cfg
     bars = data_loader.load_bars(loaded)
     feats = feature_engine.compute_features(bars, cfg)
@@ -706,16 +707,41 @@ def _between(df: pd.DataFrame | None, lo: pd.Timestamp, hi: pd.Timestamp) -> pd.
 
 
 def _training_overlap(config_path: Path, frame: pd.DataFrame) -> str:
-    """A warning when the traded bars overlap the spans the model was tuned or trained on (params.json), else ''."""
+    """A warning when the traded bars overlap data the model was fitted to (params.json): the development span it
+    was tuned and trained on, or OOS-1, which picked it among the candidates and set its thresholds; else ''."""
     try:
         params = json.loads(config_path.read_text(encoding="utf-8"))
-        lo, hi = pd.Timestamp(params["splits"]["dev"][0]), pd.Timestamp(params["trained_on"][1])
+        spans = {"the data this model was tuned and trained on ({} .. {})": (params["splits"]["dev"][0],
+                                                                             params["trained_on"][1]),
+                 "OOS-1 ({} .. {}), which picked this model and set its thresholds": tuple(params["splits"]["oos1"])}
+        spans = {text: (pd.Timestamp(lo), pd.Timestamp(hi)) for text, (lo, hi) in spans.items()}
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return ""
-    if len(frame) and frame.index[0] <= hi and frame.index[-1] >= lo:
-        return (f"warning: the backtest span {frame.index[0]} .. {frame.index[-1]} overlaps the data this model "
-                f"was tuned and trained on ({lo} .. {hi}): in-sample numbers, not evidence of an edge")
+    hit = [text.format(lo, hi) for text, (lo, hi) in spans.items()
+           if len(frame) and frame.index[0] <= hi and frame.index[-1] >= lo]
+    if hit:
+        return (f"warning: the backtest span {frame.index[0]} .. {frame.index[-1]} overlaps {' and '.join(hit)}: "
+                "in-sample numbers, not evidence of an edge")
     return ""
+
+
+def _unmatched_signals(path: Path, signals: pd.DatetimeIndex, chosen: pd.DatetimeIndex,
+                       bars: pd.DatetimeIndex) -> str:
+    """'' when every chosen signal time (the file's rows inside --start/--end) is the open time of a bar traded; a
+    warning counting those that are not (they are ignored); ValueError naming the file's and the bars' spans when
+    none is, since nothing could trade."""
+    unmatched = int((~chosen.isin(bars)).sum())
+    if len(chosen) and not unmatched:
+        return ""
+    spans = f"the signals in {path} span {_span_text(signals)}, the bars {_span_text(bars)}"
+    if unmatched == len(chosen):
+        raise ValueError(f"no signal time is a bar's open time ({spans})")
+    return f"warning: {unmatched} of {len(chosen)} signal rows match no bar and are ignored ({spans})"
+
+
+def _span_text(index: pd.DatetimeIndex) -> str:
+    """'first .. last' of a time index ('no rows' when empty)."""
+    return f"{index[0]} .. {index[-1]}" if len(index) else "no rows"
 
 
 def _slice(df: pd.DataFrame | None, start: str, end: str) -> pd.DataFrame | None:
@@ -754,9 +780,10 @@ def main(argv: list[str] | None = None) -> int:
             frame, probs, fine = (_slice(x, cfg.data.start, cfg.data.end) for x in (frame, probs, fine))
         if frame is None or len(frame) < 2:
             raise ValueError("fewer than two bars to backtest in the chosen span")
-        overlap = _training_overlap(Path(args.config), frame) if args.config and signals is None else ""
-        if overlap:
-            print(overlap, file=sys.stderr)
+        warning = (_training_overlap(Path(args.config), frame) if signals is None
+                   else _unmatched_signals(args.signals, signals.index, probs.index, frame.index))
+        if warning:
+            print(warning, file=sys.stderr)
         result = run_backtest(frame, probs, cfg, fine=fine)
     except (ConfigError, ValueError, OSError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

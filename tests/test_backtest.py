@@ -563,6 +563,90 @@ def test_cli_reports_a_missing_data_folder_cleanly(tmp_path, capsys):
     assert code == 2 and "nowhere" in err and "Traceback" not in err
 
 
+# ---------------------------------------------------------------- CLI on a data folder: what it holds and when
+WEEK_DEV = ["2026-01-04T12:00:00+00:00", "2026-01-04T23:55:00+00:00"]   # the spans the test model's params.json
+WEEK_OOS1 = ["2026-01-05T00:00:00+00:00", "2026-01-05T23:55:00+00:00"]  # records, as train.py writes them
+WEEK_EXAM = ["2026-01-06T00:00:00+00:00", "2026-01-07T23:55:00+00:00"]
+
+
+@pytest.fixture(scope="module")
+def fitted(missing_day_folder, tmp_path_factory):
+    """A small model of the simulated week (2026-01-01 to 07) whose params.json records development up to the
+    4th, OOS-1 the 5th and the exam from the 6th."""
+    import data_loader
+    from small_model import train_small_model
+    from test_feature_engine import small_cfg
+    cfg = small_cfg()
+    cfg.data.data_dir = str(missing_day_folder)
+    folder = tmp_path_factory.mktemp("rank_1")
+    train_small_model(data_loader.load_bars(cfg).loc[:WEEK_DEV[1]], cfg, folder)
+    params = json.loads((folder / "params.json").read_text())
+    params.update(splits={"dev": WEEK_DEV, "oos1": WEEK_OOS1, "super_oos": WEEK_EXAM}, trained_on=WEEK_DEV)
+    (folder / "params.json").write_text(json.dumps(params))
+    return folder / "params.json"
+
+
+@pytest.mark.parametrize("start,end,overlaps", [
+    ("2026-01-05", "2026-01-05", ["OOS-1"]),
+    ("2026-01-04", "2026-01-05", ["tuned and trained on", "OOS-1"]),
+    ("2026-01-06", "2026-01-07", []),
+])
+def test_cli_warns_when_the_span_overlaps_development_or_oos1(fitted, tmp_path, capsys, start, end, overlaps):
+    """OOS-1 picked the model and set its thresholds: trading it is in-sample too, and the warning says which."""
+    assert backtest.main(["--config", str(fitted), "--start", start, "--end", end, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert ("tuned and trained on (2026-01-04 12:00:00+00:00 .. 2026-01-04 23:55:00+00:00)" in err) == \
+        ("tuned and trained on" in overlaps)
+    assert ("overlaps" in err and "OOS-1 (2026-01-05 00:00:00+00:00 .. 2026-01-05 23:55:00+00:00), which picked "
+            "this model and set its thresholds" in err) == ("OOS-1" in overlaps)
+    assert ("overlaps" in err) == bool(overlaps) and ("in-sample numbers" in err) == bool(overlaps)
+
+
+def _week_signals(path, times) -> None:
+    """Probabilities (no prices: the bars come from the data folder) at the given bar times."""
+    rng = np.random.default_rng(2)
+    sig = pd.DataFrame(rng.uniform(0.5, 1.0, (len(times), 4)), index=pd.DatetimeIndex(times, name="time"),
+                       columns=backtest.PROB_COLUMNS)
+    sig.to_csv(path)
+
+
+def test_cli_refuses_signals_that_match_no_bar_and_warns_of_rows_that_match_none(missing_day_folder, tmp_path,
+                                                                                capsys):
+    inside = pd.date_range("2026-01-05", periods=288, freq="5min", tz="UTC")
+    march = pd.date_range("2026-03-01", periods=100, freq="5min", tz="UTC")
+    sig = tmp_path / "signals.csv"
+    base = ["--signals", str(sig), "--data-dir", str(missing_day_folder), "--out", str(tmp_path / "out")]
+    _week_signals(sig, march)
+    assert backtest.main(base) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no signal time is a bar's open time") and "Traceback" not in err
+    assert f"the signals in {sig} span 2026-03-01 00:00:00+00:00 .. 2026-03-01 08:15:00+00:00" in err
+    assert "the bars 2026-01-01 00:00:00+00:00 .. 2026-01-07 23:55:00+00:00" in err
+    _week_signals(sig, inside.append(march))
+    assert backtest.main(base) == 0
+    captured = capsys.readouterr()
+    assert "warning: 100 of 388 signal rows match no bar and are ignored" in captured.err
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["trades"] > 0   # the matching rows traded
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--symbol", "BTCUSDT"], "symbol BTCUSDT: the data in {folder} is DEMOUSDT"),
+    (["--start", "2026-03-01", "--end", "2026-03-02"], "start 2026-03-01: the data in {folder} covers 2026-01-01 "
+                                                       "to 2026-01-07 (UTC days)"),
+    (["--start", "2026-01-05", "--end", "2026-01-04"], "data.end = '2026-01-04' is before config.data.start = "
+                                                       "'2026-01-05'"),
+])
+def test_cli_refuses_a_symbol_or_span_the_folder_lacks_naming_what_it_holds(missing_day_folder, tmp_path, capsys,
+                                                                             args, needle):
+    sig = tmp_path / "signals.csv"
+    _week_signals(sig, pd.date_range("2026-01-05", periods=288, freq="5min", tz="UTC"))
+    assert backtest.main(["--signals", str(sig), "--data-dir", str(missing_day_folder), "--out", str(tmp_path / "o"),
+                          *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle.format(folder=missing_day_folder) in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def btc_market(realdata):
     """Two hours of real Binance BTCUSDT trades as 1m bars with ATR, random probabilities, 10s fine bars,
     and a config that trades them often (1m timeframe, tick 0.01, 15 s latency)."""
