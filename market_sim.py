@@ -626,12 +626,10 @@ def _clear_previous(folder: Path, symbol: str) -> None:
         log.info("removed %d files of an earlier simulation in %s", len(stale), folder)
 
 
-def simulate_run(symbol: str = "DEMOUSDT", days: int = 14, seed: int = 7, alpha: float = 1.0,
-                 out: str | Path = "data", book_interval: str | float = "1s", levels: int = 200,
-                 gzip: bool = False, start: str = "2026-01-01", params: MarketParams = MarketParams(),
-                 progress: bool = True) -> SimSummary:
-    """Generate `days` UTC days of trades and book into `<out>/<SYM>_Sim`; returns what was written."""
-    began = time.perf_counter()
+def check_run(symbol: str, days: int, alpha: float, book_interval: str | float, levels: int,
+              start: str = "2026-01-01") -> tuple[int, dt.date]:
+    """A run's settings checked before anything is written or announced: (book step in ms, first day);
+    ConfigError naming the first bad one."""
     if not isinstance(days, int) or days < 1:
         raise ConfigError(f"days = {days!r}: expected a whole number >= 1")
     if not 5 <= levels <= 1000:
@@ -646,9 +644,18 @@ def simulate_run(symbol: str = "DEMOUSDT", days: int = 14, seed: int = 7, alpha:
     if not symbol.isalnum() or symbol.upper() != symbol:
         raise ConfigError(f"symbol = {symbol!r}: expected upper-case letters/digits")
     try:
-        first_day = dt.date.fromisoformat(start)
+        return dt_ms, dt.date.fromisoformat(start)
     except ValueError:
         raise ConfigError(f"start = {start!r}: expected YYYY-MM-DD") from None
+
+
+def simulate_run(symbol: str = "DEMOUSDT", days: int = 14, seed: int = 7, alpha: float = 1.0,
+                 out: str | Path = "data", book_interval: str | float = "1s", levels: int = 200,
+                 gzip: bool = False, start: str = "2026-01-01", params: MarketParams = MarketParams(),
+                 progress: bool = True) -> SimSummary:
+    """Generate `days` UTC days of trades and book into `<out>/<SYM>_Sim`; returns what was written."""
+    began = time.perf_counter()
+    dt_ms, first_day = check_run(symbol, days, alpha, book_interval, levels, start)
     inst = InstrumentConfig()
     tick_dec = _decimals(inst.tick_size, "tick_size")
     qty_dec = _decimals(inst.qty_step, "qty_step")

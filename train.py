@@ -823,6 +823,7 @@ def make_demo_data(folder: Path, symbol: str, seed: int, alpha: float, days: int
                    book_interval: str = "1s") -> None:
     """Generate the synthetic market into `folder` (written aside, then renamed, so a half-made one never stays)."""
     import market_sim
+    market_sim.check_run(symbol, days, alpha, book_interval, levels)
     log.info("generating %d days of synthetic market data (seed %d, alpha %g) in %s", days, seed, alpha, folder)
     work = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(work, ignore_errors=True)
@@ -964,6 +965,7 @@ def train(cfg: GlobalConfig, model_dir: Path, resume: bool = False, tune_only: b
           demo: bool = False) -> int:
     """Run the whole pipeline; returns the process exit code. A demo without `resume` starts a fresh study;
     on synthetic data (simulator_settings) the champion is also shown on an independent synthetic market."""
+    data_loader.require_data(cfg)   # the folder holds cfg.symbol and the span: checked before any file is made
     shared = bool(cfg.tune.storage)
     storage_url = cfg.tune.storage or default_storage(cfg, model_dir)
     storage = open_storage(storage_url)

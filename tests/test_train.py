@@ -320,7 +320,7 @@ def test_a_second_fresh_run_refuses_to_overwrite_the_study(noise_dir, tmp_path) 
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "too_few_bars", "bad_timeframe",
-                                  "unreachable_storage"])
+                                  "unreachable_storage", "other_symbol", "span_outside_data", "reversed_span"])
 def test_bad_input_gives_a_clear_error_without_traceback(case, noise_dir, tmp_path) -> None:
     args = {
         "missing_dir": ["--data-dir", str(tmp_path / "nope")],
@@ -329,14 +329,29 @@ def test_bad_input_gives_a_clear_error_without_traceback(case, noise_dir, tmp_pa
         "bad_timeframe": ["--data-dir", str(noise_dir), "--timeframe", "2m"],
         "unreachable_storage": ["--data-dir", str(noise_dir), "--storage",
                                 "postgresql://user:s3cret@127.0.0.1:1/optuna"],
+        "other_symbol": ["--data-dir", str(noise_dir), "--symbol", "BTCUSDT"],
+        "span_outside_data": ["--data-dir", str(noise_dir), "--set", "data.start=2026-03-01"],
+        "reversed_span": ["--data-dir", str(noise_dir), "--set", "data.start=2026-01-05", "--set", "data.end=2026-01-04"],
     }[case]
     proc = run_cli("train.py", ["--symbol", "NOISEUSDT", "--trials", "2", *args], tmp_path, timeout=300)
     assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
     assert "s3cret" not in proc.stderr + proc.stdout
     needle = {"missing_dir": "nope", "empty_dir": str(tmp_path), "too_few_bars": "too few bars",
-              "bad_timeframe": "data.timeframe", "unreachable_storage": "cannot open study storage"}[case]
+              "bad_timeframe": "data.timeframe", "unreachable_storage": "cannot open study storage",
+              "other_symbol": f"symbol BTCUSDT: the data in {noise_dir} is NOISEUSDT",
+              "span_outside_data": f"start 2026-03-01: the data in {noise_dir} covers 2026-01-01 to 2026-01-14",
+              "reversed_span": "data.end = '2026-01-04' is before config.data.start = '2026-01-05'"}[case]
     assert needle in proc.stderr
+    if case != "too_few_bars":     # refused before a study or model folder is made (bars are needed to count)
+        assert not (tmp_path / "models_v9").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_demo_with_a_bad_setting_is_refused_before_it_announces_or_makes_anything(tmp_path) -> None:
+    proc = run_cli("train.py", ["--demo", "--days", "0"], tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: days = 0: expected a whole number >= 1", \
+        proc.stderr[-2000:]
+    assert "generating" not in proc.stdout + proc.stderr and list(tmp_path.iterdir()) == []
 
 
 def _result(total_return: float, regimes: list[str]) -> SimpleNamespace:
