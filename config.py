@@ -169,7 +169,8 @@ def _check_type(name: str, value: Any, default: Any) -> None:
 # ---------------------------------------------------------------- sections
 @dataclass
 class DataConfig(_Section):
-    data_dir: str = _f("data/DEMOUSDT_Sim", help="folder holding Trade/ and Orderbook/")
+    # the quickstart's market (train.py --demo with its defaults), so the scripts find it without --data-dir
+    data_dir: str = _f("data/DEMOUSDT_Sim_s7_a1", help="folder holding Trade/ and Orderbook/")
     timeframe: str = _f("5m", _timeframe, "base bar timeframe")
     ob_levels: int = _f(50, _positive, "order-book levels used for statistics")
     book_sample_interval: str = _f("1s", _duration, "exchange-time clock for book statistics")

@@ -409,6 +409,7 @@ def test_demo_flags_name_the_market_and_honour_the_symbol(tmp_path, monkeypatch)
         parsed = train.build_parser().parse_args(["--demo", *args])
         cfg = train.demo_config(parsed, train.config_from_args(parsed))
         assert (cfg.data.data_dir, cfg.symbol, cfg.data.timeframe) == (folder, symbol, "1m")
+    assert GlobalConfig().data.data_dir == "data/DEMOUSDT_Sim_s7_a1"   # every script's default: the quickstart's
     help_text = train.build_parser().format_help()
     assert "CFG_" not in help_text and "(default: 20)" in help_text and ") (default" not in help_text
 
