@@ -795,8 +795,13 @@ class Engine:
         folder = self.setup.model_dir
         if folder is None:
             return
-        meta = json.loads((folder / "features.json").read_text(encoding="utf-8")) \
-            if (folder / "features.json").is_file() else {}
+        path = folder / "features.json"
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:   # a refusal (exit 2), not a crash the watchdog would restart
+            raise Refusal(EXIT_CONFIG, f"model: {path}: not a readable model bundle ({err})") from None
         self.quantiles = dict(meta.get("quantiles") or {})
         window = self.cfg.live.drift_window
         if int(meta.get("psi_window") or 0) == window:

@@ -536,14 +536,16 @@ def backtest_vs_live(live_intents: pd.DataFrame, bt_intents: pd.DataFrame, live:
         "trades_live": len(live), "trades_backtest": len(bt), "trades_matched": len(pairs),
         "backtest_open_at_end": open_at_end,
         "intents_live": len(live_intents), "intents_backtest": len(bt_intents),
-        "intents_equal_until": intents.first["bar"] if intents.first else "end",
+        "intents_equal_until": intents.first["bar"] if intents.first else (   # compared only up to a fill
+            f"the fills first settled differently ({fill['bar']})" if fill is not None else "end"),
         "first_fill_divergence": fill, "largest": checks, "tolerance": asdict(tol),
         "largest_abs": {c: float(pairs[c].abs().max()) if len(pairs) else 0.0
                         for c in ("entry_diff", "exit_diff", "fee_diff", "pnl_diff", "qty_diff")},
         "final_equity_diff": final_diff, "pairs": pairs}
     res.note = (f"intents {len(live_intents)} live / {len(bt_intents)} backtest, equal until "
                 f"{res.details['intents_equal_until']}; trades {len(live)} live / {len(bt)} backtest, {len(pairs)} "
-                f"matched" + (f"; fills first settled differently at {fill['bar']}" if fill is not None else ""))
+                f"matched" + (f"; fills first settled differently at {fill['bar']}"
+                              if fill is not None and intents.first else ""))
     return res
 
 
@@ -764,7 +766,8 @@ def write_outputs(out: Path, args: argparse.Namespace, layers: list[LayerResult]
                      go.Scatter(x=live_eq.index, y=live_eq.to_numpy(), name="live (paper)", line={"width": 1.2})])
     fig.update_layout(title="Equity: backtest and live engine overlaid", height=420, yaxis_title="equity")
     counts = pd.DataFrame([{"layer": layer.name, "compared": layer.compared, "mismatches": layer.mismatches,
-                            "verdict": "equal" if layer.ok else "DIFFERS"} for layer in layers]).set_index("layer")
+                            "verdict": "equal" if layer.ok else "DIFFERS", "counts": layer.note or ""}
+                           for layer in layers])
     sections = [report.banner_html("PARITY HOLDS" if summary["ok"] else "PARITY BROKEN: " + next(
                     layer.summary() for layer in layers if not layer.ok), summary["ok"]),
                 report.table_html(counts, f"Layers over {args.start} .. {args.end}"),

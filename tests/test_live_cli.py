@@ -49,6 +49,15 @@ def test_bad_arguments_keys_model_and_state_exit_2_before_any_network(tmp_path, 
     assert live.main(["--symbol", SYMBOL, *m], env={}) == live.EXIT_CONFIG
 
 
+def test_a_corrupt_model_file_is_a_refusal_naming_it_not_a_crash_to_restart(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    model = write_model_dir(tmp_path)
+    (model / "features.json").write_text('{"features": [')   # a copy cut short
+    assert live.main(["--symbol", SYMBOL, "--model-dir", str(model)], env={}) == live.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "features.json: not a readable model bundle" in err and "Traceback" not in err
+
+
 def test_dry_run_is_the_default_and_paper_uses_the_paper_profile(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = write_model_dir(tmp_path, edge=False)

@@ -450,7 +450,10 @@ def test_the_parity_command_holds_every_layer_over_two_days_on_a_small_model(tmp
     tol = parity.Tolerance()
     assert four["largest"]["price_bps"] <= tol.price_bps and four["largest"]["pnl_bps"] <= tol.pnl_bps
     assert four["largest"]["unmatched_share"] <= tol.unmatched_share
-    assert (out / "parity_report.html").read_text().count("PARITY HOLDS") == 1
+    html = (out / "parity_report.html").read_text()
+    assert html.count("PARITY HOLDS") == 1
+    assert all(f"<td>{name}</td>" in html for name in layers)   # the layers table names its rows
+    assert f"trades {four['trades_live']} live / {four['trades_backtest']} backtest" in html
     events = parity.read_jsonl(out / "live" / "logs" / f"events_{SYMBOL}.jsonl")
     assert not [e["message"] for e in events if "without a stop" in e["message"]], "the stop guard saw a covered leg bare"
 
