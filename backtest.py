@@ -522,6 +522,7 @@ def run_backtest(frame: pd.DataFrame, probs: pd.DataFrame, cfg: GlobalConfig,
                   "intrabar_kills": int(counters[C_KILL_INTRABAR])},
         intents=_intents_frame(ilog[:ni], frame.index) if record_intents else None)
     result.metrics = metrics_mod.compute_metrics(result)
+    result.metrics.update(metrics_mod.liquidity_share(trades, frame))
     return result
 
 
@@ -657,7 +658,7 @@ def _load_market(cfg: GlobalConfig, signals: pd.DataFrame | None) -> tuple:
     import feature_engine
     bars = data_loader.load_bars(cfg)
     feats = feature_engine.compute_features(bars, cfg)
-    frame = bars[PRICE_COLUMNS].assign(atr=feats["atr"]).loc[feats["atr"].notna()]
+    frame = bars[PRICE_COLUMNS + metrics_mod.LIQUIDITY_COLUMNS].assign(atr=feats["atr"]).loc[feats["atr"].notna()]
     fine = data_loader.load_bars(cfg, "1m") if cfg.data.timeframe != "1m" else None
     return frame, fine, feats
 
@@ -767,6 +768,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bars {len(frame)}  trades {m['trades']}  total return {m['total_return']:.2%}  "
           f"{sharpe_text(m['sharpe'])}  max drawdown {m['max_drawdown']:.2%}  fees {m['fees']:.2f}  "
           f"-> {args.out}" + (f", {args.report}" if args.report else ""))
+    if warning := metrics_mod.liquidity_warning(m):
+        print(f"warning: {warning}")
     return 0
 
 

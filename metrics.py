@@ -121,6 +121,52 @@ def turnover(trades: pd.DataFrame) -> float:
     return float((trades["qty"] * (trades["entry_price"] + trades["exit_price"])).sum())
 
 
+LIQUIDITY_COLUMNS = ["volume", "ob_bid_depth_mean", "ob_ask_depth_mean"]
+LIQUIDITY_WARN_SHARE = 0.1   # an order above a tenth of the book it takes walks it: whole-order fills flatter
+
+
+def liquidity_share(trades: pd.DataFrame, bars: pd.DataFrame) -> dict[str, float]:
+    """How large the orders were against the market they traded in, from each trade's entry bar (the bar whose
+    open is the last at or before entry_time):
+
+    depth_share: qty / the book depth of the side a market entry takes (ob_ask_depth_mean for a long,
+    ob_bid_depth_mean for a short; the data.ob_levels best levels, bar mean), in median, max and the count of
+    trades above LIQUIDITY_WARN_SHARE; volume_share: qty / the entry bar's traded volume (median). An entry bar
+    without book samples is left out; an empty side or a bar without trades counts as unbounded.
+    NaN (count 0) without trades, without those bar columns (e.g. a --signals run) or without book samples. A backtest fills whole
+    orders at bar prices: orders that are a real share of the book would walk it (see parity.py layer 4)."""
+    out = {"depth_share_median": math.nan, "depth_share_max": math.nan, "volume_share_median": math.nan,
+           "trades_over_depth_share": 0}
+    if not len(trades) or any(c not in bars.columns for c in LIQUIDITY_COLUMNS):
+        return out
+    at = np.clip(bars.index.searchsorted(trades["entry_time"], side="right") - 1, 0, len(bars) - 1)
+    long = (trades["side"] == "long").to_numpy()
+    depth = np.where(long, bars["ob_ask_depth_mean"].to_numpy(float)[at], bars["ob_bid_depth_mean"].to_numpy(float)[at])
+    qty = trades["qty"].to_numpy(float)
+    volume = bars["volume"].to_numpy(float)[at]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(depth == 0, np.inf, qty / depth)   # an empty side: unbounded; no book sample: NaN
+        vol_share = np.where(volume == 0, np.inf, qty / volume)
+    if np.isnan(share).all():
+        return out
+    out.update(depth_share_median=float(np.nanmedian(share)), depth_share_max=float(np.nanmax(share)),
+               volume_share_median=float(np.nanmedian(vol_share)),
+               trades_over_depth_share=int((share > LIQUIDITY_WARN_SHARE).sum()))
+    return out
+
+
+def liquidity_warning(m: dict[str, Any]) -> str:
+    """One sentence when the median order exceeded LIQUIDITY_WARN_SHARE of the book it took, else ''."""
+    share = m.get("depth_share_median", math.nan)
+    if not (isinstance(share, float) and share > LIQUIDITY_WARN_SHARE):
+        return ""
+    return (f"capacity: the median order was {share:.0%} of the book depth it took (max {m['depth_share_max']:.0%}; "
+            f"{m['trades_over_depth_share']} of {m['trades']} trades above {LIQUIDITY_WARN_SHARE:.0%}) and "
+            f"{m['volume_share_median']:.0%} of its bar's traded volume; the backtest fills whole orders at bar "
+            f"prices without market impact, so these returns overstate what such orders would earn (parity.py "
+            f"layer 4 shows the difference; a smaller strategy.risk_per_trade trades smaller)")
+
+
 def compute_metrics(result: Any) -> dict[str, Any]:
     """All headline metrics of a BacktestResult, overall and split by regime and side."""
     eq = result.equity["equity"]

@@ -15,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+import metrics
 from config import atomic_write_text
 
 MAX_CANDLES = 20_000
@@ -140,8 +141,11 @@ def page(title: str, sections: Iterable[str]) -> str:
 
 
 def backtest_sections(frame: pd.DataFrame, result: Any) -> list[str]:
-    """The standard sections of a backtest: candles, equity, monthly, PnL, metrics, assumptions."""
+    """The standard sections of a backtest: candles, equity, monthly, PnL, metrics, assumptions (a capacity
+    warning first when the median order was a real share of the book it took)."""
     sections = [figure_html(candles_figure(frame, result.trades)), figure_html(equity_figure(result.equity))]
+    if warning := metrics.liquidity_warning(result.metrics):
+        sections.insert(0, banner_html(warning, False))
     if len(result.equity):
         sections.append(figure_html(monthly_figure(result.equity["equity"], result.initial_equity)))
     sections.append(figure_html(pnl_histogram(result.trades)))

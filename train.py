@@ -44,6 +44,7 @@ from models import ModelBundle, psi_limits
 log = logging.getLogger("train")
 LABEL_COLUMNS = ["exec_long", "exec_short", "dir_long", "dir_short"]
 PRICE_COLUMNS = ["open", "high", "low", "close", "atr"]
+BACKTEST_COLUMNS = PRICE_COLUMNS + metrics.LIQUIDITY_COLUMNS   # + what the capacity check reads
 RETURN_PERIOD = "15min"        # the one return frequency of every Sharpe: CPCV paths, OOS-1, the exam, the DSR
 PERIODS_PER_YEAR = 4 * 24 * 365
 SCORE_BOUND = 10.0             # scores are annualised Sharpe ratios, softly bounded to +-SCORE_BOUND
@@ -127,7 +128,8 @@ def load_training_data(cfg: GlobalConfig) -> TrainData:
     if not warm.any():
         raise TrainError(f"{len(bars)} bars in {cfg.data.data_dir} are all inside the features' warm-up "
                          f"({feature_engine.warmup_bars(cfg)} bars): record more data")
-    frame = bars[["open", "high", "low", "close", "is_gap"]].join(features[["atr", "is_warm", *names]])
+    frame = bars[["open", "high", "low", "close", "is_gap", *metrics.LIQUIDITY_COLUMNS]].join(
+        features[["atr", "is_warm", *names]])
     frame = frame.iloc[int(np.argmax(warm)):]
     fine = data_loader.load_bars(cfg, "1m") if cfg.data.timeframe != "1m" else None
     return TrainData(frame, fine, names, split_segments(len(frame), cfg), data_fingerprint(bars),
@@ -297,7 +299,7 @@ def fit_bundle(frame: pd.DataFrame, features: list[str], cfg: GlobalConfig, time
 def run_segment(data: TrainData, frame: pd.DataFrame, probs: pd.DataFrame,
                 cfg: GlobalConfig) -> "backtest.BacktestResult":
     """Backtest a span with given probabilities (the one engine every number comes from)."""
-    return backtest.run_backtest(frame[PRICE_COLUMNS], probs, cfg, fine=data.fine)
+    return backtest.run_backtest(frame[BACKTEST_COLUMNS], probs, cfg, fine=data.fine)
 
 
 @dataclass
@@ -595,7 +597,8 @@ def verdict(winner: Candidate, stats: dict, super_oos_share: float) -> tuple[str
                "the exam's Sharpe does not beat the expected best of the study's trials")
         return "NO EDGE", f"NO EDGE: {why} ({exam}). Do not trade these models."
     if dsr >= DSR_CUTOFF:
-        return "EDGE", f"EDGE: the evidence supports an edge ({exam})."
+        caveat = metrics.liquidity_warning(winner.final.metrics)
+        return "EDGE", f"EDGE: the evidence supports an edge ({exam})." + (f" But {caveat}." if caveat else "")
     more = max(stats["min_track_record_days"] - stats["super_oos_days"], 0.0)
     return "INCONCLUSIVE", (f"INCONCLUSIVE: need ≈ {more:.1f} more days of exam (≈ {more / super_oos_share:.0f} "
                             f"more days of data at this split): the exam made money but is shorter than its "
@@ -884,14 +887,15 @@ def independent_market_sections(winner: Candidate, cfg: GlobalConfig, sim: dict)
     market.data.data_dir = str(folder)
     bars = data_loader.load_bars(market)
     feats = feature_engine.compute_features(bars, market)
-    frame = bars[["open", "high", "low", "close"]].join(feats[["atr", "is_warm", *winner.bundle.feature_names]])
+    frame = bars[["open", "high", "low", "close", *metrics.LIQUIDITY_COLUMNS]].join(
+        feats[["atr", "is_warm", *winner.bundle.feature_names]])
     warm = frame["is_warm"].to_numpy(bool)
     if not warm.any():
         raise TrainError(f"the independent market in {folder} has no bar past the features' warm-up")
     frame = frame.iloc[int(np.argmax(warm)):]
     fine = data_loader.load_bars(market, "1m") if market.data.timeframe != "1m" else None
     probs = predict_span(winner.bundle, frame, winner.bundle.feature_names)
-    result = backtest.run_backtest(frame[PRICE_COLUMNS], probs, winner.cfg, fine=fine)
+    result = backtest.run_backtest(frame[BACKTEST_COLUMNS], probs, winner.cfg, fine=fine)
     title = f"Independent synthetic market (seed {seed}, alpha {alpha:g}, same simulator settings)"
     note = ("<p><b>A property of the simulator, not evidence about real markets:</b> the champion (trial "
             f"{winner.trial.number}), unchanged, trading a market the simulator generated independently of the "

@@ -516,7 +516,7 @@ def test_cli_without_signals_or_config_is_refused(tmp_path, capsys):
     assert "--signals" in capsys.readouterr().err
 
 
-def test_cli_loads_bars_atr_and_1m_bars_from_a_data_folder(tmp_path):
+def test_cli_loads_bars_atr_and_1m_bars_from_a_data_folder(tmp_path, capsys):
     import market_sim
     folder = market_sim.simulate_run(days=1, out=tmp_path, levels=20, book_interval="10s", progress=False).folder
     times = pd.date_range("2026-01-01", periods=288, freq="5min", tz="UTC")
@@ -536,6 +536,9 @@ def test_cli_loads_bars_atr_and_1m_bars_from_a_data_folder(tmp_path):
     assert len(equity) > 250
     fills = pd.concat([closed["entry_time"], closed["exit_time"]])
     assert (fills.dt.minute % 5 != 0).any(), "1m bars were not used inside the 5m bars"
+    m = json.loads((out / "metrics.json").read_text())   # the capacity check read the folder's book and volume
+    assert 0 < m["depth_share_median"] <= m["depth_share_max"]
+    assert ("warning: capacity" in capsys.readouterr().out) == (m["depth_share_median"] > 0.1)
 
 
 def test_cli_reports_a_missing_data_folder_cleanly(tmp_path, capsys):

@@ -113,3 +113,40 @@ def test_compute_metrics_overall_and_splits():
 def test_to_json_writes_undefined_values_as_null():
     text = metrics.to_json({"a": math.nan, "b": 1.5, "c": {"d": math.inf}})
     assert json.loads(text) == {"a": None, "b": 1.5, "c": {"d": None}}
+
+
+def liquidity_case(scale=1.0):
+    """Three 1m bars and three trades whose shares are worked out by hand below."""
+    bars = pd.DataFrame({"volume": [10.0, 20.0, 0.0], "ob_ask_depth_mean": [100.0, 50.0, 80.0],
+                         "ob_bid_depth_mean": [200.0, 40.0, 10.0]},
+                        index=pd.date_range("2026-01-01", periods=3, freq="min", tz="UTC"))
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    trades = pd.DataFrame({"side": ["long", "short", "long"], "qty": [5.0 * scale, 8.0 * scale, 4.0 * scale],
+                           "entry_time": [t0 + pd.Timedelta(seconds=30), t0 + pd.Timedelta(minutes=1),
+                                          t0 + pd.Timedelta(seconds=130)]})
+    return trades, bars
+
+
+def test_liquidity_share_takes_the_book_side_a_market_entry_takes_at_its_entry_bar():
+    trades, bars = liquidity_case()
+    m = metrics.liquidity_share(trades, bars)
+    # long 5 vs asks 100 (bar 0); short 8 vs bids 40 (bar 1, entered at its open); long 4 vs asks 80 (bar 2)
+    assert m["depth_share_median"] == pytest.approx(0.05) and m["depth_share_max"] == pytest.approx(0.2)
+    assert m["trades_over_depth_share"] == 1
+    assert m["volume_share_median"] == pytest.approx(0.5)   # 5/10, 8/20, 4/0 (no volume: unbounded)
+    assert metrics.liquidity_warning({**m, "trades": 3}) == ""
+
+
+def test_liquidity_warning_names_the_shares_when_the_median_order_is_a_real_share_of_the_book():
+    trades, bars = liquidity_case(scale=4.0)
+    text = metrics.liquidity_warning({**metrics.liquidity_share(trades, bars), "trades": 3})
+    assert "median order was 20% of the book depth" in text and "max 80%" in text and "3 of 3 trades" in text
+
+
+def test_liquidity_share_is_nan_without_book_columns_or_trades():
+    trades, bars = liquidity_case()
+    assert math.isnan(metrics.liquidity_share(trades, bars[["volume"]])["depth_share_median"])
+    assert metrics.liquidity_share(trades.iloc[:0], bars)["trades_over_depth_share"] == 0
+    bars.loc[bars.index[1], "ob_bid_depth_mean"] = np.nan   # bar 1 had no book sample: its trade is left out
+    m = metrics.liquidity_share(trades, bars)
+    assert m["depth_share_max"] == pytest.approx(0.05) and m["trades_over_depth_share"] == 0

@@ -375,6 +375,15 @@ def test_verdicts_follow_the_minimum_track_record_length(case, exam_ret, oos1_re
         assert f"need ≈ {more:.1f} more days of exam" in text and f"≈ {more / 0.05:.0f} more days of data" in text
 
 
+def test_an_edge_whose_orders_were_a_real_share_of_the_book_says_so() -> None:
+    final = _result(0.05, ["maker", "taker", "taker"])
+    final.metrics.update(trades=3, depth_share_median=0.3, depth_share_max=0.9, volume_share_median=2.0,
+                         trades_over_depth_share=3)
+    winner = train.Candidate(trial=None, cfg=None, oos1=_result(0.02, ["maker", "taker"]), final=final)
+    code, text = train.verdict(winner, _stats(0.3, 0.05, 96), super_oos_share=0.05)
+    assert code == "EDGE" and "But capacity: the median order was 30% of the book depth" in text
+
+
 def test_demo_flags_name_the_market_and_honour_the_symbol(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     for args, folder, symbol in [([], "data/DEMOUSDT_Sim_s7_a1", "DEMOUSDT"),
