@@ -50,6 +50,7 @@ log = logging.getLogger("notifier")
 TELEGRAM_API = "https://api.telegram.org"
 DISCORD_MAX_EMBEDS, DISCORD_MAX_CHARS, DISCORD_MAX_DESCRIPTION, DISCORD_MAX_TITLE = 10, 6000, 4096, 256
 TELEGRAM_MAX_CHARS = 4096
+SUMMARY_CHARS = 80   # of a notice's first line, in the log line of a dropped notice
 # kind -> what it reports; "fill" is off unless asked for.
 KINDS = {"started": "engine started", "stopped": "engine stopped", "offline": "heartbeat older than the limit",
          "error": "engine errors (merged per burst)", "drawdown": "daily drawdown beyond the limit",
@@ -99,9 +100,6 @@ class NotifierConfig:
         out = [self.discord_webhook, urlparse(self.discord_webhook).path if self.discord_webhook else "",
                self.telegram_token]
         return sorted((s for s in out if len(s) > 4), key=len, reverse=True)
-
-
-SUMMARY_CHARS = 80
 
 
 @dataclass
