@@ -536,17 +536,25 @@ def backtest_vs_live(live_intents: pd.DataFrame, bt_intents: pd.DataFrame, live:
         "trades_live": len(live), "trades_backtest": len(bt), "trades_matched": len(pairs),
         "backtest_open_at_end": open_at_end,
         "intents_live": len(live_intents), "intents_backtest": len(bt_intents),
-        "intents_equal_until": intents.first["bar"] if intents.first else (   # compared only up to a fill
-            f"the fills first settled differently ({fill['bar']})" if fill is not None else "end"),
+        "intents_equal_until": intents.first["bar"] if intents.first else "end",
         "first_fill_divergence": fill, "largest": checks, "tolerance": asdict(tol),
         "largest_abs": {c: float(pairs[c].abs().max()) if len(pairs) else 0.0
                         for c in ("entry_diff", "exit_diff", "fee_diff", "pnl_diff", "qty_diff")},
         "final_equity_diff": final_diff, "pairs": pairs}
-    res.note = (f"intents {len(live_intents)} live / {len(bt_intents)} backtest, equal until "
-                f"{res.details['intents_equal_until']}; trades {len(live)} live / {len(bt)} backtest, {len(pairs)} "
-                f"matched" + (f"; fills first settled differently at {fill['bar']}"
-                              if fill is not None and intents.first else ""))
+    res.note = (f"intents {len(live_intents)} live / {len(bt_intents)} backtest, {_intents_phrase(intents, fill)}; "
+                f"trades {len(live)} live / {len(bt)} backtest, {len(pairs)} matched")
     return res
+
+
+def _intents_phrase(intents: LayerResult, fill: dict | None) -> str:
+    """How far layer 4's intents agreed, in words: they are held equal only up to the first fill the two fill
+    models settled differently (after it the two sides trade from different positions)."""
+    if intents.first is None:
+        return "all equal" + (f"; fills first settled differently at {fill['bar']}" if fill is not None else "")
+    if fill is not None and pd.Timestamp(intents.first["bar"]) >= pd.Timestamp(fill["bar"]):
+        return (f"equal up to {fill['bar']}, where the fills first settled differently (the first intent "
+                f"difference follows at {intents.first['bar']})")
+    return f"first differ at {intents.first['bar']}, before any fill did"
 
 
 # ---------------------------------------------------------------- child processes
