@@ -777,7 +777,9 @@ class Engine:
         if getattr(self, "_recorder", None) is not None:
             self._recorder.close()
         self._advancer.shutdown(wait=False)
-        self.journals.event("shutdown", f"{self.symbol} engine stopped", bars=self.bars_closed,
+        self.journals.event("shutdown", f"{self.symbol} engine stopped" if exit_code == 0 else   # a failed exit
+                            f"{self.symbol} engine exited with code {exit_code}: {self.stop_reason}",  # is an alarm
+                            "info" if exit_code == 0 else "error", bars=self.bars_closed,
                             late_trades=self._bars.late_trades if hasattr(self, "_bars") else 0,
                             exit_code=exit_code, reason=self.stop_reason)
         self.stop_event.set()

@@ -165,6 +165,7 @@ def test_an_exception_escaping_the_engine_is_a_crash_in_its_last_heartbeat(tmp_p
     assert (beat["exit_code"], beat["stop_reason"]) == (1, "crash: RuntimeError: boom in the model loader")
     shutdown = journal(tmp_path, "events")[-1]
     assert (shutdown["event"], shutdown["exit_code"], shutdown["reason"]) == ("shutdown", 1, beat["stop_reason"])
+    assert shutdown["level"] == "error" and "exited with code 1" in shutdown["message"]   # the notifier's alarm
 
 
 @pytest.mark.parametrize("sig, keep", [(signal.SIGTERM, False), (signal.SIGINT, True)])
