@@ -5,8 +5,9 @@
                              [notifier flags: --discord-webhook URL --telegram-token T --telegram-chat-id ID ...]
 
 One page for every symbol found (`state/bot_state_*.json`, `state/heartbeat_*.json` or a journal in
-`logs/`): the mode banner, engine status (heartbeat age, phase, reconciled, kill-switch, entries
-paused and why), candles with entry/exit markers by reason and the resting orders' and open
+`logs/`): the mode banner, engine status (heartbeat age, phase, stopped cleanly / exited / offline from
+the last heartbeat, reconciled, kill-switch, entries paused and why, the watchdog's restarts from
+`logs/watchdog_<SYM>.jsonl`), candles with entry/exit markers by reason and the resting orders' and open
 positions' TP/SL as price lines, the four model probabilities against their thresholds and their
 history, equity with unrealised and today's PnL against the kill-switch line and drawdown, tables
 (positions, resting orders, closed trades with fees, daily PnL), health (streams, reconnects, book
@@ -49,7 +50,7 @@ from journal_tail import JournalTail
 
 log = logging.getLogger("live_dashboard")
 
-JOURNALS = ("signals", "trades", "open_orders", "equity", "events")
+JOURNALS = ("signals", "trades", "open_orders", "equity", "events", "watchdog")   # watchdog: watchdog.py's restarts
 SYMBOL_RE = re.compile(r"^(?:bot_state|heartbeat|signals|trades|open_orders|equity|events)_([A-Z0-9]{2,30})\.jsonl?$")
 PROBS = ("p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short")
 MODES = {"dry-run": ("DRY-RUN: simulated fills, no orders reach an exchange", "#5a6268"),
@@ -149,6 +150,8 @@ class SymbolFeed:
         self.equity: deque[dict] = deque(maxlen=MAX_EQUITY)
         self.daily: dict[str, dict] = {}
         self.events: deque[dict] = deque(maxlen=MAX_EVENTS)
+        self.restarts: dict[str, int] = {}   # UTC day -> watchdog restarts
+        self.last_restart: dict = {}
         self.peak = -math.inf
         self.model = ""
         self.mode = ""
@@ -192,6 +195,12 @@ class SymbolFeed:
         self.events.append(rec)
         if rec.get("event") == "model_loaded" and rec.get("model"):
             self.model = str(rec["model"])
+
+    def _on_watchdog(self, rec: dict) -> None:
+        if rec.get("event") == "restart":
+            day = (record_utc(rec) or "")[:10]
+            self.restarts[day] = self.restarts.get(day, 0) + 1
+            self.last_restart = rec
 
     def heartbeat(self) -> dict:
         return read_json(self.cfg.state_dir / f"heartbeat_{self.symbol}.json")
@@ -265,24 +274,59 @@ def thresholds(sig: dict) -> dict[str, float]:
             if isinstance(src.get(k), (int, float))}
 
 
+def clock_text(t: datetime, now: float) -> str:
+    """'12:03 UTC' for a time of today (UTC), else '2026-01-05 12:03 UTC'."""
+    t = t.astimezone(timezone.utc)
+    today = datetime.fromtimestamp(now, timezone.utc).date()
+    return t.strftime("%H:%M UTC" if t.date() == today else "%Y-%m-%d %H:%M UTC")
+
+
+def run_state(hb: dict, hb_time: datetime | None, online: bool, now: float) -> tuple[str, bool]:
+    """(what the engine's last heartbeat says of its run, whether that is alarming).
+
+    The engine's last heartbeat, written as it exits, carries `exit_code` and `stop_reason` (DESIGN.md §3):
+    exit 0 is a clean stop ('STOPPED 12:03 UTC (signal SIGINT)'), any other code an exit that needs a look.
+    A heartbeat without them that is older than the offline limit is an engine that died or hangs."""
+    if hb_time is not None and isinstance(hb.get("exit_code"), int):
+        why = f" ({hb['stop_reason']})" if hb.get("stop_reason") else ""
+        if hb["exit_code"] == 0:
+            return f" STOPPED {clock_text(hb_time, now)}{why}", False
+        return f" ENGINE EXITED {clock_text(hb_time, now)} with code {hb['exit_code']}{why}", True
+    return ("", False) if online else (" ENGINE OFFLINE", True)
+
+
+def watchdog_status(feed: SymbolFeed, now: float) -> list:
+    """The watchdog's restarts today (UTC) and its last one with cause and backoff; nothing without a restart."""
+    last = feed.last_restart
+    if not last:
+        return []
+    today = feed.restarts.get(datetime.fromtimestamp(now, timezone.utc).date().isoformat(), 0)
+    when = record_time(last)
+    text = (f" | watchdog restarts today: {today}; last {clock_text(when, now) if when else '?'}: "
+            f"{last.get('cause', '?')} (backoff {fmt(last.get('backoff_s'))} s)")
+    return [html.Span(text, id="watchdog", style={"color": "#b86e00", "fontWeight": "bold"} if today else {})]
+
+
 def engine_status(feed: SymbolFeed, now: float) -> list:
-    """One line a trader reads first: heartbeat age and phase, reconciled, kill-switch, entries."""
+    """One line a trader reads first: heartbeat age and phase, stopped/offline, reconciled, kill-switch, entries,
+    watchdog restarts."""
     hb = feed.heartbeat()
     hb_time = record_time(hb) if hb else None
     age = now - hb_time.timestamp() if hb_time else math.inf
     last_eq = feed.equity[-1] if feed.equity else {}
     last_sig = feed.signals[-1] if feed.signals else {}
-    online = age <= feed.cfg.offline_sec
+    state, alarming = run_state(hb, hb_time, age <= feed.cfg.offline_sec, now)
+    style = {"color": "#c00000" if alarming else "inherit", "fontWeight": "bold"}
     parts = [html.Span(f"heartbeat {age:.0f} s ago, phase {hb.get('phase', '?')}" if hb_time else "no heartbeat",
-                       id="heartbeat", style={"color": "inherit" if online else "#c00000", "fontWeight": "bold"}),
-             html.Span("" if online else " ENGINE OFFLINE", style={"color": "#c00000", "fontWeight": "bold"}),
+                       id="heartbeat", style=style),
+             html.Span(state, id="engine-state", style=style if alarming else {"color": "#5a6268", "fontWeight": "bold"}),
              html.Span(f" | reconciled: {fmt(last_eq.get('reconciled'))}"),
              html.Span(f" | kill-switch: {last_eq.get('kill_switch', '-')}", id="kill-switch")]
     if last_sig:
         allowed = last_sig.get("entries_allowed", True)
         why = last_sig.get("entries_reason") or last_sig.get("reason") or ""
         parts.append(html.Span(" | entries allowed" if allowed else f" | ENTRIES PAUSED: {why}", id="entries"))
-    return parts
+    return parts + watchdog_status(feed, now)
 
 
 def add_price_line(fig: go.Figure, y: float, color: str, dash: str, text: str, yref: str = "y") -> None:

@@ -61,6 +61,7 @@ log = logging.getLogger("live_trading_v2")
 
 EXIT_OK, EXIT_CONFIG, EXIT_STARTUP, EXIT_RECONCILE = 0, 2, 3, 4
 EXIT_UNREACHABLE = 5   # the exchange could not be reached at startup: a crash to the watchdog (restart, backoff)
+EXIT_CRASH = 1         # an exception escaped: the interpreter exits 1
 STATE_VERSION = 1
 HEARTBEAT_S = 5.0               # state/heartbeat_<SYM>.json rewrite period (contract: at least every 10 s)
 WARM_MARGIN_BARS = 50           # feature window beyond the model's warm-up
@@ -647,6 +648,7 @@ class Engine:
         self.health = Health()
         self.phase = "starting"
         self.stop_event = threading.Event()
+        self.stop_reason = ""          # why the engine stopped (signal, --max-bars, refusal, crash): the last heartbeat
         self.events: queue.Queue = queue.Queue()
         self.state = dict(setup.state)
         self.links: dict[str, str] = dict(self.state.get("links", {}))   # wire orderLinkId -> request id
@@ -681,7 +683,8 @@ class Engine:
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
         """Startup, loop, shutdown; the exit code of DESIGN §3. One engine per state file: a second one (the
-        same symbol and state folder) is refused before it writes anything."""
+        same symbol and state folder) is refused before it writes anything. The last heartbeat carries the
+        exit code and why (`exit_code`, `stop_reason`); an exception escaping is a crash, exit code 1."""
         lock_path = self.setup.state_file.with_suffix(".lock")
         self._lock, holder = acquire_lock(lock_path)
         if self._lock is None:
@@ -689,6 +692,19 @@ class Engine:
                       lock_path)
             return EXIT_CONFIG
         self._install_signals()
+        code = EXIT_CRASH
+        try:
+            code = self._session()
+            return code
+        except BaseException as err:
+            self.stop_reason = f"crash: {type(err).__name__}: {err}"[:200]
+            raise
+        finally:
+            self._shutdown(code)
+            self._lock.close()   # the state is saved: another engine may take it over
+
+    def _session(self) -> int:
+        """Startup checks, reconciliation and the trading loop; the exit code (refusals journalled)."""
         self.beat("starting")
         self.journals.event("startup", f"{self.symbol} {self.mode} engine starting (model "
                                        f"{self.setup.model_dir or 'scripted probabilities'})",
@@ -708,31 +724,30 @@ class Engine:
             if self.args.signal_only:
                 self.health.reconciled = True
             elif not self.reconcile("startup"):
-                self.journals.event("reconcile_failed", "startup reconciliation could not complete", "critical")
-                return EXIT_RECONCILE
+                return self._refuse(EXIT_RECONCILE, "reconcile_failed", "startup reconciliation could not complete")
             self.beat("trading")
             self._loop()
             return EXIT_OK
         except Refusal as err:
-            self.journals.event("error", str(err), "critical")
-            return err.code
+            return self._refuse(err.code, "error", str(err))
         except (exc.StartupCheckError, exc.AuthenticationError) as err:
-            self.journals.event("error", f"startup checks refused: {err}", "critical")
-            return EXIT_STARTUP
+            return self._refuse(EXIT_STARTUP, "error", f"startup checks refused: {err}")
         except exc.ExchangeError as err:
             if self.health.reconciled:
                 raise
             where = self.cfg.live.rest_url or "the mode's default endpoint"
             if isinstance(err, exc.RejectedError):
-                self.journals.event("reconcile_failed", f"startup: the exchange at {where} refused a startup "
-                                                        f"request: {err}", "critical")
-                return EXIT_RECONCILE
-            self.journals.event("error", f"startup: the exchange at {where} could not be reached: {err} (exit "
-                                         f"{EXIT_UNREACHABLE}: the watchdog restarts with backoff)", "critical")
-            return EXIT_UNREACHABLE
-        finally:
-            self._shutdown()
-            self._lock.close()   # the state is saved: another engine may take it over
+                return self._refuse(EXIT_RECONCILE, "reconcile_failed",
+                                    f"startup: the exchange at {where} refused a startup request: {err}")
+            return self._refuse(EXIT_UNREACHABLE, "error", f"startup: the exchange at {where} could not be reached: "
+                                                           f"{err} (exit {EXIT_UNREACHABLE}: the watchdog restarts "
+                                                           f"with backoff)")
+
+    def _refuse(self, code: int, event: str, message: str) -> int:
+        """Journal why the engine will not go on (critical) and keep it as the stop reason; returns `code`."""
+        self.journals.event(event, message, "critical")
+        self.stop_reason = message
+        return code
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -744,9 +759,11 @@ class Engine:
 
     def request_stop(self, signum: int = 0) -> None:
         log.info("stop requested (signal %s): no new orders, saving state", signum)
+        self.stop_reason = f"signal {signal.Signals(signum).name}" if signum else "stop requested"
         self.stop_event.set()
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, exit_code: int = EXIT_OK) -> None:
+        """Cancel resting entries (unless --keep-orders), save, close; the last heartbeat says how it ended."""
         self.beat("stopping")
         try:
             if self.client is not None and self.health.reconciled and not self.args.keep_orders:
@@ -760,10 +777,13 @@ class Engine:
         if getattr(self, "_recorder", None) is not None:
             self._recorder.close()
         self._advancer.shutdown(wait=False)
-        self.journals.event("shutdown", f"{self.symbol} engine stopped", bars=self.bars_closed,
-                            late_trades=self._bars.late_trades if hasattr(self, "_bars") else 0)
+        self.journals.event("shutdown", f"{self.symbol} engine stopped" if exit_code == 0 else   # a failed exit
+                            f"{self.symbol} engine exited with code {exit_code}: {self.stop_reason}",  # is an alarm
+                            "info" if exit_code == 0 else "error", bars=self.bars_closed,
+                            late_trades=self._bars.late_trades if hasattr(self, "_bars") else 0,
+                            exit_code=exit_code, reason=self.stop_reason)
         self.stop_event.set()
-        self._write_heartbeat()
+        self._write_heartbeat({"exit_code": exit_code, "stop_reason": self.stop_reason})
         self.journals.close()
 
     # ------------------------------------------------------------ heartbeat
@@ -777,14 +797,15 @@ class Engine:
             self._last_beat = now
             self._write_heartbeat()
 
-    def _write_heartbeat(self) -> None:
+    def _write_heartbeat(self, ending: dict | None = None) -> None:
+        """The heartbeat file (DESIGN §3); `ending` (`exit_code`, `stop_reason`) only in the last one, as it exits."""
         positions = [p for p in self._exchange_positions().values() if p]
         self._beat_positions = len(positions)
         atomic_write_text(Path(self.cfg.live.state_dir) / f"heartbeat_{self.symbol}.json", json.dumps({
             "ts": self.clock.wall_ms(), "pid": os.getpid(), "phase": self.phase, "symbol": self.symbol,
             "mode": self.mode, "open_positions": len(positions), "last_stop_check": self.last_stop_check,
             "model": str(self.setup.model_dir or ""), "bars": self.bars_closed,
-            "late_trades": self._bars.late_trades if hasattr(self, "_bars") else 0}))
+            "late_trades": self._bars.late_trades if hasattr(self, "_bars") else 0, **(ending or {})}))
 
     def _exchange_positions(self) -> dict[int, float]:
         return dict(self.state.get("exchange_positions", {}))
@@ -795,8 +816,13 @@ class Engine:
         folder = self.setup.model_dir
         if folder is None:
             return
-        meta = json.loads((folder / "features.json").read_text(encoding="utf-8")) \
-            if (folder / "features.json").is_file() else {}
+        path = folder / "features.json"
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:   # a refusal (exit 2), not a crash the watchdog would restart
+            raise Refusal(EXIT_CONFIG, f"model: {path}: not a readable model bundle ({err})") from None
         self.quantiles = dict(meta.get("quantiles") or {})
         window = self.cfg.live.drift_window
         if int(meta.get("psi_window") or 0) == window:
@@ -1010,6 +1036,7 @@ class Engine:
                       "halted" if self.state.get("halted_day") == self._day() else "trading")
             if self.args.lockstep:
                 if not self._lockstep_step():
+                    self.stop_reason = "the paper exchange's data ended"
                     break
             else:
                 self._drain(timeout=0.2)
@@ -1032,7 +1059,8 @@ class Engine:
             if self._state_dirty:
                 self._save()
             if self.args.max_bars and self.bars_closed >= self.args.max_bars:
-                log.info("--max-bars %d reached", self.args.max_bars)
+                self.stop_reason = f"--max-bars {self.args.max_bars} reached"
+                log.info("%s", self.stop_reason)
                 break
 
     def _stream_generations(self) -> tuple:

@@ -13,7 +13,9 @@ Library use (the watchdog's alerts, the dashboard's thread):
 thread drains the queue, merges what piled up into as few requests as the limits allow (Discord: 10
 embeds and 6,000 characters per message; Telegram: 4,096 characters), and retries an HTTP 429 after
 its `retry_after` (Discord: body or Retry-After header; Telegram: `parameters.retry_after`), each
-wait capped by `max_retry_wait_sec`. A dead or slow endpoint delays only that thread. The token and
+wait capped by `max_retry_wait_sec`. A dead or slow endpoint delays only that thread. Every notice that
+is not sent (cooldown, queue full, an endpoint that refuses it or stays unreachable, still queued at
+`close()`) gets a log line naming it: title (symbol, mode, kind) and its text's first line. The token and
 webhook URL are never logged: errors are logged with them replaced by `***`.
 
 `JournalWatcher` turns what the engine appends to `events_`, `signals_`, `equity_` and `trades_<SYM>.jsonl`
@@ -48,6 +50,7 @@ log = logging.getLogger("notifier")
 TELEGRAM_API = "https://api.telegram.org"
 DISCORD_MAX_EMBEDS, DISCORD_MAX_CHARS, DISCORD_MAX_DESCRIPTION, DISCORD_MAX_TITLE = 10, 6000, 4096, 256
 TELEGRAM_MAX_CHARS = 4096
+SUMMARY_CHARS = 80   # of a notice's first line, in the log line of a dropped notice
 # kind -> what it reports; "fill" is off unless asked for.
 KINDS = {"started": "engine started", "stopped": "engine stopped", "offline": "heartbeat older than the limit",
          "error": "engine errors (merged per burst)", "drawdown": "daily drawdown beyond the limit",
@@ -108,6 +111,11 @@ class Notice:
     text: str
     time: str
 
+    def summary(self) -> str:
+        """The title (symbol, mode, kind) and the text's first line cut to SUMMARY_CHARS: what a log line names."""
+        first = self.text.split("\n", 1)[0]
+        return f"{self.title}: {first[:SUMMARY_CHARS]}{'...' if len(first) > SUMMARY_CHARS else ''}"
+
 
 def notice_from_event(event: dict, now: float) -> Notice:
     """An event dict (`event` = kind, optional symbol, level, message and detail fields) -> Notice."""
@@ -120,35 +128,38 @@ def notice_from_event(event: dict, now: float) -> Notice:
     return Notice(kind, symbol, str(event.get("level", "info")), f"{symbol or 'PurpleSky'}{mode}: {kind}", text, str(when))
 
 
-def discord_batches(notices: list[Notice]) -> list[dict]:
-    """Webhook payloads of at most 10 embeds and 6,000 characters (titles + descriptions) each."""
-    payloads: list[dict] = []
+def discord_batches(notices: list[Notice]) -> list[tuple[dict, list[Notice]]]:
+    """(webhook payload, the notices in it): at most 10 embeds and 6,000 characters (titles + descriptions) each."""
+    payloads: list[tuple[dict, list[Notice]]] = []
     embeds: list[dict] = []
+    members: list[Notice] = []
     chars = 0
     for n in notices:
         title = n.title[:DISCORD_MAX_TITLE]
         desc = n.text[:min(DISCORD_MAX_DESCRIPTION, DISCORD_MAX_CHARS - len(title))]
         size = len(title) + len(desc)
         if embeds and (len(embeds) == DISCORD_MAX_EMBEDS or chars + size > DISCORD_MAX_CHARS):
-            payloads.append({"embeds": embeds})
-            embeds, chars = [], 0
+            payloads.append(({"embeds": embeds}, members))
+            embeds, members, chars = [], [], 0
         embeds.append({"title": title, "description": desc, "color": COLORS.get(n.level, COLORS["info"]),
                        "timestamp": n.time})
+        members.append(n)
         chars += size
     if embeds:
-        payloads.append({"embeds": embeds})
+        payloads.append(({"embeds": embeds}, members))
     return payloads
 
 
-def telegram_batches(notices: list[Notice]) -> list[str]:
-    """Message texts of at most 4,096 characters, notices joined by blank lines; a longer one is cut."""
-    texts: list[str] = []
+def telegram_batches(notices: list[Notice]) -> list[tuple[str, list[Notice]]]:
+    """(message text, the notices in it): at most 4,096 characters, notices joined by blank lines; a longer one
+    is cut."""
+    texts: list[tuple[str, list[Notice]]] = []
     for n in notices:
         block = f"{n.title}\n{n.text}"[:TELEGRAM_MAX_CHARS]
-        if texts and len(texts[-1]) + 2 + len(block) <= TELEGRAM_MAX_CHARS:
-            texts[-1] += "\n\n" + block
+        if texts and len(texts[-1][0]) + 2 + len(block) <= TELEGRAM_MAX_CHARS:
+            texts[-1] = (texts[-1][0] + "\n\n" + block, [*texts[-1][1], n])
         else:
-            texts.append(block)
+            texts.append((block, [n]))
     return texts
 
 
@@ -192,26 +203,37 @@ class Notifier:
         if kind in self.cfg.disabled or not self.cfg.configured():
             return False
         now = self.clock()
+        notice = notice_from_event(event, now)
         key = (kind, str(event.get("symbol", "")), str(event.get("side", "")))
         cooldown = self.cfg.cooldowns.get(kind, self.cfg.cooldown_sec)
         if key in self._last and now - self._last[key] < cooldown:
             self.suppressed += 1
+            self._dropped([notice], f"cooldown {cooldown:g} s", logging.INFO)
             return False
         try:
-            self._queue.put_nowait(notice_from_event(event, now))
+            self._queue.put_nowait(notice)
         except queue.Full:
-            log.warning("notification queue full (%d); dropped %s", self.cfg.queue_size, kind)
+            self._dropped([notice], f"queue full, {self.cfg.queue_size} waiting")
             return False
         self._last[key] = now
         return True
 
     def close(self, timeout: float = 5.0) -> None:
-        """Wait up to `timeout` s for the queue to drain, then stop the sender (pending notices are dropped)."""
+        """Wait up to `timeout` s for the queue to drain, then stop the sender; notices still queued are dropped
+        (and logged)."""
         deadline = time.monotonic() + timeout
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.02)
         self._closing.set()
         self._thread.join(max(0.0, deadline - time.monotonic()) + 0.1)
+        pending: list[Notice] = []
+        while True:
+            try:
+                pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+            self._queue.task_done()
+        self._dropped(pending, "the notifier closed before it was sent")
 
     def _run(self) -> None:
         while not self._closing.is_set():
@@ -233,13 +255,13 @@ class Notifier:
     def _deliver(self, batch: list[Notice]) -> None:
         cfg = self.cfg
         if cfg.discord_webhook:
-            for payload in discord_batches(batch):
-                self._count(self._post("discord", cfg.discord_webhook, {"username": "PurpleSky", **payload}))
+            for payload, members in discord_batches(batch):
+                self._count(self._post("discord", cfg.discord_webhook, {"username": "PurpleSky", **payload}, members))
         if cfg.telegram_token and cfg.telegram_chat_id:
             url = f"{cfg.telegram_api_url.rstrip('/')}/bot{cfg.telegram_token}/sendMessage"
-            for text in telegram_batches(batch):
+            for text, members in telegram_batches(batch):
                 self._count(self._post("telegram", url, {"chat_id": cfg.telegram_chat_id, "text": text,
-                                                         "disable_web_page_preview": True}))
+                                                         "disable_web_page_preview": True}, members))
 
     def _count(self, ok: bool) -> None:
         if ok:
@@ -247,8 +269,9 @@ class Notifier:
         else:
             self.failed += 1
 
-    def _post(self, dest: str, url: str, payload: dict) -> bool:
-        """POST with retries: 429 waits its retry_after, errors and 5xx back off; both capped. True if delivered."""
+    def _post(self, dest: str, url: str, payload: dict, notices: list[Notice]) -> bool:
+        """POST with retries: 429 waits its retry_after, errors and 5xx back off; both capped. True if delivered;
+        otherwise each of `notices` (what the payload carries) is logged as dropped."""
         for attempt in range(1, self.cfg.max_attempts + 1):
             try:
                 resp = self._session.post(url, json=payload, timeout=self.cfg.timeout_sec)
@@ -268,12 +291,18 @@ class Notifier:
                     log.warning("%s: HTTP %d, attempt %d/%d", dest, resp.status_code, attempt, self.cfg.max_attempts)
                 else:
                     log.warning("%s: rejected with HTTP %d: %s", dest, resp.status_code, self._redact(resp.text[:300]))
+                    self._dropped(notices, f"{dest} rejected it with HTTP {resp.status_code}")
                     return False
             if attempt == self.cfg.max_attempts or self._closing.is_set():
                 break
             self.wait(min(delay, self.cfg.max_retry_wait_sec))
-        log.warning("%s: notification dropped after %d attempt(s)", dest, attempt)
+        self._dropped(notices, f"{dest} not reached after {attempt} attempt(s)")
         return False
+
+    def _dropped(self, notices: list[Notice], why: str, level: int = logging.WARNING) -> None:
+        """One log line per dropped notice naming it (kind, symbol, first line of its text; secrets masked)."""
+        for n in notices:
+            log.log(level, "notification dropped (%s): %s", why, self._redact(n.summary()))
 
     def _redact(self, text: str) -> str:
         for secret in self.cfg.secrets():

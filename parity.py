@@ -541,10 +541,20 @@ def backtest_vs_live(live_intents: pd.DataFrame, bt_intents: pd.DataFrame, live:
         "largest_abs": {c: float(pairs[c].abs().max()) if len(pairs) else 0.0
                         for c in ("entry_diff", "exit_diff", "fee_diff", "pnl_diff", "qty_diff")},
         "final_equity_diff": final_diff, "pairs": pairs}
-    res.note = (f"intents {len(live_intents)} live / {len(bt_intents)} backtest, equal until "
-                f"{res.details['intents_equal_until']}; trades {len(live)} live / {len(bt)} backtest, {len(pairs)} "
-                f"matched" + (f"; fills first settled differently at {fill['bar']}" if fill is not None else ""))
+    res.note = (f"intents {len(live_intents)} live / {len(bt_intents)} backtest, {_intents_phrase(intents, fill)}; "
+                f"trades {len(live)} live / {len(bt)} backtest, {len(pairs)} matched")
     return res
+
+
+def _intents_phrase(intents: LayerResult, fill: dict | None) -> str:
+    """How far layer 4's intents agreed, in words: they are held equal only up to the first fill the two fill
+    models settled differently (after it the two sides trade from different positions)."""
+    if intents.first is None:
+        return "all equal" + (f"; fills first settled differently at {fill['bar']}" if fill is not None else "")
+    if fill is not None and pd.Timestamp(intents.first["bar"]) >= pd.Timestamp(fill["bar"]):
+        return (f"equal up to {fill['bar']}, where the fills first settled differently (the first intent "
+                f"difference follows at {intents.first['bar']})")
+    return f"first differ at {intents.first['bar']}, before any fill did"
 
 
 # ---------------------------------------------------------------- child processes
@@ -764,7 +774,8 @@ def write_outputs(out: Path, args: argparse.Namespace, layers: list[LayerResult]
                      go.Scatter(x=live_eq.index, y=live_eq.to_numpy(), name="live (paper)", line={"width": 1.2})])
     fig.update_layout(title="Equity: backtest and live engine overlaid", height=420, yaxis_title="equity")
     counts = pd.DataFrame([{"layer": layer.name, "compared": layer.compared, "mismatches": layer.mismatches,
-                            "verdict": "equal" if layer.ok else "DIFFERS"} for layer in layers]).set_index("layer")
+                            "verdict": "equal" if layer.ok else "DIFFERS", "counts": layer.note or ""}
+                           for layer in layers])
     sections = [report.banner_html("PARITY HOLDS" if summary["ok"] else "PARITY BROKEN: " + next(
                     layer.summary() for layer in layers if not layer.ok), summary["ok"]),
                 report.table_html(counts, f"Layers over {args.start} .. {args.end}"),

@@ -763,6 +763,16 @@ def candidate_params(c: Candidate, rank: int, data: TrainData, stats: dict | Non
     return metrics.json_safe(params)
 
 
+def unexamined_verdict(cand: Candidate, rank: int, champion_code: str) -> tuple[str, str]:
+    """(code, sentence) of a rank below 1: NOT EXAMINED. Only rank 1 sits the Super-OOS exam (one exam per
+    study keeps its deflated Sharpe honest), so no other rank may borrow its verdict or its EDGE flag."""
+    legs = trade_counts(cand.oos1)
+    return "NOT EXAMINED", (f"NOT EXAMINED: rank {rank} (trial {cand.trial.number}) was ranked on OOS-1 "
+                            f"({legs['trades']} trades, {legs['maker_trades']} maker, {legs['taker_trades']} taker, "
+                            f"return {float(cand.oos1.metrics['total_return']):+.2%}) but never sat the Super-OOS "
+                            f"exam, which only rank 1 takes (its verdict: {champion_code}). Do not trade it.")
+
+
 def save_ranked(candidates: list[Candidate], data: TrainData, study: optuna.Study, stats: dict,
                 text: str, code: str, model_dir: Path, extra_sections: list[str] = ()) -> list[Path]:
     """Write rank_1..rank_K atomically (temp folder, then rename) and remove stale ranks of older runs."""
@@ -770,7 +780,8 @@ def save_ranked(candidates: list[Candidate], data: TrainData, study: optuna.Stud
     root.mkdir(parents=True, exist_ok=True)
     written = []
     for rank, cand in enumerate(candidates, start=1):
-        params = candidate_params(cand, rank, data, stats if rank == 1 else None, text, code)
+        rank_code, rank_text = (code, text) if rank == 1 else unexamined_verdict(cand, rank, code)
+        params = candidate_params(cand, rank, data, stats if rank == 1 else None, rank_text, rank_code)
         tmp = root / f".rank_{rank}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         cand.bundle.save(tmp)

@@ -17,8 +17,11 @@ Supervises one `live_trading_v2.py --symbol SYM ...` process (standard library o
 - no kills on log lines or network probes; one watchdog per symbol (an OS lock on
   `state/watchdog_<SYM>.lock`); it refuses to start beside a live engine it does not own.
 - SIGINT/SIGTERM (and SIGHUP/SIGBREAK) stop the engine gracefully, then the watchdog exits 0.
-- logs to `logs/watchdog_<SYM>.log`; alerts (stating open positions and when stops were last
-  verified) go through `notifier.py`, imported only when alerts are configured.
+- logs to `logs/watchdog_<SYM>.log`; each restart is also appended to `logs/watchdog_<SYM>.jsonl` (one JSON
+  line: `ts`, `time`, `symbol`, `mode`, `event` = "restart", `cause` such as "crash, exit 1", "killed by
+  signal 9" or "heartbeat stale", `exit_code`, `backoff_s`, `restart` of `max_restarts` this hour), which
+  the dashboard shows; alerts (stating open positions and when stops were last verified) go through
+  `notifier.py`, imported only when alerts are configured.
 
 Watchdog exit codes: 0 clean stop (engine's 0, or a stop requested by signal); 1 too many restarts;
 2 bad watchdog arguments, another watchdog holds the symbol, or the engine exited 2; 3 and 4 the engine's.
@@ -105,6 +108,7 @@ class Heartbeat:
     open_positions: Any
     last_stop_check: Any
     model: str
+    mode: str
 
 
 def read_heartbeat(path: Path) -> tuple[Heartbeat | None, str]:
@@ -120,7 +124,8 @@ def read_heartbeat(path: Path) -> tuple[Heartbeat | None, str]:
     pid = raw.get("pid")
     return Heartbeat(ts_ms=float(raw["ts"]), pid=pid if isinstance(pid, int) else None,
                      phase=str(raw.get("phase", "unknown")), open_positions=raw.get("open_positions"),
-                     last_stop_check=raw.get("last_stop_check"), model=str(raw.get("model", ""))), ""
+                     last_stop_check=raw.get("last_stop_check"), model=str(raw.get("model", "")),
+                     mode=str(raw.get("mode", ""))), ""
 
 
 def _utc(seconds: float) -> str:
@@ -318,6 +323,7 @@ class Supervisor:
     def __init__(self, cfg: WatchdogConfig, alerts: Alerts, clock: Clock = Clock()):
         self.cfg, self.alerts, self.clock = cfg, alerts, clock
         self.heartbeat_path = cfg.path(cfg.state_dir, f"heartbeat_{cfg.symbol}.json")
+        self.journal_path = cfg.path(cfg.log_dir, f"watchdog_{cfg.symbol}.jsonl")
         self.stop_requested = ""
         self.restarts: collections.deque[float] = collections.deque()
         self.consecutive = 0
@@ -429,7 +435,7 @@ class Supervisor:
             log.info("engine exited with code %d; watchdog received %s: not restarting, exiting 0",
                      rc, self.stop_requested)
             return EXIT_CLEAN
-        why = "after a stale heartbeat" if cause == "stale" else RESTART_CAUSES.get(
+        why = "heartbeat stale" if cause == "stale" else RESTART_CAUSES.get(
             rc, f"killed by signal {-rc}" if rc < 0 else "crash")
         now = self.clock.mono()
         while self.restarts and now - self.restarts[0] > self.cfg.restart_window:
@@ -448,11 +454,29 @@ class Supervisor:
         detail = (f"engine exited with code {rc} ({why}): restart {len(self.restarts)} of "
                   f"{self.cfg.max_restarts} this hour in {delay:g} s")
         log.warning("%s", detail)
+        self.record_restart(why if cause == "stale" or rc < 0 else f"{why}, exit {rc}", rc, delay, hb)
         self.alerts.send("warning", "engine restarting", detail, hb)
         if not self.wait(delay):
             log.info("watchdog received %s during the restart backoff: exiting 0", self.stop_requested)
             return EXIT_CLEAN
         return None
+
+    def record_restart(self, cause: str, rc: int, delay: float, hb: Heartbeat | None) -> None:
+        """Append the restart to `logs/watchdog_<SYM>.jsonl` (what the dashboard shows): one JSON line, written
+        whole, with the live files' `ts` (ms), `time`, `symbol` and `mode` (the engine's last heartbeat's)."""
+        now = self.clock.wall()
+        record = {"ts": int(now * 1000), "time": _utc(now), "symbol": self.cfg.symbol, "mode": hb.mode if hb else "",
+                  "event": "restart", "cause": cause, "exit_code": rc, "backoff_s": delay,
+                  "restart": len(self.restarts), "max_restarts": self.cfg.max_restarts}
+        try:
+            self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (json.dumps(record) + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:  # the record is for display; supervision goes on
+            log.warning("cannot append to %s: %s", self.journal_path, exc)
 
 
 # ---------------------------------------------------------------------------------------------- launchers

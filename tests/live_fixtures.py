@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from config import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 START = datetime(2026, 1, 5, tzinfo=timezone.utc)
 BAR = timedelta(minutes=5)
@@ -160,13 +162,15 @@ def write_live_fixture(root: Path, symbol: str = "BTCUSDT", mode: str = "paper",
     return fx
 
 
-def write_state(fx: Fixture, heartbeat_ms: int, phase: str = "trading") -> None:
+def write_state(fx: Fixture, heartbeat_ms: int, phase: str = "trading", **heartbeat: object) -> None:
+    """The bot state and, atomically as the engine does, a heartbeat of `phase` (plus `heartbeat` fields, e.g. the
+    last one's `exit_code` and `stop_reason`)."""
     fx.state.mkdir(parents=True, exist_ok=True)
     (fx.state / f"bot_state_{fx.symbol}.json").write_text(json.dumps(
         {"version": 1, "symbol": fx.symbol, "mode": fx.mode, "positions": [open_position(fx)]}))
-    (fx.state / f"heartbeat_{fx.symbol}.json").write_text(json.dumps(
+    atomic_write_text(fx.state / f"heartbeat_{fx.symbol}.json", json.dumps(
         {"ts": heartbeat_ms, "symbol": fx.symbol, "mode": fx.mode, "pid": 4242, "phase": phase, "open_positions": 1,
-         "last_stop_check": iso(START + 60 * BAR), "model": f"models_v9/{fx.symbol}/rank_1"}))
+         "last_stop_check": iso(START + 60 * BAR), "model": f"models_v9/{fx.symbol}/rank_1", **heartbeat}))
 
 
 def write_model(folder: Path, symbol: str) -> None:

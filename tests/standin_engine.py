@@ -5,6 +5,7 @@
 Each start takes the next behaviour of `--runs` (the last one repeats; a counter file in the state
 folder remembers the run number):
 - `exit:N`   write `--beats` heartbeats, then exit with code N;
+- `signal:N` write `--beats` heartbeats, then kill itself with signal N (a crash the OS reports as -N);
 - `run`      write heartbeats until stopped;
 - `hang`     write `--beats` heartbeats, then stop writing them and sleep (a hung main loop);
 - `flatten:S` phase `flattening`, heartbeats until S seconds after the first SIGTERM, then exit 0 by itself;
@@ -89,6 +90,9 @@ def main() -> int:
     if kind in ("hang", "flatten-hang"):
         while True:
             time.sleep(3600)
+    if kind == "signal":
+        record(a.events, "signal", run=run, signal=int(arg))
+        os.kill(os.getpid(), int(arg))
     code = int(arg) if kind == "exit" else 0
     record(a.events, "exit", run=run, code=code)
     return code

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 import live_dashboard
 from journal_tail import JournalTail
-from live_fixtures import BAR, append, equity_record, signal_record, start_dashboard, stop, write_live_fixture
+from live_fixtures import BAR, append, equity_record, signal_record, stamp, start_dashboard, stop, write_live_fixture, \
+    write_state
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT = 90  # seconds a page may take on a loaded 2-core machine; the waits end as soon as the page is right
@@ -189,6 +191,67 @@ def test_new_bar_appears_after_refresh_and_a_torn_line_is_ignored(browser: webdr
         fh.write(torn_text[40:] + "\n")
     WebDriverWait(browser, WAIT).until(lambda d: candles(d) == n + 2 and gauges(d) == expected_gauges(torn))
     fx.signals += [new, torn]
+
+
+RED, GREY = "rgb(192, 0, 0)", "rgb(90, 98, 104)"   # #c00000 (alarm), #5a6268 (a clean stop)
+
+
+def shown(driver: webdriver.Chrome, element_id: str) -> tuple[str, str] | None:
+    """(text, computed colour) of an element of the status line, None when absent."""
+    found = js(driver, f"(e => e && [e.textContent.trim(), getComputedStyle(e).color])"
+                       f"(document.getElementById('{element_id}'))")
+    return tuple(found) if found else None
+
+
+def clock_shown(t: datetime, now: datetime) -> str:
+    """How the status line prints a UTC time: 'HH:MM UTC' on its own day, with the date before on a later one."""
+    return t.strftime("%H:%M UTC" if t.date() == now.date() else "%Y-%m-%d %H:%M UTC")
+
+
+def restart(t: datetime, fx, cause: str, exit_code: int, backoff_s: float) -> dict:
+    """A `logs/watchdog_<SYM>.jsonl` record as watchdog.Supervisor.record_restart writes it."""
+    return dict(stamp(t, fx.symbol, ""), event="restart", cause=cause, exit_code=exit_code, backoff_s=backoff_s,
+                restart=1, max_restarts=5)
+
+
+def test_status_tells_a_clean_stop_from_a_failed_exit_and_a_dead_engine_and_counts_watchdog_restarts(
+        browser: webdriver.Chrome, tmp_path: Path) -> None:
+    now = datetime.now(timezone.utc)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def at(t: datetime) -> str:
+        return clock_shown(t, now)
+
+    def ms(t: datetime) -> int:
+        return int(t.timestamp() * 1000)
+
+    fx = write_live_fixture(tmp_path)
+    stopped = now - timedelta(minutes=10)   # far older than the 120 s offline limit
+    write_state(fx, ms(stopped), phase="stopping", exit_code=0, stop_reason="signal SIGINT")
+    last = midnight + (now - midnight) / 2
+    append(fx.journal("watchdog"), [restart(midnight - timedelta(hours=1), fx, "crash, exit 1", 1, 5.0),
+                                    restart(midnight + (now - midnight) / 4, fx, "crash, exit 1", 1, 5.0),
+                                    restart(last, fx, "killed by signal 9", -9, 10.0)])
+    proc, url = start_dashboard(tmp_path, "--refresh-sec", "0.5")
+    try:
+        browser.get(url)
+        WebDriverWait(browser, WAIT).until(lambda d: shown(d, "engine-state") is not None)
+        assert shown(browser, "engine-state") == (f"STOPPED {at(stopped)} (signal SIGINT)", GREY)
+        assert "OFFLINE" not in js(browser, "document.getElementById('engine-status').innerText")
+        assert shown(browser, "heartbeat")[1] != RED
+        assert shown(browser, "watchdog")[0] == f"| watchdog restarts today: 2; last {at(last)}: killed by signal 9 " \
+                                                "(backoff 10 s)"
+        write_state(fx, ms(stopped), phase="stopping", exit_code=1, stop_reason="crash: RuntimeError: boom")
+        failed = (f"ENGINE EXITED {at(stopped)} with code 1 (crash: RuntimeError: boom)", RED)
+        WebDriverWait(browser, WAIT).until(lambda d: shown(d, "engine-state") == failed)
+        write_state(fx, ms(stopped), phase="trading")   # a running engine's heartbeat, gone stale: killed or hung
+        WebDriverWait(browser, WAIT).until(lambda d: shown(d, "engine-state") == ("ENGINE OFFLINE", RED))
+        assert shown(browser, "heartbeat")[1] == RED
+        append(fx.journal("watchdog"), [restart(now, fx, "heartbeat stale", 0, 20.0)])
+        WebDriverWait(browser, WAIT).until(lambda d: shown(d, "watchdog")[0].startswith(
+            f"| watchdog restarts today: 3; last {at(now)}: heartbeat stale (backoff 20 s)"))
+    finally:
+        stop(proc)
 
 
 def test_empty_log_folder_says_no_engine_running_behind_basic_auth(browser: webdriver.Chrome, tmp_path: Path) -> None:

@@ -8,13 +8,16 @@ Expected figures are computed from the journals by DESIGN.md §3's field meaning
 """
 from __future__ import annotations
 
+import json
+from datetime import datetime, timezone
+
 import pytest
 from selenium.webdriver.support.ui import WebDriverWait
 
 import notifier
 from live_fixtures import start_dashboard, stop
-from live_support import busy_probabilities, engine_cmd, exchange, journal, make_market, run, write_model_dir
-from test_dashboard import WAIT, browser, candles, expected_gauges, gauges, js  # noqa: F401 (browser: fixture)
+from live_support import SYMBOL, busy_probabilities, engine_cmd, exchange, journal, make_market, run, write_model_dir
+from test_dashboard import GREY, WAIT, browser, candles, clock_shown, expected_gauges, gauges, js, shown  # noqa: F401
 from test_notifier import Stub, config
 
 BARS = 10                                     # closed bars the engine runs for (--max-bars)
@@ -60,6 +63,27 @@ def test_page_over_a_real_engine_run_shows_its_bars_trades_probabilities_and_mod
         assert js(browser, "document.querySelectorAll('#candles .scatterlayer .point').length") == markers
         banner = js(browser, "document.getElementById('mode-banner').innerText")
         assert banner.startswith("PAPER") and "LIVE" not in banner
+    finally:
+        stop(proc)
+
+
+def test_page_says_stopped_when_and_why_after_the_real_engine_s_clean_stop(engine_run, browser) -> None:
+    """--max-bars reached: exit 0, and the engine's last heartbeat says so (`exit_code`, `stop_reason`); the page
+    shows STOPPED with its time and reason, not ENGINE OFFLINE, once the heartbeat is past the offline limit."""
+    cwd, _ = engine_run
+    beat = json.loads((cwd / "state" / f"heartbeat_{SYMBOL}.json").read_text())
+    assert (beat["exit_code"], beat["stop_reason"]) == (0, f"--max-bars {BARS} reached"), beat
+    shutdown = journal(cwd, "events")[-1]
+    assert (shutdown["event"], shutdown["exit_code"], shutdown["reason"]) == ("shutdown", 0, beat["stop_reason"])
+    proc, url = start_dashboard(cwd, "--log-dir", str(cwd / "logs"), "--state-dir", str(cwd / "state"),
+                                "--model-dir", str(cwd / "models_v9"), "--refresh-sec", "0.5",
+                                "--notify-offline-sec", "0.5")
+    try:
+        browser.get(url)
+        when = clock_shown(datetime.fromtimestamp(beat["ts"] / 1000, timezone.utc), datetime.now(timezone.utc))
+        expected = (f"STOPPED {when} (--max-bars {BARS} reached)", GREY)
+        WebDriverWait(browser, WAIT).until(lambda d: shown(d, "engine-state") == expected)
+        assert "OFFLINE" not in js(browser, "document.getElementById('engine-status').innerText")
     finally:
         stop(proc)
 

@@ -49,6 +49,15 @@ def test_bad_arguments_keys_model_and_state_exit_2_before_any_network(tmp_path, 
     assert live.main(["--symbol", SYMBOL, *m], env={}) == live.EXIT_CONFIG
 
 
+def test_a_corrupt_model_file_is_a_refusal_naming_it_not_a_crash_to_restart(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    model = write_model_dir(tmp_path)
+    (model / "features.json").write_text('{"features": [')   # a copy cut short
+    assert live.main(["--symbol", SYMBOL, "--model-dir", str(model)], env={}) == live.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "features.json: not a readable model bundle" in err and "Traceback" not in err
+
+
 def test_dry_run_is_the_default_and_paper_uses_the_paper_profile(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = write_model_dir(tmp_path, edge=False)
@@ -130,6 +139,33 @@ def test_a_second_engine_on_the_same_state_is_refused_before_it_writes_anything(
     assert not list((tmp_path / "logs").glob("*.jsonl"))   # no journal record (its refusal is in the log file)
     held.close()
     assert live.main(argv, env={}) == live.EXIT_UNREACHABLE   # free now: it starts (and finds no exchange at :9)
+    beat = json.loads((tmp_path / "state" / f"heartbeat_{SYMBOL}.json").read_text())
+    assert beat["exit_code"] == live.EXIT_UNREACHABLE
+    assert beat["stop_reason"].startswith("startup: the exchange at http://127.0.0.1:9 could not be reached")
+
+
+def test_an_exception_escaping_the_engine_is_a_crash_in_its_last_heartbeat(tmp_path, monkeypatch):
+    """Whatever step raises, the exception goes on (the interpreter exits 1) and the last heartbeat and the shutdown
+    event say so: exit code 1 and what was raised, which the dashboard shows as alarming, never as a clean stop."""
+    monkeypatch.chdir(tmp_path)
+    model = write_model_dir(tmp_path)
+    engine = live.Engine(live.prepare(live.parse_args(["--symbol", SYMBOL, "--model-dir", str(model)]), env={}))
+
+    def broken() -> None:
+        raise RuntimeError("boom in the model loader")
+    monkeypatch.setattr(engine, "_load_model", broken)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.run()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    beat = json.loads((tmp_path / "state" / f"heartbeat_{SYMBOL}.json").read_text())
+    assert (beat["exit_code"], beat["stop_reason"]) == (1, "crash: RuntimeError: boom in the model loader")
+    shutdown = journal(tmp_path, "events")[-1]
+    assert (shutdown["event"], shutdown["exit_code"], shutdown["reason"]) == ("shutdown", 1, beat["stop_reason"])
+    assert shutdown["level"] == "error" and "exited with code 1" in shutdown["message"]   # the notifier's alarm
 
 
 @pytest.mark.parametrize("sig, keep", [(signal.SIGTERM, False), (signal.SIGINT, True)])
@@ -153,6 +189,7 @@ def test_sigterm_and_sigint_stop_cleanly_cancelling_resting_entries_unless_kept(
     assert state["version"] == live.STATE_VERSION and "execution" in state
     beat = json.loads((tmp_path / "state" / f"heartbeat_{SYMBOL}.json").read_text())
     assert beat["phase"] == "stopping" and beat["model"].endswith("rank_1")
+    assert (beat["exit_code"], beat["stop_reason"]) == (0, f"signal {sig.name}")   # the dashboard's STOPPED line
 
 
 def test_psi_drift_is_zero_on_the_training_distribution_and_alerts_on_a_shift():

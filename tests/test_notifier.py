@@ -174,6 +174,40 @@ def test_429_retry_after_is_honoured_and_capped(stub: Stub, caplog: pytest.LogCa
     assert len(stub.posts("telegram")) == 2 and n.sent == 2 and n.failed == 0
 
 
+def dropped(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("notification dropped")]
+
+
+def test_every_dropped_notification_is_named_with_secrets_masked(stub: Stub, caplog: pytest.LogCaptureFixture) -> None:
+    """A cooldown, 429s until the attempts run out, a refusal (4xx), a full queue and a close with notices still
+    queued: each drop is logged with the notice's kind, symbol and first line, never a token or webhook URL."""
+    clock = [1000.0]
+    stub.scripts["webhook-secret-token"] = [(429, {"retry_after": 0})] * 2
+    stub.scripts["sendMessage"] = [(400, {"ok": False, "description": "Bad Request: chat not found"})]
+    with caplog.at_level(logging.INFO, logger="notifier"):
+        n = notifier.Notifier(config(stub, max_attempts=2), clock=lambda: clock[0], wait=lambda s: None)
+        assert n.send({"event": "drift", "symbol": "BTCUSDT", "mode": "paper",
+                       "message": f"PSI 0.41 on ob_imbalance\nposted via {stub.url + WEBHOOK_PATH}"})
+        assert not n.send({"event": "drift", "symbol": "BTCUSDT", "message": f"PSI 0.52 via {TOKEN}"})
+        n.close(WAIT)
+        assert dropped(caplog) == [
+            "notification dropped (cooldown 60 s): BTCUSDT: drift: PSI 0.52 via ***",
+            "notification dropped (discord not reached after 2 attempt(s)): BTCUSDT [paper]: drift: PSI 0.41 on ob_imbalance",
+            "notification dropped (telegram rejected it with HTTP 400): BTCUSDT [paper]: drift: PSI 0.41 on ob_imbalance"]
+        caplog.clear()
+        stub.hold.clear()  # the endpoint accepts and never answers: the sender is stuck on the first notice
+        m = notifier.Notifier(config(stub, queue_size=1, timeout_sec=WAIT))
+        assert m.send({"event": "watchdog", "symbol": "ETHUSDT", "message": "engine restarting"})
+        until(lambda: len(stub.requests) == 4, "the first notice in flight")
+        assert m.send({"event": "error", "symbol": "ETHUSDT", "message": "queued behind it\nsecond line"})
+        assert not m.send({"event": "kill_switch", "symbol": "ETHUSDT", "message": "x" * 200})
+        m.close(0.2)
+        assert dropped(caplog) == [
+            f"notification dropped (queue full, 1 waiting): ETHUSDT: kill_switch: {'x' * 80}...",
+            "notification dropped (the notifier closed before it was sent): ETHUSDT: error: queued behind it"]
+    assert "secret-token" not in caplog.text
+
+
 def test_burst_is_merged_within_discord_and_telegram_limits(stub: Stub) -> None:
     stub.hold.clear()
     n = notifier.Notifier(config(stub))

@@ -198,8 +198,8 @@ def test_backtest_vs_live_reports_the_first_differently_settled_fill_within_tole
     assert fill["backtest_state"]["equity"] == pytest.approx(eq.loc[:bt.at[k, "entry_time"]].iloc[-1])
     assert ok.details["trades_matched"] == len(closed) and ok.details["backtest_open_at_end"] == len(bt) - len(closed)
     assert ok.details["largest"]["price_bps"] == pytest.approx(3.0, rel=1e-6)
-    assert (f"trades {len(closed)} live / {len(closed)} backtest, {len(closed)} matched; fills first settled "
-            f"differently at {fill['bar']}") in ok.summary()   # the printed line says what the counts hide
+    assert (f"all equal; fills first settled differently at {fill['bar']}; trades {len(closed)} live / "
+            f"{len(closed)} backtest, {len(closed)} matched") in ok.summary()   # what the counts hide
     strict = parity.backtest_vs_live(*args, parity.Tolerance(price_bps=2.0))
     assert strict.mismatches == 1 and strict.first["what"] == "beyond tolerance"
     silent = parity.backtest_vs_live(args[0], args[1], parity.live_trades([]), *args[3:], parity.Tolerance())
@@ -209,6 +209,13 @@ def test_backtest_vs_live_reports_the_first_differently_settled_fill_within_tole
     early.loc[0, "qty"] += 0.001                              # an intent differs before any fill did
     moved = parity.backtest_vs_live(early, *args[1:], parity.Tolerance())
     assert moved.first["what"] == "intents differ before any fill did" and moved.first["bar"] == str(first_bar)
+    assert f"first differ at {first_bar}, before any fill did" in moved.summary()
+    late = parity.engine_intents(signal_records(coarse, probs, result.intents))
+    after = int(np.flatnonzero(late["time"] > pd.Timestamp(fill["bar"]))[0])
+    late.loc[after, "qty"] += 0.001                           # after the fills diverged: reported, not a mismatch
+    later = parity.backtest_vs_live(late, *args[1:], parity.Tolerance())
+    assert later.ok and (f"equal up to {fill['bar']}, where the fills first settled differently (the first intent "
+                         f"difference follows at {late['time'].iloc[after]})") in later.summary()
 
 
 # ---------------------------------------------------------------- signals -> backtest.py --signals
@@ -450,7 +457,10 @@ def test_the_parity_command_holds_every_layer_over_two_days_on_a_small_model(tmp
     tol = parity.Tolerance()
     assert four["largest"]["price_bps"] <= tol.price_bps and four["largest"]["pnl_bps"] <= tol.pnl_bps
     assert four["largest"]["unmatched_share"] <= tol.unmatched_share
-    assert (out / "parity_report.html").read_text().count("PARITY HOLDS") == 1
+    html = (out / "parity_report.html").read_text()
+    assert html.count("PARITY HOLDS") == 1
+    assert all(f"<td>{name}</td>" in html for name in layers)   # the layers table names its rows
+    assert f"trades {four['trades_live']} live / {four['trades_backtest']} backtest" in html
     events = parity.read_jsonl(out / "live" / "logs" / f"events_{SYMBOL}.jsonl")
     assert not [e["message"] for e in events if "without a stop" in e["message"]], "the stop guard saw a covered leg bare"
 

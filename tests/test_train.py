@@ -139,7 +139,10 @@ def test_artifacts_describe_the_model_completely(alpha_run) -> None:
     for section in ["Super-OOS", "OOS-1", "CPCV paths", "PBO", "Optimisation history", "Parameter importance",
                     "Feature importance", "Calibration", "Assumptions"]:
         assert section in html, section
-    assert read_params(root / "rank_2")["rank"] == 2
+    second = read_params(root / "rank_2")   # never examined: no borrowed verdict, no EDGE flag for the live gate
+    assert second["rank"] == 2 and second["edge"] is False and second["verdict_code"] == "NOT EXAMINED"
+    assert second["verdict"].startswith(f"NOT EXAMINED: rank 2 (trial {second['trial']})")
+    assert f"its verdict: {params['verdict_code']}" in second["verdict"] and "super_oos" not in second["metrics"]
 
 
 def test_the_report_shows_the_champion_on_an_independent_market_as_a_simulator_property(alpha_run) -> None:

@@ -131,6 +131,25 @@ def test_an_exchange_unreachable_at_startup_is_restarted_with_backoff_and_named(
     assert logged(tmp_path, "engine exited with code 5 (the exchange could not be reached at startup): restart 1")
 
 
+def test_each_restart_is_journalled_with_its_cause_and_backoff_for_the_dashboard(tmp_path):
+    """A crash, a kill by signal and a stale heartbeat: one `logs/watchdog_<SYM>.jsonl` line each, written before
+    the restart it announces; a clean exit adds none."""
+    cmd = watchdog_cmd(tmp_path, "exit:1,signal:9,hang,exit:0", "--stale-sec", "0.5", "--backoff-base", "0.1")
+    done = run_watchdog(cmd)
+    assert done.returncode == 0, done.stderr
+    path = tmp_path / "logs" / f"watchdog_{SYM}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["event"], r["cause"], r["exit_code"], r["backoff_s"], r["restart"]) for r in rows] == [
+        ("restart", "crash, exit 1", 1, 0.1, 1), ("restart", "killed by signal 9", -9, 0.2, 2),
+        ("restart", "heartbeat stale", 0, 0.4, 3)]
+    assert all(r["symbol"] == SYM and r["max_restarts"] == 5 for r in rows)
+    starts = [e["t"] for e in events(tmp_path, "start")]
+    assert len(starts) == 4
+    for row, restarted in zip(rows, starts[1:]):
+        assert row["ts"] / 1000 <= restarted + SLACK
+        assert dt.datetime.fromisoformat(row["time"].replace("Z", "+00:00")).timestamp() == row["ts"] // 1000
+
+
 @pytest.mark.parametrize("code", [0, 2, 3, 4])
 def test_clean_and_no_restart_exit_codes_are_not_restarted(tmp_path, code):
     done = run_watchdog(watchdog_cmd(tmp_path, f"exit:{code},run", "--backoff-base", "0.1"))
