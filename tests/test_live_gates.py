@@ -257,7 +257,8 @@ def test_the_intrabar_kill_switch_sees_every_price_of_a_trade_push(tmp_path, mon
     """One publicTrade push may hold several trades (a sweep): a price inside it beyond the kill trigger halts
     the day even when the push's last price is back above it, as the backtest's adverse-extreme rule would."""
     import strategy
-    h = Harness(tmp_path, monkeypatch, BREAKOUTS, "--set", "strategy.daily_loss_limit=0.002")
+    h = Harness(tmp_path, monkeypatch, BREAKOUTS, "--set", "strategy.daily_loss_limit=0.002",
+                "--set", "strategy.max_book_share=0")   # a full-size entry: its trigger lies near the price
     h.minute(0)
     h.minute(1)
     assert long_leg(h) > 0
