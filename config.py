@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 TIMEFRAMES: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14400}
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -453,13 +453,22 @@ def migrate(data: Any) -> Any:
     z-score alert) has no counterpart in the PSI drift monitor (`live.drift_psi_alert`) and is dropped.
     Older configs also searched absolute threshold ranges (`tune.exec_threshold` ...), replaced by top
     fractions (`tune.exec_top` ...): those ranges are dropped (the thresholds a model uses live in
-    `strategy`). Returns a new dict."""
+    `strategy`). Version 2 had no `strategy.max_book_share`: its files (a trained model's params.json) are
+    read with 0, no book cap, as they were validated, so a new default never changes how an old model
+    trades. Returns a new dict."""
     if isinstance(data, dict) and isinstance(data.get("tune"), dict) and \
             any(k in data["tune"] for k in LEGACY_TUNE_KEYS):
         data = {**data, "tune": {k: v for k, v in data["tune"].items() if k not in LEGACY_TUNE_KEYS}}
-    if not isinstance(data, dict) or data.get("version") != 1:
-        return data
-    out = {**data, "version": CONFIG_VERSION}
+    if isinstance(data, dict) and data.get("version") == 1:
+        data = _migrate_v1(data)
+    if isinstance(data, dict) and data.get("version") == 2:
+        data = {**data, "version": 3, "strategy": {"max_book_share": 0.0, **(data.get("strategy") or {})}}
+    return data
+
+
+def _migrate_v1(data: dict) -> dict:
+    """Version 1 -> 2: the venue settings move out of `strategy`; `live.drift_z` is dropped."""
+    out = {**data, "version": 2}
     strategy = dict(data.get("strategy") or {})
     moved = {f.name: strategy.pop(f.name) for f in dataclasses.fields(VenueConfig) if f.name in strategy}
     if "strategy" in data:

@@ -184,12 +184,23 @@ def test_version_1_params_json_written_before_venueconfig_loads_with_venue_setti
         raw = json.load(fh)["config"]
     assert raw["version"] == 1 and raw["strategy"]["fill_rule"] == "touch" and "venue" not in raw
     cfg = GlobalConfig.load(V1_PARAMS)
-    assert cfg.version == config.CONFIG_VERSION == 2
+    assert cfg.version == config.CONFIG_VERSION == 3
+    assert cfg.strategy.max_book_share == 0.0                   # validated without the book cap: none
     assert (cfg.venue.maker_fee, cfg.venue.taker_fee, cfg.venue.fill_rule) == (-0.00025, 0.0006, "touch")
     assert (cfg.venue.slippage_bps, cfg.venue.latency_ms, cfg.venue.funding_rate_8h) == (2.5, 400.0, 0.0001)
     assert cfg.venue.initial_equity == 2500.0
     assert cfg.strategy.take_profit_atr == 1.7 and not hasattr(cfg.strategy, "maker_fee")
-    assert GlobalConfig.from_json(cfg.to_json()) == cfg          # saved again as version 2
+    assert GlobalConfig.from_json(cfg.to_json()) == cfg          # saved again as version 3
+
+
+def test_a_version_2_model_keeps_trading_without_the_book_cap_it_was_validated_without() -> None:
+    data = GlobalConfig().to_dict()
+    data["version"] = 2
+    del data["strategy"]["max_book_share"]
+    assert GlobalConfig.from_dict(data).strategy.max_book_share == 0.0
+    assert GlobalConfig().strategy.max_book_share == 0.1          # new models are capped
+    data["strategy"]["max_book_share"] = 0.05                      # a version-2 file cannot carry it, but if so
+    assert GlobalConfig.from_dict(data).strategy.max_book_share == 0.05
 
 
 def test_current_version_rejects_venue_keys_inside_strategy() -> None:
