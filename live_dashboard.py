@@ -152,6 +152,7 @@ class SymbolFeed:
         self.events: deque[dict] = deque(maxlen=MAX_EVENTS)
         self.restarts: dict[str, int] = {}   # UTC day -> watchdog restarts
         self.last_restart: dict = {}
+        self.last_watchdog: dict = {}   # the newest watchdog record of any event
         self.peak = -math.inf
         self.model = ""
         self.mode = ""
@@ -197,6 +198,7 @@ class SymbolFeed:
             self.model = str(rec["model"])
 
     def _on_watchdog(self, rec: dict) -> None:
+        self.last_watchdog = rec
         if rec.get("event") == "restart":
             day = (record_utc(rec) or "")[:10]
             self.restarts[day] = self.restarts.get(day, 0) + 1
@@ -295,8 +297,19 @@ def run_state(hb: dict, hb_time: datetime | None, online: bool, now: float) -> t
     return ("", False) if online else (" ENGINE OFFLINE", True)
 
 
+WATCHDOG_FINAL = {"gave_up": "WATCHDOG GAVE UP", "not_restarted": "WATCHDOG DID NOT RESTART"}
+
+
 def watchdog_status(feed: SymbolFeed, now: float) -> list:
-    """The watchdog's restarts today (UTC) and its last one with cause and backoff; nothing without a restart."""
+    """The watchdog's restarts today (UTC) and its last one with cause and backoff, or, in red, its last word
+    when it stopped supervising (gave up, or an exit code it must not restart) and the engine has not beaten
+    since; nothing without a record."""
+    final = feed.last_watchdog if feed.last_watchdog.get("event") in WATCHDOG_FINAL else {}
+    stopped = record_time(final) if final else None
+    beat = record_time(feed.heartbeat())
+    if stopped and not (beat and beat > stopped):
+        return [html.Span(f" | {WATCHDOG_FINAL[final['event']]} {clock_text(stopped, now)}: {final.get('cause', '?')}",
+                          id="watchdog", style={"color": "#c00000", "fontWeight": "bold"})]
     last = feed.last_restart
     if not last:
         return []

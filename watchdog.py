@@ -17,10 +17,11 @@ Supervises one `live_trading_v2.py --symbol SYM ...` process (standard library o
 - no kills on log lines or network probes; one watchdog per symbol (an OS lock on
   `state/watchdog_<SYM>.lock`); it refuses to start beside a live engine it does not own.
 - SIGINT/SIGTERM (and SIGHUP/SIGBREAK) stop the engine gracefully, then the watchdog exits 0.
-- logs to `logs/watchdog_<SYM>.log`; each restart is also appended to `logs/watchdog_<SYM>.jsonl` (one JSON
-  line: `ts`, `time`, `symbol`, `mode`, `event` = "restart", `cause` such as "crash, exit 1", "killed by
-  signal 9" or "heartbeat stale", `exit_code`, `backoff_s`, `restart` of `max_restarts` this hour), which
-  the dashboard shows; alerts (stating open positions and when stops were last verified) go through
+- logs to `logs/watchdog_<SYM>.log`; each restart, and a final "gave up" or "not restarting", is also
+  appended to `logs/watchdog_<SYM>.jsonl` (one JSON line: `ts`, `time`, `symbol`, `mode`, `event` =
+  "restart", "gave_up" or "not_restarted", `cause` such as "crash, exit 1", "killed by signal 9" or
+  "heartbeat stale", `exit_code`, `backoff_s`, `restart` of `max_restarts` this hour), which the dashboard
+  shows; alerts (stating open positions and when stops were last verified) go through
   `notifier.py`, imported only when alerts are configured.
 
 Watchdog exit codes: 0 clean stop (engine's 0, or a stop requested by signal); 1 too many restarts;
@@ -425,6 +426,7 @@ class Supervisor:
         if rc in NO_RESTART:
             detail = f"engine exited with code {rc} ({NO_RESTART[rc]}): not restarting"
             log.error("%s", detail)
+            self.record("not_restarted", f"exit {rc}: {NO_RESTART[rc]}", rc, 0.0, hb)
             self.alerts.send("critical", "engine stopped, needs attention", detail, hb)
             return rc
         if rc == 0 and cause == "exited":
@@ -444,6 +446,8 @@ class Supervisor:
             detail = (f"engine exited with code {rc} ({why}): {len(self.restarts)} restarts in the last "
                       f"{self.cfg.restart_window:g} s (--max-restarts {self.cfg.max_restarts}): giving up")
             log.error("%s", detail)
+            self.record("gave_up", f"{why}, exit {rc}: {len(self.restarts)} restarts within "
+                                   f"{self.cfg.restart_window:g} s", rc, 0.0, hb)
             self.alerts.send("critical", "engine keeps failing, watchdog gave up", detail, hb)
             return EXIT_GAVE_UP
         if ran >= self.cfg.stable_sec:
@@ -454,19 +458,21 @@ class Supervisor:
         detail = (f"engine exited with code {rc} ({why}): restart {len(self.restarts)} of "
                   f"{self.cfg.max_restarts} this hour in {delay:g} s")
         log.warning("%s", detail)
-        self.record_restart(why if cause == "stale" or rc < 0 else f"{why}, exit {rc}", rc, delay, hb)
+        self.record("restart", why if cause == "stale" or rc < 0 else f"{why}, exit {rc}", rc, delay, hb)
         self.alerts.send("warning", "engine restarting", detail, hb)
         if not self.wait(delay):
             log.info("watchdog received %s during the restart backoff: exiting 0", self.stop_requested)
             return EXIT_CLEAN
         return None
 
-    def record_restart(self, cause: str, rc: int, delay: float, hb: Heartbeat | None) -> None:
-        """Append the restart to `logs/watchdog_<SYM>.jsonl` (what the dashboard shows): one JSON line, written
-        whole, with the live files' `ts` (ms), `time`, `symbol` and `mode` (the engine's last heartbeat's)."""
+    def record(self, event: str, cause: str, rc: int, delay: float, hb: Heartbeat | None) -> None:
+        """Append a decision to `logs/watchdog_<SYM>.jsonl` (what the dashboard shows): `event` restart,
+        gave_up (too many restarts) or not_restarted (an exit code that must not be restarted); one JSON line,
+        written whole, with the live files' `ts` (ms), `time`, `symbol` and `mode` (the engine's last
+        heartbeat's)."""
         now = self.clock.wall()
         record = {"ts": int(now * 1000), "time": _utc(now), "symbol": self.cfg.symbol, "mode": hb.mode if hb else "",
-                  "event": "restart", "cause": cause, "exit_code": rc, "backoff_s": delay,
+                  "event": event, "cause": cause, "exit_code": rc, "backoff_s": delay,
                   "restart": len(self.restarts), "max_restarts": self.cfg.max_restarts}
         try:
             self.journal_path.parent.mkdir(parents=True, exist_ok=True)

@@ -208,9 +208,9 @@ def clock_shown(t: datetime, now: datetime) -> str:
     return t.strftime("%H:%M UTC" if t.date() == now.date() else "%Y-%m-%d %H:%M UTC")
 
 
-def restart(t: datetime, fx, cause: str, exit_code: int, backoff_s: float) -> dict:
-    """A `logs/watchdog_<SYM>.jsonl` record as watchdog.Supervisor.record_restart writes it."""
-    return dict(stamp(t, fx.symbol, ""), event="restart", cause=cause, exit_code=exit_code, backoff_s=backoff_s,
+def restart(t: datetime, fx, cause: str, exit_code: int, backoff_s: float, event: str = "restart") -> dict:
+    """A `logs/watchdog_<SYM>.jsonl` record as watchdog.Supervisor.record writes it."""
+    return dict(stamp(t, fx.symbol, ""), event=event, cause=cause, exit_code=exit_code, backoff_s=backoff_s,
                 restart=1, max_restarts=5)
 
 
@@ -250,6 +250,11 @@ def test_status_tells_a_clean_stop_from_a_failed_exit_and_a_dead_engine_and_coun
         append(fx.journal("watchdog"), [restart(now, fx, "heartbeat stale", 0, 20.0)])
         WebDriverWait(browser, WAIT).until(lambda d: shown(d, "watchdog")[0].startswith(
             f"| watchdog restarts today: 3; last {at(now)}: heartbeat stale (backoff 20 s)"))
+        append(fx.journal("watchdog"), [restart(now, fx, "crash, exit 1: 5 restarts within 3600 s", 1, 0.0, "gave_up")])
+        WebDriverWait(browser, WAIT).until(lambda d: shown(d, "watchdog") == (
+            f"| WATCHDOG GAVE UP {at(now)}: crash, exit 1: 5 restarts within 3600 s", RED))
+        write_state(fx, ms(now) + 1000, phase="trading")   # started again by hand: beating since, no longer alarming
+        WebDriverWait(browser, WAIT).until(lambda d: shown(d, "watchdog")[0].startswith("| watchdog restarts today: 3"))
     finally:
         stop(proc)
 

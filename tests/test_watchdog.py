@@ -111,6 +111,9 @@ def test_crash_loop_backs_off_doubling_to_the_cap_then_gives_up_with_exit_1(tmp_
         assert restarted - crashed >= delay
     assert "giving up" in [msg for _, msg in log_lines(tmp_path) if "code 1" in msg][-1]
     assert len(logged(tmp_path, "ALERT [critical] engine keeps failing")) == 1
+    rows = [json.loads(line) for line in (tmp_path / "logs" / f"watchdog_{SYM}.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in rows] == ["restart"] * 3 + ["gave_up"]   # the dashboard sees it stopped supervising
+    assert rows[-1]["cause"].startswith("crash, exit 1: 3 restarts within") and rows[-1]["exit_code"] == 1
 
 
 def test_restarts_older_than_the_window_no_longer_count_toward_the_limit(tmp_path):
@@ -158,6 +161,9 @@ def test_clean_and_no_restart_exit_codes_are_not_restarted(tmp_path, code):
     assert len(events(tmp_path, "start")) == 1
     assert len(logged(tmp_path, f"engine exited with code {code} (")) == 1
     assert logged(tmp_path, "not restarting")
+    journal = tmp_path / "logs" / f"watchdog_{SYM}.jsonl"
+    rows = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
+    assert [(r["event"], r["exit_code"]) for r in rows] == ([("not_restarted", code)] if code else [])
     if code:
         alert = [msg for _, msg in log_lines(tmp_path) if "ALERT [critical]" in msg]
         assert len(alert) == 1
