@@ -29,7 +29,7 @@ log = logging.getLogger("backtest")
 
 PROB_COLUMNS = ["p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short"]
 PRICE_COLUMNS = ["open", "high", "low", "close"]
-DEPTH_COLUMNS = ["ob_bid_depth_mean", "ob_ask_depth_mean"]   # what strategy.max_book_share caps entries by
+DEPTH_COLUMNS = metrics_mod.DEPTH_COLUMNS   # what strategy.max_book_share caps entries by
 FUNDING_PERIOD_S = 8 * 3600
 
 # trade record layout (float64 rows written by the core)

@@ -332,7 +332,8 @@ def engine_status(feed: SymbolFeed, now: float) -> list:
     style = {"color": "#c00000" if alarming else "inherit", "fontWeight": "bold"}
     parts = [html.Span(f"heartbeat {age:.0f} s ago, phase {hb.get('phase', '?')}" if hb_time else "no heartbeat",
                        id="heartbeat", style=style),
-             html.Span(state, id="engine-state", style=style if alarming else {"color": "#5a6268", "fontWeight": "bold"}),
+             html.Span(state, id="engine-state",
+                       style=style if alarming else {"color": "#5a6268", "fontWeight": "bold"}),
              html.Span(f" | reconciled: {fmt(last_eq.get('reconciled'))}"),
              html.Span(f" | kill-switch: {last_eq.get('kill_switch', '-')}", id="kill-switch")]
     if last_sig:

@@ -121,7 +121,8 @@ def turnover(trades: pd.DataFrame) -> float:
     return float((trades["qty"] * (trades["entry_price"] + trades["exit_price"])).sum())
 
 
-LIQUIDITY_COLUMNS = ["volume", "ob_bid_depth_mean", "ob_ask_depth_mean"]
+DEPTH_COLUMNS = ["ob_bid_depth_mean", "ob_ask_depth_mean"]   # book depth per side: the entry cap and this check
+LIQUIDITY_COLUMNS = ["volume", *DEPTH_COLUMNS]
 LIQUIDITY_WARN_SHARE = 0.2   # twice the default strategy.max_book_share: past this, whole-order fills flatter
 
 
@@ -133,15 +134,17 @@ def liquidity_share(trades: pd.DataFrame, bars: pd.DataFrame) -> dict[str, float
     ob_bid_depth_mean for a short; the data.ob_levels best levels, bar mean), in median, max and the count of
     trades above LIQUIDITY_WARN_SHARE; volume_share: qty / the entry bar's traded volume (median). An entry bar
     without book samples is left out; an empty side or a bar without trades counts as unbounded.
-    NaN (count 0) without trades, without those bar columns (e.g. a --signals run) or without book samples. A backtest fills whole
-    orders at bar prices: orders that are a real share of the book would walk it (see parity.py layer 4)."""
+    NaN (count 0) without trades, without those bar columns (e.g. a --signals run) or without book samples.
+    A backtest fills whole orders at bar prices: orders that are a real share of the book would walk it (see
+    parity.py layer 4)."""
     out = {"depth_share_median": math.nan, "depth_share_max": math.nan, "volume_share_median": math.nan,
            "trades_over_depth_share": 0}
     if not len(trades) or any(c not in bars.columns for c in LIQUIDITY_COLUMNS):
         return out
     at = np.clip(bars.index.searchsorted(trades["entry_time"], side="right") - 1, 0, len(bars) - 1)
     long = (trades["side"] == "long").to_numpy()
-    depth = np.where(long, bars["ob_ask_depth_mean"].to_numpy(float)[at], bars["ob_bid_depth_mean"].to_numpy(float)[at])
+    bid, ask = (bars[c].to_numpy(float)[at] for c in DEPTH_COLUMNS)
+    depth = np.where(long, ask, bid)
     qty = trades["qty"].to_numpy(float)
     volume = bars["volume"].to_numpy(float)[at]
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -154,7 +154,8 @@ def _num(value: Any) -> float:
 
 def signals_frame(records: list[dict], source: str = "signals") -> pd.DataFrame:
     """One row per closed bar (index = bar open, UTC): open..volume, atr, warm, p_*, entries_allowed,
-    window_bars, the book depths DEPTH_COLUMNS (NaN when the record has no `bar`). Duplicate or backwards bar times are an error naming the record."""
+    window_bars, the book depths DEPTH_COLUMNS (NaN when the record has no `bar`). Duplicate or backwards bar
+    times are an error naming the record."""
     rows, times = [], []
     for n, rec in enumerate(records, start=1):
         times.append(_bar_time(rec, f"{source} record {n}"))
