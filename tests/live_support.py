@@ -73,39 +73,66 @@ def engine_cmd(url: str, model: Path, data: Path, *extra: str) -> list[str]:
 
 
 def spawn(cmd: list[str], cwd: Path) -> subprocess.Popen:
+    """The command as a child process whose output (stdout and stderr) goes to cwd/engine.out: a file, not a
+    pipe, so a chatty engine never blocks on a full pipe while a test waits on its journals. A later spawn
+    in the same folder appends; `output(proc)` reads only this child's part."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    path = cwd / "engine.out"
+    start = path.stat().st_size if path.exists() else 0
+    with open(path, "a") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc.output_file = (path, start)  # type: ignore[attr-defined]
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    """What a spawned child has written so far."""
+    path, start = proc.output_file  # type: ignore[attr-defined]
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        return fh.read().decode(errors="replace")
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 120) -> tuple[int, str]:
     proc = spawn(cmd, cwd)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(f"engine did not finish in {timeout}s:\n{out[-4000:]}") from None
-    return proc.returncode, out
+        proc.wait()
+        raise AssertionError(f"engine did not finish in {timeout}s:\n{output(proc)[-4000:]}") from None
+    return proc.returncode, output(proc)
+
+
+def complete_lines(path: Path) -> list[dict]:
+    """The complete lines of a JSON-lines file a child process is appending to ([] while it does not exist);
+    a torn last line, caught mid-append, is left out rather than failing the parse."""
+    if not path.exists():
+        return []
+    complete = path.read_text().rpartition("\n")[0]
+    return [json.loads(line) for line in complete.splitlines()]
 
 
 def journal(cwd: Path, name: str, symbol: str = SYMBOL) -> list[dict]:
-    path = cwd / "logs" / f"{name}_{symbol}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return complete_lines(cwd / "logs" / f"{name}_{symbol}.jsonl")
 
 
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition",
+             proc: subprocess.Popen | None = None) -> None:
+    """Poll until predicate() is true; on timeout fail naming `what`, with the tail of proc's output."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    tail = f"\n{SYMBOL} engine output (last 3000 characters):\n{output(proc)[-3000:]}" if proc is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{tail}")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 120) -> tuple[int, str]:
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
+    proc.wait(timeout=timeout)
+    return proc.returncode, output(proc)
 
 
 # ---------------------------------------------------------------- crash test (tests and benchmarks/crash_test.py)
@@ -179,8 +206,8 @@ def crash_test(market: Path, cwd: Path, kills: int, seed: int, max_wait: float =
         for k in range(kills + 1):
             before = reconciled_count(cwd)
             proc = spawn(cmd, cwd)
-            wait_for(lambda: reconciled_count(cwd) > before or proc.poll() is not None, 120, "reconciliation")
-            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            wait_for(lambda: reconciled_count(cwd) > before or proc.poll() is not None, 120, "reconciliation", proc)
+            assert proc.poll() is None, output(proc)[-3000:]
             for key, value in settled_audit(ex, cwd).items():
                 totals[key] += value
             totals["audits"] += 1
@@ -192,7 +219,7 @@ def crash_test(market: Path, cwd: Path, kills: int, seed: int, max_wait: float =
                 break
             time.sleep(rng.uniform(0.0, max_wait))
             proc.kill()
-            proc.communicate()
+            proc.wait()
             totals["kills"] += 1
         totals["fills"] = ex.call(lambda: len(ex.exchange.engine.executions))
     return totals

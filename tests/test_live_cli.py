@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import live_trading_v2 as live
-from live_support import SYMBOL, engine_cmd, exchange, journal, make_market, run, spawn, stop, wait_for, \
+from live_support import SYMBOL, engine_cmd, exchange, journal, make_market, output, run, spawn, stop, wait_for, \
     write_model_dir, write_probabilities
 
 
@@ -178,7 +178,7 @@ def test_sigterm_and_sigint_stop_cleanly_cancelling_resting_entries_unless_kept(
                                 "strategy.limit_offset_atr=5", "--lockstep-step", "5s",
                                 *(["--keep-orders"] if keep else [])), tmp_path)
         wait_for(lambda: any(r.get("event") == "accepted" and r.get("kind") == "entry"
-                             for r in journal(tmp_path, "trades")), 90, "a resting entry")
+                             for r in journal(tmp_path, "trades")), 90, "a resting entry", proc)
         assert ex.call(lambda: ex.exchange.state())["open_orders"] == 1
         rc, out = stop(proc, sig)
         left = ex.call(lambda: ex.exchange.state())["open_orders"]
@@ -220,7 +220,8 @@ def test_dry_run_follows_public_data_with_simulated_orders_and_its_own_state(mar
         proc = spawn([sys.executable, str(live.Path(live.__file__)),
                       "--symbol", SYMBOL, "--model-dir", str(model), "--probabilities", str(probs),
                       "--rest-url", url, "--ws-url", url.replace("http", "ws"), "--max-bars", "2"], tmp_path)
-        out, _ = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
+        out = output(proc)
         placed = ex.call(lambda: len(ex.exchange.engine.orders))
     assert proc.returncode == 0, out[-3000:]
     assert "dry-run: orders are simulated in process" in out

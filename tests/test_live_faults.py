@@ -30,15 +30,15 @@ def test_faults_get_their_reaction_and_no_order_is_doubled(market, tmp_path):
                          setattr(faults, "reorder_pushes", 10)))
         proc = spawn(engine_cmd(ex.url, model, market, "--probabilities", str(probs), "--lockstep-step", "20s"),
                      tmp_path)
-        wait_for(lambda: entries_placed(tmp_path) >= 3, 120, "three entries under lost acks and bad pushes")
+        wait_for(lambda: entries_placed(tmp_path) >= 3, 120, "three entries under lost acks and bad pushes", proc)
         ex.call(lambda: (setattr(faults, "http_5xx", 2), setattr(faults, "rate_limit_burst", 3),
                          setattr(faults, "book_reset", True)))
-        wait_for(lambda: entries_placed(tmp_path) >= 5, 120, "entries through 5xx, 10006 and a book reset")
+        wait_for(lambda: entries_placed(tmp_path) >= 5, 120, "entries through 5xx, 10006 and a book reset", proc)
         before = sum(1 for e in journal(tmp_path, "events") if e["event"] == "reconciled")
         ex.call(ex.exchange.drop_ws, "all")
         wait_for(lambda: sum(1 for e in journal(tmp_path, "events") if e["event"] == "reconciled") > before, 120,
-                 "reconciliation after the private stream was rebuilt")
-        wait_for(lambda: entries_placed(tmp_path) >= 7, 120, "trading again after the rebuild")
+                 "reconciliation after the private stream was rebuilt", proc)
+        wait_for(lambda: entries_placed(tmp_path) >= 7, 120, "trading again after the rebuild", proc)
         rc, out = stop(proc, signal.SIGTERM)
         orders = ex.call(lambda: list(ex.exchange.engine.orders.values()))
     assert rc == 0, out[-3000:]
@@ -61,14 +61,14 @@ def test_muted_pushes_close_entries_until_data_flows_again(market, tmp_path):
     probs = busy_probabilities(tmp_path / "p.csv")
     with exchange(market) as ex:
         proc = spawn(engine_cmd(ex.url, model, market, "--probabilities", str(probs)), tmp_path)
-        wait_for(lambda: any(entry_requests(s) for s in journal(tmp_path, "signals")), 120, "a first entry")
+        wait_for(lambda: any(entry_requests(s) for s in journal(tmp_path, "signals")), 120, "a first entry", proc)
         ex.call(lambda: setattr(ex.exchange.faults, "mute_pushes", True))
         wait_for(lambda: sum(s["reason"].startswith("stale") for s in journal(tmp_path, "signals")) >= 2, 120,
-                 "two bars closed on stale data")
+                 "two bars closed on stale data", proc)
         ex.call(lambda: setattr(ex.exchange.faults, "mute_pushes", False))
         muted = len(journal(tmp_path, "signals"))
         wait_for(lambda: any(entry_requests(s) for s in journal(tmp_path, "signals")[muted:]), 120,
-                 "entries after the pushes resumed")
+                 "entries after the pushes resumed", proc)
         rc, out = stop(proc, signal.SIGTERM)
     assert rc == 0, out[-3000:]
     signals = journal(tmp_path, "signals")

@@ -18,6 +18,8 @@ from typing import Callable
 
 import pytest
 
+from live_support import complete_lines
+
 ROOT = Path(__file__).resolve().parents[1]
 WATCHDOG = ROOT / "watchdog.py"
 STANDIN = ROOT / "tests" / "standin_engine.py"
@@ -66,7 +68,7 @@ def logged(workdir: Path, text: str) -> list[float]:
 
 def events(workdir: Path, kind: str | None = None) -> list[dict]:
     path = workdir / "events.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = complete_lines(path)
     return [r for r in rows if kind is None or r["event"] == kind]
 
 
@@ -162,7 +164,7 @@ def test_clean_and_no_restart_exit_codes_are_not_restarted(tmp_path, code):
     assert len(logged(tmp_path, f"engine exited with code {code} (")) == 1
     assert logged(tmp_path, "not restarting")
     journal = tmp_path / "logs" / f"watchdog_{SYM}.jsonl"
-    rows = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
+    rows = complete_lines(journal)
     assert [(r["event"], r["exit_code"]) for r in rows] == ([("not_restarted", code)] if code else [])
     if code:
         alert = [msg for _, msg in log_lines(tmp_path) if "ALERT [critical]" in msg]
