@@ -69,6 +69,8 @@ BYBIT_DEPTHS = (1, 50, 200, 500)
 RECENT_TRADES_LIMIT = 1000      # Bybit V5 GET /v5/market/recent-trade: linear limit 1-1000
 KLINE_PAGE = 1000               # Bybit V5 GET /v5/market/kline: limit 1-1000 per page
 PROB_COLUMNS = ("p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short")
+EXEC_OVERLAP_MS = 60_000        # reconciliation re-reads executions this far before the previous one (clock skew)
+RECONCILE_READS = 3             # tries at reading the legs still around the orders and executions
 
 
 class Refusal(Exception):
@@ -1577,7 +1579,6 @@ class Engine:
         if topic == "execution":
             if row.get("execType", "Trade") != "Trade" or float(row.get("execQty") or 0) <= 0:
                 return
-            self.state["last_exec_ms"] = max(int(self.state.get("last_exec_ms", 0)), ts)
             ev = execution.ExecEvent("fill", link, ts, exec_id=str(row["execId"]), qty=float(row["execQty"]),
                                      price=float(row["execPrice"]), fee=float(row.get("execFee") or 0),
                                      is_maker=row.get("isMaker") in (True, "true"))
@@ -1645,15 +1646,19 @@ class Engine:
 
     # ------------------------------------------------------------ reconciliation
     def reconcile(self, why: str) -> bool:
-        """Compare with the exchange: executions since the last seen, open orders (all pages), both hedge
-        rows, wallet. Unknown orders/positions are external and block entries; an own position without a
-        full stop gets one. False when it could not complete (a missing answer never means flat)."""
+        """Compare with the exchange: both hedge rows, open orders (all pages), the executions since the
+        previous reconciliation, wallet. Unknown orders/positions are external and block entries; an own
+        position without a full stop gets one. False when it could not complete (a missing answer never means
+        flat).
+
+        Executions are asked for from the previous reconciliation's moment (less EXEC_OVERLAP_MS), not from
+        the newest push: a fill whose push was lost while a stream was down is recovered even when a later
+        push arrived (exec ids make the overlap harmless). The legs are compared with own sizes only when
+        they held still while the orders and executions were read (`_steady_reads`)."""
+        since = int(self.state.get("exec_since_ms", 0))
+        moment = self.clock.exchange_ms()
         try:
-            executions = self.client._paged("get_executions", {"category": "linear", "symbol": self.symbol,
-                                                               "startTime": int(self.state.get("last_exec_ms", 0)),
-                                                               "limit": 100})
-            orders = self.client.open_orders()
-            rows = self.client.positions()
+            rows, orders, executions, steady = self._steady_reads(since)
             wallet = self.client.wallet()
         except exc.ExchangeError as err:
             self.health.reconciled = False
@@ -1675,15 +1680,34 @@ class Engine:
         for pos in self._exec.positions():
             own["1" if pos.side > 0 else "2"] += pos.qty
         for idx, size in positions.items():
-            if size > own.get(idx, 0.0) + 1e-12:
+            if steady and size > own.get(idx, 0.0) + 1e-12:
                 self._external(f"position idx {idx} size {size} (own {own.get(idx, 0.0)})")
+        if not steady:
+            log.info("%s reconciliation: the legs moved while they were read (own orders filling); their sizes "
+                     "are compared with own positions at the next reconciliation", why)
         self.check_stops(orders)
         self.state["wallet_equity"] = wallet.get("equity")
+        self.state["exec_since_ms"] = max(since, moment - EXEC_OVERLAP_MS)
         self.health.reconciled = True
         self._save()
         self.journals.event("reconciled", f"{why}: {len(orders)} open orders, positions {positions}",
                             orders=len(orders), positions=positions, external=self.health.external)
         return True
+
+    def _steady_reads(self, since: int) -> tuple[list[dict], list[dict], list[dict], bool]:
+        """Position rows, open orders and executions since `since`, read between two readings of the legs;
+        repeated (up to RECONCILE_READS times) until both readings agree, so that no fill happened in between
+        and the executions explain the legs exactly. The flag is False when the legs never held still."""
+        rows = self.client.positions()
+        for _ in range(RECONCILE_READS):
+            orders = self.client.open_orders()
+            executions = self.client._paged("get_executions", {"category": "linear", "symbol": self.symbol,
+                                                               "startTime": since, "limit": 100})
+            again = self.client.positions()
+            if leg_sizes(again) == leg_sizes(rows):
+                return again, orders, executions, True
+            rows = again
+        return rows, orders, executions, False
 
     def check_stops(self, orders: list[dict] | None = None) -> int:
         """Every own position leg must be covered by reduce-only stop orders for its full size; an

@@ -153,6 +153,62 @@ def test_a_failed_reconciliation_after_a_private_rebuild_blocks_entries_but_not_
     assert again["entries_allowed"] and h.requests(again, "entry"), "entries resume once reconciled"
 
 
+def test_a_fill_whose_push_was_lost_is_recovered_by_reconciliation_though_a_later_push_arrived(tmp_path,
+                                                                                                 monkeypatch):
+    """A stream down while an entry fills loses that fill's push; a later fill's push arrives. Reconciliation
+    reads the executions since its previous run, not since the newest push, so the lost fill is applied (once)
+    and the leg is not mistaken for an external position (which would pause entries)."""
+    h = Harness(tmp_path, monkeypatch, BREAKOUTS)
+    feed, lost = h.engine._on_private, []
+
+    def stream_down(topic: str, rows: list) -> None:
+        if topic == "execution":
+            lost.extend(rows)
+        else:
+            feed(topic, rows)
+    monkeypatch.setattr(h.engine, "_on_private", stream_down)
+    h.minute(0)
+    h.trade(T0 + MIN + 500)                      # the first entry fills; its execution push is lost
+    monkeypatch.setattr(h.engine, "_on_private", feed)
+    h.minute(1)
+    h.trade(T0 + 2 * MIN + 500)                  # the second entry fills; its push arrives
+    leg = live.leg_sizes(h.engine.client.positions())["1"]
+    assert lost and leg > sum(float(r["execQty"]) for r in lost) > 0
+    assert h.engine.reconcile("periodic")
+    assert h.engine.health.external == [], journal(h.engine, "events")[-1]["message"]
+    own = sum(p.qty for p in h.engine._exec.positions() if p.side > 0)
+    assert own == pytest.approx(leg)
+    fills = [r for r in journal(h.engine, "trades") if r["event"] in ("filled", "partially_filled")]
+    assert len(fills) == len({(r["order_link_id"], r["qty"], r["price"]) for r in fills}), "each fill once"
+    assert h.minute(2)["entries_allowed"]
+
+
+def test_a_fill_during_the_reconciliation_reads_is_not_taken_for_an_external_position(tmp_path, monkeypatch):
+    """The market does not wait for a reconciliation: an own resting entry fills while its REST reads are in
+    flight (after the executions were read). The legs are compared with own sizes only once they held still
+    around the reads, so the fill is applied and nothing is called external."""
+    h = Harness(tmp_path, monkeypatch, {bar_time(0): {"p_exec_long": 0.99, "p_dir_long": 0.6}},
+                "--set", "strategy.limit_offset_atr=5")
+    h.minute(0)
+    resting = [o for o in h.engine.sim.orders.values() if o.is_open and not o.reduce_only and o.link_id]
+    assert len(resting) == 1, "a maker entry rests below the market"
+    price = float(resting[0].price) * float(h.engine.client.rules.tick_size) - 0.05
+    paged = h.engine.client._paged
+
+    def fill_after_reading(method: str, params: dict) -> list[dict]:
+        rows = paged(method, params)
+        if method == "get_executions" and h.engine.sim.active:
+            with h.engine.sim_lock:   # a seller trades through the entry; its push has not arrived yet
+                h.engine.sim.on_trade(price, 1e6, "Sell", T0 + MIN + 30_000)
+        return rows
+    monkeypatch.setattr(h.engine.client, "_paged", fill_after_reading)
+    assert h.engine.reconcile("periodic")
+    done = journal(h.engine, "events")[-1]
+    assert done["event"] == "reconciled" and done["positions"]["1"] > 0, "the entry filled during the reads"
+    assert done["external"] == [] and h.engine.health.external == [], done["message"]
+    assert [r["qty"] for r in journal(h.engine, "trades") if r["event"] == "filled"] == [done["positions"]["1"]]
+
+
 @pytest.mark.parametrize("bids, asks, reason", [
     ((MID + 0.02,), (MID + 0.01,), "book invalid (crossed)"),   # best bid above best ask
     ((MID - 0.01,), (), "book invalid (empty ask side)"),
