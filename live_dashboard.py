@@ -292,9 +292,9 @@ def run_state(hb: dict, hb_time: datetime | None, online: bool, now: float) -> t
     if hb_time is not None and isinstance(hb.get("exit_code"), int):
         why = f" ({hb['stop_reason']})" if hb.get("stop_reason") else ""
         if hb["exit_code"] == 0:
-            return f" STOPPED {clock_text(hb_time, now)}{why}", False
-        return f" ENGINE EXITED {clock_text(hb_time, now)} with code {hb['exit_code']}{why}", True
-    return ("", False) if online else (" ENGINE OFFLINE", True)
+            return f"STOPPED {clock_text(hb_time, now)}{why}", False
+        return f"ENGINE EXITED {clock_text(hb_time, now)} with code {hb['exit_code']}{why}", True
+    return ("", False) if online else ("ENGINE OFFLINE", True)
 
 
 WATCHDOG_FINAL = {"gave_up": "WATCHDOG GAVE UP", "not_restarted": "WATCHDOG DID NOT RESTART"}
@@ -332,6 +332,7 @@ def engine_status(feed: SymbolFeed, now: float) -> list:
     style = {"color": "#c00000" if alarming else "inherit", "fontWeight": "bold"}
     parts = [html.Span(f"heartbeat {age:.0f} s ago, phase {hb.get('phase', '?')}" if hb_time else "no heartbeat",
                        id="heartbeat", style=style),
+             html.Span(" | " if state else ""),
              html.Span(state, id="engine-state",
                        style=style if alarming else {"color": "#5a6268", "fontWeight": "bold"}),
              html.Span(f" | reconciled: {fmt(last_eq.get('reconciled'))}"),

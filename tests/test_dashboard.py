@@ -237,7 +237,8 @@ def test_status_tells_a_clean_stop_from_a_failed_exit_and_a_dead_engine_and_coun
         browser.get(url)
         WebDriverWait(browser, WAIT).until(lambda d: shown(d, "engine-state") is not None)
         assert shown(browser, "engine-state") == (f"STOPPED {at(stopped)} (signal SIGINT)", GREY)
-        assert "OFFLINE" not in js(browser, "document.getElementById('engine-status').innerText")
+        line = js(browser, "document.getElementById('engine-status').innerText")
+        assert "OFFLINE" not in line and "phase stopping | STOPPED" in line, line
         assert shown(browser, "heartbeat")[1] != RED
         assert shown(browser, "watchdog")[0] == f"| watchdog restarts today: 2; last {at(last)}: killed by signal 9 " \
                                                 "(backoff 10 s)"
