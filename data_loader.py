@@ -207,8 +207,7 @@ def _level_array(levels: object, side: str) -> np.ndarray:
         arr = None
     if arr is not None and arr.ndim == 2 and arr.shape[1] >= 2:
         arr = np.ascontiguousarray(arr[:, :2])
-        low = arr.min(axis=0) if len(arr) else np.ones(2)   # NaN propagates into min: one test each rejects it
-        if low[0] > 0 and low[1] >= 0 and arr.max(initial=0.0) < np.inf:
+        if ob.levels_valid(arr):
             return arr
     out = np.empty((len(levels), 2))
     for i, lv in enumerate(levels):
