@@ -806,15 +806,18 @@ class OrderBook:
         """Apply absolute level sizes (0 deletes) with no sequence check (the caller sequences)."""
         self.apply_arrays(RAW, False, ts or int(self.st[LAST_TS]), u, -1, _levels(bids), _levels(asks))
 
-    def apply_bybit(self, msg: dict) -> bool:
-        """Apply a Bybit WS/archive message (u consecutive, u=1 reset, snapshot resets); True if applied."""
+    def apply_bybit(self, msg: dict, levels: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
+        """Apply a Bybit WS/archive message (u consecutive, u=1 reset, snapshot resets); True if applied.
+        levels: data.b and data.a already parsed into float (n, 2) arrays (data_loader's validated lines), so
+        they are not parsed again."""
         data = msg["data"]
         is_snap = msg["type"] == "snapshot"
         if not is_snap and msg["type"] != "delta":
             raise ValueError(f"unknown book message type {msg['type']!r}")
         pu = int(data["pu"]) if "pu" in data else int(msg.get("pu", -1))
+        bids, asks = levels or (_levels(data.get("b", [])), _levels(data.get("a", [])))
         res = self.apply_arrays(SEQUENCED, is_snap, int(msg.get("ts", 0) or self.st[LAST_TS]), int(data["u"]),
-                                pu, _levels(data.get("b", [])), _levels(data.get("a", [])))
+                                pu, bids, asks)
         return res == APPLIED
 
     def invalidate(self) -> None:

@@ -167,7 +167,7 @@ class MarketReplay:
             trades_from = (day - datetime.timedelta(days=CANDLE_DAYS)).strftime("%Y-%m-%d")
             log.info("replay from %s: book from the %s file's opening snapshot, candles from %s", day.isoformat(),
                      book_from, trades_from)
-        return cls(engine, data_loader.iter_book_messages(data_dir, book_from),
+        return cls(engine, data_loader.iter_book_messages(data_dir, book_from, levels=True),
                    data_loader.iter_trades(data_dir, trades_from), rebase_to_ms=rebase_to_ms, start_ms=start_ms)
 
     def next_ms(self) -> int | None:
@@ -215,7 +215,7 @@ class MarketReplay:
 
     def _on_book(self, msg: dict, ts: int) -> None:
         self.book_lines += 1
-        if self.book.apply_bybit(msg):
+        if self.book.apply_bybit(msg, (msg["_bids"], msg["_asks"]) if "_bids" in msg else None):
             data = msg["data"]
             self.book_u, self.book_seq = int(data["u"]), int(data.get("seq", 0))
             self.book_ts, self.book_cts = ts, int(msg.get("cts") or ts)
