@@ -207,8 +207,7 @@ def _level_array(levels: object, side: str) -> np.ndarray:
         arr = None
     if arr is not None and arr.ndim == 2 and arr.shape[1] >= 2:
         arr = np.ascontiguousarray(arr[:, :2])
-        low = arr.min(axis=0) if len(arr) else np.ones(2)   # NaN propagates into min: one test each rejects it
-        if low[0] > 0 and low[1] >= 0 and arr.max(initial=0.0) < np.inf:
+        if ob.levels_valid(arr):
             return arr
     out = np.empty((len(levels), 2))
     for i, lv in enumerate(levels):
@@ -500,8 +499,10 @@ def iter_trades(data_dir: str | Path, start: str = "", end: str = "") -> Iterato
         yield from _trade_chunks(path, files.symbol, report, budget)
 
 
-def iter_book_messages(data_dir: str | Path, start: str = "", end: str = "") -> Iterator[dict]:
-    """Parsed, validated .data messages in time order across files (bad lines counted and warned)."""
+def iter_book_messages(data_dir: str | Path, start: str = "", end: str = "", levels: bool = False) -> Iterator[dict]:
+    """Parsed, validated .data messages in time order across files (bad lines counted and warned).
+    levels: keep the float (n, 2) arrays of data.b and data.a the validation made, as `_bids` and `_asks`
+    (a replay applies them to its book instead of parsing the strings again)."""
     files = list_files(data_dir, start, end)
     budget = _WarnBudget()
     for path in files.books:
@@ -516,7 +517,8 @@ def iter_book_messages(data_dir: str | Path, start: str = "", end: str = "") -> 
                     except BadLine as exc:
                         budget.warn(path, line, f"bad book line skipped: {exc}")
                         continue
-                    del msg["_bids"], msg["_asks"]
+                    if not levels:
+                        del msg["_bids"], msg["_asks"]
                     yield msg
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             budget.warn(path, 0, f"file unreadable from here on ({exc}); earlier lines kept")

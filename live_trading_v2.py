@@ -1034,8 +1034,9 @@ class Engine:
         next_reconcile = self.clock.monotonic() + parse_duration(self.cfg.live.reconcile_interval)
         next_equity = next_stop_check = 0.0
         while not self.stop_event.is_set():
-            self.beat("settling" if self.state.get("unsettled") else
-                      "halted" if self.state.get("halted_day") == self._day() else "trading")
+            phase = ("settling" if self.state.get("unsettled") else
+                     "halted" if self.state.get("halted_day") == self._day() else "trading")
+            self.beat(phase if phase != self.phase else None)   # a pass that changes nothing: the 5 s period
             if self.args.lockstep:
                 if not self._lockstep_step():
                     self.stop_reason = "the paper exchange's data ended"

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import orjson
 from aiohttp import WSMsgType, web
 
 from config import ConfigError, VenueConfig, add_config_args, config_from_args
@@ -52,6 +53,7 @@ MAX_OUTBOX = 100_000
 ORDER_LIMIT_PER_S = 10
 CANDLE_DAYS = 8                 # days of 1-minute candles kept for the kline endpoint
 DEFAULT_LIMIT_PER_S = 50
+PUSH_BATCH = 8                  # streaming advance: messages applied between turns of the event loop
 ORDER_PATHS = {"/v5/order/create", "/v5/order/amend", "/v5/order/cancel", "/v5/order/cancel-all",
                "/v5/position/set-leverage", "/v5/position/trading-stop"}
 
@@ -165,7 +167,7 @@ class MarketReplay:
             trades_from = (day - datetime.timedelta(days=CANDLE_DAYS)).strftime("%Y-%m-%d")
             log.info("replay from %s: book from the %s file's opening snapshot, candles from %s", day.isoformat(),
                      book_from, trades_from)
-        return cls(engine, data_loader.iter_book_messages(data_dir, book_from),
+        return cls(engine, data_loader.iter_book_messages(data_dir, book_from, levels=True),
                    data_loader.iter_trades(data_dir, trades_from), rebase_to_ms=rebase_to_ms, start_ms=start_ms)
 
     def next_ms(self) -> int | None:
@@ -213,7 +215,7 @@ class MarketReplay:
 
     def _on_book(self, msg: dict, ts: int) -> None:
         self.book_lines += 1
-        if self.book.apply_bybit(msg):
+        if self.book.apply_bybit(msg, (msg["_bids"], msg["_asks"]) if "_bids" in msg else None):
             data = msg["data"]
             self.book_u, self.book_seq = int(data["u"]), int(data.get("seq", 0))
             self.book_ts, self.book_cts = ts, int(msg.get("cts") or ts)
@@ -468,12 +470,15 @@ class PaperExchange:
 
     async def advance_streaming(self, seconds: float, until_ms: int | None = None,
                                 stop_at_private: bool = False) -> None:
-        """`advance`, letting each push leave while the next message is applied: a lockstep client handles
-        them as they come (its process runs on the other core) instead of after the whole step. REST requests
-        wait for the step's end (`_market_lock`), so market state still changes only in recorded order."""
+        """`advance`, letting the pushes leave every PUSH_BATCH messages while the next ones are applied: a
+        lockstep client handles them as they come (its process runs on the other core) instead of after the
+        whole step, and the event loop turns once per batch rather than once per message. REST requests wait
+        for the step's end (`_market_lock`), so market state still changes only in recorded order."""
         async with self._market_lock:
-            for _ in self._advance_steps(seconds, until_ms, stop_at_private):
-                await asyncio.sleep(0)
+            for n, _ in enumerate(self._advance_steps(seconds, until_ms, stop_at_private), start=1):
+                if n % PUSH_BATCH == 0:
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0)   # the last batch leaves before the answer, as the earlier ones did
 
     def _advance_steps(self, seconds: float, until_ms: int | None, stop_at_private: bool) -> Iterator[None]:
         """The steps of `advance`: yields after each publish."""
@@ -978,8 +983,8 @@ class PaperExchange:
                 rows = [{"T": t.ts_ms, "s": sym, "S": t.side, "v": self.inst.qty_str(self.inst.to_lots_floor(t.size + 1e-12)),
                          "p": self.inst.price_str(self.inst.to_ticks(t.price)), "L": "ZeroPlusTick", "i": t.trade_id,
                          "BT": False, "RPI": False, "seq": self.replay.book_seq} for t in trades[i:i + 1024]]
-                out.append((topic, json.dumps({"topic": topic, "type": "snapshot", "ts": rows[-1]["T"], "data": rows}),
-                            rows[-1]["T"]))
+                frame = {"topic": topic, "type": "snapshot", "ts": rows[-1]["T"], "data": rows}
+                out.append((topic, orjson.dumps(frame).decode(), rows[-1]["T"]))
         reset = self.faults.book_reset
         self.faults.book_reset = False
         force = self.per_message and self.replay.book_updates != self._book_updates_sent
@@ -991,7 +996,7 @@ class PaperExchange:
             if moved and (topic in subscribed or depth in self.book_topics):
                 msg = self._book_update(topic, depth, reset, force)
                 if msg is not None:
-                    out.append((topic, json.dumps(msg), msg["ts"]))
+                    out.append((topic, orjson.dumps(msg).decode(), msg["ts"]))
         topic = f"tickers.{sym}"
         if topic in subscribed:
             ticker = self._ticker()
