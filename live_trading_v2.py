@@ -474,21 +474,6 @@ def restate_on_new_day(book: ob.OrderBook, lock: threading.RLock, ts_ms: int, da
     return max(day, today)
 
 
-def load_book_kernels(levels: int, bar_ms: int) -> None:
-    """Run the compiled kernels of the live book path once on a two-level book: snapshot and delta, the
-    sampling clock, top of book, stats and the bar reduction. They load from numba's on-disk cache (compiled
-    on the first run of a fresh checkout), here rather than on the stream thread, where a first use stops
-    every message queued behind it for seconds (a subscription ack among them)."""
-    book = ob.OrderBook(capacity=16, sample_interval_ms=1000, levels=levels)
-    for kind, u, ts in (("snapshot", 1, 500), ("delta", 2, 1500)):
-        book.apply_bybit({"type": kind, "ts": ts, "data": {"b": [["1.0", "1"]], "a": [["1.1", "1"]], "u": u}})
-    book.advance(bar_ms)
-    book.flush_samples()
-    ob.partial_book_bars(book.drain_samples(), bar_ms)
-    book.top(1 << 62)
-    book.stats(levels)
-
-
 # ---------------------------------------------------------------- warm-up
 def empty_bars() -> pd.DataFrame:
     """No bars: BAR_COLUMNS over an empty UTC DatetimeIndex (so time comparisons still work)."""
@@ -897,8 +882,8 @@ class Engine:
     def _load_kernels(self) -> None:
         """The book path, features and probabilities once, before any stream starts: the first live bar does not
         pay for loading the compiled kernels and LightGBM (about 0.7 s), nor the stream thread (see
-        load_book_kernels); results unused."""
-        load_book_kernels(self.cfg.data.ob_levels, self.bar_ms)
+        orderbook.load_kernels); results unused."""
+        ob.load_kernels(self.cfg.data.ob_levels, self.bar_ms)
         feats = feature_engine.compute_features(self.window, self.cfg)
         if self.bundle is not None and len(feats):
             self.bundle.predict(feats.iloc[-1:])

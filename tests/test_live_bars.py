@@ -234,15 +234,16 @@ def test_a_start_inside_a_bar_waits_only_for_the_book_features(market, tmp_path)
 
 
 def test_the_book_kernels_are_loaded_before_the_streams_start(market):
-    """After load_book_kernels (the engine's warm-up), the stream's own work on recorded messages (apply, sample,
+    """After orderbook.load_kernels (the engine's warm-up), the stream's own work on recorded messages (apply,
+    sample,
     top, stats, bar reduction) compiles or loads no further kernel: none is left for the stream thread."""
     import subprocess
     import sys
     from live_support import ROOT
     probe = f"""
-import numba, data_loader, live_trading_v2 as lt, orderbook as ob
+import numba, data_loader, orderbook as ob
 kernels = lambda: {{n: len(f.signatures) for n, f in vars(ob).items() if isinstance(f, numba.core.registry.CPUDispatcher)}}
-lt.load_book_kernels(50, 60_000)
+ob.load_kernels(50, 60_000)
 warmed = kernels()
 book = ob.OrderBook(capacity=4096, sample_interval_ms=1000, levels=50)
 for i, msg in zip(range(40), data_loader.iter_book_messages({str(market)!r})):
@@ -253,6 +254,32 @@ ob.partial_book_bars(book.drain_samples(), 60_000)
 book.top(1 << 62), book.stats(50)
 assert kernels() == warmed, (warmed, kernels())
 assert all(warmed[k] for k in ("on_message", "advance_clock", "book_stats", "_reduce_bars")), warmed
+"""
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_paper_exchange_loads_the_book_kernels_before_it_listens(market):
+    """Once `PaperExchange.start()` has returned (the port is open), replaying the recorded messages compiles or
+    loads no further book kernel: no first request waits behind a compile on the event loop (in a fresh
+    checkout about 20 s, which a client's clock check took for clock skew)."""
+    import subprocess
+    import sys
+    from live_support import ROOT
+    probe = f"""
+import asyncio, numba, orderbook as ob
+from paper_exchange import build_exchange
+kernels = lambda: {{n: len(f.signatures) for n, f in vars(ob).items() if isinstance(f, numba.core.registry.CPUDispatcher)}}
+ex = build_exchange({str(market)!r}, start="2026-01-01")   # the data's first day: no message applied yet
+async def started():
+    await ex.start()
+    await ex.stop()
+asyncio.run(started())
+loaded = kernels()
+ex.advance(600.0)
+assert ex.replay.book_updates > 50, ex.replay.book_updates
+assert kernels() == loaded, (loaded, kernels())
+assert loaded["on_message"], loaded
 """
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
