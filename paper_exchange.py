@@ -418,12 +418,7 @@ class PaperExchange:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Load the book kernels, bind (127.0.0.1 only by default) and start the replay clock; returns the base
-        URL. Loading first means a client is answered as soon as the port is open (in a fresh checkout the
-        first advance would otherwise compile them on the event loop, about 20 s during which no request is
-        answered and a client's clock check measures that delay as skew)."""
-        import orderbook
-        orderbook.load_kernels()
+        """Bind (127.0.0.1 only by default) and start the replay clock; returns the base URL."""
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)

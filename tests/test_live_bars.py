@@ -259,31 +259,6 @@ assert all(warmed[k] for k in ("on_message", "advance_clock", "book_stats", "_re
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_the_paper_exchange_loads_the_book_kernels_before_it_listens(market):
-    """Once `PaperExchange.start()` has returned (the port is open), replaying the recorded messages compiles or
-    loads no further book kernel: no first request waits behind a compile on the event loop (in a fresh
-    checkout about 20 s, which a client's clock check took for clock skew)."""
-    import subprocess
-    import sys
-    from live_support import ROOT
-    probe = f"""
-import asyncio, numba, orderbook as ob
-from paper_exchange import build_exchange
-kernels = lambda: {{n: len(f.signatures) for n, f in vars(ob).items() if isinstance(f, numba.core.registry.CPUDispatcher)}}
-ex = build_exchange({str(market)!r}, start="2026-01-01")   # the data's first day: no message applied yet
-async def started():
-    await ex.start()
-    await ex.stop()
-asyncio.run(started())
-loaded = kernels()
-ex.advance(600.0)
-assert ex.replay.book_updates > 50, ex.replay.book_updates
-assert kernels() == loaded, (loaded, kernels())
-assert loaded["on_message"], loaded
-"""
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-
 
 def truncated_before(market, root, end_ms: int):
     """A copy of the market's files holding only what was recorded before end_ms."""
