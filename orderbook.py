@@ -1089,12 +1089,12 @@ def aggregate_book_samples(samples: np.ndarray, bar_seconds: int) -> pd.DataFram
     return finalize_book_bars(partial_book_bars(samples, bar_seconds * 1000))
 
 
-def load_kernels(levels: int = 50, bar_ms: int = 60_000) -> None:
+def load_kernels(levels: int, bar_ms: int) -> None:
     """Run the compiled kernels of the book path once on a two-level book: snapshot and delta, the sampling
     clock, top of book, stats and the bar reduction. They load from numba's on-disk cache, or are compiled on
-    the first run of a fresh checkout (about 20 s on 2 cores). A server calls this before it listens and the
-    live engine before its streams start: a first use later stops everything queued behind it (a request,
-    a subscription ack) for that long."""
+    the first run of a fresh checkout (about 20 s on 2 cores). The live engine calls this before its streams
+    start: a first use on the stream thread stops every message queued behind it (a subscription ack among
+    them) for that long."""
     book = OrderBook(capacity=16, sample_interval_ms=1000, levels=levels)
     for kind, u, ts in (("snapshot", 1, 500), ("delta", 2, 1500)):
         book.apply_bybit({"type": kind, "ts": ts, "data": {"b": [["1.0", "1"]], "a": [["1.1", "1"]], "u": u}})
