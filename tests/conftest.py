@@ -20,6 +20,22 @@ def realdata() -> Path:
     return REALDATA
 
 
+@pytest.fixture(autouse=True)
+def root_logging_restored():
+    """A CLI `main()` called in-process may attach a handler to the stream the test captures (`logging.basicConfig`
+    on capsys's stderr); once that stream is closed, every later log line of the session would print a
+    '--- Logging error ---' traceback. Each test leaves the root logger's handlers and level as it found them."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
 MISSING_DAY = "2026-01-03"
 
 
