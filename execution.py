@@ -319,19 +319,24 @@ class Execution:
             return stop is not None and stop.status not in TERMINAL and not stop.cancel_requested
         return sorted((p for p in self.slots if p is not None and p.side == side), key=stands)
 
-    def adopt_attached_stop(self, order_id: str, side: str, trigger: float, qty: float) -> str | None:
+    def adopt_attached_stop(self, order_id: str, side: str, trigger: float, qty: float, ts_ms: int) -> str | None:
         """The stop the exchange makes from an entry's attached stopLoss (tpslMode=Partial: a reduce-only
         conditional order with NO orderLinkId, stopOrderType PartialStopLoss, one per partial fill) as an order
         of the open position it protects, kind "sl" (key "<SYM>|attached|<orderId>", never sent), so its fill
         closes that position here like the own stop's: the TP is cancelled and nothing else is closed. Returns
         the id to feed its events under. Matched once, by the closing `side` ("Buy"/"Sell") and `trigger` (= the
         entry's stop_loss; NaN when the report has none, as execution records: then the leg's first position
-        without a standing own stop); `qty` its size (0: the position's). None when no open position matches."""
+        without a standing own stop); `qty` its size (0: the position's); `ts_ms` the report's time (execTime,
+        or the order's createdTime): a stop never belongs to a position whose entry filled after it, so an old
+        report (a re-read execution of a forgotten position) is never taken for today's. None when no open
+        position matches."""
         key = f"{self.symbol}|attached|{order_id}"
         if order_link_id(key) in self.orders:
             return order_link_id(key)
         leg = SIDE_OF.get(side)
         for pos in self.unprotected_first(-leg) if leg is not None else []:
+            if pos.entry_ts_ms > ts_ms:
+                continue
             entry = self.orders[pos.position_id].request
             if entry.stop_loss is not None and (math.isnan(trigger) or
                                                 math.isclose(entry.stop_loss, trigger, rel_tol=0, abs_tol=1e-9)):

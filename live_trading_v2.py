@@ -49,6 +49,7 @@ import pandas as pd
 
 import data_loader
 import exchange_client as exc
+import execution
 import feature_engine
 import orderbook as ob
 from config import (ConfigError, GlobalConfig, LiveSettings, add_config_args, atomic_write_text, config_from_args,
@@ -69,7 +70,11 @@ BYBIT_DEPTHS = (1, 50, 200, 500)
 RECENT_TRADES_LIMIT = 1000      # Bybit V5 GET /v5/market/recent-trade: linear limit 1-1000
 KLINE_PAGE = 1000               # Bybit V5 GET /v5/market/kline: limit 1-1000 per page
 PROB_COLUMNS = ("p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short")
-EXEC_OVERLAP_MS = 60_000        # reconciliation re-reads executions this far before the previous one (clock skew)
+LOCKSTEP_PERIOD_BARS = execution.PRUNE_BARS // 2   # see Engine._every
+EXEC_OVERLAP_MS = 60_000        # reconciliation re-reads executions this far before the previous one (clock skew).
+                                # Invariant (prepare refuses otherwise): the interval plus this overlap is shorter
+                                # than execution.PRUNE_BARS bars, so a re-read never meets an execution of an order
+                                # the lifecycle has forgotten (its exec id dropped with it: it would look new)
 RECONCILE_READS = 3             # tries at reading the legs still around the orders and executions
 
 
@@ -119,6 +124,12 @@ class Clock:
                 return self.seen_ms
             return self.seen_ms + int((self.monotonic() - self._seen_mono) * 1000)
         return max(self.seen_ms, int(self.wall_ms() + self.offset_ms))
+
+    def schedule_s(self) -> float:
+        """Seconds on the clock the periodic jobs (reconciliation, stop guard, equity record) run on: market
+        time in lockstep, so a replay does the same work at the same market moments however loaded the machine
+        is (30 s of market time pass in milliseconds there); the monotonic clock otherwise."""
+        return self.seen_ms / 1000.0 if self.lockstep else self.monotonic()
 
 
 def iso(ms: int) -> str:
@@ -346,6 +357,11 @@ def prepare(args: argparse.Namespace, env: dict | None = None) -> Setup:
     if mode in ("testnet", "demo", "live") and not edge and not args.allow_no_edge:
         raise Refusal(EXIT_CONFIG, f"the model at {model_dir} has no EDGE verdict: refusing {mode} trading "
                                    "(use --allow-no-edge to trade it anyway)")
+    reach = (parse_duration(live.reconcile_interval) * 1000 + EXEC_OVERLAP_MS) / 1000
+    if reach >= execution.PRUNE_BARS * timeframe_seconds(cfg.data.timeframe):
+        raise Refusal(EXIT_CONFIG, f"live.reconcile_interval {live.reconcile_interval}: reconciliation re-reads "
+                                   f"executions {reach:.0f} s back, as far as the lifecycle keeps settled orders "
+                                   f"({execution.PRUNE_BARS} bars of {cfg.data.timeframe}); it must be shorter")
     if args.lockstep and mode != "paper":
         raise Refusal(EXIT_CONFIG, "--lockstep drives a paper exchange's clock: it needs --paper")
     if args.cfg_data_dir and not Path(args.cfg_data_dir).is_dir():
@@ -1016,7 +1032,9 @@ class Engine:
 
     # ------------------------------------------------------------ main loop
     def _loop(self) -> None:
-        next_reconcile = self.clock.monotonic() + parse_duration(self.cfg.live.reconcile_interval)
+        reconcile_every = self._every(parse_duration(self.cfg.live.reconcile_interval))
+        next_reconcile = self.clock.schedule_s() + reconcile_every
+        equity_every = self._every(parse_duration(self.cfg.live.heartbeat_interval))
         next_equity = next_stop_check = 0.0
         while not self.stop_event.is_set():
             phase = ("settling" if self.state.get("unsettled") else
@@ -1030,20 +1048,20 @@ class Engine:
                 self._drain(timeout=0.2)
                 for bar in self._bars.tick(self.clock.exchange_ms()):
                     self.on_bar(bar)
-            now = self.clock.monotonic()
+            now = self.clock.schedule_s()
             if self._exec is not None:
                 if self.state.get("unsettled"):
                     self._settle_unknown()
                 if now >= next_stop_check:
                     self._guard_stops()
-                    next_stop_check = now + 1.0
+                    next_stop_check = now + self._every(1.0)
                 rebuilt = self._private_rebuilt()
                 if now >= next_reconcile or rebuilt:
                     self.reconcile("after a private-stream rebuild" if rebuilt else "periodic")
-                    next_reconcile = now + parse_duration(self.cfg.live.reconcile_interval)
+                    next_reconcile = now + reconcile_every
             if now >= next_equity:
                 self._journal_equity()
-                next_equity = now + parse_duration(self.cfg.live.heartbeat_interval)
+                next_equity = now + equity_every
             if self._state_dirty:
                 self._save()
             if self.args.max_bars and self.bars_closed >= self.args.max_bars:
@@ -1070,6 +1088,14 @@ class Engine:
         outcome): the state file, rewritten on every event, then stays as small on day 100 as on day 1."""
         keep = open_links | set(self._exec.orders) | set(self.state.get("unsettled", {}))
         self.links = {k: v for k, v in self.links.items() if k in keep}
+
+    def _every(self, seconds: float) -> float:
+        """A periodic job's interval on `Clock.schedule_s`: `seconds`, and in lockstep at least
+        LOCKSTEP_PERIOD_BARS bars of market time. There the exchange waits for the engine and every push is
+        handled before the next step, so the stop guard, the equity record and reconciliation find only what a
+        fault made, while their REST reads cost more than a bar's decision; reconciliation then still re-reads
+        less than execution.PRUNE_BARS bars back."""
+        return max(seconds, LOCKSTEP_PERIOD_BARS * self.bar_ms / 1000) if self.args.lockstep else seconds
 
     def _guard_stops(self) -> None:
         """Check stop coverage whenever a position leg is open (each fill is covered within about a second)."""
@@ -1384,7 +1410,6 @@ class Engine:
     # ------------------------------------------------------------ orders
     def _load_execution(self) -> Any:
         """The order lifecycle (execution.py), restored losslessly from the state file."""
-        import execution
         text = self.state.get("execution")
         try:
             return execution.Execution.from_json(text, self.cfg) if text else execution.Execution(self.cfg,
@@ -1551,7 +1576,6 @@ class Engine:
 
     def _feed(self, topic: str, row: dict) -> None:
         """One order/execution record (WS push, REST lookup or simulator) as an ExecEvent."""
-        import execution
         if self._exec is None:
             return
         link = self._request_id(row)
@@ -1594,11 +1618,13 @@ class Engine:
             return wire if wire in self._exec.orders else None
         order_id, side = str(row["orderId"]), str(row.get("side"))
         trigger, qty = float(row.get("triggerPrice") or math.nan), float(row.get("qty") or row.get("orderQty") or 0)
+        reported = int(row.get("execTime") or row.get("createdTime") or self.clock.exchange_ms())
         known = len(self._exec.orders)
-        link = self._exec.adopt_attached_stop(order_id, side, trigger, qty)
+        link = self._exec.adopt_attached_stop(order_id, side, trigger, qty, reported)
         if link is not None and len(self._exec.orders) > known:   # journaled, so a replay adopts it the same way
             self.journals.write("trades", {"event": "adopted", "order_link_id": link, "order_id": order_id,
                                            "side": side, "kind": "sl", "price": trigger, "qty": qty,
+                                           "report_ms": reported,
                                            "position_id": self._exec.orders[link].request.position_id,
                                            "reason": "attached stopLoss"})
         return link

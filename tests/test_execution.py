@@ -430,16 +430,26 @@ def test_a_fill_of_the_entrys_attached_stop_closes_the_position_and_cancels_its_
     closes that position (journaled as sl), cancels the TP and the own stop, and closes nothing else."""
     ex, entry, _ = filled_long()
     pos = ex.slots[0]
-    assert ex.adopt_attached_stop("o-9", "Sell", 90.0, 50.0) is None          # another level
-    assert ex.adopt_attached_stop("o-9", "Buy", 97.5, 50.0) is None           # the short leg's closing side
-    link = ex.adopt_attached_stop("o-9", "Sell", 97.5, 50.0)
-    assert link and ex.adopt_attached_stop("o-9", "Sell", math.nan, 0.0) == link and link not in \
+    assert ex.adopt_attached_stop("o-9", "Sell", 90.0, 50.0, ms(2)) is None          # another level
+    assert ex.adopt_attached_stop("o-9", "Buy", 97.5, 50.0, ms(2)) is None           # the short leg's closing side
+    link = ex.adopt_attached_stop("o-9", "Sell", 97.5, 50.0, ms(2))
+    assert link and ex.adopt_attached_stop("o-9", "Sell", math.nan, 0.0, ms(2)) == link and link not in \
         [r.order_link_id for r in ex.pending()], "adopted once, never sent"
     res = ex.on_event(ExecEvent("fill", link, ms(2), exec_id="a1", qty=50.0, price=97.4, fee=2.0))
     assert res.status == "applied" and res.journal[0]["event"] == "sl" and ex.positions() == []
     assert {(r.action, r.order_link_id) for r in res.requests} == {("cancel", pos.tp_link), ("cancel", pos.sl_link)}
     assert ex.cash == pytest.approx(10_000.0 - 0.99 + 50 * (97.4 - 99.5) - 2.0)
-    assert ex.adopt_attached_stop("o-10", "Sell", 97.5, 50.0) is None         # no open position left to match
+    assert ex.adopt_attached_stop("o-10", "Sell", 97.5, 50.0, ms(2)) is None         # no open position left to match
+
+
+def test_a_stop_reported_before_a_position_filled_is_never_adopted_for_it():
+    """A re-read execution of an older position's attached stop (its position long closed and forgotten) comes
+    with the leg's closing side and, from the execution list, no trigger: it must not be taken for the stop of
+    the position open now, whose entry filled after that execution."""
+    ex, _, _ = filled_long()
+    pos = ex.slots[0]
+    assert ex.adopt_attached_stop("o-old", "Sell", math.nan, 0.0, pos.entry_ts_ms - 1) is None
+    assert ex.adopt_attached_stop("o-new", "Sell", math.nan, 0.0, pos.entry_ts_ms) is not None
 
 
 def test_rejected_and_cancelled_entries_stop_resting_and_repeats_are_reported():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 
 import pytest
 
@@ -43,6 +44,8 @@ def test_bad_arguments_keys_model_and_state_exit_2_before_any_network(tmp_path, 
     assert "no model" in refused(tmp_path, monkeypatch, "--model-dir", str(tmp_path / "nowhere"))
     assert "--data-dir" in refused(tmp_path, monkeypatch, *m, "--data-dir", str(tmp_path / "nowhere"))
     assert "live.mode" in refused(tmp_path, monkeypatch, *m, "--set", "live.mode=live")
+    text = refused(tmp_path, monkeypatch, *m, "--set", "live.reconcile_interval=10m")  # 1m bars: kept 10 bars
+    assert "live.reconcile_interval 10m" in text and "660 s back" in text
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / f"bot_state_{SYMBOL}_dry-run.json").write_text(json.dumps({"version": 99}))
     assert "newer than this engine" in refused(tmp_path, monkeypatch, *m)
@@ -56,6 +59,17 @@ def test_a_corrupt_model_file_is_a_refusal_naming_it_not_a_crash_to_restart(tmp_
     assert live.main(["--symbol", SYMBOL, "--model-dir", str(model)], env={}) == live.EXIT_CONFIG
     err = capsys.readouterr().err
     assert "features.json: not a readable model bundle" in err and "Traceback" not in err
+
+
+def test_lockstep_runs_the_periodic_jobs_on_market_time_and_the_other_modes_on_the_monotonic_clock():
+    """Reconciliation, the stop guard and the equity record come due by market time in lockstep, however long
+    the machine took for a step (there 30 s of market time pass in milliseconds, and a wall-clock schedule
+    would reconcile at load-dependent market moments, re-reading executions from hours back)."""
+    lockstep, paced = live.Clock(market=True, lockstep=True), live.Clock(market=True)
+    for clock in (lockstep, paced):
+        clock.saw(1_767_312_000_000)
+    assert lockstep.schedule_s() == 1_767_312_000.0
+    assert paced.schedule_s() == pytest.approx(time.monotonic(), abs=5.0)
 
 
 def test_dry_run_is_the_default_and_paper_uses_the_paper_profile(tmp_path, monkeypatch):
