@@ -160,7 +160,8 @@ def _clean(x: Any) -> Any:
 
 class Journals:
     """Append-only JSON-lines files `logs/<name>_<SYM>.jsonl`; each record is one write() of one line
-    (O_APPEND), so a reader never sees half a record. Every record carries ts, time, symbol and mode."""
+    (O_APPEND), so a reader never sees half a record. Every record carries ts (the record's own, such as a
+    fill's execution time, else the clock's), time (the same moment in ISO), symbol and mode."""
 
     def __init__(self, log_dir: Path, symbol: str, mode: str, clock: Clock):
         self.dir, self.symbol, self.mode, self.clock = log_dir, symbol, mode, clock
@@ -173,8 +174,9 @@ class Journals:
         return self.dir / f"{name}_{self.symbol}.jsonl"
 
     def write(self, name: str, record: dict) -> dict:
-        ms = self.clock.exchange_ms() or self.clock.wall_ms()
-        rec = {"ts": ms, "time": iso(ms), "symbol": self.symbol, "mode": self.mode, **_clean(record)}
+        fields = _clean(record)
+        ms = fields.pop("ts", None) or self.clock.exchange_ms() or self.clock.wall_ms()
+        rec = {"ts": ms, "time": iso(ms), "symbol": self.symbol, "mode": self.mode, **fields}
         line = (json.dumps(rec, default=_json_default, allow_nan=False) + "\n").encode()
         with self.lock:
             fd = self._fds.get(name)

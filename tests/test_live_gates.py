@@ -297,7 +297,8 @@ def test_log_features_journals_each_bars_feature_vector(tmp_path, monkeypatch):
 
 def test_a_paper_engines_journal_is_stamped_with_wall_time_until_the_exchange_speaks(tmp_path, monkeypatch):
     """Paper time is the market's: before the first exchange stamp it is unknown (0), so a journal record made
-    then (model_loaded) carries the wall clock, never a 1970 time of a few ms; after it, the market's."""
+    then (model_loaded) carries the wall clock, never a 1970 time of a few ms; after it, the market's. A record
+    with its own ts (a fill's execution time) has its ISO time from that ts, not from the moment it was written."""
     clock = live.Clock(market=True)
     journals = live.Journals(tmp_path, SYMBOL, "paper", clock)
     monkeypatch.setattr(clock, "wall_ms", lambda: T0 + 123)
@@ -307,6 +308,9 @@ def test_a_paper_engines_journal_is_stamped_with_wall_time_until_the_exchange_sp
     clock.saw(T0 - MIN)
     assert journals.write("events", {"event": "reconciled"})["ts"] >= T0 - MIN
     assert journals.write("events", {"event": "reconciled"})["ts"] < T0
+    fill = journals.write("trades", {"event": "filled", "ts": T0 - 3 * MIN})   # a fill reported late keeps its time
+    assert fill["ts"] == T0 - 3 * MIN and fill["time"] == live.iso(T0 - 3 * MIN)
+    assert json.loads(journals.path("trades").read_text().splitlines()[-1])["time"] == fill["time"]
 
 
 def test_the_intrabar_kill_switch_sees_every_price_of_a_trade_push(tmp_path, monkeypatch):
