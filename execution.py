@@ -82,10 +82,11 @@ STATUS_RANK = {"pending": 0, "accepted": 1, "triggered": 2, "partially_filled": 
 QTY_TOL = 1e-9          # relative tolerance of "the whole order / position" in quantity comparisons
 EXIT_EVENT = {"time": "time_exit", "kill_switch": "kill_exit", "stop_refused": "sl"}
 EXIT_FAILED = ("cancelled", "rejected", "expired")   # an exit settled without closing its position: known outcome
-PRUNE_BARS = 10         # settled orders of closed positions are kept this many bars. The state file is written on
-                        # every batch of events, so its size is the engine's cost per event (at 60 bars a busy
-                        # engine wrote 95 KB twice a bar). A late event for a pruned order is reported "unknown",
-                        # never applied; a position's orders stay while it is open; reconciliation settles the rest
+PRUNE_BARS = 10         # settled orders of closed positions are kept this many bars after they settled. The state
+                        # file is written on every batch of events, so its size is the engine's cost per event (at
+                        # 60 bars a busy engine wrote 95 KB twice a bar). A late event for a pruned order is
+                        # reported "unknown", never applied; a position's orders stay while it is open;
+                        # reconciliation settles the rest
 
 
 def order_link_id(intent: str) -> str:
@@ -156,6 +157,7 @@ class Order:
     tp_dist: float = math.nan  # entries: exit distances from the fill
     sl_dist: float = math.nan
     exec_ids: list[str] = field(default_factory=list)
+    settled_bar: int | None = None   # index of the first bar close that saw it settled: pruning counts from it
 
 
 @dataclass
@@ -270,11 +272,17 @@ class Execution:
         return requests + [self._cancel(o, "kill_switch") for o in self._open_entries()]
 
     def _prune(self) -> None:
-        """Forget settled orders older than PRUNE_BARS whose position is closed (late events for them are
-        then reported as unknown), so the state file stays small."""
+        """Forget orders settled PRUNE_BARS bars ago or more whose position is closed (late events for them are
+        then reported as unknown), so the state file stays small. Counted from the settlement, not the request:
+        a stop requested long ago that filled a moment ago keeps its exec ids through the next reconciliations,
+        whose re-read of recent executions would otherwise take its fill for a new one."""
         live = {p.position_id for p in self.slots if p is not None}
         for link, order in list(self.orders.items()):
-            if order.status in TERMINAL and order.bar < self.bar - PRUNE_BARS and order.request.position_id not in live:
+            if order.status not in TERMINAL:
+                continue
+            if order.settled_bar is None:
+                order.settled_bar = self.bar
+            if order.settled_bar < self.bar - PRUNE_BARS and order.request.position_id not in live:
                 del self.orders[link]
                 for exec_id in order.exec_ids:
                     self.seen_exec.pop(exec_id, None)
@@ -651,9 +659,13 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 
 def _load(cls: type, data: dict):
-    """A dataclass from its asdict() form; None in a plain float field is NaN again."""
+    """A dataclass from its asdict() form; None in a plain float field is NaN again. A field with a default
+    that the data lacks (a state file written before the field existed) keeps its default."""
     kwargs = {}
     for f in dataclasses.fields(cls):
+        if f.name not in data and (f.default is not dataclasses.MISSING
+                                   or f.default_factory is not dataclasses.MISSING):
+            continue
         value = data[f.name]
         kwargs[f.name] = math.nan if value is None and f.type == "float" else value
     return cls(**kwargs)

@@ -442,6 +442,35 @@ def test_a_fill_of_the_entrys_attached_stop_closes_the_position_and_cancels_its_
     assert ex.adopt_attached_stop("o-10", "Sell", 97.5, 50.0, ms(2)) is None         # no open position left to match
 
 
+def test_a_settled_order_is_forgotten_prune_bars_after_it_settled_not_after_it_was_requested():
+    """The stop of a position held 15 bars fills: a re-read of that fill (reconciliation re-reads recent
+    executions) stays a duplicate for PRUNE_BARS bars after the fill, though the stop was requested long before;
+    only then is the order forgotten (a late event for it is reported unknown, never applied)."""
+    from execution import PRUNE_BARS
+    ex, _, _ = filled_long()
+    pos = ex.slots[0]
+    for i in range(1, 15):
+        close(ex, i)
+    fill = ExecEvent("fill", pos.sl_link, ms(15) - 1, exec_id="s1", qty=pos.qty, price=97.4, fee=1.0)
+    assert ex.on_event(fill).status == "applied" and ex.positions() == []
+    for i in range(15, 16 + PRUNE_BARS):
+        close(ex, i)
+        assert ex.on_event(fill).status == "duplicate", f"bar {i}: the fill would be applied again"
+    close(ex, 16 + PRUNE_BARS)
+    assert ex.on_event(fill).status == "unknown" and pos.sl_link not in ex.orders
+
+
+def test_a_state_file_written_before_settled_bar_existed_still_loads():
+    """Orders in an older state file lack `settled_bar`: they load with it unset, and pruning counts from the
+    next bar close that sees them settled."""
+    ex, entry, _ = filled_long()
+    state = json.loads(ex.to_json())
+    for order in state["orders"]:
+        del order["settled_bar"]
+    old = Execution.from_json(json.dumps(state), make_cfg())
+    assert old.orders[entry.order_link_id].settled_bar is None and old.to_json() == ex.to_json()
+
+
 def test_a_stop_reported_before_a_position_filled_is_never_adopted_for_it():
     """A re-read execution of an older position's attached stop (its position long closed and forgotten) comes
     with the leg's closing side and, from the execution list, no trigger: it must not be taken for the stop of
