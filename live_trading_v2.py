@@ -126,10 +126,11 @@ class Clock:
         return max(self.seen_ms, int(self.wall_ms() + self.offset_ms))
 
     def schedule_s(self) -> float:
-        """Seconds on the clock the periodic jobs (reconciliation, stop guard, equity record) run on: market
-        time in lockstep, so a replay does the same work at the same market moments however loaded the machine
-        is (30 s of market time pass in milliseconds there); the monotonic clock otherwise."""
-        return self.seen_ms / 1000.0 if self.lockstep else self.monotonic()
+        """Seconds on the clock the periodic jobs (reconciliation, stop guard, equity record) run on: in paper
+        mode market time, so a replay does the same work at the same market moments however loaded the machine
+        is (in lockstep 30 s of market time pass in milliseconds; at --speed 60 in half a second), and
+        reconciliation re-reads the same span of market time in every mode; the monotonic clock otherwise."""
+        return self.exchange_ms() / 1000.0 if self.market else self.monotonic()
 
 
 def iso(ms: int) -> str:

@@ -61,15 +61,17 @@ def test_a_corrupt_model_file_is_a_refusal_naming_it_not_a_crash_to_restart(tmp_
     assert "features.json: not a readable model bundle" in err and "Traceback" not in err
 
 
-def test_lockstep_runs_the_periodic_jobs_on_market_time_and_the_other_modes_on_the_monotonic_clock():
-    """Reconciliation, the stop guard and the equity record come due by market time in lockstep, however long
-    the machine took for a step (there 30 s of market time pass in milliseconds, and a wall-clock schedule
-    would reconcile at load-dependent market moments, re-reading executions from hours back)."""
-    lockstep, paced = live.Clock(market=True, lockstep=True), live.Clock(market=True)
-    for clock in (lockstep, paced):
+def test_paper_runs_the_periodic_jobs_on_market_time_and_live_on_the_monotonic_clock():
+    """Reconciliation, the stop guard and the equity record come due by market time in paper mode, however
+    long the machine took for a lockstep step or however fast a paced replay runs (a wall-clock schedule
+    reconciled at load-dependent market moments and re-read executions from hours back); live by the
+    monotonic clock, which no clock adjustment moves."""
+    lockstep, paced, venue = live.Clock(market=True, lockstep=True), live.Clock(market=True), live.Clock()
+    for clock in (lockstep, paced, venue):
         clock.saw(1_767_312_000_000)
     assert lockstep.schedule_s() == 1_767_312_000.0
-    assert paced.schedule_s() == pytest.approx(time.monotonic(), abs=5.0)
+    assert paced.schedule_s() == pytest.approx(1_767_312_000.0, abs=5.0)
+    assert venue.schedule_s() == pytest.approx(time.monotonic(), abs=5.0)
 
 
 def test_dry_run_is_the_default_and_paper_uses_the_paper_profile(tmp_path, monkeypatch):
