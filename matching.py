@@ -36,6 +36,7 @@ MAINT_MARGIN_RATE = 0.005
 MAX_ACTIVE_ORDERS = 500
 FUNDING_INTERVAL_MS = 8 * 3600 * 1000
 PRICE_LIMIT_RATIO = 0.1
+SEVEN_DAYS_MS = 7 * 86_400_000   # Bybit V5 list queries (executions): the widest startTime..endTime window
 
 
 class ExchangeError(Exception):
@@ -669,7 +670,9 @@ class MatchingEngine:
         return {"list": [self.wallet_record()]}
 
     def execution_list(self, p: dict) -> dict:
-        """/v5/execution/list: fills newest first, filtered by order id / link id / time window."""
+        """/v5/execution/list: fills newest first, filtered by order id / link id / time window. The window is
+        at most 7 days (Bybit V5): none given -> the last 7 days; startTime alone -> [startTime, startTime + 7
+        days]; endTime alone -> [endTime - 7 days, endTime]; both further apart -> 10001."""
         rows = list(self.executions)
         rows.reverse()
         oid, lid = p.get("orderId"), p.get("orderLinkId")
@@ -679,14 +682,23 @@ class MatchingEngine:
             rows = [e for e in rows if e.link_id == lid]
         if p.get("execType"):
             rows = [e for e in rows if e.exec_type == p["execType"]]
-        start, end = _int(p, "startTime", 0), _int(p, "endTime", 0)
-        if start:
-            rows = [e for e in rows if e.time >= start]
-        if end:
-            rows = [e for e in rows if e.time <= end]
+        start, end = self._seven_days(_int(p, "startTime", 0), _int(p, "endTime", 0))
+        rows = [e for e in rows if start <= e.time <= end]
         out = self._page(p, [self.execution_record(e) for e in rows], min(max(_int(p, "limit", 50), 1), 100))
         out["category"] = "linear"
         return out
+
+    def _seven_days(self, start: int, end: int) -> tuple[int, int]:
+        """The [start, end] ms window of a 7-day-limited list query (see execution_list)."""
+        if start and end:
+            if end - start > SEVEN_DAYS_MS:
+                raise ExchangeError(10001, "params error: the time range between startTime and endTime "
+                                           "cannot exceed 7 days")
+            return start, end
+        if start:
+            return start, start + SEVEN_DAYS_MS
+        end = end or self.now_ms
+        return end - SEVEN_DAYS_MS, end
 
     def closed_pnl_list(self, p: dict) -> dict:
         """/v5/position/closed-pnl: one row per closing order, newest first."""

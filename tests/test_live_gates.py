@@ -183,6 +183,31 @@ def test_a_fill_whose_push_was_lost_is_recovered_by_reconciliation_though_a_late
     assert h.minute(2)["entries_allowed"]
 
 
+def test_reconciliation_after_more_than_a_week_reads_every_seven_day_window_up_to_now(tmp_path, monkeypatch):
+    """Bybit's execution list answers [startTime, startTime + 7 days] for a startTime alone. The previous
+    reconciliation was 8 days ago (a long downtime) and an entry's fill push is lost now: reconciliation reads
+    the executions in 7-day windows from then to now, so the fill is applied and the leg is not external."""
+    h = Harness(tmp_path, monkeypatch, BREAKOUTS)
+    feed = h.engine._on_private
+    monkeypatch.setattr(h.engine, "_on_private", lambda topic, rows: topic == "execution" or feed(topic, rows))
+    h.minute(0)
+    h.trade(T0 + MIN + 500)                      # the entry fills; its execution push is lost
+    monkeypatch.setattr(h.engine, "_on_private", feed)
+    assert long_leg(h) > 0 and not h.engine._exec.positions()
+    h.engine.state["exec_since_ms"] = T0 - 8 * 86_400_000
+    windows, paged = [], h.engine.client._paged
+    monkeypatch.setattr(h.engine.client, "_paged", lambda method, params: (
+        windows.append((params["startTime"], params.get("endTime"))) if method == "get_executions" else None,
+        paged(method, params))[1])
+    assert h.engine.reconcile("periodic")
+    assert h.engine.health.external == [], journal(h.engine, "events")[-1]["message"]
+    leg = live.leg_sizes(h.engine.client.positions())["1"]
+    assert sum(p.qty for p in h.engine._exec.positions()) == pytest.approx(leg)
+    first = windows[:2]
+    assert first[0][0] == T0 - 8 * 86_400_000 and first[0][1] == first[1][0] and first[1][1] > T0 + MIN
+    assert all(end - start <= 7 * 86_400_000 for start, end in windows)
+
+
 def test_a_fill_during_the_reconciliation_reads_is_not_taken_for_an_external_position(tmp_path, monkeypatch):
     """The market does not wait for a reconciliation: an own resting entry fills while its REST reads are in
     flight (after the executions were read). The legs are compared with own sizes only once they held still

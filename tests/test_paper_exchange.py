@@ -373,6 +373,14 @@ def test_trading_stop_sets_and_fires_a_stop_loss(venue):
     fills = s.get_executions(category="linear", symbol=SYMBOL)["result"]["list"]
     assert fills[0]["stopOrderType"] == "StopLoss" and fills[0]["createType"] == "CreateByStopLoss"
     assert fills[0]["execPrice"] == "99.49"  # bid of the second-15 book (mid 99.50)
+    week, t = 7 * 86_400_000, int(fills[0]["execTime"])   # Bybit V5: a window of at most 7 days
+    assert s.get_executions(category="linear", symbol=SYMBOL, startTime=t - week)["result"]["list"] == fills
+    assert s.get_executions(category="linear", symbol=SYMBOL, startTime=t - week - 1)["result"]["list"] \
+        == fills[1:]                              # startTime alone: [startTime, startTime + 7 days]
+    assert s.get_executions(category="linear", symbol=SYMBOL, endTime=t + week)["result"]["list"] \
+        == fills[:1]                              # endTime alone: [endTime - 7 days, endTime]
+    with pytest.raises(InvalidRequestError, match="cannot exceed 7 days"):
+        s.get_executions(category="linear", symbol=SYMBOL, startTime=t - week - 1, endTime=t)
 
 
 def test_conditional_order_waits_for_its_trigger(venue):
