@@ -158,6 +158,7 @@ class Order:
     sl_dist: float = math.nan
     exec_ids: list[str] = field(default_factory=list)
     settled_bar: int | None = None   # index of the first bar close that saw it settled: pruning counts from it
+    last_fill_ms: int = -1           # exchange time of its last applied fill
 
 
 @dataclass
@@ -200,6 +201,7 @@ class Execution:
         self.slots: list[Book | None] = [None] * cfg.strategy.max_positions
         self.orders: dict[str, Order] = {}
         self.seen_exec: dict[str, str] = {}    # exec id -> link id (or the funding leg)
+        self.reread_from_ms: int | None = None   # the engine re-reads executions from here: see _prune
         self.last_intents: list[st.Intent] = []
 
     # ------------------------------------------------------------ what decide reads
@@ -273,16 +275,19 @@ class Execution:
 
     def _prune(self) -> None:
         """Forget orders settled PRUNE_BARS bars ago or more whose position is closed (late events for them are
-        then reported as unknown), so the state file stays small. Counted from the settlement, not the request:
-        a stop requested long ago that filled a moment ago keeps its exec ids through the next reconciliations,
-        whose re-read of recent executions would otherwise take its fill for a new one."""
+        then reported as unknown), so the state file stays small. Counted from the settlement, not the request,
+        and never while an event of the order lies at or after `reread_from_ms`, where the engine's next
+        reconciliation starts re-reading executions (however long reconciliations kept failing): a forgotten
+        fill read again would look new, and the exchange's attached stop, which has no orderLinkId, could be
+        adopted for another open position of its leg."""
         live = {p.position_id for p in self.slots if p is not None}
         for link, order in list(self.orders.items()):
             if order.status not in TERMINAL:
                 continue
             if order.settled_bar is None:
                 order.settled_bar = self.bar
-            if order.settled_bar < self.bar - PRUNE_BARS and order.request.position_id not in live:
+            reread = self.reread_from_ms is not None and max(order.ts_ms, order.last_fill_ms) >= self.reread_from_ms
+            if order.settled_bar < self.bar - PRUNE_BARS and order.request.position_id not in live and not reread:
                 del self.orders[link]
                 for exec_id in order.exec_ids:
                     self.seen_exec.pop(exec_id, None)
@@ -461,6 +466,8 @@ class Execution:
             result = self._entry_fill(order, ev)
         else:
             result = self._exit_fill(order, ev)
+        if result.status == "applied":
+            order.last_fill_ms = max(order.last_fill_ms, ev.ts_ms)
         if result.status == "applied" and ev.exec_id:
             self.seen_exec[ev.exec_id] = link
             order.exec_ids.append(ev.exec_id)

@@ -72,9 +72,8 @@ KLINE_PAGE = 1000               # Bybit V5 GET /v5/market/kline: limit 1-1000 pe
 PROB_COLUMNS = ("p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short")
 LOCKSTEP_PERIOD_BARS = execution.PRUNE_BARS // 2   # see Engine._every
 EXEC_OVERLAP_MS = 60_000        # reconciliation re-reads executions this far before the previous one (clock skew).
-                                # Invariant (prepare refuses otherwise): the interval plus this overlap is shorter
-                                # than execution.PRUNE_BARS bars, so a re-read never meets an execution of an order
-                                # the lifecycle has forgotten (its exec id dropped with it: it would look new)
+                                # Invariant: the lifecycle keeps every order with an event in the span the next
+                                # re-read covers (Execution.reread_from_ms), so a re-read fill is never taken for new
 EXEC_WINDOW_MS = 7 * 86_400_000  # Bybit V5 /v5/execution/list: the widest startTime..endTime window
 RECONCILE_READS = 3             # tries at reading the legs still around the orders and executions
 
@@ -127,11 +126,11 @@ class Clock:
         return max(self.seen_ms, int(self.wall_ms() + self.offset_ms))
 
     def schedule_s(self) -> float:
-        """Seconds on the clock the periodic jobs (reconciliation, stop guard, equity record) run on: in paper
-        mode market time, so a replay does the same work at the same market moments however loaded the machine
-        is (in lockstep 30 s of market time pass in milliseconds; at --speed 60 in half a second), and
-        reconciliation re-reads the same span of market time in every mode; the monotonic clock otherwise."""
-        return self.exchange_ms() / 1000.0 if self.market else self.monotonic()
+        """Seconds on the clock the periodic jobs (reconciliation, stop guard, equity record) run on: market
+        time in lockstep, so a replay does the same work at the same market moments however loaded the machine
+        is (30 s of market time pass in milliseconds there); the monotonic clock otherwise (a --speed N replay
+        is the timing path, and a wall-clock schedule keeps its REST reads within the venue's limits)."""
+        return self.seen_ms / 1000.0 if self.lockstep else self.monotonic()
 
 
 def iso(ms: int) -> str:
@@ -361,11 +360,6 @@ def prepare(args: argparse.Namespace, env: dict | None = None) -> Setup:
     if mode in ("testnet", "demo", "live") and not edge and not args.allow_no_edge:
         raise Refusal(EXIT_CONFIG, f"the model at {model_dir} has no EDGE verdict: refusing {mode} trading "
                                    "(use --allow-no-edge to trade it anyway)")
-    reach = (parse_duration(live.reconcile_interval) * 1000 + EXEC_OVERLAP_MS) / 1000
-    if reach >= execution.PRUNE_BARS * timeframe_seconds(cfg.data.timeframe):
-        raise Refusal(EXIT_CONFIG, f"live.reconcile_interval {live.reconcile_interval}: reconciliation re-reads "
-                                   f"executions {reach:.0f} s back, as far as the lifecycle keeps settled orders "
-                                   f"({execution.PRUNE_BARS} bars of {cfg.data.timeframe}); it must be shorter")
     if args.lockstep and mode != "paper":
         raise Refusal(EXIT_CONFIG, "--lockstep drives a paper exchange's clock: it needs --paper")
     if args.cfg_data_dir and not Path(args.cfg_data_dir).is_dir():
@@ -1097,8 +1091,7 @@ class Engine:
         """A periodic job's interval on `Clock.schedule_s`: `seconds`, and in lockstep at least
         LOCKSTEP_PERIOD_BARS bars of market time. There the exchange waits for the engine and every push is
         handled before the next step, so the stop guard, the equity record and reconciliation find only what a
-        fault made, while their REST reads cost more than a bar's decision; reconciliation then still re-reads
-        less than execution.PRUNE_BARS bars back."""
+        fault made, while their REST reads cost more than a bar's decision."""
         return max(seconds, LOCKSTEP_PERIOD_BARS * self.bar_ms / 1000) if self.args.lockstep else seconds
 
     def _guard_stops(self) -> None:
@@ -1416,10 +1409,12 @@ class Engine:
         """The order lifecycle (execution.py), restored losslessly from the state file."""
         text = self.state.get("execution")
         try:
-            return execution.Execution.from_json(text, self.cfg) if text else execution.Execution(self.cfg,
-                                                                                                  self.symbol)
+            ex = execution.Execution.from_json(text, self.cfg) if text else execution.Execution(self.cfg,
+                                                                                                self.symbol)
         except ValueError as err:
             raise Refusal(EXIT_CONFIG, f"state file {self.setup.state_file}: {err}") from None
+        ex.reread_from_ms = int(self.state.get("exec_since_ms", 0))   # what reconciliation may read again
+        return ex
 
     def send(self, requests: list) -> None:
         """Send order requests. A create's orderLinkId is written to the state file BEFORE it is sent (a crash
@@ -1703,7 +1698,7 @@ class Engine:
                      "are compared with own positions at the next reconciliation", why)
         self.check_stops(orders)
         self.state["wallet_equity"] = wallet.get("equity")
-        self.state["exec_since_ms"] = max(since, moment - EXEC_OVERLAP_MS)
+        self.state["exec_since_ms"] = self._exec.reread_from_ms = max(since, moment - EXEC_OVERLAP_MS)
         self.health.reconciled = True
         self._save()
         self.journals.event("reconciled", f"{why}: {len(orders)} open orders, positions {positions}",

@@ -399,7 +399,7 @@ def replay_decisions(signals: list[dict], trades: list[dict], cfg: GlobalConfig)
             if event == "adopted":      # the stop the exchange made from an entry's attached stopLoss
                 ex.adopt_attached_stop(str(trades[k]["order_id"]), str(trades[k]["side"]),
                                        _num(trades[k].get("price")), _num(trades[k].get("qty")),
-                                       int(trades[k]["report_ms"]))
+                                       int(trades[k].get("report_ms", trades[k]["ts"])))   # older journals
             elif event == "placed" and trades[k].get("kind") == "exit" and trades[k].get("reason") == "stop_refused":
                 ex.exit_position(str(trades[k].get("position_id") or ""), "stop_refused")   # the engine's own call
             elif event in EXEC_EVENT_TYPES:

@@ -460,15 +460,35 @@ def test_a_settled_order_is_forgotten_prune_bars_after_it_settled_not_after_it_w
     assert ex.on_event(fill).status == "unknown" and pos.sl_link not in ex.orders
 
 
+def test_an_order_whose_fill_the_next_reconciliation_may_read_again_is_kept_however_long_ago_it_settled():
+    """Reconciliations failed for longer than PRUNE_BARS bars: the engine's next re-read still starts before
+    the stop's fill (reread_from_ms), so the stop keeps its exec id and the fill read again is a duplicate, not
+    a new fill for whatever position is open then; once the re-read window has moved past it, it is pruned."""
+    from execution import PRUNE_BARS
+    ex, _, _ = filled_long()
+    pos = ex.slots[0]
+    ex.reread_from_ms = ms(2)
+    fill = ExecEvent("fill", pos.sl_link, ms(3) - 1, exec_id="s1", qty=pos.qty, price=97.4, fee=1.0)
+    assert ex.on_event(fill).status == "applied"
+    for i in range(1, 8 + 3 * PRUNE_BARS):
+        close(ex, i)
+    assert ex.on_event(fill).status == "duplicate" and pos.sl_link in ex.orders
+    ex.reread_from_ms = ms(3)
+    close(ex, 8 + 3 * PRUNE_BARS)
+    assert ex.on_event(fill).status == "unknown" and pos.sl_link not in ex.orders
+
+
 def test_a_state_file_written_before_settled_bar_existed_still_loads():
-    """Orders in an older state file lack `settled_bar`: they load with it unset, and pruning counts from the
-    next bar close that sees them settled."""
+    """Orders in an older state file lack `settled_bar` and `last_fill_ms`: they load with their defaults, and
+    pruning counts from the next bar close that sees them settled."""
     ex, entry, _ = filled_long()
     state = json.loads(ex.to_json())
     for order in state["orders"]:
-        del order["settled_bar"]
+        del order["settled_bar"], order["last_fill_ms"]
     old = Execution.from_json(json.dumps(state), make_cfg())
-    assert old.orders[entry.order_link_id].settled_bar is None and old.to_json() == ex.to_json()
+    order = old.orders[entry.order_link_id]
+    assert (order.settled_bar, order.last_fill_ms, order.filled) == (None, -1, entry.qty)
+    assert json.loads(old.to_json())["slots"] == state["slots"] and old.seen_exec == ex.seen_exec
 
 
 def test_a_stop_reported_before_a_position_filled_is_never_adopted_for_it():

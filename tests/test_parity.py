@@ -17,6 +17,7 @@ import data_loader
 import feature_engine
 import parity
 from config import GlobalConfig
+from live_trading_v2 import LOCKSTEP_PERIOD_BARS
 from small_model import train_small_model
 from test_backtest import random_market
 from test_feature_engine import make_bars, small_cfg
@@ -463,6 +464,9 @@ def test_the_parity_command_holds_every_layer_over_two_days_on_a_small_model(tmp
     assert f"trades {four['trades_live']} live / {four['trades_backtest']} backtest" in html
     events = parity.read_jsonl(out / "live" / "logs" / f"events_{SYMBOL}.jsonl")
     assert not [e["message"] for e in events if "without a stop" in e["message"]], "the stop guard saw a covered leg bare"
+    periodic = [e for e in events if e["event"] == "reconciled" and e["message"].startswith("periodic")]
+    every = LOCKSTEP_PERIOD_BARS   # on market time: every 5 bars (6 when a step stopped inside a bar)
+    assert 576 // (every + 1) <= len(periodic) <= 576 // every and not [e for e in events if e["event"] == "external"]
 
 
 def test_the_real_time_paced_replay_runs_the_timing_path_and_keeps_the_replayable_layers(tmp_path) -> None:
