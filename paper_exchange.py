@@ -165,8 +165,8 @@ class MarketReplay:
             day = datetime.datetime.fromtimestamp(start_ms / 1000, datetime.timezone.utc)
             book_from = day.strftime("%Y-%m-%d")
             trades_from = (day - datetime.timedelta(days=CANDLE_DAYS)).strftime("%Y-%m-%d")
-            log.info("replay from %s: book from the %s file's opening snapshot, candles from %s", day.isoformat(),
-                     book_from, trades_from)
+            log.info("replay from %s: book from the %s file's opening snapshot, candles from the trades of %s on "
+                     "(or the first file after it)", day.isoformat(), book_from, trades_from)
         return cls(engine, data_loader.iter_book_messages(data_dir, book_from, levels=True),
                    data_loader.iter_trades(data_dir, trades_from), rebase_to_ms=rebase_to_ms, start_ms=start_ms)
 
