@@ -42,6 +42,7 @@ from orderbook import BookStats, OrderBook
 log = logging.getLogger("exchange_client")
 
 CATEGORY = "linear"
+EXEC_WINDOW_MS = 7 * 86_400_000   # Bybit V5 /v5/execution/list: the widest startTime..endTime window
 ENV_KEY, ENV_SECRET = "BYBIT_API_KEY", "BYBIT_API_SECRET"
 
 
@@ -627,6 +628,21 @@ class ExchangeClient:
     def open_orders(self) -> list[dict]:
         """Open orders for the symbol (raw Bybit dicts)."""
         return self._paged("get_open_orders", {"category": CATEGORY, "symbol": self.symbol, "limit": 50})
+
+    def executions(self, since_ms: int, now_ms: int) -> list[dict]:
+        """Executions (raw Bybit dicts) from `since_ms` to `now_ms`, every page, in windows of at most 7 days:
+        Bybit V5 /v5/execution/list answers [startTime, startTime + 7 days] for a startTime alone and refuses
+        a wider startTime..endTime, so one query from before a longer downtime would miss the newest fills.
+        since_ms <= 0 (never read before): the last window only."""
+        start = since_ms if since_ms > 0 else now_ms - EXEC_WINDOW_MS
+        rows: list[dict] = []
+        while True:
+            rows += self._paged("get_executions", {"category": CATEGORY, "symbol": self.symbol,
+                                                   "startTime": start, "endTime": start + EXEC_WINDOW_MS,
+                                                   "limit": 100})
+            start += EXEC_WINDOW_MS
+            if start > now_ms:
+                return rows
 
     def _paged(self, method: str, params: dict) -> list[dict]:
         """All pages of a cursor-paginated list endpoint."""

@@ -74,7 +74,6 @@ LOCKSTEP_PERIOD_BARS = execution.PRUNE_BARS // 2   # see Engine._every
 EXEC_OVERLAP_MS = 60_000        # reconciliation re-reads executions this far before the previous one (clock skew).
                                 # Invariant: the lifecycle keeps every order with an event in the span the next
                                 # re-read covers (Execution.reread_from_ms), so a re-read fill is never taken for new
-EXEC_WINDOW_MS = 7 * 86_400_000  # Bybit V5 /v5/execution/list: the widest startTime..endTime window
 RECONCILE_READS = 3             # tries at reading the legs still around the orders and executions
 
 
@@ -1712,28 +1711,12 @@ class Engine:
         rows = self.client.positions()
         for _ in range(RECONCILE_READS):
             orders = self.client.open_orders()
-            executions = self._executions_since(since)
+            executions = self.client.executions(since, self.clock.exchange_ms())
             again = self.client.positions()
             if leg_sizes(again) == leg_sizes(rows):
                 return again, orders, executions, True
             rows = again
         return rows, orders, executions, False
-
-    def _executions_since(self, since: int) -> list[dict]:
-        """Executions from `since` (ms) to now, every page, read in windows of at most 7 days: Bybit V5
-        /v5/execution/list answers [startTime, startTime + 7 days] for a startTime alone, so one query from a
-        state saved before a longer downtime would miss the newest fills. A state never reconciled (0) has no
-        own order to settle: it reads the last window only."""
-        now = self.clock.exchange_ms()
-        start = since if since > 0 else now - EXEC_WINDOW_MS
-        rows: list[dict] = []
-        while True:
-            rows += self.client._paged("get_executions", {"category": "linear", "symbol": self.symbol,
-                                                          "startTime": start, "endTime": start + EXEC_WINDOW_MS,
-                                                          "limit": 100})
-            start += EXEC_WINDOW_MS
-            if start > now:
-                return rows
 
     def check_stops(self, orders: list[dict] | None = None) -> int:
         """Every own position leg must be covered by reduce-only stop orders for its full size; an
