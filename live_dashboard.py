@@ -377,8 +377,8 @@ def candles_figure(feed: SymbolFeed) -> go.Figure:
     for pos in feed.equity[-1].get("positions", []) if feed.equity else []:
         for key, color in (("tp", "#2ca02c"), ("sl", "#d62728")):
             if isinstance(pos.get(key), (int, float)):
-                add_price_line(fig, pos[key], color, "dash", f"{key.upper()} {side_name(pos.get('side'))} "
-                               f"{fmt(pos.get('qty'))} @ {fmt(pos.get('entry_price'))}")
+                add_price_line(fig, pos[key], color, "dash", f"{key.upper()} {fmt(pos[key])} of "
+                               f"{side_name(pos.get('side'))} {fmt(pos.get('qty'))} @ {fmt(pos.get('entry_price'))}")
     fig.update_layout(height=460, margin={"l": 40, "r": 10, "t": 30, "b": 20}, xaxis_rangeslider_visible=False,
                       uirevision=feed.symbol, title=f"{feed.symbol}: last {len(bars)} bars", legend={"orientation": "h"})
     return fig
