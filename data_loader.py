@@ -527,11 +527,16 @@ def iter_book_messages(data_dir: str | Path, start: str = "", end: str = "", lev
 # ------------------------------------------------------------------ bars
 def partial_trade_bars(chunk: pd.DataFrame, bar_us: int) -> pd.DataFrame:
     """Per-bar mergeable partials of one time-sorted trade chunk (contiguous runs, numpy reduceat)."""
-    ts_us = np.round(chunk["timestamp"].to_numpy() * 1e6).astype(np.int64)
+    return trade_partials(chunk["timestamp"].to_numpy(), chunk["side"].to_numpy() == "Buy", chunk["size"].to_numpy(),
+                          chunk["price"].to_numpy(), bar_us)
+
+
+def trade_partials(ts_s: np.ndarray, buy: np.ndarray, size: np.ndarray, price: np.ndarray,
+                   bar_us: int) -> pd.DataFrame:
+    """`partial_trade_bars` of time-sorted trades given as arrays: times (float seconds), taker-buy flags, sizes,
+    prices (the live bar close builds no frame of its trades)."""
+    ts_us = np.round(ts_s * 1e6).astype(np.int64)
     bar = (ts_us // bar_us) * bar_us
-    size = chunk["size"].to_numpy()
-    price = chunk["price"].to_numpy()
-    buy = chunk["side"].to_numpy() == "Buy"
     starts = np.flatnonzero(np.r_[True, bar[1:] != bar[:-1]])
     ends = np.r_[starts[1:], len(bar)] - 1
     vol_buy = np.where(buy, size, 0.0)
@@ -590,10 +595,11 @@ def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int, span_ms: tuple[i
     first, last = span_ms or (trade.index.min() // 1000, trade.index.max() // 1000)
     idx_ms = np.arange(first, last + bar_ms, bar_ms, dtype=np.int64)
     at, rows = _on_grid(trade.index.to_numpy() // 1000, idx_ms)
+    values = ob.float_columns(trade)
     cols: dict[str, np.ndarray] = {}
-    for col in _TRADE_COLS:   # column by column: a column-list subset costs a copy and a reindex
+    for col in _TRADE_COLS:
         cols[col] = np.full(len(idx_ms), np.nan)
-        cols[col][at] = trade[col].to_numpy(dtype=float)[rows]
+        cols[col][at] = values[col][rows]
     empty = np.ones(len(idx_ms), dtype=bool)
     empty[at] = False
     last = np.maximum.accumulate(np.where(np.isnan(cols["close"]), -1, np.arange(len(idx_ms))))   # forward fill
@@ -610,10 +616,11 @@ def _grid(trade: pd.DataFrame, book: pd.DataFrame, bar_ms: int, span_ms: tuple[i
         cols["taker_buy_ratio"] = np.where(empty, 0.5, cols["vol_buy"] / vol)
     cols["is_empty"] = empty
     at, rows = _on_grid(book.index.to_numpy(dtype=np.int64), idx_ms) if len(book) else (idx_ms[:0], idx_ms[:0])
+    values = ob.float_columns(book)
     for col in ob.BOOK_BAR_COLUMNS:
         cols[col] = np.full(len(idx_ms), np.nan)
         if len(book):
-            cols[col][at] = book[col].to_numpy(dtype=float)[rows]
+            cols[col][at] = values[col][rows]
     cols["ob_samples"] = np.nan_to_num(cols["ob_samples"], nan=0.0).astype(np.int64)
     cols["is_gap"] = np.zeros(len(idx_ms), dtype=bool)
     index = pd.DatetimeIndex((idx_ms * 1_000_000).view("datetime64[ns]"), tz="UTC", name="time")
