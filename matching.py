@@ -118,12 +118,17 @@ class Instrument:
         """qty_str, cached likewise."""
         return lru_cache(maxsize=1 << 16)(self.qty_str)
 
-    def level_grid(self, prices: np.ndarray, qtys: np.ndarray) -> list[tuple[int, int]]:
-        """Book levels as (ticks, lots), best first: nearest tick, size floored to the lot (grid.py's rule,
-        vectorised); price_strs/qty_strs print them as Bybit does."""
+    @property
+    def grid_steps(self) -> tuple[float, float]:
+        """(tick size, qty step) as floats, for grid.py's compiled rule."""
+        return self._tick_float, self._step_float
+
+    def level_arrays(self, prices: np.ndarray, qtys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Book levels as (ticks, lots) int64 arrays, best first: nearest tick, size floored to the lot (grid.py's
+        rule, vectorised); price_strs/qty_strs print them as Bybit does."""
         ticks = grid.grid_indices(np.asarray(prices, dtype=np.float64), self._tick_float, grid.NEAREST)
         lots = grid.grid_indices(np.asarray(qtys, dtype=np.float64) + 1e-12, self._step_float, grid.DOWN)
-        return list(zip(ticks.tolist(), lots.tolist()))
+        return ticks, lots
 
     def px(self, ticks: int) -> float:
         return float(Decimal(ticks) * self.tick_size)
@@ -367,8 +372,9 @@ class MatchingEngine:
         """The replayed book changed: resting orders the book now crosses fill as makers; triggers re-check."""
         self.book = book
         self.now_ms = max(self.now_ms, int(ts_ms))
-        bid, ask = self.best()
-        for order in self._resting():
+        resting = self._resting()
+        bid, ask = self.best() if resting else (0, 0)   # the replay calls this on every book message
+        for order in resting:
             if order.side == "Buy" and ask and ask <= order.price:
                 avail = sum(q for p, q in self.levels("Buy") if p <= order.price)
                 self._fill(order, self._lots(avail), order.price, True)
@@ -1156,8 +1162,9 @@ class MatchingEngine:
         self._emit_order(order)
 
     # ------------------------------------------------------------ accounting
-    def unrealised(self) -> float:
-        mark = self.mark()
+    def unrealised(self, mark: float | None = None) -> float:
+        """Unrealised PnL of the open positions at `mark` (default: the mark price now)."""
+        mark = self.mark() if mark is None else mark
         return sum((mark - pos.entry) * self.inst.qty(pos.size) for pos in self.positions.values() if pos.size)
 
     def position_im(self) -> float:
@@ -1202,8 +1209,8 @@ class MatchingEngine:
             self._emit_position(pos)
             self.events.append(("wallet", self.wallet_record()))
 
-    def maintenance_margin(self) -> float:
-        mark = self.mark()
+    def maintenance_margin(self, mark: float | None = None) -> float:
+        mark = self.mark() if mark is None else mark
         return sum(self.inst.qty(abs(p.size)) * mark * MAINT_MARGIN_RATE for p in self.positions.values())
 
     def _check_liquidation(self) -> None:
@@ -1211,7 +1218,10 @@ class MatchingEngine:
 
         Cross margin, one flat maintenance rate; a loss beyond the wallet is absorbed (balance floors at 0,
         as Bybit's insurance fund does)."""
-        if not any(p.size for p in self.positions.values()) or self.equity() > self.maintenance_margin():
+        if not any(p.size for p in self.positions.values()):
+            return
+        mark = self.mark()   # checked on every book message: the mark once, not once per term
+        if self.wallet + self.unrealised(mark) > self.maintenance_margin(mark):
             return
         log.warning("liquidation at mark %.8g: equity %.8g <= maintenance margin %.8g", self.mark(), self.equity(),
                     self.maintenance_margin())

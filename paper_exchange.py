@@ -39,7 +39,9 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import orjson
 from aiohttp import WSMsgType, web
+from numba import njit
 
+import grid
 from config import ConfigError, VenueConfig, add_config_args, config_from_args
 from matching import (FUNDING_INTERVAL_MS, MAX_LEVERAGE, PRICE_LIMIT_RATIO, ExchangeError, MatchingEngine,
                       RateLimited, _int, load_instrument, money)
@@ -54,6 +56,8 @@ ORDER_LIMIT_PER_S = 10
 CANDLE_DAYS = 8                 # days of 1-minute candles kept for the kline endpoint
 DEFAULT_LIMIT_PER_S = 50
 PUSH_BATCH = 8                  # streaming advance: messages applied between turns of the event loop
+READ_AHEAD_MS = 120_000         # between admin advances: market ms of recorded messages read before their turn
+READ_AHEAD_BATCH = 2            # messages read between turns of the event loop (a REST request waits for one)
 ORDER_PATHS = {"/v5/order/create", "/v5/order/amend", "/v5/order/cancel", "/v5/order/cancel-all",
                "/v5/position/set-leverage", "/v5/position/trading-stop"}
 
@@ -114,11 +118,15 @@ class MarketReplay:
 
     def __init__(self, engine: MatchingEngine, book_messages: Iterable[dict], trades: Iterable[Any],
                  book: Any = None, rebase_to_ms: int | None = None, start_ms: int | None = None):
+        from orderbook import OrderBook
         if book is None:
-            from orderbook import OrderBook
             book = OrderBook()
         self.engine = engine
         self.book = book
+        self.book_ahead = OrderBook()   # the same book messages, applied when read: possibly ahead of their turn
+        self.ahead_depths: set[int] = set()   # depths whose top levels are taken on the book ahead
+        self.book_top: dict[int, tuple[np.ndarray, ...]] = {}   # those levels, after the last book message applied
+        self._ahead: deque[tuple] = deque()   # events read out of the files before their turn
         self.now_ms = 0
         self.book_u = 0
         self.book_seq = 0
@@ -134,7 +142,7 @@ class MarketReplay:
         streams = (((_book_ts(m), 0, i, m) for i, m in enumerate(book_messages)),
                    ((t.ts_ms, 1, i, t) for i, t in enumerate(trade_prints(trades))))
         self._events = heapq.merge(*streams, key=lambda e: (e[0], e[1], e[2]))
-        self._next: tuple | None = next(self._events, None)
+        self._next: tuple | None = self._read()
         if self._next is None and not early:
             raise ValueError("market replay has no book messages and no trades")
         first = start_ms if early else self._next[0] if start_ms is None else max(self._next[0], start_ms)
@@ -169,6 +177,34 @@ class MarketReplay:
                      "(or the first file after it)", day.isoformat(), book_from, trades_from)
         return cls(engine, data_loader.iter_book_messages(data_dir, book_from, levels=True),
                    data_loader.iter_trades(data_dir, trades_from), rebase_to_ms=rebase_to_ms, start_ms=start_ms)
+
+    def _read(self) -> tuple | None:
+        """The next event out of the files. A book message is applied to `book_ahead` at once and keeps the top
+        levels of `ahead_depths` after it (`_top`): the replay's own book, fed the same messages in the same
+        order, holds exactly those levels once it has applied that message."""
+        event = next(self._events, None)
+        if event is not None and event[1] == 0:
+            msg = event[3]
+            if self.book_ahead.apply_bybit(msg, (msg["_bids"], msg["_asks"]) if "_bids" in msg else None) \
+                    and self.book_ahead.valid:
+                msg["_top"] = {n: self.book_ahead.top(n) for n in self.ahead_depths}
+        return event
+
+    def read_ahead(self, until_ms: int, limit: int) -> int:
+        """Read up to `limit` more events stamped up to market ms `until_ms` before their turn (the exchange does
+        this while its lockstep client decides); returns how many. What an advance applies is the same either
+        way: only the reading and the book ahead's work move."""
+        count = 0
+        while count < limit:
+            last = self._ahead[-1] if self._ahead else self._next
+            if last is None or last[0] + self.offset_ms > until_ms:
+                break
+            event = self._read()
+            if event is None:
+                break
+            self._ahead.append(event)
+            count += 1
+        return count
 
     def next_ms(self) -> int | None:
         """Market time of the next recorded message (None at the end of the data)."""
@@ -208,7 +244,7 @@ class MarketReplay:
             self._on_book(item, ts)
         else:
             self._on_trade(TradePrint(ts, item.price, item.size, item.side, item.trade_id) if off else item)
-        self._next = next(self._events, None)
+        self._next = self._ahead.popleft() if self._ahead else self._read()
         if self._next is None and not self.exhausted:
             self.exhausted = True
             log.info("market replay reached the end of its data at %d", ts)
@@ -220,6 +256,7 @@ class MarketReplay:
             self.book_u, self.book_seq = int(data["u"]), int(data.get("seq", 0))
             self.book_ts, self.book_cts = ts, int(msg.get("cts") or ts)
             self.book_updates += 1
+            self.book_top = msg.get("_top", {})
             self.engine.on_book(self.book, ts)
 
     def _on_trade(self, t: TradePrint) -> None:
@@ -354,13 +391,71 @@ class Conn:
     sent: int = 0    # data frames (topic pushes) queued to this connection
 
 
+Levels = tuple[np.ndarray, np.ndarray]   # one book side: (ticks, lots) int64, best first, each tick once
+NO_LEVELS: Levels = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+
+
+@njit(cache=True)
+def side_levels(prices: np.ndarray, qtys: np.ndarray, tick: float, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """One book side (float prices and sizes, best first) as (ticks, lots): nearest tick and size floored to the
+    lot by grid.py's rule (as `Instrument.level_arrays`), one level per tick. Two prices that round to one tick
+    keep the first one's place and the last one's size, as a {ticks: lots} dict built in book order would."""
+    ticks = np.empty(len(prices), dtype=np.int64)
+    lots = np.empty(len(prices), dtype=np.int64)
+    n = 0
+    for i in range(len(prices)):
+        t = int(grid.grid_index(prices[i], tick, grid.NEAREST))
+        q = int(grid.grid_index(qtys[i] + 1e-12, step, grid.DOWN))
+        if n and ticks[n - 1] == t:
+            lots[n - 1] = q
+        else:
+            ticks[n], lots[n] = t, q
+            n += 1
+    return ticks[:n], lots[:n]
+
+
+@njit(cache=True)
+def level_changes(old_t: np.ndarray, old_q: np.ndarray, new_t: np.ndarray, new_q: np.ndarray,
+                  sign: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a Bybit orderbook delta carries for one side, as positions: the new levels not sent before or sent
+    with another size (new book order), and the sent levels now gone (old order). Both sides best first, each
+    tick once; sign: -1 where ticks fall best first (bids), +1 where they rise (asks). One merge pass."""
+    changed = np.empty(len(new_t), dtype=np.int64)
+    gone = np.empty(len(old_t), dtype=np.int64)
+    i = j = nc = ng = 0
+    while i < len(new_t) or j < len(old_t):
+        if j == len(old_t) or (i < len(new_t) and sign * new_t[i] < sign * old_t[j]):
+            changed[nc] = i
+            nc += 1
+            i += 1
+        elif i == len(new_t) or sign * new_t[i] > sign * old_t[j]:
+            gone[ng] = j
+            ng += 1
+            j += 1
+        else:
+            if new_q[i] != old_q[j]:
+                changed[nc] = i
+                nc += 1
+            i += 1
+            j += 1
+    return changed[:nc], gone[:ng]
+
+
+def load_kernels() -> None:
+    """Run the publishing kernels once (numba's on-disk cache, or a compile on a fresh checkout) before the first
+    advance rather than inside it."""
+    one = np.ones(1)
+    t, q = side_levels(one, one, 0.1, 0.001)
+    level_changes(t, q, t, q, 1)
+
+
 @dataclass
 class BookTopic:
-    """Per-depth orderbook stream state: last levels sent ({ticks: lots}, best first) and the update id."""
+    """Per-depth orderbook stream state: last levels sent per side and the update id."""
     depth: int
     u: int = 0
-    bids: dict[int, int] = field(default_factory=dict)
-    asks: dict[int, int] = field(default_factory=dict)
+    bids: Levels = NO_LEVELS
+    asks: Levels = NO_LEVELS
 
 
 DEFAULT_PERMISSIONS: dict[str, list[str]] = {
@@ -404,8 +499,10 @@ class PaperExchange:
         self.hits: dict[tuple[str, str], deque[float]] = {}
         self.url = ""
         self._market_lock = asyncio.Lock()   # held by a streaming advance: REST waits for its end
+        self._advanced = asyncio.Event()      # set after each admin advance: time to read ahead
         self._runner: web.AppRunner | None = None
         self._task: asyncio.Task | None = None
+        self._reader: asyncio.Task | None = None
         self.app = self._build_app()
 
     # ------------------------------------------------------------ lifecycle
@@ -425,15 +522,17 @@ class PaperExchange:
         await site.start()
         self.url = f"http://{host}:{self._runner.addresses[0][1]}"
         self._task = asyncio.get_running_loop().create_task(self._run_clock())
+        self._reader = asyncio.get_running_loop().create_task(self._read_ahead())
         return self.url
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._reader):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         for conn in list(self.conns):
             try:
                 await asyncio.wait_for(conn.ws.close(), 1.0)
@@ -458,6 +557,17 @@ class PaperExchange:
             if self.speed > 0:
                 self.advance((now - last) * self.speed)
             last = now
+
+    async def _read_ahead(self) -> None:
+        """After each admin advance, while the lockstep client decides and the exchange would wait, read the next
+        READ_AHEAD_MS of recorded messages out of the files (parsing, the book ahead and its top levels), a few
+        at a time so a REST request waits at most for one batch; an advance stops it (`_market_lock`)."""
+        while True:
+            await self._advanced.wait()
+            self._advanced.clear()
+            until = self.replay.now_ms + READ_AHEAD_MS
+            while not self._market_lock.locked() and self.replay.read_ahead(until, READ_AHEAD_BATCH):
+                await asyncio.sleep(0)
 
     def advance(self, seconds: float, until_ms: int | None = None, stop_at_private: bool = False) -> None:
         """Move market time forward by `seconds` (or to market ms `until_ms`), pushing market data at most every
@@ -659,7 +769,7 @@ class PaperExchange:
         if not book.valid:
             return [], []
         bp, bq, ap, aq = book.top(n)
-        return self._wire(self.inst.level_grid(bp, bq)), self._wire(self.inst.level_grid(ap, aq))
+        return self._wire(*self.inst.level_arrays(bp, bq)), self._wire(*self.inst.level_arrays(ap, aq))
 
     def h_orderbook(self, p: dict) -> dict:
         self._check_market(p)
@@ -898,8 +1008,7 @@ class PaperExchange:
         """What a new subscriber gets first: the orderbook snapshot (current u) or the full ticker."""
         if topic.startswith("orderbook."):
             state = self._book_topic(int(topic.split(".")[1]))
-            return self._book_msg(topic, state, "snapshot", self._wire(state.bids.items()),
-                                  self._wire(state.asks.items()))
+            return self._book_msg(topic, state, "snapshot", self._wire(*state.bids), self._wire(*state.asks))
         if topic.startswith("tickers."):
             ticker = self._ticker()
             return {"topic": topic, "type": "snapshot", "data": ticker, "cs": self.replay.book_seq,
@@ -910,23 +1019,32 @@ class PaperExchange:
         state = self.book_topics.get(depth)
         if state is None:
             state = BookTopic(depth)
+            self.replay.ahead_depths.add(depth)
             state.bids, state.asks = self._level_ints(depth)
             state.u = 1
             self.book_topics[depth] = state
         return state
 
-    def _level_ints(self, n: int) -> tuple[dict[int, int], dict[int, int]]:
-        """The top n levels per side as {ticks: lots}, best first (what the wire strings print, compared as ints)."""
+    def _level_ints(self, n: int) -> tuple[Levels, Levels]:
+        """The top n levels per side in ticks and lots, best first (what the wire strings print, compared as ints)."""
         book = self.replay.book
         if not book.valid:
-            return {}, {}
-        bp, bq, ap, aq = book.top(n)
-        return dict(self.inst.level_grid(bp, bq)), dict(self.inst.level_grid(ap, aq))
+            return NO_LEVELS, NO_LEVELS
+        top = self.replay.book_top.get(n)
+        bp, bq, ap, aq = top if top is not None else book.top(n)
+        tick, step = self.inst.grid_steps
+        return side_levels(bp, bq, tick, step), side_levels(ap, aq, tick, step)
 
-    def _wire(self, levels: Iterable[tuple[int, int]]) -> list[list[str]]:
-        """(ticks, lots) levels as Bybit's [[price, size], ...] strings."""
+    def _wire(self, ticks: np.ndarray, lots: np.ndarray) -> list[list[str]]:
+        """Levels as Bybit's [[price, size], ...] strings."""
         ps, qs = self.inst.price_strs, self.inst.qty_strs
-        return [[ps(t), qs(q)] for t, q in levels]
+        return [[ps(t), qs(q)] for t, q in zip(ticks.tolist(), lots.tolist())]
+
+    def _delta(self, old: Levels, new: Levels, sign: int) -> list[list[str]]:
+        """One side of an orderbook delta: changed levels, then the gone ones with size "0"."""
+        changed, gone = level_changes(*old, *new, sign)
+        ps = self.inst.price_strs
+        return self._wire(new[0][changed], new[1][changed]) + [[ps(t), "0"] for t in old[0][gone].tolist()]
 
     def _book_msg(self, topic: str, state: BookTopic, kind: str, bids: list, asks: list) -> dict:
         return {"topic": topic, "type": kind, "ts": self.replay.book_ts or self.replay.now_ms,
@@ -1020,17 +1138,15 @@ class PaperExchange:
         new_b, new_a = self._level_ints(depth)
         if reset:
             state.u, state.bids, state.asks = 1, new_b, new_a
-            return self._book_msg(topic, state, "snapshot", self._wire(new_b.items()), self._wire(new_a.items()))
+            return self._book_msg(topic, state, "snapshot", self._wire(*new_b), self._wire(*new_a))
         if depth == 1:
-            if new_b == state.bids and new_a == state.asks and not force:
+            same = all(np.array_equal(x, y) for x, y in zip(new_b + new_a, state.bids + state.asks))
+            if same and not force:
                 return None
             state.u += 1
             state.bids, state.asks = new_b, new_a
-            return self._book_msg(topic, state, "snapshot", self._wire(new_b.items()), self._wire(new_a.items()))
-        db = self._wire([(t, q) for t, q in new_b.items() if state.bids.get(t) != q]) + \
-            [[self.inst.price_strs(t), "0"] for t in state.bids if t not in new_b]
-        da = self._wire([(t, q) for t, q in new_a.items() if state.asks.get(t) != q]) + \
-            [[self.inst.price_strs(t), "0"] for t in state.asks if t not in new_a]
+            return self._book_msg(topic, state, "snapshot", self._wire(*new_b), self._wire(*new_a))
+        db, da = self._delta(state.bids, new_b, -1), self._delta(state.asks, new_a, 1)
         if not db and not da and not force:
             return None
         state.u += 1
@@ -1106,6 +1222,7 @@ class PaperExchange:
                 return web.json_response({"error": step}, status=400)
             await self.advance_streaming(step[0], until_ms=step[1],
                                          stop_at_private=bool(body.get("stop_at_private", False)))
+            self._advanced.set()
         elif action == "speed":
             speed = _non_negative(body.get("speed"))
             if speed is None:
@@ -1213,6 +1330,7 @@ def build_exchange(data_dir: str | Path, balance: float = 10000.0, speed: float 
                             fill_rule=costs.fill_rule, leverage=leverage, funding_rate=costs.funding_rate_8h)
     replay = MarketReplay.from_dir(engine, data_dir, int(time.time() * 1000) if rebase_time else None,
                                    parse_start(start) if start else None)
+    load_kernels()
     return PaperExchange(engine, replay, api_key=api_key, api_secret=api_secret, speed=speed,
                          per_message=per_message)
 

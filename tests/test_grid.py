@@ -95,7 +95,7 @@ def test_exchange_wire_strings_equal_decimal_formatting_for_every_grid_index(tic
 
 @pytest.mark.parametrize("tick", ["0.01", "0.5", "0.0001"])
 def test_book_levels_print_each_price_and_size_by_the_scalar_rule(tick):
-    """Instrument.level_grid (vectorised) printed by the cached price_strs/qty_strs equals price_str(to_ticks(p))
+    """Instrument.level_arrays (vectorised) printed by the cached price_strs/qty_strs equals price_str(to_ticks(p))
     and qty_str(floor lots) per level."""
     from matching import Instrument
     t = Decimal(tick)
@@ -103,6 +103,6 @@ def test_book_levels_print_each_price_and_size_by_the_scalar_rule(tick):
     ks, prices = grid_prices(t, np.random.default_rng(5))
     sizes = np.random.default_rng(6).uniform(0, 50, len(prices)).round(3) * np.where(np.arange(len(prices)) % 3, 1, 1 - 1e-15)
     for _ in range(2):   # the second pass is served from the string cache
-        got = [[inst.price_strs(k), inst.qty_strs(q)] for k, q in inst.level_grid(np.array(prices), sizes)]
+        got = [[inst.price_strs(k), inst.qty_strs(q)] for k, q in zip(*inst.level_arrays(np.array(prices), sizes))]
         assert got == [[inst.price_str(inst.to_ticks(p)), inst.qty_str(inst.to_lots_floor(q + 1e-12))]
                        for p, q in zip(prices, sizes)]

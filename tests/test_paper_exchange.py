@@ -24,6 +24,7 @@ from pybit.exceptions import FailedRequestError, InvalidRequestError
 from pybit.unified_trading import HTTP
 import pybit.unified_trading as ut
 
+import grid
 from config import InstrumentConfig, VenueConfig
 from matching import ExchangeError, MatchingEngine, load_instrument
 from paper_exchange import ExchangeThread, MarketReplay, build_exchange, parse_start, trade_prints
@@ -1076,3 +1077,61 @@ def test_engine_caps_active_orders_at_500(tmp_path):
     assert info.value.code == 110020
     engine.cancel_order({"category": "linear", "symbol": SYMBOL, "orderId": next(iter(engine.active))})
     assert engine.place_order({**params, "price": "95.00"})["orderId"]
+
+
+def test_orderbook_deltas_carry_exactly_the_changed_new_and_gone_levels_of_the_dict_rule():
+    """The compiled level kernels against the plain rule they replace: levels keyed by tick in book order (a tick
+    met twice keeps its first place and last size), a delta sends every new level whose size differs from the
+    last sent or that was not sent (new order), then every sent tick now missing (old order)."""
+    from paper_exchange import level_changes, side_levels
+    rng = np.random.default_rng(3)
+    tick, step = 0.5, 0.001
+    for _ in range(3000):
+        bids = bool(rng.integers(2))
+
+        def side() -> tuple[np.ndarray, np.ndarray]:
+            prices = np.sort(rng.integers(200, 215, rng.integers(0, 12)) * tick + rng.uniform(-0.2, 0.2))
+            sizes = rng.integers(0, 4, len(prices)) * step + 1e-13
+            return (prices[::-1] if bids else prices), sizes
+
+        (old_p, old_q), (new_p, new_q) = side(), side()
+        old_d = {int(grid.grid_index(p, tick, grid.NEAREST)): int(grid.grid_index(q + 1e-12, step, grid.DOWN))
+                 for p, q in zip(old_p, old_q)}
+        new_d = {int(grid.grid_index(p, tick, grid.NEAREST)): int(grid.grid_index(q + 1e-12, step, grid.DOWN))
+                 for p, q in zip(new_p, new_q)}
+        old, new = side_levels(old_p, old_q, tick, step), side_levels(new_p, new_q, tick, step)
+        assert list(zip(*(a.tolist() for a in new))) == list(new_d.items())
+        changed, gone = level_changes(*old, *new, -1 if bids else 1)
+        assert list(zip(new[0][changed].tolist(), new[1][changed].tolist())) == \
+            [(t, q) for t, q in new_d.items() if old_d.get(t) != q]
+        assert old[0][gone].tolist() == [t for t in old_d if t not in new_d]
+
+
+def test_reading_ahead_between_advances_changes_no_push(tmp_path):
+    """Between lockstep advances the exchange reads recorded messages before their turn (parsing, a second book,
+    its top levels). An advance then pushes exactly the book deltas it pushes when each top is taken from the
+    replay's own book at its turn, and the top levels read ahead are that book's once it has applied each message."""
+    rng = np.random.default_rng(11)
+    mids = list(100.0 + np.cumsum(rng.integers(-2, 3, 900)) * 0.1)
+    folder = write_market(tmp_path, mids)
+
+    def pushes(ahead: bool) -> tuple[list, int]:
+        exchange = build_exchange(folder, per_message=True)
+        exchange._book_topic(50)   # what a subscription to orderbook.50 sets up
+        if not ahead:
+            exchange.replay.ahead_depths.clear()   # every top from the replay's own book
+        frames, read_before = [], 0
+        while (nxt := exchange.replay.next_ms()) is not None:
+            if ahead and rng.random() < 0.3:
+                exchange.replay.read_ahead(nxt + int(rng.integers(0, 20_000)), int(rng.integers(1, 40)))
+            exchange.replay.apply_next()
+            top = exchange.replay.book_top.get(50)
+            if top is not None:
+                read_before += 1
+                assert all(np.array_equal(a, b) for a, b in zip(top, exchange.replay.book.top(50)))
+            frames += exchange._market_frames([])
+        return frames, read_before
+
+    (plain, none_read), (ahead, read) = pushes(False), pushes(True)
+    assert none_read == 0 and read > 300
+    assert len(plain) > 800 and ahead == plain
