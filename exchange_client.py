@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlparse
 
+import orjson
 import requests
 from pybit import unified_trading
 from pybit.exceptions import FailedRequestError, InvalidRequestError
@@ -972,7 +973,7 @@ class _GuardedWebSocket(unified_trading.WebSocket):
     def _on_message(self, message: str) -> None:
         self._owner._touch(self._generation)
         try:
-            msg = json.loads(message)
+            msg = orjson.loads(message)   # a book delta in a third of json's time, on the stream thread
         except (ValueError, TypeError):
             self._owner._bad(self._generation, "undecodable frame")
             return

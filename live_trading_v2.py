@@ -462,10 +462,10 @@ class LiveBars:
         self.trades = [t for t in self.trades if t[0] >= end]
         trade_parts = []
         if mine:
-            chunk = pd.DataFrame({"timestamp": np.array([t[0] for t in mine], dtype=float) / 1000.0,
-                                  "side": [t[1] for t in mine], "size": [t[2] for t in mine],
-                                  "price": [t[3] for t in mine]})
-            trade_parts.append(data_loader.partial_trade_bars(chunk, self.bar_ms * 1000))
+            ts, side, size, price = zip(*mine)
+            trade_parts.append(data_loader.trade_partials(np.array(ts, dtype=float) / 1000.0,
+                                                          np.array(side) == "Buy", np.array(size, dtype=float),
+                                                          np.array(price, dtype=float), self.bar_ms * 1000))
         bar = data_loader.bar_frame(trade_parts, self.book_sums.take(end), self.bar_ms, (start, start),
                                     self.prev_close)
         self.prev_close = float(bar["close"].iloc[0])
@@ -679,6 +679,7 @@ class Engine:
         self._advancer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lockstep")  # see _advance
         self._last_beat = -math.inf
         self._beat_positions = -1      # open_positions in the heartbeat file as last written
+        self.window_bars = max(self.cfg.live.window_bars, feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS)
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -861,8 +862,7 @@ class Engine:
         """Window of history before the first live bar: files, own recordings, then REST klines."""
         now = self._market_now()
         first_live = now // self.bar_ms * self.bar_ms
-        need = max(self.cfg.live.window_bars, feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS)
-        first = first_live - need * self.bar_ms
+        first = first_live - self.window_bars * self.bar_ms
         folders = [(Path(self.args.cfg_data_dir), first_live)] if self.args.cfg_data_dir else []
         own_until = int(self.state.get("recorded_until_ms") or first_live)   # the bar it stopped in is partial
         folders.append((self.own_recordings(), min(first_live, own_until)))
@@ -1059,7 +1059,7 @@ class Engine:
             if now >= next_equity:
                 self._journal_equity()
                 next_equity = now + equity_every
-            if self._state_dirty:
+            if self._state_dirty and not self.args.lockstep:   # lockstep: written during the next advance
                 self._save()
             if self.args.max_bars and self.bars_closed >= self.args.max_bars:
                 self.stop_reason = f"--max-bars {self.args.max_bars} reached"
@@ -1123,6 +1123,8 @@ class Engine:
         the pushes had been handled afterwards: the result does not depend on how far the handling got."""
         step = self._advancer.submit(self._admin, "advance", body)
         step.add_done_callback(lambda _: self.events.put(("advanced",)))   # wakes the drain below
+        if self._state_dirty:   # the loop pass's state, written while the exchange works rather than before
+            self._save()
         with self._events_first():
             while not step.done():
                 self.beat()
@@ -1288,8 +1290,7 @@ class Engine:
             self.missing_until = max(self.missing_until, number + wait)
             self.state["partial_bar"] = [bar_ms, wait]   # so a restart soon after waits for it too
         self.state["recorded_until_ms"] = bar_ms + self.bar_ms   # own recordings hold whole bars up to here
-        self.window = extend_window(self.window, bar, max(self.cfg.live.window_bars,
-                                                          feature_engine.warmup_bars(self.cfg) + WARM_MARGIN_BARS))
+        self.window = extend_window(self.window, bar, self.window_bars)
         data_loader.mark_gaps(self.window, self.bar_ms // 1000, self.cfg.data.gap_threshold,
                               self.window["is_gap"].to_numpy(bool))   # the research gap rule, on the window
         drift_due = (bool(self.quantiles) and number % 10 == 0   # over known bars only: klines' neutral taker
