@@ -5,15 +5,18 @@ One simulated market (market_sim, `--levels` book levels every `--book-interval`
 its first day (tests/small_model.py; thresholds at quantiles of its probabilities so it trades), then the
 engine replays `--bars` bars of the second day. With --reference DIR (another checkout) the same run is
 repeated with that tree's scripts, and the ratio reference / this tree is printed (> 1: this tree is faster).
-Time per bar: from the engine's startup reconciliation to its last bar (start-up excluded).
+Time per bar: from the engine's startup reconciliation to its last bar (start-up excluded). Each tree first
+replays a few bars untimed (a fresh checkout compiles its numba kernels then, not inside a timed run); with
+--repeat N the trees take turns N times and the medians are compared (a shared machine's speed drifts).
 
-    python benchmarks/bench_lockstep.py [--bars 300] [--levels 50] [--book-interval 1s] [--reference DIR]
+    python benchmarks/bench_lockstep.py [--bars 300] [--levels 50] [--book-interval 1s] [--repeat 3] [--reference DIR]
     git worktree add /tmp/ref <commit> && python benchmarks/bench_lockstep.py --reference /tmp/ref
 """
 from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,16 +98,26 @@ def main() -> None:
     parser.add_argument("--bars", type=int, default=300)
     parser.add_argument("--levels", type=int, default=50)
     parser.add_argument("--book-interval", default="1s")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per tree, taken in turns")
     parser.add_argument("--reference", default="", help="another checkout to time the same way")
     args = parser.parse_args()
+    trees = [ROOT] + ([Path(args.reference).resolve()] if args.reference else [])
     with tempfile.TemporaryDirectory(prefix="bench_lockstep_market_") as tmp:
         folder, model, sets = build(Path(tmp), args.levels, args.book_interval)
-        mine = replay(ROOT, folder, model, sets, args.bars)
-        print(f"this tree: {mine:.1f} ms a bar ({args.bars} 1m bars, book {args.levels} levels every "
-              f"{args.book_interval}; a day of 1m bars: {mine * 1440 / 1000:.0f} s)")
+        for tree in trees:
+            replay(tree, folder, model, sets, 5)
+        runs: dict[Path, list[float]] = {tree: [] for tree in trees}
+        for _ in range(args.repeat):
+            for tree in trees:
+                runs[tree].append(replay(tree, folder, model, sets, args.bars))
+        mine = statistics.median(runs[ROOT])
+        print(f"this tree: {mine:.1f} ms a bar (median of {', '.join(f'{x:.1f}' for x in runs[ROOT])}; "
+              f"{args.bars} 1m bars, book {args.levels} levels every {args.book_interval}; a day of 1m bars: "
+              f"{mine * 1440 / 1000:.0f} s)")
         if args.reference:
-            ref = replay(Path(args.reference).resolve(), folder, model, sets, args.bars)
-            print(f"reference {args.reference}: {ref:.1f} ms a bar; ratio reference / this tree {ref / mine:.2f}")
+            ref = statistics.median(runs[trees[1]])
+            print(f"reference {args.reference}: {ref:.1f} ms a bar (median of "
+                  f"{', '.join(f'{x:.1f}' for x in runs[trees[1]])}); ratio reference / this tree {ref / mine:.2f}")
 
 
 if __name__ == "__main__":
