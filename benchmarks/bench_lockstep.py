@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -68,17 +69,19 @@ def replay(tree: Path, folder: Path, model: Path, sets: list[str], bars: int) ->
     from live_support import SYMBOL
     config = ["--config", str(model / "params.json"), *sets]
     with tempfile.TemporaryDirectory(prefix="bench_lockstep_") as work:
-        exchange = subprocess.Popen([sys.executable, str(tree / "paper_exchange.py"), "--data-dir", str(folder),
-                                     "--start", "2026-01-02", "--lockstep", "--port", "0", *config],
-                                    cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log_path = Path(work) / "exchange.log"   # a file, not a pipe: a day's fills fill a pipe and block it
+        with open(log_path, "w") as log_file:
+            exchange = subprocess.Popen([sys.executable, str(tree / "paper_exchange.py"), "--data-dir",
+                                         str(folder), "--start", "2026-01-02", "--lockstep", "--port", "0", *config],
+                                        cwd=work, stdout=log_file, stderr=subprocess.STDOUT, text=True)
         try:
             url = ""
-            for line in exchange.stdout:
-                if m := re.search(r"listening on (http://127\.0\.0\.1:\d+)", line):
-                    url = m.group(1)
-                    break
+            while not url and exchange.poll() is None:
+                time.sleep(0.1)
+                url = m.group(1) if (m := re.search(r"listening on (http://127\.0\.0\.1:\d+)",
+                                                    log_path.read_text())) else ""
             if not url:
-                raise RuntimeError(f"{tree}: paper exchange did not start")
+                raise RuntimeError(f"{tree}: paper exchange did not start:\n{log_path.read_text()[-2000:]}")
             engine = subprocess.run([sys.executable, str(tree / "live_trading_v2.py"), "--symbol", SYMBOL,
                                      "--paper", url, "--lockstep", "--model-dir", str(model), "--data-dir",
                                      str(folder), "--log-features", "--max-bars", str(bars), *config],
