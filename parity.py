@@ -283,17 +283,26 @@ def signals_to_backtest_csv(signals_path: Path, out_csv: Path) -> int:
 def compare_bars(engine: pd.DataFrame, reference: pd.DataFrame, tol: float = EXACT) -> LayerResult:
     """Every column of every engine bar against the reference (data_loader) bar at the same time; a bar one
     side lacks within the engine's span is a mismatch. Counts bars compared and bars that differ; `first`
-    names the earliest such bar and its first differing column."""
+    names the earliest such bar and its first differing column.
+
+    The data's last bar (the reference's last) is compared but for its book columns (`details["data_ends_in"]`):
+    the files end inside it, so data_loader's book samples stop at the last recorded message, while the engine
+    samples the unchanged book up to the bar's end, as it does every bar, once the exchange's clock has passed
+    the end of its data."""
     skipped = reference.index[(reference.index >= engine.index[0]) & (reference.index <= engine.index[-1])
                               ].difference(engine.index) if len(engine) else reference.index[:0]
     ref = reference.reindex(engine.index)
     lacking = ref.isna().all(axis=1).to_numpy()
     diff = np.column_stack([_differs(engine[c].astype(object), ref[c].astype(object), tol) for c in engine.columns]
                            ) if len(engine) else np.zeros((0, 0), bool)
+    data_end = reference.index[-1] if len(reference) and reference.index[-1] in engine.index else None
+    if data_end is not None:
+        diff[engine.index.get_loc(data_end)] &= ~np.array([c.startswith("ob_") for c in engine.columns])
     bad = lacking | diff.any(axis=1) if len(engine) else lacking
     res = LayerResult("bars", compared=len(engine) + len(skipped), mismatches=int(bad.sum()) + len(skipped),
                       details={"span": [str(engine.index[0]), str(engine.index[-1])] if len(engine) else None,
-                               "bars_the_engine_skipped": len(skipped)})
+                               "bars_the_engine_skipped": len(skipped),
+                               "data_ends_in": None if data_end is None else str(data_end)})
     if len(skipped) and (not bad.any() or skipped[0] < engine.index[int(np.argmax(bad))]):
         res.first = {"bar": str(skipped[0]), "column": "*", "engine": "missing", "reference": "bar"}
     elif bad.any():

@@ -107,6 +107,25 @@ def test_bars_layer_passes_equal_bars_and_names_the_first_changed_column() -> No
     assert skipped.first == {"bar": str(ref.index[30]), "column": "*", "engine": "missing", "reference": "bar"}
 
 
+def test_bars_layer_leaves_out_only_the_book_columns_of_the_bar_the_data_ends_in() -> None:
+    """The files end inside their last bar, so data_loader samples its book only up to the last recorded message
+    while the engine's close samples it up to the bar's end: that bar's ob_* columns are not compared, every
+    other column is, and every earlier bar's book columns are."""
+    ref = make_bars(60, seed=5)
+    recs = signal_records(ref.assign(atr=1.0), pd.DataFrame(0.1, index=ref.index, columns=parity.PROB_COLUMNS),
+                          bars=ref)
+    recs[-1]["bar"]["ob_samples"] += 1
+    recs[-1]["bar"]["ob_spread_mean"] *= 60 / 59
+    last = parity.compare_bars(parity.engine_bars(recs, list(ref.columns)), ref)
+    assert last.ok and last.details["data_ends_in"] == str(ref.index[-1])
+    later = ref.iloc[-1:].set_axis(ref.index[-1:] + (ref.index[1] - ref.index[0]))   # the data goes on
+    more = parity.compare_bars(parity.engine_bars(recs, list(ref.columns)), pd.concat([ref, later]))
+    assert more.mismatches == 1 and more.first["bar"] == str(ref.index[-1]) and more.details["data_ends_in"] is None
+    recs[-1]["bar"]["close"] += 0.5
+    moved = parity.compare_bars(parity.engine_bars(recs, list(ref.columns)), ref)
+    assert moved.mismatches == 1 and moved.first["column"] == "close"
+
+
 # ---------------------------------------------------------------- layer 2
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> tuple[pd.DataFrame, GlobalConfig, object, Path]:
