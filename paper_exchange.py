@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import datetime
 import hashlib
 import heapq
@@ -118,15 +119,16 @@ class MarketReplay:
 
     def __init__(self, engine: MatchingEngine, book_messages: Iterable[dict], trades: Iterable[Any],
                  book: Any = None, rebase_to_ms: int | None = None, start_ms: int | None = None):
-        from orderbook import OrderBook
         if book is None:
+            from orderbook import OrderBook
             book = OrderBook()
         self.engine = engine
         self.book = book
-        self.book_ahead = OrderBook()   # the same book messages, applied when read: possibly ahead of their turn
+        self.book_ahead: Any = None   # from the first read_ahead on: the book messages applied as they are read
         self.ahead_depths: set[int] = set()   # depths whose top levels are taken on the book ahead
         self.book_top: dict[int, tuple[np.ndarray, ...]] = {}   # those levels, after the last book message applied
         self._ahead: deque[tuple] = deque()   # events read out of the files before their turn
+        self._read_error: Exception | None = None   # met reading ahead; raised when the replay reaches it
         self.now_ms = 0
         self.book_u = 0
         self.book_seq = 0
@@ -179,27 +181,42 @@ class MarketReplay:
                    data_loader.iter_trades(data_dir, trades_from), rebase_to_ms=rebase_to_ms, start_ms=start_ms)
 
     def _read(self) -> tuple | None:
-        """The next event out of the files. A book message is applied to `book_ahead` at once and keeps the top
-        levels of `ahead_depths` after it (`_top`): the replay's own book, fed the same messages in the same
-        order, holds exactly those levels once it has applied that message."""
+        """The next event out of the files (a read error met ahead of its turn is raised now, in its turn).
+        While reading ahead, a book message is applied to `book_ahead` at once and keeps the top levels of
+        `ahead_depths` after it (`_top`): the replay's own book, fed the same messages in the same order, holds
+        exactly those levels once it has applied that message."""
+        if self._read_error is not None:
+            err, self._read_error = self._read_error, None
+            raise err
         event = next(self._events, None)
-        if event is not None and event[1] == 0:
-            msg = event[3]
-            if self.book_ahead.apply_bybit(msg, (msg["_bids"], msg["_asks"]) if "_bids" in msg else None) \
-                    and self.book_ahead.valid:
-                msg["_top"] = {n: self.book_ahead.top(n) for n in self.ahead_depths}
+        if event is not None and event[1] == 0 and self.book_ahead is not None:
+            self._apply_ahead(event[3])
         return event
+
+    def _apply_ahead(self, msg: dict) -> None:
+        if self.book_ahead.apply_bybit(msg, (msg["_bids"], msg["_asks"]) if "_bids" in msg else None) \
+                and self.book_ahead.valid:
+            msg["_top"] = {n: self.book_ahead.top(n) for n in self.ahead_depths}
 
     def read_ahead(self, until_ms: int, limit: int) -> int:
         """Read up to `limit` more events stamped up to market ms `until_ms` before their turn (the exchange does
         this while its lockstep client decides); returns how many. What an advance applies is the same either
-        way: only the reading and the book ahead's work move."""
+        way: only the reading and the book ahead's work move. The book ahead starts as a copy of the replay's
+        book (with the event read but not applied yet), so replays that never read ahead pay nothing for it."""
+        if self.book_ahead is None:
+            self.book_ahead = copy.deepcopy(self.book)
+            if self._next is not None and self._next[1] == 0:
+                self._apply_ahead(self._next[3])
         count = 0
-        while count < limit:
+        while count < limit and self._read_error is None:
             last = self._ahead[-1] if self._ahead else self._next
             if last is None or last[0] + self.offset_ms > until_ms:
                 break
-            event = self._read()
+            try:
+                event = self._read()
+            except Exception as err:   # a broken file: the advance that reaches it fails, as without reading ahead
+                self._read_error = err
+                break
             if event is None:
                 break
             self._ahead.append(event)
@@ -244,7 +261,12 @@ class MarketReplay:
             self._on_book(item, ts)
         else:
             self._on_trade(TradePrint(ts, item.price, item.size, item.side, item.trade_id) if off else item)
-        self._next = self._ahead.popleft() if self._ahead else self._read()
+        try:
+            self._next = self._ahead.popleft() if self._ahead else self._read()
+        except Exception:
+            self._next, self.exhausted = None, True   # this advance fails; the applied event is never applied again
+            log.error("market replay stopped at %d: reading the data failed", ts)
+            raise
         if self._next is None and not self.exhausted:
             self.exhausted = True
             log.info("market replay reached the end of its data at %d", ts)
@@ -533,6 +555,8 @@ class PaperExchange:
                     await task
                 except asyncio.CancelledError:
                     pass
+                except Exception:   # already logged by the loop; the connections are closed all the same
+                    log.exception("a background task of the exchange had failed")
         for conn in list(self.conns):
             try:
                 await asyncio.wait_for(conn.ws.close(), 1.0)
@@ -561,7 +585,8 @@ class PaperExchange:
     async def _read_ahead(self) -> None:
         """After each admin advance, while the lockstep client decides and the exchange would wait, read the next
         READ_AHEAD_MS of recorded messages out of the files (parsing, the book ahead and its top levels), a few
-        at a time so a REST request waits at most for one batch; an advance stops it (`_market_lock`)."""
+        at a time so a REST request waits at most for one batch (two messages, though one of them may open the
+        next file or trade chunk); an advance stops it (`_market_lock`)."""
         while True:
             await self._advanced.wait()
             self._advanced.clear()

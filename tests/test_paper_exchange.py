@@ -1109,8 +1109,9 @@ def test_orderbook_deltas_carry_exactly_the_changed_new_and_gone_levels_of_the_d
 
 def test_reading_ahead_between_advances_changes_no_push(tmp_path):
     """Between lockstep advances the exchange reads recorded messages before their turn (parsing, a second book,
-    its top levels). An advance then pushes exactly the book deltas it pushes when each top is taken from the
-    replay's own book at its turn, and the top levels read ahead are that book's once it has applied each message."""
+    its top levels; the second book starts as a copy of the replay's at the first read ahead). An advance then
+    pushes exactly the book deltas it pushes without reading ahead, where each top is taken from the replay's own
+    book at its turn, and the top levels read ahead are that book's once it has applied each message."""
     rng = np.random.default_rng(11)
     mids = list(100.0 + np.cumsum(rng.integers(-2, 3, 900)) * 0.1)
     folder = write_market(tmp_path, mids)
@@ -1118,8 +1119,6 @@ def test_reading_ahead_between_advances_changes_no_push(tmp_path):
     def pushes(ahead: bool) -> tuple[list, int]:
         exchange = build_exchange(folder, per_message=True)
         exchange._book_topic(50)   # what a subscription to orderbook.50 sets up
-        if not ahead:
-            exchange.replay.ahead_depths.clear()   # every top from the replay's own book
         frames, read_before = [], 0
         while (nxt := exchange.replay.next_ms()) is not None:
             if ahead and rng.random() < 0.3:
@@ -1135,3 +1134,34 @@ def test_reading_ahead_between_advances_changes_no_push(tmp_path):
     (plain, none_read), (ahead, read) = pushes(False), pushes(True)
     assert none_read == 0 and read > 300
     assert len(plain) > 800 and ahead == plain
+
+
+def test_a_read_error_met_reading_ahead_fails_the_apply_that_reaches_it_not_earlier(tmp_path):
+    """A data file that breaks while the exchange reads ahead (a corrupt gzip block, say) is not taken for the
+    end of the data: the error comes out of the apply that reaches it, where a replay that never read ahead
+    meets it, with the same messages applied before; the replay then holds no next message (none is applied
+    twice) and says it is exhausted."""
+    import zlib
+    import data_loader
+    folder = write_market(tmp_path, FLAT)
+
+    def broken():
+        for i, msg in enumerate(data_loader.iter_book_messages(folder, levels=True)):
+            if i == 50:
+                raise zlib.error("invalid stored block lengths")
+            yield msg
+
+    outcomes = []
+    for ahead in (False, True):
+        replay = MarketReplay(MatchingEngine(load_instrument(folder, SYMBOL)), broken(),
+                              data_loader.iter_trades(folder))
+        applied = 0
+        with pytest.raises(zlib.error):
+            while True:
+                if ahead:
+                    replay.read_ahead(replay.next_ms() + 100_000, 500)
+                replay.apply_next()
+                applied += 1
+        assert replay.next_ms() is None and replay.exhausted and replay.apply_next() == 0
+        outcomes.append((applied, replay.book_u, len(replay.recent)))
+    assert outcomes[0] == outcomes[1] and outcomes[0][1] == 50
