@@ -118,11 +118,6 @@ class Instrument:
         """qty_str, cached likewise."""
         return lru_cache(maxsize=1 << 16)(self.qty_str)
 
-    @property
-    def grid_steps(self) -> tuple[float, float]:
-        """(tick size, qty step) as floats, for grid.py's compiled rule."""
-        return self._tick_float, self._step_float
-
     def level_arrays(self, prices: np.ndarray, qtys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Book levels as (ticks, lots) int64 arrays, best first: nearest tick, size floored to the lot (grid.py's
         rule, vectorised); price_strs/qty_strs print them as Bybit does."""

@@ -42,7 +42,6 @@ import orjson
 from aiohttp import WSMsgType, web
 from numba import njit
 
-import grid
 from config import ConfigError, VenueConfig, add_config_args, config_from_args
 from matching import (FUNDING_INTERVAL_MS, MAX_LEVERAGE, PRICE_LIMIT_RATIO, ExchangeError, MatchingEngine,
                       RateLimited, _int, load_instrument, money)
@@ -418,22 +417,20 @@ NO_LEVELS: Levels = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
 
 
 @njit(cache=True)
-def side_levels(prices: np.ndarray, qtys: np.ndarray, tick: float, step: float) -> tuple[np.ndarray, np.ndarray]:
-    """One book side (float prices and sizes, best first) as (ticks, lots): nearest tick and size floored to the
-    lot by grid.py's rule (as `Instrument.level_arrays`), one level per tick. Two prices that round to one tick
-    keep the first one's place and the last one's size, as a {ticks: lots} dict built in book order would."""
-    ticks = np.empty(len(prices), dtype=np.int64)
-    lots = np.empty(len(prices), dtype=np.int64)
+def unique_levels(ticks: np.ndarray, lots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One level per tick (`Instrument.level_arrays` of a book side, best first, so equal ticks adjoin): two
+    prices that round to one tick keep the first one's place and the last one's size, as a {ticks: lots} dict
+    built in book order would."""
+    out_t = np.empty(len(ticks), dtype=np.int64)
+    out_q = np.empty(len(ticks), dtype=np.int64)
     n = 0
-    for i in range(len(prices)):
-        t = int(grid.grid_index(prices[i], tick, grid.NEAREST))
-        q = int(grid.grid_index(qtys[i] + 1e-12, step, grid.DOWN))
-        if n and ticks[n - 1] == t:
-            lots[n - 1] = q
+    for i in range(len(ticks)):
+        if n and out_t[n - 1] == ticks[i]:
+            out_q[n - 1] = lots[i]
         else:
-            ticks[n], lots[n] = t, q
+            out_t[n], out_q[n] = ticks[i], lots[i]
             n += 1
-    return ticks[:n], lots[:n]
+    return out_t[:n], out_q[:n]
 
 
 @njit(cache=True)
@@ -466,8 +463,7 @@ def level_changes(old_t: np.ndarray, old_q: np.ndarray, new_t: np.ndarray, new_q
 def load_kernels() -> None:
     """Run the publishing kernels once (numba's on-disk cache, or a compile on a fresh checkout) before the first
     advance rather than inside it."""
-    one = np.ones(1)
-    t, q = side_levels(one, one, 0.1, 0.001)
+    t, q = unique_levels(np.ones(1, dtype=np.int64), np.ones(1, dtype=np.int64))
     level_changes(t, q, t, q, 1)
 
 
@@ -1057,8 +1053,7 @@ class PaperExchange:
             return NO_LEVELS, NO_LEVELS
         top = self.replay.book_top.get(n)
         bp, bq, ap, aq = top if top is not None else book.top(n)
-        tick, step = self.inst.grid_steps
-        return side_levels(bp, bq, tick, step), side_levels(ap, aq, tick, step)
+        return unique_levels(*self.inst.level_arrays(bp, bq)), unique_levels(*self.inst.level_arrays(ap, aq))
 
     def _wire(self, ticks: np.ndarray, lots: np.ndarray) -> list[list[str]]:
         """Levels as Bybit's [[price, size], ...] strings."""

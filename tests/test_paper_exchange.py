@@ -1083,9 +1083,12 @@ def test_orderbook_deltas_carry_exactly_the_changed_new_and_gone_levels_of_the_d
     """The compiled level kernels against the plain rule they replace: levels keyed by tick in book order (a tick
     met twice keeps its first place and last size), a delta sends every new level whose size differs from the
     last sent or that was not sent (new order), then every sent tick now missing (old order)."""
-    from paper_exchange import level_changes, side_levels
+    from matching import Instrument
+    from paper_exchange import level_changes, unique_levels
     rng = np.random.default_rng(3)
     tick, step = 0.5, 0.001
+    inst = Instrument("X", tick_size=Decimal("0.5"), qty_step=Decimal("0.001"), min_qty=Decimal("0.001"),
+                      min_notional=Decimal(5))
     for _ in range(3000):
         bids = bool(rng.integers(2))
 
@@ -1099,7 +1102,7 @@ def test_orderbook_deltas_carry_exactly_the_changed_new_and_gone_levels_of_the_d
                  for p, q in zip(old_p, old_q)}
         new_d = {int(grid.grid_index(p, tick, grid.NEAREST)): int(grid.grid_index(q + 1e-12, step, grid.DOWN))
                  for p, q in zip(new_p, new_q)}
-        old, new = side_levels(old_p, old_q, tick, step), side_levels(new_p, new_q, tick, step)
+        old, new = unique_levels(*inst.level_arrays(old_p, old_q)), unique_levels(*inst.level_arrays(new_p, new_q))
         assert list(zip(*(a.tolist() for a in new))) == list(new_d.items())
         changed, gone = level_changes(*old, *new, -1 if bids else 1)
         assert list(zip(new[0][changed].tolist(), new[1][changed].tolist())) == \
