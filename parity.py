@@ -295,9 +295,10 @@ def compare_bars(engine: pd.DataFrame, reference: pd.DataFrame, tol: float = EXA
     lacking = ref.isna().all(axis=1).to_numpy()
     diff = np.column_stack([_differs(engine[c].astype(object), ref[c].astype(object), tol) for c in engine.columns]
                            ) if len(engine) else np.zeros((0, 0), bool)
+    import data_loader
     data_end = reference.index[-1] if len(reference) and reference.index[-1] in engine.index else None
     if data_end is not None:
-        diff[engine.index.get_loc(data_end)] &= ~np.array([c.startswith("ob_") for c in engine.columns])
+        diff[engine.index.get_loc(data_end)] &= ~engine.columns.isin(data_loader.ob.BOOK_BAR_COLUMNS)
     bad = lacking | diff.any(axis=1) if len(engine) else lacking
     res = LayerResult("bars", compared=len(engine) + len(skipped), mismatches=int(bad.sum()) + len(skipped),
                       details={"span": [str(engine.index[0]), str(engine.index[-1])] if len(engine) else None,
