@@ -70,7 +70,7 @@ BYBIT_DEPTHS = (1, 50, 200, 500)
 RECENT_TRADES_LIMIT = 1000      # Bybit V5 GET /v5/market/recent-trade: linear limit 1-1000
 KLINE_PAGE = 1000               # Bybit V5 GET /v5/market/kline: limit 1-1000 per page
 PROB_COLUMNS = ("p_exec_long", "p_exec_short", "p_dir_long", "p_dir_short")
-LOCKSTEP_PERIOD_BARS = execution.PRUNE_BARS // 2   # see Engine._every
+LOCKSTEP_PERIOD_BARS = 5        # lockstep: the periodic jobs at most once every 5 bars (see Engine._every)
 EXEC_OVERLAP_MS = 60_000        # reconciliation re-reads executions this far before the previous one (clock skew).
                                 # Invariant: the lifecycle keeps every order with an event in the span the next
                                 # re-read covers (Execution.reread_from_ms), so a re-read fill is never taken for new
