@@ -104,6 +104,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per tree, taken in turns")
     parser.add_argument("--reference", default="", help="another checkout to time the same way")
     args = parser.parse_args()
+    if args.repeat < 1 or args.bars < 1:
+        parser.error(f"--repeat and --bars need at least 1, got {args.repeat} and {args.bars}")
+    if args.reference and not (Path(args.reference) / "live_trading_v2.py").is_file():
+        parser.error(f"--reference {args.reference}: no checkout there (live_trading_v2.py is missing)")
     trees = [ROOT] + ([Path(args.reference).resolve()] if args.reference else [])
     with tempfile.TemporaryDirectory(prefix="bench_lockstep_market_") as tmp:
         folder, model, sets = build(Path(tmp), args.levels, args.book_interval)
